@@ -1,0 +1,56 @@
+"""Shared fixtures.
+
+Real transcripts live in ``../shared/rollouts`` beside the checkout (never copied into the
+repository). Tests that need them use the ``codex_rollouts`` fixture, which skips with a reason
+when the folder is absent (a user's clone has no ``../shared``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ROLLOUTS = Path(os.environ.get("MEMD_SHARED_ROLLOUTS", REPO_ROOT.parent / "shared" / "rollouts"))
+CODEX_ROLLOUTS = SHARED_ROLLOUTS / "codex"
+
+SKIP_REASON = f"real transcripts not available: {CODEX_ROLLOUTS} is absent (they live in ../shared)"
+
+
+@pytest.fixture
+def codex_rollouts() -> Path:
+    """The directory of real Codex rollouts; skips the test when it is absent."""
+    if not CODEX_ROLLOUTS.is_dir():
+        pytest.skip(SKIP_REASON)
+    return CODEX_ROLLOUTS
+
+
+def codex_rollout(name: str) -> Path:
+    """Path of one real Codex rollout by file name; skips the calling test when absent."""
+    path = CODEX_ROLLOUTS / name
+    if not path.is_file():
+        pytest.skip(SKIP_REASON)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point HOME, CODEX_HOME and the XDG directories at a temporary tree for every test.
+
+    No test may depend on the machine's ``~/.codex`` (SPEC §16), and no test may read an API key
+    from the environment of the person running it.
+    """
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("CODEX_HOME", str(home / ".codex"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home / "run"))
+    for var in list(os.environ):
+        if var.startswith("MEMD_") and var != "MEMD_SHARED_ROLLOUTS":
+            monkeypatch.delenv(var, raising=False)
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM"):
+        monkeypatch.delenv(var, raising=False)
