@@ -1,0 +1,97 @@
+"""Project keys and thread eligibility (SPEC §4).
+
+The *project* of a thread is the git top-level directory containing its ``cwd`` when one can be
+found on disk, else the normalised ``cwd`` (absolute, ``~`` expanded, symlinks resolved when the
+path exists, no trailing slash). ``project_key = "cwd"`` restores the plain-cwd rule.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from memd.rollout.records import SessionMeta
+
+#: Project key of a thread whose rollout records no cwd.
+UNKNOWN_PROJECT = "(unknown)"
+
+
+def normalise_cwd(cwd: str | None) -> str:
+    """Normalise a recorded cwd: expand ``~``, make absolute, resolve symlinks when it exists.
+
+    Returns:
+        The normalised path without a trailing slash, or :data:`UNKNOWN_PROJECT` when empty.
+    """
+    if not cwd or not cwd.strip():
+        return UNKNOWN_PROJECT
+    path = os.path.expanduser(cwd.strip())
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        path = os.path.realpath(path)
+    return path.rstrip("/") or "/"
+
+
+@lru_cache(maxsize=4096)
+def _git_toplevel(path: str) -> str | None:
+    current = path
+    while True:
+        if os.path.exists(os.path.join(current, ".git")):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def project_key(cwd: str | None, *, rule: str = "git") -> str:
+    """Return the project key for a session cwd.
+
+    Args:
+        cwd: the cwd recorded in the rollout (untrusted text; never executed).
+        rule: ``git`` (default: the enclosing git top-level when found on disk) or ``cwd``.
+    """
+    normalised = normalise_cwd(cwd)
+    if rule == "cwd" or normalised == UNKNOWN_PROJECT or not os.path.isdir(normalised):
+        return normalised
+    return _git_toplevel(normalised) or normalised
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    """Whether a thread may become a phase-1 candidate (conditions 1 and 2 of SPEC §4).
+
+    ``reason`` is a short machine-readable word when not eligible: ``source:exec``,
+    ``source:subagent:review``, ``thread_source:subagent`` (a ``thread_source`` other than
+    ``user`` or an allowed source kind — real 0.146 files write ``cli`` there), ``memory_mode:disabled``,
+    ``no_user_messages``, ``no_session_meta``. Idle gate, age and watermark (conditions 3–5) are
+    the scheduler's, because they change with time.
+    """
+
+    eligible: bool
+    reason: str | None = None
+
+
+def eligibility(meta: SessionMeta | None, user_messages: int, include_sources: Iterable[str]) -> Eligibility:
+    """Decide conditions 1 and 2 of SPEC §4 for a thread.
+
+    Args:
+        meta: the thread's first session_meta, or ``None`` when the file has none.
+        user_messages: real user messages counted so far (injected context excluded).
+        include_sources: source kinds allowed (default ``cli``, ``vscode``, ``unknown``,
+            ``custom``); ``exec``, ``mcp``, ``subagent`` and ``internal`` are excluded unless
+            listed. ``internal`` (memd's own and Codex's consolidation sessions) is never allowed.
+    """
+    if meta is None:
+        return Eligibility(False, "no_session_meta")
+    allowed = set(include_sources)
+    if meta.source_kind == "internal" or meta.source_kind not in allowed:
+        return Eligibility(False, f"source:{meta.source_label}")
+    if meta.thread_source and meta.thread_source != "user" and meta.thread_source not in allowed:
+        return Eligibility(False, f"thread_source:{meta.thread_source}")
+    if (meta.memory_mode or "").lower() == "disabled":
+        return Eligibility(False, "memory_mode:disabled")
+    if user_messages <= 0:
+        return Eligibility(False, "no_user_messages")
+    return Eligibility(True, None)
