@@ -82,7 +82,8 @@ class JobRecord(_FromRow):
     ``kind`` is ``extract`` (key = thread id) or ``consolidate`` (key = project key);
     ``status`` ∈ pending|running|done|error|dead; ``token`` is the fencing token of the claim;
     ``input_watermark`` is what the job must cover, ``success_watermark`` what the last success
-    covered.
+    covered; ``priority`` orders claims, highest first (for ``extract``: the thread's
+    ``updated_at``, so the newest thread is claimed first).
     """
 
     kind: str
@@ -99,6 +100,7 @@ class JobRecord(_FromRow):
     created_at: float
     updated_at: float
     started_at: float | None = None
+    priority: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +132,63 @@ class MemoryRecord(_FromRow):
     extractor: str
     tokens_in: int
     tokens_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord(_FromRow):
+    """A project's memory freshness (table ``projects``), keyed by the project key (SPEC §4).
+
+    Attributes:
+        project: the project key.
+        memory_root: the project's memory directory (``None`` until a caller sets it).
+        memory_seq: bumped on every memory write or delete for the project.
+        last_memory_at: time of the last memory write or delete (epoch s), ``None`` if never.
+        consolidated_seq: the ``memory_seq`` the last successful consolidation covered.
+        last_consolidated_at: time of the last successful consolidation, ``None`` if never.
+        last_attempt_at: time of the last consolidation attempt that ended (success or failure).
+        failures: consecutive failed consolidations (0 after a success).
+        last_error: the last consolidation error, ``None`` after a success.
+    """
+
+    project: str
+    memory_root: str | None
+    memory_seq: int
+    last_memory_at: float | None
+    consolidated_seq: int
+    last_consolidated_at: float | None
+    last_attempt_at: float | None
+    failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonRecord(_FromRow):
+    """A daemon process that used the state (table ``daemons``), shown by ``memd status``.
+
+    ``owner`` is the ``host:pid:random`` owner string the daemon also uses for leases;
+    ``stopped_at`` is ``None`` while it runs (or if it died without unregistering — compare
+    ``heartbeat_at`` with the time to tell).
+    """
+
+    owner: str
+    pid: int
+    host: str
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts(_FromRow):
+    """Totals for ``memd status``: threads, eligible threads, memories, projects, and jobs of every
+    kind by status."""
+
+    threads: int
+    eligible: int
+    memories: int
+    projects: int
+    jobs_pending: int
+    jobs_running: int
+    jobs_done: int
+    jobs_error: int
+    jobs_dead: int

@@ -1,0 +1,209 @@
+"""The SQLite connection of the state store: file creation, pragmas, migrations (SPEC §5).
+
+One database file given by the caller. The connection is an :mod:`aiosqlite` connection with
+``isolation_level=None`` (no implicit transactions: every read-modify-write opens
+``BEGIN IMMEDIATE`` itself), WAL journal, ``synchronous=NORMAL``, ``foreign_keys=ON`` and a busy
+timeout. Every :class:`sqlite3.Error` leaves this package as :class:`memd.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import structlog
+
+from memd.errors import StoreError
+from memd.store.schema import LATEST_VERSION, MIGRATIONS
+
+log = structlog.get_logger("memd.store.db")
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Return whether ``exc`` is SQLite's "database is locked/busy" (busy timeout exceeded)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _BUSY_CODES:
+        return True
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def store_error(exc: BaseException, *, path: Path, op: str, busy_timeout_s: float) -> StoreError:
+    """Turn a :class:`sqlite3.Error` into a :class:`StoreError` and log one event.
+
+    Args:
+        exc: the SQLite error.
+        path: the database file.
+        op: the store operation that failed (e.g. ``claim_job``).
+        busy_timeout_s: the busy timeout in force, quoted in the message.
+
+    Returns:
+        ``StoreError("database is locked ...")`` when another connection held the write lock
+        past the busy timeout (event ``store_locked``), else ``StoreError("database error ...")``
+        (event ``store_failed``). The caller raises it ``from exc``.
+    """
+    if is_locked(exc):
+        log.warning("store_locked", path=str(path), op=op, busy_timeout_s=busy_timeout_s)
+        return StoreError(
+            f"database is locked: {path} stayed locked by another connection for longer than "
+            f"the busy timeout ({busy_timeout_s:g} s) during {op}; nothing was written, "
+            "retry later"
+        )
+    log.error("store_failed", path=str(path), op=op, error=str(exc))
+    return StoreError(f"database error during {op} on {path}: {exc}")
+
+
+def prepare_path(path: Path) -> None:
+    """Create the database's parent directory (mode 0700) and the file (mode 0600) if missing.
+
+    Existing directories and files keep their modes.
+
+    Raises:
+        StoreError: the directory or file cannot be created.
+    """
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create the database file {path}: {exc}") from exc
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def split_statements(script: str) -> list[str]:
+    """Split an SQL script into complete statements (uses :func:`sqlite3.complete_statement`).
+
+    ``executescript`` cannot be used inside our own transaction: it commits first.
+    """
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    leftover = [ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+    if leftover:
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
+    return statements
+
+
+async def connect(path: Path, *, busy_timeout_s: float) -> aiosqlite.Connection:
+    """Open ``path`` and set the pragmas (WAL, ``synchronous=NORMAL``, busy timeout, FKs).
+
+    Args:
+        path: the database file (created by :func:`prepare_path` first).
+        busy_timeout_s: how long a statement waits for another connection's lock, in seconds.
+
+    Returns:
+        An open connection with ``row_factory = sqlite3.Row``; the caller closes it.
+
+    Raises:
+        StoreError: the file is not a database, or stayed locked past the busy timeout.
+    """
+    conn = await aiosqlite.connect(str(path), timeout=busy_timeout_s, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        rows = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        mode = rows[0][0] if rows else None
+        if mode != "wal":
+            log.warning("store_wal_unavailable", path=str(path), journal_mode=mode)
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        await conn.close()
+        raise store_error(exc, path=path, op="open", busy_timeout_s=busy_timeout_s) from exc
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def user_version(conn: aiosqlite.Connection) -> int:
+    """Return ``PRAGMA user_version`` (the schema version; 0 for a new file)."""
+    rows = await conn.execute_fetchall("PRAGMA user_version")
+    return int(rows[0][0])
+
+
+async def migrate(conn: aiosqlite.Connection, *, path: Path, busy_timeout_s: float) -> int:
+    """Bring the schema to :data:`LATEST_VERSION` inside one ``BEGIN IMMEDIATE`` transaction.
+
+    A database already at the latest version is left untouched (no write lock taken). Two
+    processes opening a new file at once are safe: the version is re-read under the lock.
+
+    Args:
+        conn: an open connection (from :func:`connect`).
+        path: the database file, for messages.
+        busy_timeout_s: the busy timeout in force, for messages.
+
+    Returns:
+        The schema version after migration.
+
+    Raises:
+        StoreError: the file was written by a newer memd (its ``user_version`` is higher than
+            this code knows), a migration failed (rolled back, nothing applied), or the
+            database stayed locked.
+    """
+    try:
+        current = await user_version(conn)
+        _refuse_newer(current, path)
+        if current == LATEST_VERSION:
+            return current
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = await user_version(conn)
+            _refuse_newer(current, path)
+            start = current
+            for version in sorted(v for v in MIGRATIONS if v > current):
+                for statement in split_statements(MIGRATIONS[version]):
+                    await conn.execute(statement)
+                current = version
+            await conn.execute(f"PRAGMA user_version = {int(current)}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise store_error(exc, path=path, op="migrate", busy_timeout_s=busy_timeout_s) from exc
+    if current != start:
+        log.info("store_migrated", path=str(path), from_version=start, to_version=current)
+    return current
+
+
+def _refuse_newer(version: int, path: Path) -> None:
+    if version > LATEST_VERSION:
+        raise StoreError(
+            f"the database {path} has schema version {version}, newer than this memd knows "
+            f"({LATEST_VERSION}); it was written by a newer memd — upgrade memd or point it "
+            "at another state directory"
+        )
+
+
+async def open_db(path: Path, *, busy_timeout_s: float) -> aiosqlite.Connection:
+    """Create if needed, connect, and migrate the database at ``path``.
+
+    Returns:
+        An open, migrated connection; the caller closes it.
+
+    Raises:
+        StoreError: see :func:`prepare_path`, :func:`connect` and :func:`migrate`.
+    """
+    prepare_path(path)
+    conn = await connect(path, busy_timeout_s=busy_timeout_s)
+    try:
+        await migrate(conn, path=path, busy_timeout_s=busy_timeout_s)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn

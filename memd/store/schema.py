@@ -1,0 +1,142 @@
+"""Schema migrations of the state store (SPEC §5).
+
+``MIGRATIONS[v]`` is the SQL script that takes a database from ``user_version`` ``v - 1`` to
+``v``. Scripts are applied in order inside one ``BEGIN IMMEDIATE`` transaction at open
+(:func:`memd.store.db.migrate`). Never edit a released script: append a new version.
+
+Times are epoch seconds (REAL, UTC). Booleans are INTEGER 0/1.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- A rollout file as last seen by the reader; offset is the watermark in bytes.
+CREATE TABLE files (
+    path        TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    dev         INTEGER NOT NULL,
+    inode       INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    mtime       REAL NOT NULL,
+    offset      INTEGER NOT NULL,
+    head_hash   TEXT NOT NULL,
+    thread_id   TEXT,
+    error       TEXT
+);
+CREATE INDEX files_thread ON files(thread_id);
+
+-- A session. stats is an opaque JSON string owned by the indexer.
+CREATE TABLE threads (
+    id            TEXT PRIMARY KEY,
+    path          TEXT NOT NULL,
+    project       TEXT NOT NULL,
+    cwd           TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    originator    TEXT NOT NULL,
+    cli_version   TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    title         TEXT NOT NULL DEFAULT '',
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    watermark     INTEGER NOT NULL,
+    user_messages INTEGER NOT NULL,
+    skipped_lines INTEGER NOT NULL,
+    eligible      INTEGER NOT NULL,
+    reason        TEXT,
+    stats         TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX threads_project ON threads(project);
+CREATE INDEX threads_updated ON threads(updated_at);
+
+-- Units of work: extract/<thread id>, consolidate/<project key>.
+CREATE TABLE jobs (
+    kind              TEXT NOT NULL,
+    key               TEXT NOT NULL,
+    status            TEXT NOT NULL DEFAULT 'pending'
+                      CHECK (status IN ('pending', 'running', 'done', 'error', 'dead')),
+    owner             TEXT,
+    token             INTEGER NOT NULL DEFAULT 0,
+    lease_until       REAL,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    retry_at          REAL,
+    last_error        TEXT,
+    input_watermark   INTEGER NOT NULL DEFAULT 0,
+    success_watermark INTEGER NOT NULL DEFAULT 0,
+    priority          REAL NOT NULL DEFAULT 0,
+    created_at        REAL NOT NULL,
+    updated_at        REAL NOT NULL,
+    started_at        REAL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX jobs_claim ON jobs(kind, status, priority DESC);
+
+-- One trace memory per thread; path is relative to the project's memory root.
+CREATE TABLE memories (
+    thread_id        TEXT PRIMARY KEY REFERENCES threads(id) ON DELETE CASCADE,
+    project          TEXT NOT NULL,
+    path             TEXT,
+    trace_memory     TEXT NOT NULL,
+    summary          TEXT NOT NULL,
+    source_watermark INTEGER NOT NULL,
+    generated_at     REAL NOT NULL,
+    extractor        TEXT NOT NULL,
+    tokens_in        INTEGER NOT NULL DEFAULT 0,
+    tokens_out       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX memories_project ON memories(project);
+
+-- Named leases; token is monotonic and never reset; owner NULL = released.
+CREATE TABLE leases (
+    name         TEXT PRIMARY KEY,
+    owner        TEXT,
+    token        INTEGER NOT NULL,
+    expires_at   REAL NOT NULL,
+    heartbeat_at REAL
+);
+
+-- One row per model request.
+CREATE TABLE usage (
+    id            INTEGER PRIMARY KEY,
+    at            REAL NOT NULL,
+    phase         TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL
+);
+CREATE INDEX usage_at ON usage(at);
+
+-- Per-project memory freshness that drives consolidation (SPEC §7).
+CREATE TABLE projects (
+    project              TEXT PRIMARY KEY,
+    memory_root          TEXT,
+    memory_seq           INTEGER NOT NULL DEFAULT 0,
+    last_memory_at       REAL,
+    consolidated_seq     INTEGER NOT NULL DEFAULT 0,
+    last_consolidated_at REAL,
+    last_attempt_at      REAL,
+    failures             INTEGER NOT NULL DEFAULT 0,
+    last_error           TEXT
+);
+
+-- Daemon processes, for `memd status`.
+CREATE TABLE daemons (
+    owner        TEXT PRIMARY KEY,
+    pid          INTEGER NOT NULL,
+    host         TEXT NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    stopped_at   REAL
+);
+
+-- Small settings the daemon persists (extractor choice, model-work pause reason, ...).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+""",
+}
+
+#: The schema version this code writes and understands.
+LATEST_VERSION: int = max(MIGRATIONS)
