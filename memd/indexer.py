@@ -1,0 +1,308 @@
+"""The indexer: rollout files on disk → ``files`` and ``threads`` rows (SPEC §3.3, §4, §5).
+
+Two operations, both incremental:
+
+* :meth:`Indexer.refresh` — one ``stat``; an unchanged file (same dev, inode, size, mtime) costs
+  nothing more. A new or replaced file gets a bounded read of its first line (the
+  ``session_meta``) and its thread row. Indexing never parses a body.
+* :meth:`Indexer.catch_up` — reads a thread's rollout from its stored byte offset to the last
+  complete line and folds the new lines into the thread's running statistics (real user
+  messages, title, model, skipped lines). The cost is proportional to the appended bytes.
+
+The indexer reaches the file system only through :mod:`memd.sources` and the database only
+through :class:`memd.store.store.Store`; it parses only through :mod:`memd.rollout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+
+from memd import sources
+from memd.clock import Clock
+from memd.project import eligibility, project_key
+from memd.rollout.codex import parse_session_meta
+from memd.rollout.records import SessionMeta
+from memd.rollout.session import RolloutParser, ThreadStats
+from memd.store.records import FileRecord, ThreadRecord
+from memd.store.store import Store
+
+log = structlog.get_logger("memd.indexer")
+
+
+@dataclass(slots=True)
+class IndexSummary:
+    """Counters of one scan (or batch of refreshes).
+
+    Attributes:
+        files_seen: rollout files stat'ed.
+        unchanged: files that cost only their stat.
+        indexed: files whose head was (re)read.
+        removed: files that disappeared since the last scan.
+        problems: file-system problems reported by the scan (missing roots, loops, ...).
+    """
+
+    files_seen: int = 0
+    unchanged: int = 0
+    indexed: int = 0
+    removed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class Indexer:
+    """Keeps ``files`` and ``threads`` in step with the rollout roots.
+
+    Args:
+        store: the state store.
+        clock: time source (for ``now`` in age checks).
+        roots: rollout roots (``sessions`` setting).
+        max_line_bytes: lines longer than this are skipped and counted.
+        include_sources: source kinds that may become memories (SPEC §4).
+        project_rule: ``git`` or ``cwd`` (SPEC §4).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        roots: Sequence[Path],
+        max_line_bytes: int,
+        include_sources: Iterable[str],
+        project_rule: str = "git",
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.roots = [Path(r) for r in roots]
+        self._max_line_bytes = max_line_bytes
+        self._include = tuple(include_sources)
+        self._project_rule = project_rule
+        self._lock = asyncio.Lock()
+        #: Body bytes read by the most recent :meth:`catch_up` (observability and tests).
+        self.last_catch_up_bytes = 0
+
+    async def scan(self) -> IndexSummary:
+        """Reconcile every root: stat each rollout, index new/changed heads, forget vanished files.
+
+        Returns:
+            The counters of this scan. Never raises for a single bad file or root.
+        """
+        result = await asyncio.to_thread(sources.scan_roots, self.roots)
+        summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
+        async with self._lock:
+            known = await self._store.all_files()
+            by_inode = {(f.dev, f.inode): f for f in known.values()}
+            seen: set[str] = set()
+            for st in result.files:
+                seen.add(st.path)
+                prev = known.get(st.path)
+                if prev is None:
+                    moved = by_inode.get((st.dev, st.inode))
+                    if moved is not None and moved.path not in seen and not os.path.exists(moved.path):
+                        prev = moved  # archived: same inode moved to a new path
+                await self._refresh_one(st, prev, summary)
+            root_prefixes = tuple(str(r).rstrip("/") + "/" for r in self.roots)
+            for path in known:
+                if path not in seen and path.startswith(root_prefixes) and not os.path.exists(path):
+                    await self._store.forget_file(path)
+                    summary.removed += 1
+        log.info(
+            "scan_done",
+            files=summary.files_seen,
+            unchanged=summary.unchanged,
+            indexed=summary.indexed,
+            removed=summary.removed,
+            problems=len(summary.problems),
+        )
+        return summary
+
+    async def refresh_paths(self, paths: Iterable[str]) -> IndexSummary:
+        """Re-stat the paths of a watch batch (files, or directories to scan) and index changes."""
+        result = await asyncio.to_thread(sources.restat_paths, list(paths))
+        summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
+        async with self._lock:
+            for path in result.vanished:
+                if await self._store.forget_file(path):
+                    summary.removed += 1
+            for st in result.files:
+                await self._refresh_one(st, await self._store.get_file(st.path), summary)
+        return summary
+
+    async def _refresh_one(self, st: sources.FileStat, prev: FileRecord | None, summary: IndexSummary) -> None:
+        summary.files_seen += 1
+        if (
+            prev is not None
+            and prev.path == st.path
+            and (prev.dev, prev.inode, prev.size, prev.mtime) == (st.dev, st.inode, st.size, st.mtime)
+            and not (prev.error or "").startswith("unreadable")  # retried on every scan
+        ):
+            summary.unchanged += 1
+            return
+        head = await asyncio.to_thread(sources.read_head, st.path, max_line_bytes=self._max_line_bytes)
+        if isinstance(head, sources.ReadFailure):  # logged by sources
+            if head.reason == "unreadable" and prev is None:
+                await self._store.record_file(_file(st, "", None, 0, error=f"unreadable: {head.detail}"))
+            return
+        st = head.stat
+        summary.indexed += 1
+        meta = parse_session_meta(head.first_line) if head.complete and head.first_line else None
+        if meta is None:
+            if st.size == 0:
+                reason = "empty_file"
+            elif head.oversized:
+                reason = "first_line_too_long"
+            elif not head.complete:
+                reason = "partial_first_line"
+            else:
+                reason = "no_session_meta"
+            await self._store.record_file(_file(st, head.head_hash, None, 0, error=reason))
+            log.info("file_not_indexed", path=st.path, reason=reason)
+            return
+        existing = await self._store.get_thread(meta.thread_id)
+        moved = existing is not None and existing.path != st.path
+        if moved and os.path.exists(existing.path):  # type: ignore[union-attr]
+            if st.path.endswith(".zst") and existing.path + ".zst" == st.path:  # type: ignore[union-attr]
+                return  # x.jsonl and x.jsonl.zst both exist: the plain file wins
+        change = sources.classify_change(prev, st, head.head_hash)
+        keep = prev is not None and prev.thread_id == meta.thread_id and change == sources.Change.GROWN
+        if prev is not None and prev.path != st.path and prev.thread_id == meta.thread_id and st.size >= prev.offset:
+            keep = True  # moved (archived): same inode, keep the offset and statistics
+        if keep:
+            assert prev is not None
+            offset = prev.offset
+            stats = ThreadStats.from_json(await self._store.get_thread_stats(meta.thread_id))
+        else:
+            offset, stats = 0, ThreadStats()
+            if existing is not None and not moved and prev is not None:
+                log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
+        file = _file(st, head.head_hash, meta.thread_id, offset)
+        verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
+        await self._store.record_thread(
+            self._thread_record(meta, file, stats, verdict.reason), stats.to_json(), file
+        )
+        if existing is None or moved:
+            log.info(
+                "thread_indexed",
+                thread_id=meta.thread_id,
+                path=st.path,
+                source=meta.source_label,
+                moved=moved,
+            )
+
+    def _thread_record(
+        self, meta: SessionMeta, file: FileRecord, stats: ThreadStats, head_reason: str | None
+    ) -> ThreadRecord:
+        return ThreadRecord(
+            id=meta.thread_id,
+            path=file.path,
+            project=project_key(meta.cwd, rule=self._project_rule),
+            cwd=meta.cwd or "",
+            source=meta.source_label,
+            originator=meta.originator or "",
+            cli_version=meta.cli_version or "",
+            model=stats.model or "",
+            title=stats.title or "",
+            created_at=meta.started_at if meta.started_at is not None else file.mtime,
+            updated_at=file.mtime,
+            watermark=file.offset,
+            user_messages=stats.user_messages,
+            skipped_lines=stats.skipped_lines,
+            eligible=False,
+            reason=head_reason or "not_read_yet",
+        )
+
+    async def catch_up(self, thread_id: str) -> ThreadRecord | None:
+        """Read a thread's rollout forward from its offset and update its statistics.
+
+        Returns:
+            The updated thread, or ``None`` when the thread is unknown. A file replaced or
+            truncated since it was indexed is read again from 0.
+        """
+        async with self._lock:
+            thread = await self._store.get_thread(thread_id)
+            if thread is None:
+                return None
+            file = await self._store.get_file(thread.path)
+            if file is None:
+                return thread
+            st = await asyncio.to_thread(sources.stat_path, file.path)
+            if st is None:
+                return thread
+            if st.size == file.offset and st.inode == file.inode and thread.reason != "not_read_yet":
+                return thread
+            stats = ThreadStats.from_json(await self._store.get_thread_stats(thread_id))
+            offset = file.offset
+            if st.inode != file.inode or st.size < file.offset:
+                offset, stats = 0, ThreadStats()
+            read = await asyncio.to_thread(self._read_forward, file.path, offset, st.inode, stats)
+            if read is None:
+                return thread
+            offset, bytes_read, last_stat = read
+            new_file = _file(last_stat or st, file.head_hash, thread_id, offset)
+            reason = thread.reason if thread.reason not in (None, "not_read_yet", "no_user_messages") else None
+            if reason is None and stats.user_messages == 0:
+                reason = "no_user_messages"
+            record = replace(
+                thread,
+                model=stats.model or thread.model,
+                title=stats.title or thread.title,
+                updated_at=new_file.mtime,
+                watermark=offset,
+                user_messages=stats.user_messages,
+                skipped_lines=stats.skipped_lines,
+                eligible=reason is None,
+                reason=reason,
+            )
+            await self._store.record_thread(record, stats.to_json(), new_file)
+            self.last_catch_up_bytes = bytes_read
+            log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, offset=offset)
+            return record
+
+    def _read_forward(
+        self, path: str, offset: int, inode: int, stats: ThreadStats
+    ) -> tuple[int, int, sources.FileStat | None] | None:
+        """Fold the complete lines after ``offset`` into ``stats``.
+
+        Returns:
+            ``(new offset, bytes read, fstat of the file)`` or ``None`` when the file vanished,
+            is unreadable, or was replaced while reading (the next scan re-indexes it).
+        """
+        stream = sources.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
+        parser = RolloutParser(path=path, first_line_is_head=offset == 0)
+        try:
+            batch: list[bytes] = []
+            for line in stream:
+                batch.append(line)
+                if len(batch) >= 2048:
+                    parser.feed(batch)
+                    batch.clear()
+                    stats.feed(parser.result)  # fold and drop the items: memory stays bounded
+                    parser = RolloutParser(path=path, first_line_is_head=False)
+            parser.feed(batch)
+        except sources.RolloutReadError as exc:
+            log.info("catch_up_failed", path=path, reason=str(exc))
+            return None
+        if stream.oversized_lines:
+            parser.feed_malformed(stream.oversized_lines, "line_too_long")
+        stats.feed(parser.result)
+        return stream.offset, stream.bytes_read, stream.stat
+
+
+def _file(st: sources.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None) -> FileRecord:
+    return FileRecord(
+        path=st.path,
+        kind="codex",
+        dev=st.dev,
+        inode=st.inode,
+        size=st.size,
+        mtime=st.mtime,
+        offset=offset,
+        head_hash=head_hash,
+        thread_id=thread_id,
+        error=error,
+    )

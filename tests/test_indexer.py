@@ -1,0 +1,249 @@
+"""The indexer over real files: bad input, appends, archive moves, restarts (SPEC §3.3, §4, §13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from memd.clock import SystemClock
+from memd.indexer import Indexer
+from memd.store.store import Store
+
+INCLUDE = ("cli", "vscode", "unknown", "custom")
+TID = "019b0000-1111-7222-8333-444455556666"
+
+
+def meta_line(thread_id: str = TID, source: object = "cli", cwd: str = "/work/proj") -> bytes:
+    payload = {"id": thread_id, "timestamp": "2026-01-02T10:00:00Z", "cwd": cwd, "originator": "codex_cli_rs",
+               "cli_version": "0.77.0", "source": source}
+    return json.dumps({"timestamp": "2026-01-02T10:00:00Z", "type": "session_meta", "payload": payload}).encode() + b"\n"
+
+
+def user_line(text: str) -> bytes:
+    return json.dumps({"timestamp": "2026-01-02T10:00:05Z", "type": "event_msg",
+                       "payload": {"type": "user_message", "message": text}}).encode() + b"\n"
+
+
+def rollout_path(root: Path, thread_id: str = TID, day: str = "2026/01/02") -> Path:
+    path = root / day / f"rollout-2026-01-02T10-00-00-{thread_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=SystemClock())
+    yield s
+    await s.close()
+
+
+def make_indexer(store: Store, root: Path, **kw: object) -> Indexer:
+    return Indexer(store, SystemClock(), roots=[root], max_line_bytes=int(kw.get("max_line_bytes", 64 << 20)),
+                   include_sources=INCLUDE)
+
+
+async def test_real_rollouts_index_heads_then_catch_up(store: Store, codex_rollouts: Path, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    shutil.copytree(codex_rollouts, root)
+    ix = make_indexer(store, root)
+    first = await ix.scan()
+    assert first.files_seen == len(list(codex_rollouts.glob("*.jsonl")))
+    threads = {t.id: t for t in await store.list_threads()}
+    # Indexing reads heads only: nothing is eligible before the body is read.
+    assert all(t.watermark == 0 for t in threads.values())
+    for thread_id in threads:
+        await ix.catch_up(thread_id)
+    threads = {t.id: t for t in await store.list_threads()}
+    pomodoro = threads["019a085e-04c1-7f81-a09e-9555f6a1fb40"]
+    assert pomodoro.eligible and pomodoro.user_messages == 3 and pomodoro.source == "cli"
+    assert pomodoro.watermark == (codex_rollouts / "aisessions-codex-pomodor-timer.jsonl").stat().st_size
+    assert threads["019b88e5-a2e4-7b90-8953-38fce393c653"].reason == "source:subagent:review"
+    assert threads["019b7f94-51b4-7593-922e-ba12b5b73b52"].reason == "source:exec"
+    assert threads["019b7f95-0000-7000-0000-000000000001"].reason == "no_user_messages"
+    assert threads["019c8a59-e9dd-71f0-9ae3-4079fe9726a9"].user_messages == 38
+    # Restart with nothing changed: one stat per file, nothing re-read.
+    again = await make_indexer(store, root).scan()
+    assert again.unchanged == again.files_seen and again.indexed == 0
+
+
+async def test_append_reads_only_the_appended_bytes(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    path = rollout_path(root)
+    body = user_line("x" * 1000) * 20_000  # ~20 MB
+    path.write_bytes(meta_line() + body)
+    ix = make_indexer(store, root)
+    await ix.scan()
+    await ix.catch_up(TID)
+    assert ix.last_catch_up_bytes == path.stat().st_size
+    appended = user_line("one more request")
+    with path.open("ab") as handle:
+        handle.write(appended)
+    summary = await ix.scan()
+    assert summary.indexed == 1
+    thread = await ix.catch_up(TID)
+    assert ix.last_catch_up_bytes == len(appended)
+    assert thread is not None and thread.user_messages == 20_001
+    assert thread.watermark == path.stat().st_size
+
+
+async def test_partial_last_line_waits_for_its_newline(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    path = rollout_path(root)
+    full = user_line("finish the parser")
+    path.write_bytes(meta_line() + user_line("first") + full[:10])
+    ix = make_indexer(store, root)
+    await ix.scan()
+    thread = await ix.catch_up(TID)
+    assert thread is not None and thread.user_messages == 1
+    assert thread.watermark == len(meta_line() + user_line("first"))
+    with path.open("ab") as handle:
+        handle.write(full[10:])
+    await ix.scan()
+    thread = await ix.catch_up(TID)
+    assert thread is not None and thread.user_messages == 2 and thread.watermark == path.stat().st_size
+
+
+async def test_archived_rollout_stays_the_same_thread(store: Store, tmp_path: Path) -> None:
+    sessions, archive = tmp_path / "sessions", tmp_path / "archived_sessions"
+    archive.mkdir()
+    path = rollout_path(sessions)
+    path.write_bytes(meta_line() + user_line("hello there"))
+    ix = Indexer(store, SystemClock(), roots=[sessions, archive], max_line_bytes=1 << 20, include_sources=INCLUDE)
+    await ix.scan()
+    await ix.catch_up(TID)
+    moved = archive / path.name
+    os.rename(path, moved)
+    await ix.scan()
+    threads = await store.list_threads()
+    assert [t.id for t in threads] == [TID]
+    assert threads[0].path == str(moved)
+    assert threads[0].user_messages == 1 and threads[0].watermark == moved.stat().st_size
+    assert await store.get_file(str(path)) is None
+
+
+async def test_replaced_file_is_read_again_from_zero(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    path = rollout_path(root)
+    path.write_bytes(meta_line() + user_line("a") + user_line("b") + user_line("c"))
+    ix = make_indexer(store, root)
+    await ix.scan()
+    await ix.catch_up(TID)
+    replacement = path.with_suffix(".tmp")
+    replacement.write_bytes(meta_line() + user_line("only one"))
+    os.replace(replacement, path)
+    await ix.scan()
+    thread = await ix.catch_up(TID)
+    assert thread is not None and thread.user_messages == 1
+    assert thread.watermark == path.stat().st_size
+
+
+async def test_new_day_directory_is_picked_up_by_refresh(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    ix = make_indexer(store, root)
+    await ix.scan()
+    path = rollout_path(root, day="2026/11/21")
+    path.write_bytes(meta_line() + user_line("new day"))
+    summary = await ix.refresh_paths([str(root / "2026")])  # the watcher reports the new directory
+    assert summary.indexed == 1
+    assert (await store.get_thread(TID)) is not None
+
+
+async def test_bad_files_get_one_event_and_do_not_stop_the_others(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    good = rollout_path(root, "019b0000-0000-7000-8000-000000000001")
+    good.write_bytes(meta_line("019b0000-0000-7000-8000-000000000001") + user_line("fix it"))
+    empty = rollout_path(root, "019b0000-0000-7000-8000-000000000002")
+    empty.write_bytes(b"")
+    garbage = rollout_path(root, "019b0000-0000-7000-8000-000000000003")
+    garbage.write_bytes(b"{not json\n" + user_line("x"))
+    bad_utf8 = rollout_path(root, "019b0000-0000-7000-8000-000000000004")
+    bad_utf8.write_bytes(b"\xff\xfe\xfa garbage\n")
+    bodybad = rollout_path(root, "019b0000-0000-7000-8000-000000000005")
+    bodybad.write_bytes(meta_line("019b0000-0000-7000-8000-000000000005") + b"{oops\n" + b"\xff\xff\n" + user_line("still here"))
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    ix = Indexer(store, SystemClock(), roots=[root, tmp_path / "missing"], max_line_bytes=1 << 20, include_sources=INCLUDE)
+    with capture_logs() as logs:
+        summary = await ix.scan()
+        await ix.catch_up("019b0000-0000-7000-8000-000000000005")
+    events = [(e["event"], e.get("reason")) for e in logs]
+    assert ("file_not_indexed", "empty_file") in events
+    assert ("file_not_indexed", "no_session_meta") in events
+    assert any(e == "symlink_loop" for e, _ in events)
+    assert any(e == "root_missing" for e, _ in events)
+    assert any(e["event"] == "line_skipped" for e in logs)
+    assert summary.files_seen == 5  # each file once despite the symlink loop
+    ok = await store.get_thread("019b0000-0000-7000-8000-000000000001")
+    assert ok is not None
+    survivor = await store.get_thread("019b0000-0000-7000-8000-000000000005")
+    assert survivor is not None and survivor.skipped_lines == 2 and survivor.user_messages == 1
+
+
+async def test_oversized_line_is_skipped_and_counted(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    path = rollout_path(root)
+    with path.open("wb") as handle:
+        handle.write(meta_line())
+        handle.write(b'{"type":"event_msg","payload":{"type":"user_message","message":"')
+        handle.write(b"y" * (100 << 20))  # a single 100 MB line, beyond max_line_bytes
+        handle.write(b'"}}\n')
+        handle.write(user_line("after the big line"))
+    ix = make_indexer(store, root, max_line_bytes=1 << 20)
+    await ix.scan()
+    with capture_logs() as logs:
+        thread = await ix.catch_up(TID)
+    assert thread is not None and thread.skipped_lines == 1 and thread.user_messages == 1
+    assert thread.watermark == path.stat().st_size
+    assert [e for e in logs if e["event"] == "line_oversized"], logs
+
+
+async def test_file_deleted_between_scan_and_read(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memd import sources
+
+    root = tmp_path / "sessions"
+    doomed = rollout_path(root, "019b0000-0000-7000-8000-00000000000a")
+    doomed.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000a") + user_line("bye"))
+    keep = rollout_path(root, "019b0000-0000-7000-8000-00000000000b")
+    keep.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000b") + user_line("stay"))
+    real_read_head = sources.read_head
+
+    def deleting_read_head(path: str, **kw: object):  # type: ignore[no-untyped-def]
+        if path == str(doomed) and doomed.exists():
+            doomed.unlink()
+        return real_read_head(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "read_head", deleting_read_head)
+    with capture_logs() as logs:
+        await make_indexer(store, root).scan()
+    assert [e for e in logs if e["event"] == "file_vanished"]
+    assert await store.get_thread("019b0000-0000-7000-8000-00000000000b") is not None
+    assert await store.get_thread("019b0000-0000-7000-8000-00000000000a") is None
+
+
+async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memd import sources
+
+    root = tmp_path / "sessions"
+    locked = rollout_path(root, "019b0000-0000-7000-8000-00000000000c")
+    locked.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000c") + user_line("secret"))
+    fine = rollout_path(root, "019b0000-0000-7000-8000-00000000000d")
+    fine.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000d") + user_line("fine"))
+    real_open = sources._open_binary
+
+    def denying_open(path: str):  # type: ignore[no-untyped-def]
+        if path == str(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path)
+
+    monkeypatch.setattr(sources, "_open_binary", denying_open)
+    with capture_logs() as logs:
+        await make_indexer(store, root).scan()
+    assert [e for e in logs if e["event"] == "file_unreadable"]
+    record = await store.get_file(str(locked))
+    assert record is not None and record.error is not None and "unreadable" in record.error
+    assert await store.get_thread("019b0000-0000-7000-8000-00000000000d") is not None
