@@ -1,0 +1,95 @@
+"""History of a memory root as a local git repository (SPEC §7).
+
+Each successful consolidation becomes one commit, so a person can read and revert what memd
+wrote. git is optional: without it (or when it fails) memd carries on and says so once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("memd.consolidate.gitlog")
+
+GIT_TIMEOUT_S = 60.0
+#: Never committed: temp files of staged writes and consolidation staging directories.
+EXCLUDE_PATTERNS = ("*.tmp-memd-*", ".staging-*")
+
+_missing_logged = False
+
+
+def _git_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    return env
+
+
+def _git(git: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [git, "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args],
+        cwd=root,
+        env=_git_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=GIT_TIMEOUT_S,
+        check=True,
+    )
+
+
+def _init(git: str, root: Path) -> None:
+    _git(git, root, "-c", "init.defaultBranch=main", "init", "-q")
+    _git(git, root, "config", "user.name", "memd")
+    _git(git, root, "config", "user.email", "memd@localhost")
+    exclude = root / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    with open(exclude, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(EXCLUDE_PATTERNS) + "\n")
+    log.info("git_repo_initialised", root=str(root))
+
+
+def commit_memory_root(root: Path, message: str) -> bool:
+    """Commit every change under ``root`` to its git repository, creating it if missing.
+
+    The repository is local to the memory root (``<root>/.git``) with a local identity
+    ``memd <memd@localhost>``; temp files and staging directories are excluded; signing and
+    hooks are disabled for these commits.
+
+    Args:
+        root: the memory root.
+        message: the commit message.
+
+    Returns:
+        ``True`` when a commit was made; ``False`` when there was nothing to commit, git is not
+        on ``PATH`` (event ``git_unavailable``, logged once per process) or git failed (event
+        ``git_commit_failed``). Never raises.
+    """
+    global _missing_logged
+    git = shutil.which("git")
+    if git is None:
+        if not _missing_logged:
+            log.info("git_unavailable", reason="git not on PATH; memory history is not recorded")
+            _missing_logged = True
+        return False
+    root = Path(root)
+    try:
+        if not (root / ".git").exists():
+            _init(git, root)
+        _git(git, root, "add", "-A")
+        status = _git(git, root, "status", "--porcelain")
+        if not status.stdout.strip():
+            return False
+        _git(git, root, "commit", "-q", "--no-verify", "-m", message)
+    except subprocess.CalledProcessError as exc:
+        error = (exc.stderr or exc.stdout or "").strip()[-500:]
+        log.warning("git_commit_failed", root=str(root), exit_code=exc.returncode, error=error)
+        return False
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("git_commit_failed", root=str(root), error=str(exc))
+        return False
+    log.info("git_committed", root=str(root))
+    return True

@@ -1,0 +1,532 @@
+"""The consolidation runner: project lease, heartbeat, subprocess supervision (SPEC §7).
+
+One :meth:`ConsolidationRunner.run` per project and trigger:
+
+1. acquire the lease ``consolidate:<project>`` (another holder ⇒ skipped);
+2. prune ``trace_summaries/`` to the newest ``max_traces_per_project`` memories and rebuild
+   ``memory_summary.md`` (the routing map);
+3. run the consolidation command (argv, never a shell) in the memory root, in its own process
+   group, with its output streamed to the log and only a bounded tail kept; renew the lease every
+   ``lease_s / 3``; a failed renewal or the timeout terminates the whole group (SIGTERM, then
+   SIGKILL after ``kill_grace_s``);
+4. record the result (fenced by the lease token) and release the lease on every exit path,
+   cancellation included.
+
+Timing of the subprocess (heartbeat, timeout, grace) is real time on the event loop: the child
+runs in real time whatever clock the store uses. The injected clock only stamps the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from memd.clock import Clock
+from memd.errors import LeaseLost, MemdError
+from memd.memory_files import TRACE_DIR, _safe_target, ensure_project_root, write_file_atomic
+from memd.store.records import MemoryRecord, ProjectRecord
+
+log = structlog.get_logger("memd.consolidate.runner")
+
+SKIPPED_LEASE_HELD = "skipped: lease held"
+LEASE_LOST = "lease_lost"
+TIMEOUT = "timeout"
+
+_READ_CHUNK_BYTES = 64 * 1024
+_LOG_LINE_MAX_CHARS = 1_000
+_MAX_LOGGED_LINES = 1_000
+_GROUP_POLL_S = 0.05
+#: How often the supervisor looks at the leader's exit status while it waits. ``proc.wait()``
+#: also waits for the output pipe to close, which a leftover background process can hold open.
+_EXIT_POLL_S = 1.0
+
+#: Variables passed to the command when no ``env`` is given (nothing secret).
+SAFE_ENV_KEYS = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR",
+    "VIRTUAL_ENV", "PYTHONPATH", "CODEX_HOME",
+)  # fmt: skip
+
+
+def safe_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the allow-listed subset of ``source`` (default ``os.environ``) plus ``LC_*``.
+
+    No API key or other secret is ever part of it (SPEC §14).
+    """
+    source = os.environ if source is None else source
+    return {
+        key: value for key, value in source.items() if key in SAFE_ENV_KEYS or key.startswith("LC_")
+    }
+
+
+class ConsolidationStore(Protocol):
+    """The store operations the runner uses (implemented by :class:`memd.store.store.Store`)."""
+
+    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> Awaitable[int | None]: ...
+    def renew_lease(self, name: str, owner: str, token: int, ttl_s: float) -> Awaitable[bool]: ...
+    def release_lease(self, name: str, owner: str, token: int) -> Awaitable[Any]: ...
+    def get_project(self, project: str) -> Awaitable[ProjectRecord | None]: ...
+    def list_memories(self, project: str) -> Awaitable[list[MemoryRecord]]: ...
+    def mark_consolidated(
+        self, project: str, seq: int, lease_name: str, owner: str, token: int
+    ) -> Awaitable[bool]: ...
+    def mark_consolidation_failed(self, project: str, error: str) -> Awaitable[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolidationOutcome:
+    """The result of one :meth:`ConsolidationRunner.run`.
+
+    Attributes:
+        project: the project key.
+        ok: the command exited 0 and the success was recorded under the lease.
+        exit_code: the command's exit status (negative: killed by that signal); ``None`` when it
+            never ran.
+        duration_s: real seconds from lease acquisition to the end.
+        error: ``None`` on success, else ``skipped: lease held``, ``timeout``, ``lease_lost``,
+            ``command_not_found: <argv0>``, ``exit_code N: <last output line>``, ...
+        output_tail: the last ``output_cap_bytes`` of the merged stdout/stderr (UTF-8, invalid
+            bytes replaced).
+        started_at: the injected clock's time when the run started (epoch s).
+    """
+
+    project: str
+    ok: bool
+    exit_code: int | None
+    duration_s: float
+    error: str | None
+    output_tail: str
+    started_at: float = 0.0
+
+
+class _Tail:
+    """The last ``cap_bytes`` bytes of a stream."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = max(0, cap_bytes)
+        self.buf = bytearray()
+        self.total_bytes = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total_bytes += len(chunk)
+        self.buf += chunk[-self.cap_bytes :] if self.cap_bytes else b""
+        if len(self.buf) > self.cap_bytes:
+            del self.buf[: len(self.buf) - self.cap_bytes]
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _complete(coro: Awaitable[Any]) -> Any:
+    """Await ``coro`` to its end even if the caller is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class ConsolidationRunner:
+    """Runs the consolidation command for one project at a time under its lease (SPEC §7).
+
+    Args:
+        store: the state store (lease, memories, project freshness).
+        clock: stamps ``started_at`` of the outcome (the store applies its own clock to leases).
+        memory_dir: the configured ``memory_dir`` (project roots live below it, SPEC §8).
+        command: argv; ``{memory_root}`` and ``{project}`` are substituted in every element.
+        lease_s: lease TTL; renewed every ``lease_s / 3`` while the command runs.
+        timeout_s: the command's wall-clock limit.
+        kill_grace_s: seconds between SIGTERM and SIGKILL of the process group.
+        max_traces_per_project: trace files kept by the prune step.
+        owner: this daemon's lease owner (``host:pid:random``).
+        env: the command's environment; ``None`` ⇒ :func:`safe_env` of this process.
+        output_cap_bytes: bytes of output kept as the tail.
+    """
+
+    def __init__(
+        self,
+        store: ConsolidationStore,
+        clock: Clock,
+        *,
+        memory_dir: Path,
+        command: Sequence[str],
+        lease_s: float = 600,
+        timeout_s: float = 900,
+        kill_grace_s: float = 10,
+        max_traces_per_project: int = 10,
+        owner: str,
+        env: Mapping[str, str] | None = None,
+        output_cap_bytes: int = 64 * 1024,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.memory_dir = Path(memory_dir)
+        self.command = tuple(command)
+        self.lease_s = float(lease_s)
+        self.timeout_s = float(timeout_s)
+        self.kill_grace_s = float(kill_grace_s)
+        self.max_traces_per_project = int(max_traces_per_project)
+        self.owner = owner
+        self.env = dict(env) if env is not None else safe_env()
+        self.output_cap_bytes = int(output_cap_bytes)
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self, project: str, seq: int | None = None) -> ConsolidationOutcome:
+        """Consolidate ``project`` once.
+
+        Args:
+            project: the project key.
+            seq: the project's ``memory_seq`` read before the run (what a success covers);
+                ``None`` ⇒ read from ``store.get_project`` after taking the lease.
+
+        Returns:
+            The outcome; failures are outcomes (and recorded with
+            ``store.mark_consolidation_failed``), never exceptions.
+
+        Raises:
+            asyncio.CancelledError: re-raised after the process group was terminated and the
+                lease released.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        started_at = self.clock.now()
+        lease_name = f"consolidate:{project}"
+        bound = log.bind(project=project)
+
+        def outcome(
+            exit_code: int | None, error: str | None, tail: str = ""
+        ) -> ConsolidationOutcome:
+            return ConsolidationOutcome(
+                project=project,
+                ok=error is None,
+                exit_code=exit_code,
+                duration_s=loop.time() - started,
+                error=error,
+                output_tail=tail,
+                started_at=started_at,
+            )
+
+        try:
+            token = await self.store.acquire_lease(lease_name, self.owner, self.lease_s)
+        except MemdError as exc:
+            bound.warning("consolidate_lease_error", error=str(exc))
+            return outcome(None, f"lease_error: {exc}")
+        if token is None:
+            bound.info("consolidate_skipped", reason="lease_held")
+            return outcome(None, SKIPPED_LEASE_HELD)
+        bound = bound.bind(token=token)
+        bound.info("consolidate_lease_acquired", lease=lease_name)
+        try:
+            return outcome(*await self._run_leased(project, seq, lease_name, token, bound))
+        finally:
+            await _complete(self._release(lease_name, token, bound))
+
+    # ------------------------------------------------------------------ steps
+
+    async def _run_leased(
+        self, project: str, seq: int | None, lease_name: str, token: int, bound: Any
+    ) -> tuple[int | None, str | None, str]:
+        """Prepare, run and record under the lease: ``(exit_code, error or None, output tail)``."""
+        try:
+            if seq is None:
+                record = await self.store.get_project(project)
+                seq = record.memory_seq if record is not None else 0
+            root = ensure_project_root(self.memory_dir, project)
+            memories = await self.store.list_memories(project)
+            kept = self._prune(root, memories, bound)
+            write_file_atomic(root, "memory_summary.md", render_memory_summary(project, kept))
+        except MemdError as exc:
+            error = f"prepare_failed: {exc}"
+            bound.error("consolidate_failed", error=error)
+            await self._record_failure(project, error, bound)
+            return None, error, ""
+
+        exit_code, error, tail = await self._run_command(root, project, lease_name, token, bound)
+        if error is None:
+            try:
+                recorded = await self.store.mark_consolidated(
+                    project, seq, lease_name, self.owner, token
+                )
+            except LeaseLost:
+                recorded = False
+            except MemdError as exc:
+                recorded = True
+                error = f"record_failed: {exc}"
+            if not recorded:
+                error = LEASE_LOST
+        if error is None:
+            bound.info("consolidate_done", exit_code=exit_code, seq=seq)
+            return exit_code, None, tail
+        bound.warning("consolidate_failed", error=error, exit_code=exit_code)
+        await self._record_failure(project, error, bound)
+        return exit_code, error, tail
+
+    def _prune(
+        self, root: Path, memories: Sequence[MemoryRecord], bound: Any
+    ) -> list[MemoryRecord]:
+        """Delete trace files of memories beyond the newest N; return the kept memories.
+
+        ``memories`` is newest first. Only files named by an older memory row are removed, so a
+        trace file committed by a worker after the list was read is never touched.
+        """
+        with_files = [m for m in memories if m.path]
+        kept = with_files[: max(0, self.max_traces_per_project)]
+        kept_paths = {m.path for m in kept}
+        pruned = []
+        for memory in with_files[len(kept) :]:
+            assert memory.path is not None
+            if memory.path in kept_paths or not memory.path.startswith(TRACE_DIR + "/"):
+                continue
+            try:
+                os.unlink(_safe_target(root, memory.path))
+            except FileNotFoundError:
+                continue
+            except (OSError, MemdError) as exc:
+                bound.warning("trace_prune_failed", path=memory.path, error=str(exc))
+                continue
+            pruned.append(memory.path)
+        if pruned:
+            bound.info("traces_pruned", count=len(pruned), kept=len(kept))
+        return kept
+
+    def _argv(self, root: Path, project: str) -> list[str]:
+        return [
+            part.replace("{memory_root}", str(root)).replace("{project}", project)
+            for part in self.command
+        ]
+
+    async def _run_command(
+        self, root: Path, project: str, lease_name: str, token: int, bound: Any
+    ) -> tuple[int | None, str | None, str]:
+        """Run and supervise the command. Returns ``(exit_code, error or None, output tail)``."""
+        argv = self._argv(root, project)
+        if not argv:
+            return None, "command_empty", ""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=root,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return None, f"command_not_found: {argv[0]}", ""
+        except PermissionError:
+            return None, f"command_not_executable: {argv[0]}", ""
+        except OSError as exc:
+            return None, f"command_failed_to_start: {argv[0]}: {exc.strerror or exc}", ""
+        bound.info("consolidate_started", command=argv[0], pid=proc.pid)
+        tail = _Tail(self.output_cap_bytes)
+        assert proc.stdout is not None
+        pump = asyncio.ensure_future(self._pump(proc.stdout, tail, bound))
+        error: str | None = None
+        try:
+            error = await self._supervise(proc, lease_name, token, bound)
+            await self._drain(proc, pump, bound)
+        except BaseException:
+            await _complete(self._terminate(proc, bound))
+            pump.cancel()
+            raise
+        exit_code = proc.returncode
+        if error is None and exit_code != 0:
+            error = _exit_error(exit_code, tail.text())
+        return exit_code, error, tail.text()
+
+    async def _supervise(self, proc: Any, lease_name: str, token: int, bound: Any) -> str | None:
+        """Wait for the command, renewing the lease; terminate it on timeout or lease loss."""
+        loop = asyncio.get_running_loop()
+        interval_s = self.lease_s / 3
+        deadline = loop.time() + self.timeout_s
+        next_renew = loop.time() + interval_s
+        last_renewed = loop.time()
+        waiter = asyncio.ensure_future(proc.wait())
+        try:
+            while True:
+                wake_s = min(deadline, next_renew, loop.time() + _EXIT_POLL_S) - loop.time()
+                await asyncio.wait({waiter}, timeout=max(0.0, wake_s))
+                if proc.returncode is not None:
+                    return None
+                now = loop.time()
+                if now >= deadline:
+                    bound.warning("consolidate_timeout", timeout_s=self.timeout_s, pid=proc.pid)
+                    await self._terminate(proc, bound)
+                    return TIMEOUT
+                if now < next_renew:
+                    continue  # woken only to look at the exit status
+                try:
+                    renewed: bool | None = await self.store.renew_lease(
+                        lease_name, self.owner, token, self.lease_s
+                    )
+                except LeaseLost:
+                    renewed = False
+                except MemdError as exc:
+                    bound.warning("consolidate_renew_error", error=str(exc))
+                    renewed = None
+                if renewed:
+                    last_renewed = now
+                    next_renew = now + interval_s
+                elif renewed is None and now - last_renewed < self.lease_s:
+                    next_renew = now + min(interval_s, 1.0)
+                else:
+                    bound.warning("consolidate_lease_lost", pid=proc.pid)
+                    await self._terminate(proc, bound)
+                    return LEASE_LOST
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    async def _drain(self, proc: Any, pump: asyncio.Future[None], bound: Any) -> None:
+        """After the leader exited: collect the rest of the output, kill leftover group members.
+
+        Members still alive once the output ended (or ``kill_grace_s`` after the leader exited)
+        are SIGKILLed. A process that left the group and keeps the pipe open is abandoned after
+        another ``kill_grace_s`` (event ``consolidate_output_abandoned``).
+        """
+        done, _ = await asyncio.wait({pump}, timeout=self.kill_grace_s)
+        if _group_alive(proc.pid):
+            bound.warning("consolidate_stragglers_killed", pgid=proc.pid)
+            _killpg(proc.pid, signal.SIGKILL)
+        if not done:
+            done, _ = await asyncio.wait({pump}, timeout=self.kill_grace_s)
+            if not done:
+                bound.warning("consolidate_output_abandoned", pid=proc.pid)
+                pump.cancel()
+
+    async def _terminate(self, proc: Any, bound: Any) -> None:
+        """SIGTERM the process group, SIGKILL it after ``kill_grace_s``; wait for the leader.
+
+        Polls (every 50 ms) the leader's exit status and whether any group member is left.
+        """
+        loop = asyncio.get_running_loop()
+        pgid = proc.pid
+        _killpg(pgid, signal.SIGTERM)
+        deadline = loop.time() + self.kill_grace_s
+        while loop.time() < deadline:
+            if proc.returncode is not None and not _group_alive(pgid):
+                break
+            await asyncio.sleep(_GROUP_POLL_S)
+        else:
+            bound.warning("consolidate_killed", pgid=pgid, signal="SIGKILL")
+            _killpg(pgid, signal.SIGKILL)
+            # SIGKILL cannot be ignored: the leader's exit is reported within moments.
+            deadline = loop.time() + max(self.kill_grace_s, 5.0)
+            while proc.returncode is None and loop.time() < deadline:
+                await asyncio.sleep(_GROUP_POLL_S)
+        bound.info("consolidate_terminated", pgid=pgid, exit_code=proc.returncode)
+
+    async def _pump(self, stream: asyncio.StreamReader, tail: _Tail, bound: Any) -> None:
+        """Read merged output in chunks: keep the tail, log lines (the first 1 000, capped)."""
+        pending = bytearray()
+        logged = 0
+        suppressed = 0
+
+        def emit(raw: bytes) -> None:
+            nonlocal logged, suppressed
+            if logged >= _MAX_LOGGED_LINES:
+                suppressed += 1
+                return
+            logged += 1
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            if len(line) > _LOG_LINE_MAX_CHARS:
+                line = line[:_LOG_LINE_MAX_CHARS] + "…"
+            bound.debug("consolidate_output", line=line)
+
+        while True:
+            chunk = await stream.read(_READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            tail.add(chunk)
+            pending += chunk
+            *lines, rest = bytes(pending).split(b"\n")
+            for line in lines:
+                emit(line)
+            pending = bytearray(rest)
+            if len(pending) > _READ_CHUNK_BYTES:  # one endless line: log its head, drop the rest
+                emit(bytes(pending[: _LOG_LINE_MAX_CHARS * 4]))
+                pending.clear()
+        if pending:
+            emit(bytes(pending))
+        if suppressed:
+            bound.info(
+                "consolidate_output_suppressed",
+                lines_logged=logged,
+                lines_suppressed=suppressed,
+                output_bytes=tail.total_bytes,
+            )
+
+    async def _record_failure(self, project: str, error: str, bound: Any) -> None:
+        try:
+            await self.store.mark_consolidation_failed(project, error)
+        except MemdError as exc:
+            bound.warning("consolidate_record_failed", error=str(exc))
+
+    async def _release(self, lease_name: str, token: int, bound: Any) -> None:
+        try:
+            released = await self.store.release_lease(lease_name, self.owner, token)
+        except MemdError as exc:
+            bound.warning("consolidate_release_failed", error=str(exc))
+            return
+        bound.info("consolidate_lease_released", lease=lease_name, held=released is not False)
+
+
+def render_memory_summary(project: str, memories: Sequence[MemoryRecord]) -> str:
+    """Render ``memory_summary.md``: one ``- <summary> (trace: <file>)`` line per memory.
+
+    ``memories`` newest first; a summary is folded to one line (``(no summary)`` when empty).
+    """
+    lines = [f"# Memory summary: {' '.join(project.split())}", ""]
+    if not memories:
+        lines.append("No trace memories yet.")
+    for memory in memories:
+        summary = " ".join(memory.summary.split()) or "(no summary)"
+        lines.append(f"- {summary} (trace: {memory.path})")
+    return "\n".join(lines) + "\n"
+
+
+def _exit_error(exit_code: int | None, tail: str) -> str:
+    if exit_code is not None and exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = str(-exit_code)
+        return f"killed_by_signal: {name}"
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    if len(last) > 300:
+        last = last[:300] + "…"
+    return f"exit_code {exit_code}: {last}" if last else f"exit_code {exit_code}"
