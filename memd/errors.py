@@ -57,7 +57,16 @@ class ContextLengthError(ExtractorError):
 
 
 class BudgetExhausted(ExtractorError):
-    """The daily token budget is spent; model work waits until the next UTC day."""
+    """The daily token budget is spent; model work waits until the next UTC day.
+
+    Args:
+        message: what was spent against which limit.
+        resume_at: epoch seconds when the budget resets (the next UTC midnight), or ``None``.
+    """
+
+    def __init__(self, message: str, *, resume_at: float | None = None) -> None:
+        super().__init__(message)
+        self.resume_at = resume_at
 
 
 class ConsolidationError(MemdError):
