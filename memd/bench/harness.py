@@ -1,0 +1,813 @@
+"""``memd bench``: measure memd against the SPEC §15 performance targets.
+
+Every figure is measured beside a naive baseline in the same run, on a synthetic corpus from
+:mod:`memd.bench.corpus` (and, for one ratio, the real rollouts in ``../shared/rollouts/codex``
+when present). One function per figure; each takes the pieces it needs and returns
+:class:`Figure` records, so a figure whose component is missing (``ImportError``) or not wired
+(``index_fn`` / ``run_pool`` not given) reports ``None`` with the reason instead of failing the
+run. :func:`run_bench` runs them all, prints a table and optionally writes JSON.
+
+Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
+
+* ``index_cold_s_per_10k`` / ``index_warm_s_per_10k`` — ``index_fn(roots, state_dir)`` over a
+  corpus of small (5–20 KB) rollouts, on an empty state dir and again on the same state dir
+  (restart, nothing changed); seconds scaled to 10 000 files. Baseline: read every file and
+  ``json.loads`` every line. "Cold" means empty state; the OS page cache is warm.
+* ``append_1k_ms`` — a large rollout read to its end with :func:`memd.sources.read_new_lines`,
+  then 1 KiB turns appended; the time to read the appended bytes from the stored offset and
+  parse them (median). Baseline: re-read and parse the whole file.
+* ``input_build_mb_s`` — rollout MB per second through parse + ``build_input`` (read from the
+  page cache beforehand, not timed). Baseline: ``json.loads`` of every line + ``json.dumps`` of
+  the kept items.
+* ``input_ratio_real`` / ``input_ratio_synthetic`` — ``sum(text_bytes) / sum(raw_json_bytes)``
+  of :class:`memd.extract.base.BuiltInput` over the real rollouts / the synthetic corpus.
+  Baseline 1.0 (raw JSON).
+* ``pool_efficiency`` — ``run_pool(n_jobs, concurrency, latency_s)`` wall time divided by the
+  ideal ``ceil(N/C)·L``. Baseline: the same jobs at concurrency 1, divided by the same ideal.
+* ``idle_cpu_s_per_10min`` / ``rss_mb`` — a daemon started with ``daemon_argv`` over an empty
+  sessions tree (temporary HOME/CODEX_HOME/XDG dirs): CPU seconds (utime+stime of it and its
+  children, from ``/proc``) over a window, scaled to 10 minutes; peak RSS (``VmHWM``). Baseline:
+  a naive Python loop that re-scans the sessions tree every second, measured in the same window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from memd.bench import corpus
+
+log = structlog.get_logger("memd.bench")
+
+#: ``index_fn(roots, state_dir)``: index every rollout under ``roots`` into ``state_dir``.
+IndexFn = Callable[[list[Path], Path], Awaitable[None]]
+#: ``run_pool(n_jobs, concurrency, latency_s) -> wall_s`` (may be a coroutine function).
+PoolFn = Callable[[int, int, float], "float | Awaitable[float]"]
+
+#: SPEC §15 targets: key -> (comparison, threshold).
+TARGETS: dict[str, tuple[str, float]] = {
+    "index_cold_s_per_10k": ("<=", 2.0),
+    "index_warm_s_per_10k": ("<=", 0.5),
+    "append_1k_ms": ("<=", 10.0),
+    "input_build_mb_s": (">=", 100.0),
+    "pool_efficiency": ("<=", 1.15),
+    "input_ratio_real": ("<=", 1 / 3),
+    "input_ratio_synthetic": ("<=", 1 / 3),
+    "idle_cpu_s_per_10min": ("<=", 0.5),
+    "rss_mb": ("<=", 100.0),
+}
+
+#: The figure keys, in table order.
+FIGURE_KEYS: tuple[str, ...] = tuple(TARGETS)
+
+_MAX_LINE_BYTES = 64 << 20
+_DEFAULT: Any = object()
+
+#: The naive idle baseline: re-scan the sessions tree every second, forever.
+_NAIVE_POLLER = (
+    "import os, sys, time\n"
+    "root = sys.argv[1]\n"
+    "while True:\n"
+    "    for d, _, files in os.walk(root):\n"
+    "        for f in files:\n"
+    "            os.stat(os.path.join(d, f))\n"
+    "    time.sleep(1.0)\n"
+)
+
+
+@dataclass(slots=True)
+class Figure:
+    """One measured figure.
+
+    Attributes:
+        key: the JSON key (see the module docstring).
+        value: the measured value in the key's unit, ``None`` when not measured.
+        baseline: the naive baseline in the same unit, ``None`` when none applies or it was not
+            measured.
+        note: how it was measured or why it is missing (scaling, sizes, skipped component).
+    """
+
+    key: str
+    value: float | None
+    baseline: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSizes:
+    """Workload sizes of one run.
+
+    Attributes:
+        append_rollout_bytes: size of the rollout appended to.
+        append_repeats: 1 KiB appends timed (the median is reported).
+        index_files: small rollouts in the indexing corpus.
+        corpus_files: rollouts (default size mix) for input building.
+        pool_jobs / pool_concurrency / pool_latency_s: the pool workload (N, C, L).
+        idle_settle_s: wait after the daemon starts before measuring.
+        idle_window_s: CPU measurement window (scaled to 10 minutes).
+        seed: corpus seed.
+    """
+
+    append_rollout_bytes: int
+    append_repeats: int
+    index_files: int
+    corpus_files: int
+    pool_jobs: int
+    pool_concurrency: int
+    pool_latency_s: float
+    idle_settle_s: float
+    idle_window_s: float
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> BenchSizes:
+        """The SPEC §15 workload: 200 MB rollout, 10 000 files, 120 s idle window."""
+        return cls(
+            append_rollout_bytes=200_000_000,
+            append_repeats=30,
+            index_files=10_000,
+            corpus_files=120,
+            pool_jobs=64,
+            pool_concurrency=8,
+            pool_latency_s=0.25,
+            idle_settle_s=10.0,
+            idle_window_s=120.0,
+        )
+
+    @classmethod
+    def quick(cls) -> BenchSizes:
+        """A smaller workload (< 4 minutes on 2 cores); per-10k figures are scaled."""
+        return cls(
+            append_rollout_bytes=50_000_000,
+            append_repeats=20,
+            index_files=2_000,
+            corpus_files=40,
+            pool_jobs=24,
+            pool_concurrency=4,
+            pool_latency_s=0.1,
+            idle_settle_s=5.0,
+            idle_window_s=60.0,
+        )
+
+
+def _missing(keys: Sequence[str], reason: str) -> list[Figure]:
+    return [Figure(key, None, None, reason) for key in keys]
+
+
+# --- append --------------------------------------------------------------------------------------
+
+
+def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int = 0) -> list[Figure]:
+    """``append_1k_ms``: process a 1 KiB append to a large rollout (SPEC §15: ≤ 10 ms).
+
+    Writes a ``rollout_bytes`` rollout (0.125 variant) under ``workdir``, reads it to its end
+    with :func:`memd.sources.read_new_lines`, then ``repeats`` times appends a 1 KiB turn and
+    times ``read_new_lines`` from the stored offset plus ``RolloutParser.feed`` of the new lines.
+
+    Returns:
+        One :class:`Figure` (median ms; baseline: whole-file re-read + parse, ms).
+    """
+    keys = ["append_1k_ms"]
+    try:
+        from memd.rollout.session import RolloutParser, parse_rollout_bytes
+        from memd.sources import read_new_lines
+    except ImportError as exc:
+        return _missing(keys, f"component missing: {exc}")
+    path = workdir / "append" / "rollout-append.jsonl"
+    facts = corpus.generate_rollout(path, target_bytes=rollout_bytes, variant="0.125", seed=seed)
+    t0 = time.perf_counter()
+    first = read_new_lines(path, offset=0, max_line_bytes=_MAX_LINE_BYTES)
+    catch_up_s = time.perf_counter() - t0
+    if not hasattr(first, "new_offset"):
+        return _missing(keys, f"read_new_lines failed: {first}")
+    offset = first.new_offset
+    del first  # up to rollout_bytes of lines
+    samples_ms: list[float] = []
+    for i in range(repeats):
+        appended = corpus.append_turn(path, seed=seed * 1_000 + i, target_bytes=1024)
+        t0 = time.perf_counter()
+        tail = read_new_lines(path, offset=offset, max_line_bytes=_MAX_LINE_BYTES)
+        if not hasattr(tail, "new_offset"):
+            return _missing(keys, f"read_new_lines failed: {tail}")
+        parser = RolloutParser(path=str(path), first_line_is_head=False)
+        parser.feed(tail.lines)
+        samples_ms.append((time.perf_counter() - t0) * 1000)
+        offset = tail.new_offset
+        if parser.result.lines != appended.lines:
+            return _missing(
+                keys, f"append read {parser.result.lines} lines, wrote {appended.lines}"
+            )
+    t0 = time.perf_counter()
+    parse_rollout_bytes(path.read_bytes(), path=str(path))
+    baseline_ms = (time.perf_counter() - t0) * 1000
+    size_mb = facts.size_bytes / 1e6
+    note = (
+        f"{size_mb:.0f} MB rollout, median of {repeats} appends (size-independent); "
+        f"initial catch-up {size_mb / max(catch_up_s, 1e-9):.0f} MB/s"
+    )
+    return [Figure("append_1k_ms", statistics.median(samples_ms), baseline_ms, note)]
+
+
+# --- input building ------------------------------------------------------------------------------
+
+#: Item kinds a naive builder keeps (response item / event types, legacy bare types).
+_NAIVE_KEEP = frozenset(
+    {
+        "message",
+        "function_call",
+        "function_call_output",
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "local_shell_call",
+        "user_message",
+        "agent_message",
+        "exec_command_end",
+        "compacted",
+    }
+)
+
+
+def _naive_build(data: bytes) -> int:
+    """The baseline: ``json.loads`` every line, ``json.dumps`` the kept items; returns bytes."""
+    out = 0
+    for line in data.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        payload = obj.get("payload")
+        kind = payload.get("type") if isinstance(payload, dict) else obj.get("type")
+        if obj.get("type") == "compacted":
+            kind = "compacted"
+        if kind in _NAIVE_KEEP:
+            out += len(json.dumps(payload if isinstance(payload, dict) else obj))
+    return out
+
+
+def _build_over(paths: Sequence[Path]) -> tuple[float, int, int, int, int]:
+    """Parse + build every file: ``(seconds, rollout bytes, text bytes, raw JSON bytes, files)``."""
+    from memd.extract.input_builder import build_input
+    from memd.rollout.session import parse_rollout_bytes
+
+    elapsed = 0.0
+    total = text = raw = files = 0
+    for path in paths:
+        data = path.read_bytes()
+        t0 = time.perf_counter()
+        built = build_input(parse_rollout_bytes(data, path=str(path)))
+        elapsed += time.perf_counter() - t0
+        total += len(data)
+        if built.raw_json_bytes > 0:
+            text += built.text_bytes
+            raw += built.raw_json_bytes
+            files += 1
+    return elapsed, total, text, raw, files
+
+
+def bench_input_build(paths: Sequence[Path]) -> list[Figure]:
+    """``input_build_mb_s`` and ``input_ratio_synthetic`` over synthetic rollouts.
+
+    Args:
+        paths: the corpus files.
+
+    Returns:
+        Two :class:`Figure` records (MB/s with the naive MB/s baseline; text/raw-JSON ratio
+        with baseline 1.0).
+    """
+    keys = ["input_build_mb_s", "input_ratio_synthetic"]
+    try:
+        import memd.extract.input_builder  # noqa: F401
+        import memd.rollout.session  # noqa: F401
+    except ImportError as exc:
+        return _missing(keys, f"component missing: {exc}")
+    if not paths:
+        return _missing(keys, "empty corpus")
+    elapsed, total, text, raw, files = _build_over(paths)
+    naive_s = 0.0
+    for path in paths:
+        data = path.read_bytes()
+        t0 = time.perf_counter()
+        _naive_build(data)
+        naive_s += time.perf_counter() - t0
+    mb = total / 1e6
+    note = f"{len(paths)} synthetic rollouts, {mb:.1f} MB (parse + build, page cache warm)"
+    return [
+        Figure("input_build_mb_s", mb / max(elapsed, 1e-9), mb / max(naive_s, 1e-9), note),
+        Figure(
+            "input_ratio_synthetic",
+            text / raw if raw else None,
+            1.0,
+            f"{files} rollouts with kept items" if raw else "no kept items in the corpus",
+        ),
+    ]
+
+
+def default_real_dir() -> Path:
+    """Where the real Codex rollouts live: ``$MEMD_SHARED_ROLLOUTS/codex`` or
+    ``<checkout>/../shared/rollouts/codex``."""
+    env = os.environ.get("MEMD_SHARED_ROLLOUTS")
+    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "rollouts"
+    return base / "codex"
+
+
+def bench_input_ratio_real(real_dir: Path | None) -> list[Figure]:
+    """``input_ratio_real``: text bytes / raw JSON bytes over the real rollouts (SPEC §15 ≤ 1/3).
+
+    Args:
+        real_dir: folder of real ``*.jsonl`` Codex rollouts; ``None`` or absent gives ``None``
+            with a note (a user's clone has no ``../shared``).
+    """
+    keys = ["input_ratio_real"]
+    if real_dir is None or not real_dir.is_dir():
+        return _missing(keys, f"real rollouts not available ({real_dir})")
+    paths = sorted(real_dir.glob("*.jsonl"))
+    if not paths:
+        return _missing(keys, f"no *.jsonl in {real_dir}")
+    try:
+        _, total, text, raw, files = _build_over(paths)
+    except ImportError as exc:
+        return _missing(keys, f"component missing: {exc}")
+    if not raw:
+        return _missing(keys, "no kept items in the real rollouts")
+    note = f"{files} of {len(paths)} real rollouts ({total / 1e6:.1f} MB) had kept items"
+    return [Figure("input_ratio_real", text / raw, 1.0, note)]
+
+
+# --- indexing ------------------------------------------------------------------------------------
+
+
+def indexer_index_fn() -> IndexFn | None:
+    """An ``index_fn`` built on :class:`memd.indexer.Indexer` (one scan per call), or ``None``
+    when the indexer or the store cannot be imported."""
+    try:
+        from memd.clock import SystemClock
+        from memd.indexer import Indexer
+        from memd.store.store import Store
+    except ImportError:
+        return None
+
+    async def index(roots: list[Path], state_dir: Path) -> None:
+        clock = SystemClock()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(state_dir / "memd.sqlite3", clock=clock)
+        try:
+            indexer = Indexer(
+                store,
+                clock,
+                roots=roots,
+                max_line_bytes=_MAX_LINE_BYTES,
+                include_sources=("cli", "vscode", "unknown", "custom"),
+            )
+            await indexer.scan()
+        finally:
+            await store.close()
+
+    return index
+
+
+def _naive_index(paths: Sequence[Path]) -> None:
+    for path in paths:
+        for line in path.read_bytes().splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                pass
+
+
+def bench_index(
+    paths: Sequence[Path], roots: Sequence[Path], *, index_fn: IndexFn | None, state_dir: Path
+) -> list[Figure]:
+    """``index_cold_s_per_10k`` and ``index_warm_s_per_10k`` (SPEC §15: ≤ 2 s and ≤ 0.5 s).
+
+    Args:
+        paths: the rollouts under ``roots`` (for the baseline and the scale).
+        roots: sessions roots passed to ``index_fn``.
+        index_fn: the indexer under test; ``None`` reports ``None`` with a note.
+        state_dir: an empty directory for the cold run, reused for the warm run.
+
+    Returns:
+        Two :class:`Figure` records in seconds per 10 000 files (scaled from ``len(paths)``);
+        the baseline (full parse of every file, which a naive indexer repeats on restart) is
+        the same for both.
+    """
+    keys = ["index_cold_s_per_10k", "index_warm_s_per_10k"]
+    n = len(paths)
+    if not n:
+        return _missing(keys, "empty corpus")
+    scale = 10_000 / n
+    t0 = time.perf_counter()
+    _naive_index(paths)
+    baseline = (time.perf_counter() - t0) * scale
+    if index_fn is None:
+        return [
+            Figure(k, None, baseline, "index_fn not provided (indexer not wired)") for k in keys
+        ]
+    t0 = time.perf_counter()
+    asyncio.run(_await(index_fn(list(roots), state_dir)))
+    cold = (time.perf_counter() - t0) * scale
+    t0 = time.perf_counter()
+    asyncio.run(_await(index_fn(list(roots), state_dir)))
+    warm = (time.perf_counter() - t0) * scale
+    note = f"{n} files of 5–20 KB" + (f", scaled ×{scale:g}" if scale != 1 else "")
+    return [
+        Figure("index_cold_s_per_10k", cold, baseline, note + "; empty state, page cache warm"),
+        Figure("index_warm_s_per_10k", warm, baseline, note + "; restart, nothing changed"),
+    ]
+
+
+async def _await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+# --- pool ----------------------------------------------------------------------------------------
+
+
+def bench_pool(
+    run_pool: PoolFn | None, *, n_jobs: int, concurrency: int, latency_s: float
+) -> list[Figure]:
+    """``pool_efficiency``: wall / (ceil(N/C)·L) (SPEC §15: ≤ 1.15).
+
+    Args:
+        run_pool: ``run_pool(n_jobs, concurrency, latency_s) -> wall_s`` (sync or async);
+            ``None`` reports ``None`` with a note.
+        n_jobs / concurrency / latency_s: N, C, L.
+
+    Returns:
+        One :class:`Figure`; baseline: the same N jobs at concurrency 1 over the same ideal
+        (about C for a sequential runner).
+    """
+    keys = ["pool_efficiency"]
+    if run_pool is None:
+        return _missing(keys, "run_pool not provided (worker pool not wired)")
+    ideal = math.ceil(n_jobs / concurrency) * latency_s
+    wall = float(asyncio.run(_await(run_pool(n_jobs, concurrency, latency_s))))
+    wall_seq = float(asyncio.run(_await(run_pool(n_jobs, 1, latency_s))))
+    note = f"N={n_jobs} C={concurrency} L={latency_s:g}s, ideal {ideal:.2f}s; baseline C=1"
+    return [Figure("pool_efficiency", wall / ideal, wall_seq / ideal, note)]
+
+
+# --- idle daemon ---------------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """``(ppid, cpu seconds incl. reaped children)`` of ``pid`` from ``/proc``, or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    # fields[0] is field 3 (state); ppid is field 4, utime..cstime are fields 14..17.
+    ppid = int(fields[1])
+    ticks = sum(int(x) for x in fields[11:15])
+    return ppid, ticks / _CLK_TCK
+
+
+def _tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live descendants (reaped ones are in ``cutime``)."""
+    root = _proc_stat(pid)
+    if root is None:
+        return None
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {pid: root[1]}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == pid:
+            continue
+        st = _proc_stat(int(name))
+        if st is not None:
+            children.setdefault(st[0], []).append(int(name))
+            cpu[int(name)] = st[1]
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        total += cpu.get(p, 0.0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _tail(path: Path, n_bytes: int = 400) -> str:
+    try:
+        data = path.read_bytes()[-n_bytes:]
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").strip().replace("\n", " | ")
+
+
+def bench_idle(
+    daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: float, window_s: float
+) -> list[Figure]:
+    """``idle_cpu_s_per_10min`` and ``rss_mb`` of an idle daemon (SPEC §15: ≤ 0.5 s, ≤ 100 MB).
+
+    Starts ``daemon_argv`` with ``HOME``, ``CODEX_HOME`` and the ``XDG_*`` directories in a
+    temporary tree whose sessions root is empty (and no API key in the environment), waits
+    ``settle_s``, measures CPU time (``/proc/<pid>/stat`` utime+stime+cutime+cstime of the
+    process and its live descendants) over ``window_s`` and scales it to 10 minutes; ``rss_mb``
+    is the daemon's ``VmHWM``. The naive poller baseline runs in the same window. The daemon is
+    stopped with SIGTERM (SIGKILL after 10 s).
+
+    Returns:
+        Two :class:`Figure` records; ``None`` with the reason when the command is missing or
+        exits early (the tail of its stderr is in the note).
+    """
+    keys = ["idle_cpu_s_per_10min", "rss_mb"]
+    if not daemon_argv:
+        return _missing(keys, "daemon_argv not given")
+    if not Path("/proc/self/stat").exists():
+        return _missing(keys, "/proc not available")
+    exe = daemon_argv[0]
+    if shutil.which(exe) is None and not Path(exe).is_file():
+        return _missing(keys, f"daemon command not found: {exe}")
+    home = workdir / "idle-home"
+    sessions = home / ".codex" / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMD_", "OPENAI_"))}
+    env.pop("NOTIFY_SOCKET", None)
+    # The daemon must import this very memd, whether or not it is installed in the interpreter.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.update(
+        HOME=str(home),
+        CODEX_HOME=str(home / ".codex"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local" / "share"),
+        XDG_STATE_HOME=str(home / ".local" / "state"),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_RUNTIME_DIR=str(home / "run"),
+    )
+    err_path = workdir / "idle-daemon.stderr"
+    with open(workdir / "idle-daemon.stdout", "wb") as out, open(err_path, "wb") as err:
+        try:
+            daemon = subprocess.Popen(list(daemon_argv), env=env, cwd=home, stdout=out, stderr=err)
+        except OSError as exc:
+            return _missing(keys, f"daemon could not start: {exc}")
+        naive = subprocess.Popen(
+            [sys.executable, "-c", _NAIVE_POLLER, str(sessions)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(settle_s)
+            start = {p.pid: _tree_cpu_s(p.pid) for p in (daemon, naive)}
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < window_s and daemon.poll() is None:
+                time.sleep(min(0.5, window_s))
+            elapsed = time.monotonic() - t0
+            if daemon.poll() is not None:
+                return _missing(
+                    keys,
+                    f"daemon exited with code {daemon.returncode}: {_tail(err_path)}",
+                )
+            end = {p.pid: _tree_cpu_s(p.pid) for p in (daemon, naive)}
+            rss = {p.pid: _vm_hwm_mb(p.pid) for p in (daemon, naive)}
+        finally:
+            _stop(daemon)
+            _stop(naive)
+
+    def per_10min(pid: int) -> float | None:
+        a, b = start.get(pid), end.get(pid)
+        return None if a is None or b is None else (b - a) * 600.0 / elapsed
+
+    note = f"{elapsed:.0f}s window after {settle_s:g}s settle, scaled to 10 min"
+    if elapsed < 600:
+        note += f" (×{600 / elapsed:.1f})"
+    return [
+        Figure("idle_cpu_s_per_10min", per_10min(daemon.pid), per_10min(naive.pid), note),
+        Figure("rss_mb", rss[daemon.pid], rss[naive.pid], "peak VmHWM; baseline: naive poller"),
+    ]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _verdict(key: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    op, threshold = TARGETS[key]
+    ok = value <= threshold if op == "<=" else value >= threshold
+    return "pass" if ok else "miss"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value == 0 or 0.01 <= abs(value) < 100_000:
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.2e}"
+
+
+def format_table(figures: Sequence[Figure]) -> str:
+    """The result table: figure, memd, baseline, SPEC target, pass/miss, note."""
+    rows = [("figure", "memd", "baseline", "target", "result", "note")]
+    for fig in figures:
+        op, threshold = TARGETS.get(fig.key, ("", math.nan))
+        target = f"{op} {_fmt(threshold)}" if op else ""
+        rows.append(
+            (
+                fig.key,
+                _fmt(fig.value),
+                _fmt(fig.baseline),
+                target,
+                _verdict(fig.key, fig.value),
+                fig.note,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(5)]
+        lines.append("  ".join(cells) + "  " + row[5])
+        if n == 0:
+            lines.append("-" * (sum(widths) + 2 * 5 + 4))
+    return "\n".join(lines)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def run_bench(
+    *,
+    quick: bool,
+    json_path: Path | None,
+    workdir: Path | None = None,
+    out: Callable[[str], Any] = print,
+    index_fn: IndexFn | None = _DEFAULT,
+    run_pool: PoolFn | None = None,
+    daemon_argv: Sequence[str] | None = _DEFAULT,
+    real_dir: Path | None = _DEFAULT,
+    sizes: BenchSizes | None = None,
+) -> dict[str, float | None]:
+    """Measure every SPEC §15 figure beside its baseline, print the table, write JSON.
+
+    Args:
+        quick: use :meth:`BenchSizes.quick` (< 4 minutes on 2 cores; figures scaled, the
+            table says how) instead of :meth:`BenchSizes.full`.
+        json_path: when given, write the figures there as a JSON object: every key of
+            :data:`FIGURE_KEYS` and ``baseline_<key>`` (number or ``null``), plus ``notes``
+            (key -> text), ``quick`` and ``sizes``.
+        workdir: where the corpus and temporary state go (kept); default a temporary
+            directory removed afterwards.
+        out: receives progress lines and the table.
+        index_fn: indexer under test; default :func:`indexer_index_fn` (``None`` skips).
+        run_pool: worker pool under test; ``None`` skips ``pool_efficiency``.
+        daemon_argv: daemon command for the idle figures; default
+            ``[sys.executable, "-m", "memd", "run"]``; ``None`` skips.
+        real_dir: real rollouts folder; default :func:`default_real_dir`.
+        sizes: override the workload (tests use a tiny one).
+
+    Returns:
+        ``{key: value}`` for every figure and ``baseline_<key>`` where a baseline applies;
+        ``None`` for what was not measured (the table and JSON give the reason). A figure
+        that fails is reported as ``None`` with the error, never raised.
+    """
+    sizes = sizes or (BenchSizes.quick() if quick else BenchSizes.full())
+    if index_fn is _DEFAULT:
+        index_fn = indexer_index_fn()
+    if daemon_argv is _DEFAULT:
+        daemon_argv = [sys.executable, "-m", "memd", "run"]
+    if real_dir is _DEFAULT:
+        real_dir = default_real_dir()
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="memd-bench-")
+        workdir = Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    figures: list[Figure] = []
+
+    def step(keys: list[str], label: str, fn: Callable[[], list[Figure]]) -> None:
+        out(f"· {label}")
+        t0 = time.perf_counter()
+        try:
+            got = fn()
+        except Exception as exc:  # a broken component must not stop the other figures
+            log.warning("bench_figure_failed", keys=keys, error=f"{type(exc).__name__}: {exc}")
+            got = _missing(keys, f"failed: {type(exc).__name__}: {exc}")
+        for fig in got:
+            log.info("bench_figure", key=fig.key, value=fig.value, baseline=fig.baseline)
+        figures.extend(got)
+        out(f"  done in {time.perf_counter() - t0:.1f}s")
+
+    try:
+        step(
+            ["input_ratio_real"],
+            "input ratio over the real rollouts",
+            lambda: bench_input_ratio_real(real_dir),
+        )
+
+        def input_build() -> list[Figure]:
+            manifest = corpus.generate_corpus(
+                workdir / "corpus", n_files=sizes.corpus_files, seed=sizes.seed
+            )
+            return bench_input_build(manifest.paths)
+
+        step(
+            ["input_build_mb_s", "input_ratio_synthetic"],
+            f"input building ({sizes.corpus_files} rollouts)",
+            input_build,
+        )
+        step(
+            ["append_1k_ms"],
+            f"1 KiB appends to a {sizes.append_rollout_bytes / 1e6:.0f} MB rollout",
+            lambda: bench_append(
+                workdir,
+                rollout_bytes=sizes.append_rollout_bytes,
+                repeats=sizes.append_repeats,
+                seed=sizes.seed,
+            ),
+        )
+
+        def index() -> list[Figure]:
+            root = workdir / "index-sessions"
+            manifest = corpus.generate_corpus(
+                root, n_files=sizes.index_files, seed=sizes.seed + 1, size_mix=corpus.SMALL_SIZE_MIX
+            )
+            return bench_index(
+                manifest.paths, [root], index_fn=index_fn, state_dir=workdir / "index-state"
+            )
+
+        step(
+            ["index_cold_s_per_10k", "index_warm_s_per_10k"],
+            f"indexing {sizes.index_files} rollouts",
+            index,
+        )
+        step(
+            ["pool_efficiency"],
+            "worker pool",
+            lambda: bench_pool(
+                run_pool,
+                n_jobs=sizes.pool_jobs,
+                concurrency=sizes.pool_concurrency,
+                latency_s=sizes.pool_latency_s,
+            ),
+        )
+        step(
+            ["idle_cpu_s_per_10min", "rss_mb"],
+            f"idle daemon ({sizes.idle_window_s:g}s window)",
+            lambda: bench_idle(
+                daemon_argv, workdir, settle_s=sizes.idle_settle_s, window_s=sizes.idle_window_s
+            ),
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    by_key = {f.key: f for f in figures}
+    ordered = [by_key.get(k) or Figure(k, None, None, "not measured") for k in FIGURE_KEYS]
+    out("")
+    out(format_table(ordered))
+    result: dict[str, float | None] = {}
+    for fig in ordered:
+        result[fig.key] = _finite(fig.value)
+    for fig in ordered:
+        result[f"baseline_{fig.key}"] = _finite(fig.baseline)
+    if json_path is not None:
+        doc: dict[str, Any] = dict(result)
+        doc["notes"] = {f.key: f.note for f in ordered}
+        doc["quick"] = quick
+        doc["sizes"] = asdict(sizes)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        out(f"\nwrote {json_path}")
+    return result

@@ -1,0 +1,191 @@
+"""The benchmark harness (memd.bench.harness) end to end on a tiny workload.
+
+No timed assertions: the figures are checked for presence and finiteness only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from memd.bench import harness
+from memd.bench.harness import FIGURE_KEYS, BenchSizes, Figure
+
+TINY = BenchSizes(
+    append_rollout_bytes=1_000_000,
+    append_repeats=3,
+    index_files=20,
+    corpus_files=10,
+    pool_jobs=8,
+    pool_concurrency=4,
+    pool_latency_s=0.02,
+    idle_settle_s=0.3,
+    idle_window_s=2.0,
+)
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+
+async def gather_pool(n_jobs: int, concurrency: int, latency_s: float) -> float:
+    """A trivial worker pool: ``n_jobs`` sleeps of ``latency_s``, ``concurrency`` at a time."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def job() -> None:
+        async with slots:
+            await asyncio.sleep(latency_s)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(job() for _ in range(n_jobs)))
+    return time.perf_counter() - t0
+
+
+def _available(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_run_bench_writes_every_key(tmp_path: Path) -> None:
+    lines: list[str] = []
+    json_path = tmp_path / "out" / "bench.json"
+    result = harness.run_bench(
+        quick=True,
+        json_path=json_path,
+        workdir=tmp_path / "work",
+        out=lines.append,
+        run_pool=gather_pool,
+        daemon_argv=SLEEPER,
+        sizes=TINY,
+    )
+    doc = json.loads(json_path.read_text())
+    for key in FIGURE_KEYS:
+        for k in (key, f"baseline_{key}"):
+            assert k in doc and k in result, k
+            assert doc[k] is None or _is_number(doc[k]), (k, doc[k])
+            assert doc[k] == result[k]
+        assert isinstance(doc["notes"][key], str)
+    assert doc["quick"] is True and doc["sizes"]["index_files"] == 20
+
+    # Components that exist give numbers.
+    assert _is_number(doc["pool_efficiency"]) and _is_number(doc["baseline_pool_efficiency"])
+    assert _is_number(doc["idle_cpu_s_per_10min"]) and doc["idle_cpu_s_per_10min"] >= 0
+    assert _is_number(doc["rss_mb"]) and doc["rss_mb"] > 0
+    assert _is_number(doc["baseline_index_cold_s_per_10k"])
+    assert "scaled" in doc["notes"]["index_cold_s_per_10k"]
+    if _available("memd.sources", "memd.rollout.session"):
+        assert _is_number(doc["append_1k_ms"]) and _is_number(doc["baseline_append_1k_ms"])
+    if _available("memd.extract.input_builder", "memd.rollout.session"):
+        for key in ("input_build_mb_s", "input_ratio_synthetic"):
+            assert _is_number(doc[key]) and 0 < doc[key], key
+        assert doc["baseline_input_ratio_synthetic"] == 1.0
+        real = harness.default_real_dir()
+        if real.is_dir():
+            assert _is_number(doc["input_ratio_real"])
+        else:
+            assert (
+                doc["input_ratio_real"] is None
+                and "not available" in doc["notes"]["input_ratio_real"]
+            )
+    if _available("memd.indexer", "memd.store.store"):
+        assert _is_number(doc["index_cold_s_per_10k"]) and _is_number(doc["index_warm_s_per_10k"])
+
+    table = "\n".join(lines)
+    for key in FIGURE_KEYS:
+        assert key in table
+    assert "baseline" in table and "target" in table
+
+
+def test_missing_components_report_none_with_a_reason(tmp_path: Path) -> None:
+    (idle_cpu, rss) = harness.bench_idle(
+        ["/nonexistent/memd-daemon"], tmp_path, settle_s=0.1, window_s=0.1
+    )
+    assert idle_cpu.value is None and rss.value is None
+    assert "not found" in idle_cpu.note
+
+    (pool,) = harness.bench_pool(None, n_jobs=4, concurrency=2, latency_s=0.01)
+    assert pool.value is None and "run_pool" in pool.note
+
+    (ratio,) = harness.bench_input_ratio_real(tmp_path / "absent")
+    assert ratio.value is None and "not available" in ratio.note
+
+    from memd.bench.corpus import SMALL_SIZE_MIX, generate_corpus
+
+    manifest = generate_corpus(tmp_path / "s", n_files=3, size_mix=SMALL_SIZE_MIX)
+    cold, warm = harness.bench_index(
+        manifest.paths, [manifest.root], index_fn=None, state_dir=tmp_path / "state"
+    )
+    assert cold.value is None and warm.value is None and "index_fn" in cold.note
+    assert _is_number(cold.baseline)
+
+
+def test_daemon_that_exits_early_is_reported(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "import sys; sys.stderr.write('boom: no config'); sys.exit(3)"]
+    idle_cpu, _ = harness.bench_idle(argv, tmp_path, settle_s=0.5, window_s=1.0)
+    assert idle_cpu.value is None
+    assert "exited with code 3" in idle_cpu.note and "boom: no config" in idle_cpu.note
+
+
+def test_index_fn_is_called_cold_then_warm(tmp_path: Path) -> None:
+    from memd.bench.corpus import SMALL_SIZE_MIX, generate_corpus
+
+    manifest = generate_corpus(tmp_path / "s", n_files=4, size_mix=SMALL_SIZE_MIX)
+    calls: list[tuple[list[Path], Path, bool]] = []
+
+    async def index(roots: list[Path], state_dir: Path) -> None:
+        calls.append((roots, state_dir, (state_dir / "marker").exists()))
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "marker").touch()
+
+    cold, warm = harness.bench_index(
+        manifest.paths, [manifest.root], index_fn=index, state_dir=tmp_path / "state"
+    )
+    assert [c[2] for c in calls] == [False, True]  # the warm run sees the cold run's state
+    assert all(c[0] == [manifest.root] for c in calls)
+    assert _is_number(cold.value) and _is_number(warm.value)
+    assert "×2500" in cold.note
+
+
+def test_a_failing_figure_does_not_stop_the_run(tmp_path: Path) -> None:
+    def broken_pool(n_jobs: int, concurrency: int, latency_s: float) -> float:
+        raise RuntimeError("pool exploded")
+
+    with capture_logs() as logs:
+        result = harness.run_bench(
+            quick=True,
+            json_path=None,
+            workdir=tmp_path,
+            out=lambda _line: None,
+            index_fn=None,
+            run_pool=broken_pool,
+            daemon_argv=None,
+            real_dir=None,
+            sizes=TINY,
+        )
+    assert result["pool_efficiency"] is None
+    failed = [e for e in logs if e["event"] == "bench_figure_failed"]
+    assert len(failed) == 1 and "pool exploded" in failed[0]["error"]
+    assert result["idle_cpu_s_per_10min"] is None
+    assert set(result) == set(FIGURE_KEYS) | {f"baseline_{k}" for k in FIGURE_KEYS}
+
+
+def test_table_marks_pass_and_miss() -> None:
+    table = harness.format_table(
+        [
+            Figure("append_1k_ms", 3.0, 900.0, "ok"),
+            Figure("rss_mb", 250.0, 9.0, ""),
+            Figure("pool_efficiency", None),
+        ]
+    )
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert " pass " in rows["append_1k_ms"]
+    assert " miss " in rows["rss_mb"]
+    assert " n/a " in rows["pool_efficiency"]
