@@ -1,0 +1,384 @@
+"""The ``memd`` command line (SPEC §10). ``main(argv) -> int``; exit codes 0, 1, 2 and 78.
+
+Commands: ``run`` (the daemon), ``once``, ``scan``, ``status [--json]``, ``show [PATH]``,
+``consolidate --root DIR``, ``retry [THREAD]``, ``forget THREAD``, ``backfill --since DATE``,
+``doctor``, ``service install`` and ``bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from memd import __version__
+from memd.clock import SystemClock
+from memd.config import Settings, load_settings
+from memd.errors import ConfigError, MemdError, UsageError
+from memd.logging import configure_logging
+
+log = structlog.get_logger("memd.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2 through main(), not sys.exit
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sessions", action="append", type=Path, metavar="DIR", help="rollout root (repeatable; replaces the configured roots)")
+    p.add_argument("--min-idle", type=float, metavar="SECONDS", help="idle gate: seconds without new bytes (default 3600)")
+    p.add_argument("--max-age-days", type=float, metavar="DAYS", help="ignore threads idle for longer (0 = no limit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = _Parser(prog="memd", description="memd: memory for coding agents (watches Codex rollouts).")
+    parser.add_argument("--version", action="version", version=f"memd {__version__}")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/memd/config.toml)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    _add_source_flags(p)
+    p = sub.add_parser("once", help="scan, extract every eligible thread, consolidate, exit")
+    _add_source_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="estimate the tokens a backfill would send; send nothing")
+    p = sub.add_parser("scan", help="index the rollout roots (no extraction), print the status, exit")
+    _add_source_flags(p)
+    p = sub.add_parser("status", help="threads, queue, jobs, leases, errors, tokens, projects")
+    p.add_argument("--json", action="store_true", help="one JSON object (keys documented in the README)")
+    p = sub.add_parser("show", help="print a project's MEMORY.md")
+    p.add_argument("path", nargs="?", default=None, help="a project key or a path inside the project (default: cwd)")
+    p.add_argument("--summary", action="store_true", help="print memory_summary.md instead")
+    p = sub.add_parser("consolidate", help="the built-in consolidator for one memory root")
+    p.add_argument("--root", type=Path, required=True, metavar="DIR", help="the project's memory root")
+    p = sub.add_parser("retry", help="re-queue failed or dead threads")
+    p.add_argument("thread", nargs="?", default=None)
+    p = sub.add_parser("forget", help="remove a thread's memory and reconsolidate its project")
+    p.add_argument("thread")
+    p = sub.add_parser("backfill", help="process threads older than max_age_days, back to DATE")
+    p.add_argument("--since", required=True, metavar="DATE", help="YYYY-MM-DD")
+    _add_source_flags(p)
+    sub.add_parser("doctor", help="check configuration, paths, inotify limits and the model endpoint")
+    p = sub.add_parser("service", help="systemd user service")
+    svc = p.add_subparsers(dest="service_command", metavar="ACTION", parser_class=_Parser)
+    q = svc.add_parser("install", help="write the user unit and print the systemctl lines")
+    q.add_argument("--hardening", action="store_true", help="also install the hardening drop-in")
+    q.add_argument("--force", action="store_true", help="overwrite an existing unit")
+    p = sub.add_parser("bench", help="measure memd against SPEC §15 (synthetic corpus)")
+    p.add_argument("--quick", action="store_true", help="smaller corpus, scaled figures (< 4 min on 2 cores)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "sessions", None):
+        out["sessions"] = [p.expanduser() for p in args.sessions]
+    if getattr(args, "min_idle", None) is not None:
+        out["min_idle_s"] = args.min_idle
+    if getattr(args, "max_age_days", None) is not None:
+        out["max_age_days"] = args.max_age_days
+    if getattr(args, "log_level", None):
+        out["log_level"] = args.log_level
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``memd`` command.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 ok, 1 runtime failure, 2 usage, 78 configuration.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(parser.format_usage().rstrip(), file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "service" and args.service_command is None:
+        print("memd service: choose an action (install)", file=sys.stderr)
+        return 2
+    if args.config is not None:  # child processes (the consolidation command) read the same file
+        os.environ["MEMD_CONFIG"] = str(args.config.expanduser().absolute())
+    try:
+        settings = load_settings(args.config, _overrides(args))
+    except ConfigError as exc:
+        configure_logging("info", stream=sys.stderr)
+        log.error("config_invalid", error=str(exc))
+        print(f"memd: configuration error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    configure_logging(settings.log_level, stream=sys.stdout if args.command == "run" else sys.stderr)
+    try:
+        return asyncio.run(_dispatch(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except MemdError as exc:
+        log.error("command_failed", command=args.command, error=str(exc))
+        print(f"memd {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def entry() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    handler = {
+        "run": _cmd_run,
+        "once": _cmd_once,
+        "scan": _cmd_scan,
+        "status": _cmd_status,
+        "show": _cmd_show,
+        "consolidate": _cmd_consolidate,
+        "retry": _cmd_retry,
+        "forget": _cmd_forget,
+        "backfill": _cmd_backfill,
+        "doctor": _cmd_doctor,
+        "service": _cmd_service,
+        "bench": _cmd_bench,
+    }[args.command]
+    return await handler(args, settings)
+
+
+async def _open_daemon(settings: Settings):  # type: ignore[no-untyped-def]
+    from memd.daemon import Daemon
+
+    daemon = Daemon(settings)
+    await daemon.open()
+    return daemon
+
+
+async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.service import ShutdownSignals
+
+    daemon = await _open_daemon(settings)
+    signals = ShutdownSignals()
+    signals.install(asyncio.get_running_loop())
+    try:
+        return await daemon.serve(signals)
+    finally:
+        signals.uninstall()
+        await daemon.close()
+
+
+async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
+    daemon = await _open_daemon(settings)
+    try:
+        if args.dry_run:
+            return await _dry_run(daemon)
+        bar = None
+        progress = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=0, unit="thread", desc="extracting", file=sys.stderr)
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+        try:
+            summary = await daemon.once(progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        print(
+            f"memd once: {summary.extracted} extracted ({summary.noop} with nothing durable), "
+            f"{summary.failed} failed, {summary.consolidated} projects consolidated"
+            f"{f', {summary.consolidation_failed} consolidations failed' if summary.consolidation_failed else ''}"
+            f" in {summary.duration_s:.1f} s"
+        )
+        print(f"memory: {settings.memory_dir}")
+        return 1 if summary.failed or summary.consolidation_failed else 0
+    finally:
+        await daemon.close()
+
+
+async def _dry_run(daemon: Any) -> int:
+    """Estimate what a backfill would send to the model; send nothing."""
+    await daemon.indexer.scan()
+    plan = await daemon.scheduler.plan()
+    total_tokens = 0
+    total_bytes = 0
+    for thread_id in plan.queued_ids:
+        thread = await daemon.store.get_thread(thread_id)
+        request = await daemon._prepare(thread, daemon.settings.llm.max_input_tokens)
+        total_tokens += request.built.est_tokens
+        total_bytes += request.built.text_bytes
+    print(
+        f"memd once --dry-run: {plan.queued} threads would be extracted; "
+        f"about {total_tokens} input tokens ({total_bytes} bytes) would be sent, plus prompts. Nothing was sent."
+    )
+    return 0
+
+
+async def _cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
+    daemon = await _open_daemon(settings)
+    try:
+        await daemon.indexer.scan()
+        for thread in await daemon.store.list_threads():
+            await daemon.indexer.catch_up(thread.id)
+        return await _print_status(daemon.store, settings, daemon.extractor_name, daemon.extractor_reason, as_json=False)
+    finally:
+        await daemon.close()
+
+
+async def _print_status(store: Any, settings: Settings, extractor: str, reason: str, *, as_json: bool) -> int:
+    from memd.status import collect_status, render_status
+
+    report = await collect_status(
+        store, SystemClock(), extractor=extractor, extractor_reason=reason, daily_token_budget=settings.daily_token_budget
+    )
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=False))
+    else:
+        sys.stdout.write(render_status(report))
+    return 0
+
+
+async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.store.store import Store
+
+    name, reason = settings.resolved_extractor()
+    store = await Store.open(settings.db_path, clock=SystemClock())
+    try:
+        return await _print_status(store, settings, name, reason, as_json=args.json)
+    finally:
+        await store.close()
+
+
+async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from memd import memory_files
+    from memd.project import project_key
+
+    target = args.path or os.getcwd()
+    key = project_key(target, rule=settings.project_key)
+    root = memory_files.project_root(settings.memory_dir, key)
+    name = "memory_summary.md" if args.summary else "MEMORY.md"
+    path = root / name
+    if not path.is_file():
+        print(f"memd show: no {name} for project {key} (looked in {root})", file=sys.stderr)
+        return 1
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    return 0
+
+
+async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.consolidate.builtin import consolidate_root
+
+    root = args.root.expanduser()
+    if not root.is_dir():
+        print(f"memd consolidate: {root} is not a directory", file=sys.stderr)
+        return 1
+    if settings.resolved_extractor()[0] == "openai":
+        from memd.consolidate.model import ModelWriter
+        from memd.daemon import llm_config
+        from memd.llm import LLMClient
+        from memd.store.store import Store
+
+        store = await Store.open(settings.db_path, clock=SystemClock())
+        model = settings.consolidation.model or settings.llm.model
+        client = LLMClient(llm_config(settings, model=model), usage=store, clock=SystemClock())
+        writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens)
+        try:
+            loop = asyncio.get_running_loop()
+            result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop))
+        finally:
+            await client.aclose()
+            await store.close()
+    else:
+        result = await asyncio.to_thread(consolidate_root, root)
+    log.info(
+        "consolidate_done",
+        root=str(root),
+        traces=result.traces,
+        memory_changed=result.memory_changed,
+        skills_changed=result.skills_changed,
+    )
+    return 0
+
+
+async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.store.store import Store
+
+    store = await Store.open(settings.db_path, clock=SystemClock())
+    try:
+        count = await store.retry_jobs(args.thread)
+    finally:
+        await store.close()
+    print(f"memd retry: {count} job(s) re-queued")
+    return 0
+
+
+async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from memd import memory_files
+    from memd.store.store import Store
+
+    store = await Store.open(settings.db_path, clock=SystemClock())
+    try:
+        memory = await store.get_memory(args.thread)
+        if memory is None:
+            print(f"memd forget: no memory for thread {args.thread}", file=sys.stderr)
+            return 1
+        root = memory_files.project_root(settings.memory_dir, memory.project)
+        await store.delete_memory(args.thread)
+        memory_files.remove_trace(root, args.thread)
+    finally:
+        await store.close()
+    print(f"memd forget: removed the memory of {args.thread}; {memory.project} will be reconsolidated")
+    return 0
+
+
+async def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise UsageError(f"memd backfill: --since must be YYYY-MM-DD, got {args.since!r}") from None
+    days = max(1.0, (datetime.now(tz=UTC) - since).total_seconds() / 86_400.0)
+    settings = settings.model_copy(update={"max_age_days": days})
+    args.dry_run = False
+    return await _cmd_once(args, settings)
+
+
+async def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.doctor import run_doctor
+
+    return await run_doctor(settings)
+
+
+async def _cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.service import default_exec_start, install_unit
+
+    from memd.service import user_config_home
+
+    result = install_unit(config_home=user_config_home(os.environ), exec_start=default_exec_start(), hardening=args.hardening, force=args.force)
+    print(result.message if hasattr(result, "message") else result)
+    return 0
+
+
+async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.bench.harness import run_bench
+
+    await asyncio.to_thread(run_bench, quick=args.quick, json_path=args.json, workdir=None)
+    return 0

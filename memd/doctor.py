@@ -1,0 +1,141 @@
+"""``memd doctor``: check the configuration, the paths, the inotify limits and the model endpoint.
+
+Each check gives a verdict (``ok``, ``warn`` or ``fail``) and one line of detail; the command
+exits 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from memd.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One verdict: ``name``, ``verdict`` (ok|warn|fail) and a one-line ``detail``."""
+
+    name: str
+    verdict: str
+    detail: str
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def count_dirs(roots: Sequence[Path], limit: int = 200_000) -> int:
+    """Directories under ``roots`` (each needs one inotify watch); stops counting at ``limit``."""
+    count = 0
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for _dirpath, dirnames, _files in os.walk(root):
+            count += 1
+            if count >= limit:
+                return count
+    return count
+
+
+def check_paths(settings: Settings) -> list[Check]:
+    """Rollout roots exist and are readable; state and memory directories are writable."""
+    checks = []
+    for root in settings.sessions:
+        if root.is_dir():
+            readable = os.access(root, os.R_OK | os.X_OK)
+            checks.append(Check(f"sessions {root}", "ok" if readable else "fail", "readable" if readable else "not readable"))
+        else:
+            checks.append(Check(f"sessions {root}", "warn", "does not exist yet (watched once it appears)"))
+    for name, path in (("state_dir", settings.state_dir), ("memory_dir", settings.memory_dir)):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        writable = os.access(probe, os.W_OK | os.X_OK)
+        detail = f"{path} ({'exists' if path.exists() else 'will be created'})"
+        checks.append(Check(name, "ok" if writable else "fail", detail if writable else f"{path}: not writable"))
+    if settings.db_path.is_file():
+        try:
+            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=5)
+            try:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                conn.close()
+            verdict = "ok" if result == "ok" else "fail"
+            checks.append(Check("database", verdict, f"{settings.db_path}: quick_check {result}, schema v{version}"))
+        except sqlite3.Error as exc:
+            checks.append(Check("database", "fail", f"{settings.db_path}: {exc}"))
+    else:
+        checks.append(Check("database", "ok", f"{settings.db_path} will be created on first run"))
+    return checks
+
+
+def check_inotify(settings: Settings) -> list[Check]:
+    """Compare the inotify watch limit with the directories the roots hold."""
+    if settings.force_polling:
+        return [Check("inotify", "ok", "force_polling = true: polling, no inotify watches needed")]
+    watches = _read_int("/proc/sys/fs/inotify/max_user_watches")
+    instances = _read_int("/proc/sys/fs/inotify/max_user_instances")
+    if watches is None:
+        return [Check("inotify", "warn", "cannot read /proc/sys/fs/inotify (not Linux?); scans still run")]
+    needed = count_dirs(settings.sessions)
+    verdict = "ok" if needed * 2 < watches else ("warn" if needed < watches else "fail")
+    detail = f"{needed} directories to watch, max_user_watches = {watches}, max_user_instances = {instances}"
+    if verdict != "ok":
+        detail += "; raise fs.inotify.max_user_watches (sysctl) or set force_polling = true"
+    return [Check("inotify", verdict, detail)]
+
+
+def check_consolidation(settings: Settings) -> list[Check]:
+    """The consolidation command can be found; git is there for memory history."""
+    argv0 = settings.consolidation.command[0]
+    found = shutil.which(argv0) if os.sep not in argv0 else (argv0 if os.access(argv0, os.X_OK) else None)
+    checks = [
+        Check(
+            "consolidation.command",
+            "ok" if found else "fail",
+            f"{argv0} found" if found else f"{argv0}: not found or not executable",
+        )
+    ]
+    git = shutil.which("git")
+    checks.append(Check("git", "ok" if git else "warn", git or "not installed: memory history is not recorded"))
+    return checks
+
+
+async def check_model(settings: Settings) -> list[Check]:
+    """Which extractor runs and why; for ``openai``, whether the endpoint answers."""
+    name, reason = settings.resolved_extractor()
+    checks = [Check("extractor", "ok", f"{name} ({reason})")]
+    if name != "openai":
+        return checks
+    from memd.daemon import llm_config
+    from memd.llm import check_endpoint
+
+    result = await check_endpoint(llm_config(settings))
+    where = settings.llm.base_url or "https://api.openai.com/v1"
+    checks.append(Check("model endpoint", "ok" if result.ok else "fail", f"{where}: {result.detail}"))
+    return checks
+
+
+async def run_doctor(settings: Settings, *, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    """Run every check, print one line each, return 0 when none failed, else 1."""
+    checks = [Check("configuration", "ok", "valid")]
+    checks += check_paths(settings)
+    checks += check_inotify(settings)
+    checks += check_consolidation(settings)
+    checks += await check_model(settings)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.verdict.upper():<5} {c.name:<{width}}  {c.detail}", file=out)
+    failed = [c for c in checks if c.verdict == "fail"]
+    print(f"\n{len(failed)} failed, {sum(c.verdict == 'warn' for c in checks)} warnings", file=out)
+    return 1 if failed else 0

@@ -1,0 +1,428 @@
+"""Secret redaction for model input and every output (SPEC §14).
+
+:func:`redact` replaces secrets with :data:`REDACTED` and returns how many it replaced. It runs
+on all session text before it leaves the machine (the input builder) and again on the
+extractor's output (:func:`memd.extract.contract.normalise`).
+
+What is detected:
+
+* provider keys by their prefix: OpenAI ``sk-`` / ``sk-proj-``, Anthropic ``sk-ant-``, AWS access
+  key ids ``AKIA`` / ``ASIA`` (and a 40-character secret key that follows one within 300
+  characters), GitHub ``ghp_`` / ``gho_`` / ``ghs_`` / ``ghu_`` / ``ghr_`` / ``github_pat_``,
+  GitLab ``glpat-``, Slack ``xox[abposr]-``, Stripe ``sk_live_`` / ``rk_live_`` (and ``_test_``),
+  Google ``AIza``;
+* JWTs (three base64url segments, the first starting ``eyJ``);
+* PEM private key blocks (``-----BEGIN ... PRIVATE KEY-----`` to its END line, or to the end of
+  the base64 body when the END line is missing);
+* ``Bearer <token>`` and ``Authorization: <scheme> <credential>`` (the scheme word is kept);
+* credentials in URLs: ``scheme://user:pass@host`` becomes ``scheme://[REDACTED_SECRET]@host``;
+* assignments ``name = value`` / ``name: value`` / ``--name value`` where the name ends in a
+  secret word (see below), in env files, shell, JSON, YAML, TOML and source code.
+
+The assignment rule (documented decision, SPEC §14 "key/token/secret/password = value"):
+
+* *Strong* names end in ``password``, ``passwd``, ``pwd``, ``passphrase``, ``secret``, ``token``,
+  ``credential(s)``, or ``key`` qualified by ``api``/``secret``/``access``/``private``/``auth``/
+  ``client``/``signing``/``encryption``/``master``/``session``/``license``/``app``/``account``/
+  ``service`` (``OPENAI_API_KEY``, ``apiKey``, ``aws_secret_access_key``, ``client_secret``,
+  ``GITHUB_TOKEN``, ``db_password``). The name must end at the keyword, so ``tokenizer``,
+  ``token_count``, ``max_tokens`` and ``password_hash`` never match.
+* A *quoted literal* value of a strong name is redacted (``CODEMIE_API_KEY: 'sk-secret'``,
+  ``"password": "hunter2"``), unless it is empty, a placeholder (``REDACTED_API_KEY``, ``$VAR``,
+  ``${VAR}``, ``<your-key>``, ``{{ var }}``, ``****``, ``xxxx``) or prose (five words or more).
+* An *unquoted* value in env/CLI style (``NAME=value`` without spaces where ``NAME`` is upper
+  case or a ``--flag``, or a URL query ``?token=value``) is redacted unless it is a placeholder.
+* Any other unquoted value (source code, YAML) is redacted only when it looks like a secret:
+  six characters or more with a digit or a symbol, or sixteen characters or more. Identifiers,
+  calls and attribute paths (``password = getpass()``, ``token = os.environ["T"]``,
+  ``api_key=settings.api_key``, ``password: str``) are left alone: they name a value, they are
+  not one. File paths (``PWD=/home/me``) are left alone too.
+* *Weak* names (bare ``key`` or another ``*_key`` such as ``cache_key``) are redacted only when
+  the value looks like a key: sixteen characters or more, letters and digits, no spaces.
+
+Speed: every family is guarded by a cheap substring pre-check (``str.__contains__``), so text
+without any trigger costs a handful of C-level scans; the regexes run only where a trigger
+occurs. Secret spans found by different families are merged before the single rebuild of the
+string, so the cost is linear in the text size.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: The replacement for every secret.
+REDACTED = "[REDACTED_SECRET]"
+
+# Every pattern starts with a literal so that ``re`` scans for it at C speed; the "not preceded
+# by a word character" checks are lookbehinds placed after the literal for the same reason.
+_PEM = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:[^\x00]*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+    # no END line (cut off): the following lines that are pure base64 (also "\\n"-escaped)
+    r"|(?:(?:\r?\n|\\n)[A-Za-z0-9+/=]+(?=\r?\n|\\n|[\"']|$))*)"
+)
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
+_PEM_BODY_LINE = re.compile(r"[A-Za-z0-9+/=]+")
+_OPENAI = re.compile(r"sk-(?<![A-Za-z0-9_-]sk-)(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}")
+_STRIPE = re.compile(r"k_(?:live|test)_[A-Za-z0-9]{10,}")  # preceded by s/r: checked in code
+_AWS_IDS = (
+    re.compile(r"AKIA(?<![A-Z0-9]AKIA)[A-Z0-9]{16}(?![A-Z0-9])"),
+    re.compile(r"ASIA(?<![A-Z0-9]ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
+)
+_AWS_SECRET_AFTER = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+_PREFIXED = (
+    re.compile(r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}"),
+    re.compile(r"github_pat_(?<![A-Za-z0-9_]github_pat_)[A-Za-z0-9_]{30,}"),
+    re.compile(r"glpat-(?<![A-Za-z0-9_]glpat-)[A-Za-z0-9_-]{20,}"),
+    re.compile(r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(r"AIza(?<![A-Za-z0-9_]AIza)[0-9A-Za-z_-]{35}"),
+    re.compile(r"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+)
+# The following run on the lower-cased text (same indices as the original).
+_BEARER = re.compile(r"bearer(?<![a-z0-9_]bearer)[ \t]+([a-z0-9._~+/-]{8,}=*)")
+_AUTHORIZATION = re.compile(
+    r"authorization[\"']?[ \t]*[:=][ \t]*[\"']?"
+    r"(?:(?:basic|token|digest|negotiate)[ \t]+)?([^\s\"',;]{6,})"
+)
+_URL_CREDS = re.compile(r"://([^\s/@:\"'<>]+:[^\s/@\"'<>]+)@")
+_FLAG = re.compile(
+    r"--[a-z0-9_-]*?(?:password|passwd|passphrase|token|secret|api-key|api_key|apikey)"
+    r"[ \t]+(?!-)([^\s\"']+|\"[^\"\n]*\"|'[^'\n]*')"
+)
+# Assignment candidates: a secret keyword, an optional closing quote of a JSON/dict key, then
+# ``:`` or ``=`` (not ``==``, ``=>``, ``::``).
+_ASSIGNS = tuple(
+    re.compile(kw + r"(\\?[\"']?)[ \t]*([:=])(?![=>:])")
+    for kw in ("key", "token", "secret", "pass(?:word|wd|phrase)", "pwd", "credentials?")
+)
+_SEPARATOR = "\n\x00\n"
+_KEY_QUALIFIERS = (
+    "api",
+    "apikey",
+    "secret",
+    "access",
+    "private",
+    "auth",
+    "client",
+    "signing",
+    "encryption",
+    "master",
+    "session",
+    "license",
+    "app",
+    "account",
+    "service",
+)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_UNQUOTED_VALUE = re.compile(r"[^\s\"',;)}\]>&<`]*")
+_PLACEHOLDER_WORDS = frozenset(
+    {
+        "null",
+        "none",
+        "nil",
+        "true",
+        "false",
+        "undefined",
+        "redacted",
+        "str",
+        "string",
+        "int",
+        "bool",
+        "bytes",
+        "float",
+        "number",
+        "boolean",
+        "any",
+        "object",
+        "dict",
+        "list",
+        "optional",
+        "secretstr",
+        "required",
+        "optional[str]",
+    }
+)
+_ATTRIBUTE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+_KEY_LIKE = re.compile(r"(?=[^\s]*[A-Za-z])(?=[^\s]*[0-9])[^\s]{16,}")
+_SYMBOLS = frozenset("!@#%^&*+/=~?|\\")
+
+
+def redact(text: str) -> tuple[str, int]:
+    """Replace every secret in ``text`` with :data:`REDACTED`.
+
+    Args:
+        text: any text (model input, tool output, model output).
+
+    Returns:
+        ``(redacted_text, count)``: the text with each secret span replaced, and the number of
+        spans replaced. Text without secrets is returned unchanged (the same object) with 0.
+        Applying :func:`redact` to its own output replaces nothing more.
+    """
+    if not text:
+        return text, 0
+    spans: list[tuple[int, int]] = []
+    add = spans.append
+
+    if "PRIVATE KEY" in text:
+        _find_pem(text, add)
+    for m in _OPENAI.finditer(text):
+        if _has_digit_and_letter(m.group()[3:]):
+            add(m.span())
+    for m in _STRIPE.finditer(text):
+        start = m.start() - 1
+        if start >= 0 and text[start] in "sr" and (start == 0 or not _is_word(text[start - 1])):
+            add((start, m.end()))
+    for pattern in _AWS_IDS:
+        for m in pattern.finditer(text):
+            add(m.span())
+            window_end = min(len(text), m.end() + 300)
+            nul = text.find("\x00", m.end(), window_end)
+            if nul != -1:
+                window_end = nul
+            for s in _AWS_SECRET_AFTER.finditer(text, m.end(), window_end):
+                if _looks_like_aws_secret(s.group()):
+                    add(s.span())
+                    break
+    for pattern in _PREFIXED:
+        for m in pattern.finditer(text):
+            add(m.span())
+    for m in _URL_CREDS.finditer(text):
+        add(m.span(1))
+
+    # ASCII-only lower-casing keeps every index of ``text`` (non-ASCII characters become "?").
+    lowered = (
+        text.lower() if text.isascii() else text.encode("ascii", "replace").lower().decode("ascii")
+    )
+    for m in _BEARER.finditer(lowered):
+        token = text[m.start(1) : m.end(1)]
+        if len(token) >= 24 or any(c.isdigit() for c in token):
+            add(m.span(1))
+    for m in _AUTHORIZATION.finditer(lowered):
+        value = m.group(1)
+        if not _is_placeholder(value) and value != "bearer" and "(" not in value:
+            add(m.span(1))
+    for m in _FLAG.finditer(lowered):
+        value = m.group(1).strip("\"'")
+        if value and not _is_placeholder(value):
+            add(m.span(1))
+    for pattern in _ASSIGNS:
+        for m in pattern.finditer(lowered):
+            _check_assignment(text, m, add)
+
+    if not spans:
+        return text, 0
+    spans.sort()
+    parts: list[str] = []
+    count = 0
+    pos = 0
+    cur_start, cur_end = spans[0]
+    for start, end in spans[1:]:
+        if start < cur_end:
+            if end > cur_end:
+                cur_end = end
+            continue
+        parts.append(text[pos:cur_start])
+        parts.append(REDACTED)
+        count += 1
+        pos = cur_end
+        cur_start, cur_end = start, end
+    parts.append(text[pos:cur_start])
+    parts.append(REDACTED)
+    parts.append(text[cur_end:])
+    count += 1
+    return "".join(parts), count
+
+
+def redact_many(texts: list[str]) -> tuple[list[str], int]:
+    """Redact many texts in one pass (cheaper than one :func:`redact` call per short text).
+
+    The texts are joined with a NUL separator that no pattern crosses, redacted once and split
+    again. NUL characters inside the texts become U+FFFD.
+
+    Args:
+        texts: the texts, in any order.
+
+    Returns:
+        ``(redacted_texts, count)``: one redacted text per input text, same order, and the total
+        number of secrets replaced.
+    """
+    if not texts:
+        return [], 0
+    if len(texts) == 1:
+        out, count = redact(texts[0])
+        return [out], count
+    cleaned = [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in texts]
+    joined, count = redact(_SEPARATOR.join(cleaned))
+    if count == 0:
+        return cleaned, 0
+    pieces = joined.split("\x00")
+    last = len(pieces) - 1
+    out = []
+    for i, piece in enumerate(pieces):
+        if i > 0 and piece.startswith("\n"):
+            piece = piece[1:]
+        if i < last and piece.endswith("\n"):
+            piece = piece[:-1]
+        out.append(piece)
+    return out, count
+
+
+def _find_pem(text: str, add) -> None:
+    """PEM private key blocks, and orphan block tails (an END line whose BEGIN was cut off)."""
+    covered_to = -1
+    for m in _PEM.finditer(text):
+        add(m.span())
+        covered_to = m.end()
+    if covered_to == -1 or "-----END" in text[covered_to:]:
+        for m in _PEM_END.finditer(text):
+            if m.end() <= covered_to:
+                continue
+            # Walk back over whole lines of base64 (the body of the block).
+            start = m.start()
+            floor = max(0, start - 16384)
+            while start > floor:
+                line_start = text.rfind("\n", floor, start - 1) + 1
+                line = text[line_start:start].strip()
+                if not line or not _PEM_BODY_LINE.fullmatch(line):
+                    break
+                start = line_start
+            add((start, m.end()))
+
+
+def _check_assignment(text: str, m: re.Match[str], add) -> None:
+    """Add the value span of one ``name = value`` / ``name: value`` candidate (see module doc).
+
+    ``m`` matched the lower-cased text: it starts at the secret keyword; group 1 is an optional
+    closing quote of the name, group 2 the separator.
+    """
+    n = len(text)
+    kw_start = m.start()
+    kw_end = m.start(1)
+    name_start = kw_start
+    while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+        name_start -= 1
+    name = text[name_start:kw_end]
+    strength = _name_strength(name.lower(), text[kw_start:kw_end].lower())
+    if strength == 0:
+        return
+    quoted_name = m.group(1) != ""
+    sep = m.group(2)
+    space_before_sep = m.start(2) > m.end(1)
+
+    i = m.end()
+    while i < n and text[i] in " \t":
+        i += 1
+    if i >= n:
+        return
+    if sep == ":" and i == m.end() and text[i] not in "\"'\\":
+        return  # "name:value" without a blank is a URL user, a time, a path; not YAML/JSON
+    quoted = False
+    if text[i] in "\"'" or (text[i] == "\\" and i + 1 < n and text[i + 1] in "\"'"):
+        if text[i] == "\\":
+            i += 1
+        quote = text[i]
+        end = text.find(quote, i + 1)
+        newline = text.find("\n", i + 1)
+        v_start = i + 1
+        if end != -1 and (newline == -1 or end < newline):
+            if text[end - 1] == "\\":  # \"value\" inside JSON-escaped text
+                end -= 1
+            v_end = end
+            quoted = True
+        else:
+            v_end = _unquoted_end(text, v_start)
+    else:
+        v_start = i
+        v_end = _unquoted_end(text, v_start)
+    value = text[v_start:v_end]
+    if not value or _is_placeholder(value):
+        return
+    if strength == 1:
+        if _KEY_LIKE.fullmatch(value):
+            add((v_start, v_end))
+        return
+    if quoted:
+        if len(value.split()) < 5:  # five words or more is prose, not a secret
+            add((v_start, v_end))
+        return
+    if value[0] in "/~" or value.startswith("./"):
+        return  # a path (PWD=/home/me, secret_file: ~/x)
+    env_style = (
+        sep == "="
+        and not space_before_sep
+        and not quoted_name
+        and (
+            name.lstrip("-").isupper()
+            or name.startswith("-")
+            or (name_start > 0 and text[name_start - 1] in "?&")
+        )
+    )
+    if "(" in value or _ATTRIBUTE_PATH.fullmatch(value):
+        return  # a call or an attribute path names a value, it is not one
+    if env_style or _looks_secret(value):
+        add((v_start, v_end))
+
+
+def _unquoted_end(text: str, start: int) -> int:
+    return _UNQUOTED_VALUE.match(text, start).end()
+
+
+def _name_strength(name: str, keyword: str) -> int:
+    """2 = strong secret name, 1 = weak (a generic ``*key``), 0 = not a secret name."""
+    if keyword != "key":
+        if keyword == "pwd" and name.endswith("oldpwd"):
+            return 0
+        return 2
+    stem = name[:-3].rstrip("_-.")
+    if not stem:
+        return 1
+    for q in _KEY_QUALIFIERS:
+        if stem.endswith(q):
+            return 2
+    return 1
+
+
+def _is_placeholder(value: str) -> bool:
+    """True for values that stand for a secret without being one (``$VAR``, ``<key>``, ...)."""
+    v = value.strip()
+    if not v:
+        return True
+    lowered = v.lower()
+    if "redacted" in lowered or lowered in _PLACEHOLDER_WORDS:
+        return True
+    first = v[0]
+    if first in "$%<{[" or v.startswith("process.env") or v.startswith("os.environ"):
+        return True
+    if len(set(v)) <= 2 and len(v) >= 3:  # ****, xxxx, ....
+        return True
+    return v in ("...", "…")
+
+
+def _looks_secret(value: str) -> bool:
+    """An unquoted value that looks like a password or token rather than a word or a name."""
+    if len(value) >= 20 and any(c.isupper() for c in value) and any(c.islower() for c in value):
+        return True
+    if len(value) >= 6:
+        has_digit = any(c.isdigit() for c in value)
+        has_alpha = any(c.isalpha() for c in value)
+        if has_digit and has_alpha:
+            return True
+        if any(c in _SYMBOLS for c in value):
+            return True
+    return False
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _has_digit_and_letter(s: str) -> bool:
+    return any(c.isdigit() for c in s) and any(c.isalpha() for c in s)
+
+
+def _looks_like_aws_secret(s: str) -> bool:
+    return (
+        any(c.isupper() for c in s)
+        and any(c.islower() for c in s)
+        and any(c.isdigit() or c in "/+" for c in s)
+    )

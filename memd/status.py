@@ -1,0 +1,222 @@
+"""``memd status``: the operator's view, built from the store (SPEC §10).
+
+:func:`collect_status` returns a plain JSON-ready dict whose keys are fixed by SPEC §10 and
+documented in the README (scripts depend on them); :func:`render_status` turns it into text.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from memd.clock import Clock, iso_utc
+from memd.store.store import Store
+
+#: A daemon whose heartbeat is older than this is shown as not running (seconds).
+DAEMON_STALE_S = 120.0
+
+
+def _day_start(now_s: float) -> float:
+    day = datetime.fromtimestamp(now_s, tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
+
+
+def _thread_state(eligible: bool, job: Any, memory_watermark: int | None, watermark: int) -> str:
+    if job is not None and job.status in ("pending", "running", "error", "dead"):
+        return job.status
+    if memory_watermark is not None and memory_watermark >= watermark:
+        return "done"
+    if memory_watermark is not None:
+        return "stale"
+    return "waiting" if eligible else "skipped"
+
+
+def _iso(ts: float | None) -> str | None:
+    return iso_utc(ts) if ts else None
+
+
+async def collect_status(
+    store: Store, clock: Clock, *, extractor: str, extractor_reason: str, daily_token_budget: int
+) -> dict[str, Any]:
+    """Gather the status report.
+
+    Returns:
+        A dict with the SPEC §10 keys ``extractor``, ``threads``, ``projects``, ``jobs`` and
+        ``leases``, plus ``daemon``, ``totals`` and ``usage`` (documented in the README).
+        Times are ISO-8601 UTC strings; durations are seconds.
+    """
+    now = clock.now()
+    threads = await store.list_threads()
+    jobs = await store.list_jobs()
+    extract_jobs = {j.key: j for j in jobs if j.kind == "extract"}
+    memories = await store.memory_watermarks()
+    projects = await store.list_projects()
+    leases = await store.list_leases()
+    daemons = await store.list_daemons()
+    tokens_today = await store.tokens_since(_day_start(now))
+    pause = await store.get_meta("model_pause")
+
+    live = [d for d in daemons if d.stopped_at is None and now - (d.heartbeat_at or 0) <= DAEMON_STALE_S]
+    daemon = None
+    if live:
+        newest = max(live, key=lambda d: d.started_at)
+        daemon = {
+            "running": True,
+            "pid": newest.pid,
+            "host": newest.host,
+            "owner": newest.owner,
+            "started_at": _iso(newest.started_at),
+            "uptime_s": round(now - newest.started_at, 1),
+            "heartbeat_at": _iso(newest.heartbeat_at),
+            "count": len(live),
+        }
+    thread_rows = []
+    for t in threads:
+        job = extract_jobs.get(t.id)
+        thread_rows.append(
+            {
+                "id": t.id,
+                "project": t.project,
+                "cwd": t.cwd,
+                "source": t.source,
+                "user_messages": t.user_messages,
+                "eligible": bool(t.eligible),
+                "reason": t.reason,
+                "state": _thread_state(bool(t.eligible), job, memories.get(t.id), t.watermark),
+                "title": t.title,
+                "updated_at": _iso(t.updated_at),
+                "watermark": t.watermark,
+                "skipped_lines": t.skipped_lines,
+                "attempts": job.attempts if job else 0,
+                "last_error": job.last_error if job else None,
+            }
+        )
+    trace_counts: dict[str, int] = {}
+    for project in projects:
+        trace_counts[project.project] = sum(1 for m in await store.list_memories(project.project) if m.path)
+    project_rows = [
+        {
+            "project": p.project,
+            "memory_root": p.memory_root,
+            "traces": trace_counts.get(p.project, 0),
+            "last_consolidated_at": _iso(p.last_consolidated_at),
+            "last_memory_at": _iso(p.last_memory_at),
+            "fresh": p.consolidated_seq >= p.memory_seq,
+            "last_error": p.last_error,
+        }
+        for p in projects
+    ]
+    job_rows = [
+        {
+            "kind": j.kind,
+            "key": j.key,
+            "status": j.status,
+            "attempts": j.attempts,
+            "owner": j.owner,
+            "age_s": round(now - j.started_at, 1) if j.status == "running" and j.started_at else None,
+            "lease_until": _iso(j.lease_until),
+            "retry_at": _iso(j.retry_at),
+            "last_error": j.last_error,
+        }
+        for j in jobs
+    ]
+    lease_rows = [
+        {
+            "name": lease.name,
+            "owner": lease.owner,
+            "token": lease.token,
+            "expires_at": _iso(lease.expires_at),
+            "held": lease.owner is not None and lease.expires_at > now,
+        }
+        for lease in leases
+    ]
+    by_status: dict[str, int] = {}
+    for j in jobs:
+        by_status[j.status] = by_status.get(j.status, 0) + 1
+    return {
+        "extractor": extractor,
+        "extractor_reason": extractor_reason,
+        "daemon": daemon or {"running": False},
+        "totals": {
+            "threads": len(threads),
+            "eligible": sum(1 for t in threads if t.eligible),
+            "memories": len(memories),
+            "queue_depth": by_status.get("pending", 0) + by_status.get("error", 0),
+            "running": by_status.get("running", 0),
+            "error": by_status.get("error", 0),
+            "dead": by_status.get("dead", 0),
+        },
+        "usage": {
+            "tokens_today": tokens_today,
+            "daily_token_budget": daily_token_budget,
+            "model_paused": pause or None,
+        },
+        "threads": thread_rows,
+        "projects": project_rows,
+        "jobs": job_rows,
+        "leases": lease_rows,
+    }
+
+
+def _short(text: str | None, width: int) -> str:
+    text = text or "-"
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """Render the report as text for a person (the JSON form is for scripts)."""
+    lines: list[str] = []
+    d = report["daemon"]
+    if d.get("running"):
+        lines.append(f"daemon: running (pid {d['pid']} on {d['host']}, up {d['uptime_s']:.0f} s)")
+    else:
+        lines.append("daemon: not running")
+    lines.append(f"extractor: {report['extractor']} ({report['extractor_reason']})")
+    t = report["totals"]
+    lines.append(
+        f"threads: {t['threads']} ({t['eligible']} eligible) · memories: {t['memories']} · "
+        f"queue: {t['queue_depth']} · running: {t['running']} · errors: {t['error']} · dead: {t['dead']}"
+    )
+    u = report["usage"]
+    budget = u["daily_token_budget"] or "unlimited"
+    lines.append(f"tokens today: {u['tokens_today']} / {budget}")
+    if u.get("model_paused"):
+        lines.append(f"model work paused: {u['model_paused']}")
+    if report["threads"]:
+        lines.append("")
+        lines.append(f"{'THREAD':<38} {'SOURCE':<16} {'MSGS':>4} {'STATE':<8} {'PROJECT / REASON'}")
+        for row in report["threads"]:
+            extra = row["project"] if row["eligible"] else f"{row['project']}  [{row['reason']}]"
+            lines.append(
+                f"{_short(row['id'], 38):<38} {_short(row['source'], 16):<16} {row['user_messages']:>4} "
+                f"{row['state']:<8} {extra}"
+            )
+    running = [j for j in report["jobs"] if j["status"] == "running"]
+    if running:
+        lines.append("")
+        lines.append("running jobs:")
+        for j in running:
+            lines.append(f"  {j['kind']} {j['key']} age {j['age_s']} s owner {j['owner']}")
+    failed = [j for j in report["jobs"] if j["status"] in ("error", "dead")]
+    if failed:
+        lines.append("")
+        lines.append("errors:")
+        for j in failed:
+            lines.append(f"  {j['status']:<5} {j['kind']} {j['key']} attempts {j['attempts']}: {j['last_error']}")
+    if report["projects"]:
+        lines.append("")
+        lines.append("projects:")
+        for p in report["projects"]:
+            fresh = "fresh" if p["fresh"] else "pending consolidation"
+            lines.append(
+                f"  {p['project']}: {p['traces']} traces, last consolidated {p['last_consolidated_at'] or 'never'} ({fresh})"
+            )
+            lines.append(f"    {p['memory_root']}")
+    held = [lease for lease in report["leases"] if lease["held"]]
+    if held:
+        lines.append("")
+        lines.append("leases:")
+        for lease in held:
+            lines.append(f"  {lease['name']} held by {lease['owner']} until {lease['expires_at']} (token {lease['token']})")
+    return "\n".join(lines) + os.linesep
