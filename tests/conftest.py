@@ -54,3 +54,21 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
             monkeypatch.delenv(var, raising=False)
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """Undo :func:`memd.logging.configure_logging` done by a test (``main()`` configures logging
+    globally), so later tests see structlog's defaults and ``capture_logs`` sees debug events."""
+    import logging
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
