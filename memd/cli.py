@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("thread")
     p = sub.add_parser("backfill", help="process threads older than max_age_days, back to DATE")
     p.add_argument("--since", required=True, metavar="DATE", help="YYYY-MM-DD")
+    p.add_argument("--dry-run", action="store_true", help="estimate the tokens the backfill would send; send nothing")
     _add_source_flags(p)
     sub.add_parser("doctor", help="check configuration, paths, inotify limits and the model endpoint")
     p = sub.add_parser("service", help="systemd user service")
@@ -210,26 +211,50 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
             f" in {summary.duration_s:.1f} s"
         )
         print(f"memory: {settings.memory_dir}")
-        return 1 if summary.failed or summary.consolidation_failed else 0
+        paused = daemon.pool.paused_reason
+        if paused:
+            print(f"memd once: model work paused: {paused}; the remaining threads stay queued", file=sys.stderr)
+        auth_failed = bool(paused) and paused.startswith("model authentication failed")
+        return 1 if summary.failed or summary.consolidation_failed or auth_failed else 0
     finally:
         await daemon.close()
 
 
 async def _dry_run(daemon: Any) -> int:
-    """Estimate what a backfill would send to the model; send nothing."""
+    """Estimate the model input a run (or a backfill) would send; send nothing.
+
+    Every eligible thread's input is built exactly as for the model (filter, redact, fit
+    ``[llm].max_input_tokens``) and framed by the prompt templates; the bytes are converted to
+    tokens with the calibrated estimate (SPEC §6.2). The queue is planned as a run would plan it.
+    """
+    from memd.errors import RolloutError
+    from memd.extract.openai_extractor import render_prompt
+
     await daemon.indexer.scan()
     plan = await daemon.scheduler.plan()
-    total_tokens = 0
-    total_bytes = 0
+    total_tokens = total_bytes = threads = unreadable = 0
     for thread_id in plan.queued_ids:
         thread = await daemon.store.get_thread(thread_id)
-        request = await daemon._prepare(thread, daemon.settings.llm.max_input_tokens)
-        total_tokens += request.built.est_tokens
-        total_bytes += request.built.text_bytes
+        if thread is None:
+            continue
+        try:
+            request = await daemon._prepare(thread, daemon.settings.llm.max_input_tokens)
+        except (RolloutError, OSError):
+            unreadable += 1
+            continue
+        system, user = render_prompt(request, request.built)
+        size = len(system.encode()) + len(user.encode())
+        total_bytes += size
+        total_tokens += daemon.estimator.estimate(size)
+        threads += 1
+    skipped = f" ({unreadable} unreadable, skipped)" if unreadable else ""
     print(
-        f"memd once --dry-run: {plan.queued} threads would be extracted; "
-        f"about {total_tokens} input tokens ({total_bytes} bytes) would be sent, plus prompts. Nothing was sent."
+        f"memd once --dry-run: {threads} threads would be extracted{skipped}; about {total_tokens} input "
+        f"tokens ({total_bytes} bytes, prompts included, {daemon.estimator.bytes_per_token:.2f} bytes per token) "
+        f"would be sent to the model, plus the answers. Nothing was sent."
     )
+    if daemon.extractor_name != "openai":
+        print(f"note: the extractor is {daemon.extractor_name} ({daemon.extractor_reason}): a real run sends nothing either")
     return 0
 
 
@@ -257,34 +282,62 @@ async def _print_status(store: Any, settings: Settings, extractor: str, reason: 
     return 0
 
 
+async def _running_extractor(store: Any, settings: Settings) -> tuple[str, str]:
+    """The extractor a running daemon recorded at start (its environment may hold the API key
+    when this shell's does not), else what this configuration selects."""
+    from memd.status import daemon_alive
+
+    recorded = await store.get_meta("extractor")
+    now = SystemClock().now()
+    if recorded and ": " in recorded and any(daemon_alive(d, now) for d in await store.list_daemons()):
+        name, reason = recorded.split(": ", 1)
+        return name, f"{reason} (as chosen by the running daemon)"
+    return settings.resolved_extractor()
+
+
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from memd.store.store import Store
 
-    name, reason = settings.resolved_extractor()
     store = await Store.open(settings.db_path, clock=SystemClock())
     try:
+        name, reason = await _running_extractor(store, settings)
         return await _print_status(store, settings, name, reason, as_json=args.json)
     finally:
         await store.close()
 
 
+def _project_candidates(target: str, rule: str) -> list[str]:
+    """Project keys that may hold ``target``: its own key (a project key, or a path inside a git
+    project), then the normalised path and each parent directory (a path inside a project keyed
+    by its cwd), nearest first."""
+    from memd.project import normalise_cwd, project_key
+
+    keys = [project_key(target, rule=rule)]
+    path = Path(normalise_cwd(target))
+    if path.is_absolute():
+        keys += [str(p) for p in (path, *path.parents)]
+    return list(dict.fromkeys(keys))
+
+
 async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from memd import memory_files
-    from memd.project import project_key
 
     target = args.path or os.getcwd()
-    key = project_key(target, rule=settings.project_key)
-    root = memory_files.project_root(settings.memory_dir, key)
     name = "memory_summary.md" if args.summary else "MEMORY.md"
-    path = root / name
-    if not path.is_file():
-        print(f"memd show: no {name} for project {key} (looked in {root})", file=sys.stderr)
-        return 1
-    sys.stdout.write(path.read_text(encoding="utf-8"))
-    return 0
+    candidates = _project_candidates(target, settings.project_key)
+    for key in candidates:
+        path = memory_files.project_root(settings.memory_dir, key) / name
+        if path.is_file():
+            sys.stdout.write(path.read_text(encoding="utf-8"))
+            return 0
+    print(f"memd show: no {name} for {target} (project {candidates[0]}; memory in {settings.memory_dir})", file=sys.stderr)
+    return 1
 
 
 async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
+    """The built-in consolidator for one memory root (SPEC §7): one model request when the
+    model extractor is configured (refused, sending nothing, when today's token budget is
+    spent), else the deterministic merge; outputs staged and swapped in."""
     from memd.consolidate.builtin import consolidate_root
 
     root = args.root.expanduser()
@@ -292,20 +345,26 @@ async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"memd consolidate: {root} is not a directory", file=sys.stderr)
         return 1
     if settings.resolved_extractor()[0] == "openai":
+        from memd.budget import DailyBudget, TokenEstimator
         from memd.consolidate.model import ModelWriter
         from memd.daemon import llm_config
         from memd.llm import LLMClient
         from memd.store.store import Store
 
-        store = await Store.open(settings.db_path, clock=SystemClock())
-        model = settings.consolidation.model or settings.llm.model
-        client = LLMClient(llm_config(settings, model=model), usage=store, clock=SystemClock())
-        writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens)
+        clock = SystemClock()
+        store = await Store.open(settings.db_path, clock=clock)
         try:
-            loop = asyncio.get_running_loop()
-            result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop))
+            await DailyBudget(settings.daily_token_budget, store, clock).check()
+            estimator = TokenEstimator.from_json(await store.get_meta("token_estimator"))
+            model = settings.consolidation.model or settings.llm.model
+            client = LLMClient(llm_config(settings, model=model), usage=store, clock=clock)
+            writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens, estimator=estimator)
+            try:
+                loop = asyncio.get_running_loop()
+                result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop))
+            finally:
+                await client.aclose()
         finally:
-            await client.aclose()
             await store.close()
     else:
         result = await asyncio.to_thread(consolidate_root, root)
@@ -357,14 +416,16 @@ async def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"memd backfill: --since must be YYYY-MM-DD, got {args.since!r}") from None
     days = max(1.0, (datetime.now(tz=UTC) - since).total_seconds() / 86_400.0)
     settings = settings.model_copy(update={"max_age_days": days})
-    args.dry_run = False
     return await _cmd_once(args, settings)
 
 
 async def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.config import default_config_path
     from memd.doctor import run_doctor
 
-    return await run_doctor(settings)
+    named = os.environ.get("MEMD_CONFIG")  # main() sets it from --config
+    config_path = Path(named).expanduser() if named else default_config_path()
+    return await run_doctor(settings, config_path=config_path if config_path.is_file() else None)
 
 
 async def _cmd_service(args: argparse.Namespace, settings: Settings) -> int:

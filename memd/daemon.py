@@ -4,12 +4,20 @@ Only this module and :mod:`memd.cli` know every component. :class:`Daemon` owns 
 connection, the indexer, the scheduler, the extraction pool and the consolidation runner, and
 runs them either as the long-lived service (:meth:`Daemon.serve`, ``memd run``) or as a single
 pass (:meth:`Daemon.once`, ``memd once``).
+
+Faults (SPEC §13): every loop of the service survives its failures — the first of a run is
+logged (``plan_failed``, ``rescan_failed``, ``consolidate_failed``, ``watch_failed``, ...), the
+loop retries after a bounded pause, ``<loop>_recovered`` is logged when it works again, and the
+newest fault is saved for ``memd status`` (meta ``last_fault``). At start-up the memory roots are
+repaired after a crash (:meth:`Daemon._recover`), leaving alone what another daemon on the same
+state may be writing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -24,6 +32,7 @@ import structlog
 from memd import memory_files, sources
 from memd.clock import Clock, SystemClock, iso_utc
 from memd.config import Settings
+from memd.errors import MemdError, MemoryWriteError
 from memd.consolidate.runner import ConsolidationRunner
 from memd.budget import TokenEstimator
 from memd.extract.base import BuiltInput, ExtractionRequest, Extractor
@@ -34,7 +43,8 @@ from memd.indexer import Indexer
 from memd.rollout.session import RolloutParser
 from memd.scheduler import RetryPolicy, Scheduler
 from memd.service import Notifier, ShutdownSignals, daemon_status_line, watchdog_interval_s, watchdog_loop
-from memd.store.records import ThreadRecord
+from memd.status import daemon_alive
+from memd.store.records import ProjectRecord, ThreadRecord
 from memd.store.store import Store, make_owner
 
 if TYPE_CHECKING:
@@ -44,6 +54,10 @@ log = structlog.get_logger("memd.daemon")
 
 #: Environment variables never passed to the consolidation subprocess unless it needs the model.
 SECRET_ENV = ("OPENAI_API_KEY", "MEMD_LLM__API_KEY", "ANTHROPIC_API_KEY")
+#: Pause before planning again after a failed planning pass (database locked, ...), seconds.
+PLAN_RETRY_S = 5.0
+#: Longest pause before the watcher is restarted after an unexpected failure, seconds.
+WATCH_RESTART_CAP_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +128,23 @@ class Daemon:
         self._dirty_projects: set[str] = set()
         self._plan_now = asyncio.Event()
         self._queue_depth = 0
+        self.estimator = TokenEstimator()
+        self._last_fault: dict[str, str] | None = None
+        self._saved_fault: dict[str, str] | None = None
 
     # -- construction ---------------------------------------------------------------------------
     async def open(self) -> None:
         """Open the store, register this daemon, recover half-written memory files."""
+        self.store = await Store.open(self.settings.db_path, clock=self.clock)
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
+        assert self.store is not None
         s = self.settings
-        self.store = await Store.open(s.db_path, clock=self.clock)
         await self.store.register_daemon(self.owner, os.getpid(), socket.gethostname())
         await self.store.set_meta("extractor", f"{self.extractor_name}: {self.extractor_reason}")
         self.estimator = TokenEstimator.from_json(await self.store.get_meta("token_estimator") or "")
@@ -177,7 +202,7 @@ class Daemon:
         from memd.llm import LLMClient
 
         assert self.store is not None
-        self.estimator = TokenEstimator()
+        # self.estimator holds the calibration persisted by the previous run (meta token_estimator).
         client = LLMClient(llm_config(self.settings), usage=self.store, clock=self.clock)
         budget = DailyBudget(self.settings.daily_token_budget, self.store, self.clock)
         return OpenAIExtractor(client, estimator=self.estimator, budget=budget, rebuild=self._rebuild)
@@ -190,49 +215,103 @@ class Daemon:
         return (await self._prepare(thread, max_input_tokens)).built
 
     def _consolidation_env(self) -> dict[str, str]:
+        """The consolidation command's environment: memd's own without the API keys, except the
+        OpenAI ones when the command is memd's own consolidator using the model (SPEC §14)."""
         env = dict(os.environ)
-        own_command = "memd" in " ".join(self.settings.consolidation.command)
-        if not (own_command and self.extractor_name == "openai"):
-            for name in SECRET_ENV:
+        argv = self.settings.consolidation.command
+        own_command = argv[1:3] == ["-m", "memd"] or Path(argv[0]).name == "memd"
+        needed = {"OPENAI_API_KEY", "MEMD_LLM__API_KEY"} if own_command and self.extractor_name == "openai" else set()
+        for name in SECRET_ENV:
+            if name not in needed:
                 env.pop(name, None)
         return env
 
-    async def _recover(self) -> None:
-        """Finish what a crash interrupted (SPEC §5 invariant).
+    async def _other_daemon_alive(self) -> bool:
+        """Whether another registered daemon is running on this state (it may be writing)."""
+        assert self.store is not None
+        now = self.clock.now()
+        return any(d.owner != self.owner and daemon_alive(d, now) for d in await self.store.list_daemons())
 
-        Temporary files of interrupted writes are removed. A ``memories`` row is the truth: a
-        trace among the project's newest ``max_traces_per_project`` whose file is missing (a crash
-        between the row's commit and the rename) is written again from the row.
+    async def _recover(self) -> None:
+        """Finish what a crash interrupted (SPEC §5 invariant), once at start-up.
+
+        Temporary files of interrupted writes, stale consolidation staging directories and
+        trace files no ``memories`` row names are removed; a ``memories`` row is the truth, and a
+        trace among the project's newest ``max_traces_per_project`` whose file is missing or
+        differs (a crash between the row's commit and the rename) is written again from the row.
+
+        When another daemon is running on the same state, only leftovers older than the longest
+        write it may have in flight are removed (its temp files and fresh traces are not
+        leftovers). A failure is logged per project (``memory_recover_failed``) and start-up
+        goes on.
         """
         assert self.store is not None
-        keep_n = self.settings.consolidation.max_traces_per_project
+        s = self.settings
+        shared = await self._other_daemon_alive()
+        min_age_s = max(s.extract_lease_s, s.consolidation.timeout_s) if shared else 0.0
         for project in await self.store.list_projects():
             root = Path(project.memory_root)
             if not root.is_dir():
                 continue
-            memories = await self.store.list_memories(project.project)
-            keep = {m.path for m in memories if m.path}
-            report = await asyncio.to_thread(memory_files.recover, root, keep)
-            rewritten = 0
-            for memory in [m for m in memories if m.path][:keep_n]:
-                if memory_files.trace_exists(root, memory.path, memory.trace_memory):  # type: ignore[arg-type]
-                    continue
-                thread = await self.store.get_thread(memory.thread_id)
-                header = memory_files.TraceHeader(
-                    thread_id=memory.thread_id,
-                    project=memory.project,
-                    cwd=thread.cwd if thread else "",
-                    rollout_path=thread.path if thread else "",
-                    updated_at=thread.updated_at if thread else memory.generated_at,
-                )
-                content = memory_files.render_trace_file(header, memory.trace_memory)
-                staged = await asyncio.to_thread(
-                    memory_files.stage_file, root, memory.path, content, thread_id=memory.thread_id
-                )
-                await asyncio.to_thread(staged.commit)
-                rewritten += 1
+            try:
+                memories = await self.store.list_memories(project.project)
+                keep = {m.path for m in memories if m.path}
+
+                def kept(relpath: str, keep: set[str | None] = keep, root: Path = root) -> bool:
+                    if relpath in keep:
+                        return True
+                    if not min_age_s:
+                        return False
+                    try:  # another daemon may have committed it after we listed the rows
+                        return time.time() - (root / relpath).lstat().st_mtime < min_age_s
+                    except OSError:
+                        return False
+
+                report = await asyncio.to_thread(memory_files.recover, root, kept, min_age_s=min_age_s)
+                rewritten = await self._repair_traces(project, memories)
+            except (MemdError, OSError) as exc:
+                self._note_fault("memory_recover_failed", exc)
+                log.error("memory_recover_failed", project=project.project, error=str(exc))
+                continue
             if report.removed or rewritten:
                 log.info("memory_recovered", project=project.project, removed=report.removed, rewritten=rewritten)
+
+    async def _repair_traces(self, project: ProjectRecord, memories: list | None = None) -> int:  # type: ignore[type-arg]
+        """Write again, from their rows, the project's newest trace files that are missing.
+
+        Returns:
+            How many files were written.
+
+        Raises:
+            MemoryWriteError: a file could not be written (disk full); the row stays the truth.
+        """
+        assert self.store is not None
+        root = Path(project.memory_root)
+        if memories is None:
+            memories = await self.store.list_memories(project.project)
+        keep_n = self.settings.consolidation.max_traces_per_project
+        rewritten = 0
+        for memory in [m for m in memories if m.path][:keep_n]:
+            if await asyncio.to_thread(memory_files.trace_exists, root, memory.path, memory.trace_memory):
+                continue
+            thread = await self.store.get_thread(memory.thread_id)
+            header = memory_files.TraceHeader(
+                thread_id=memory.thread_id,
+                project=memory.project,
+                cwd=thread.cwd if thread else "",
+                rollout_path=thread.path if thread else "",
+                updated_at=thread.updated_at if thread else memory.generated_at,
+            )
+            content = memory_files.render_trace_file(header, memory.trace_memory)
+
+            def write(relpath: str = memory.path, content: str = content, thread_id: str = memory.thread_id) -> None:
+                memory_files.stage_file(root, relpath, content, thread_id=thread_id).commit()
+
+            await asyncio.to_thread(write)
+            rewritten += 1
+        if rewritten:
+            log.info("trace_files_rewritten", project=project.project, count=rewritten)
+        return rewritten
 
     async def _prepare(self, thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
         s = self.settings
@@ -264,6 +343,9 @@ class Daemon:
         if self.extractor is not None:
             with contextlib.suppress(Exception):
                 await self.extractor.aclose()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self._save_fault()
         if self.store is not None and self.estimator.samples:
             with contextlib.suppress(Exception):
                 await self.store.set_meta("token_estimator", self.estimator.to_json())
@@ -275,13 +357,28 @@ class Daemon:
 
     # -- consolidation --------------------------------------------------------------------------
     async def consolidate_due(self, *, delay_s: float, min_interval_s: float) -> tuple[int, int]:
-        """Run consolidation for every project that is due; return (succeeded, failed)."""
+        """Run consolidation for every project that is due; return (succeeded, failed).
+
+        Each project is looked at again just before its run (another daemon may have
+        consolidated it meanwhile), and its missing trace files are written again from their
+        rows first (a rename that failed after its row committed).
+        """
         assert self.store is not None
         ok = failed = 0
-        for project in await self.store.projects_due(delay_s, min_interval_s):
+        for due in await self.store.projects_due(delay_s, min_interval_s):
             if self._stop.is_set():
                 break
+            project = await self.store.get_project(due.project)
+            if project is None or project.consolidated_seq >= project.memory_seq:
+                continue
+            try:
+                await self._repair_traces(project)
+            except (MemoryWriteError, OSError) as exc:
+                self._note_fault("trace_repair_failed", exc)
+                log.warning("trace_repair_failed", project=project.project, error=str(exc))
             outcome = await self.runner.run(project.project, project.memory_seq)
+            if outcome.error and outcome.error.startswith("lease_error"):
+                self._note_fault("consolidate_lease_error", outcome.error)
             if outcome.ok:
                 ok += 1
             elif outcome.error and not outcome.error.startswith("skipped"):
@@ -297,6 +394,8 @@ class Daemon:
         """
         assert self.store is not None
         started = time.monotonic()
+        base = self.pool.stats
+        base_done, base_noop, base_failed = base.done, base.noop, base.failed
         await self.indexer.scan()
         plan = await self.scheduler.plan()
         total = plan.queued
@@ -311,9 +410,9 @@ class Daemon:
         ok, failed = await self.consolidate_due(delay_s=0.0, min_interval_s=0.0)
         stats = self.pool.stats
         return OnceSummary(
-            extracted=stats.done,
-            noop=stats.noop,
-            failed=stats.failed,
+            extracted=stats.done - base_done,
+            noop=stats.noop - base_noop,
+            failed=stats.failed - base_failed,
             consolidated=ok,
             consolidation_failed=failed,
             duration_s=round(time.monotonic() - started, 3),
@@ -321,8 +420,9 @@ class Daemon:
 
     async def _report_progress(self, progress: Callable[[int, int], None], total: int, stop: asyncio.Event) -> None:
         last = -1
+        base = self.pool.stats.done + self.pool.stats.failed
         while True:
-            done = self.pool.stats.done + self.pool.stats.failed
+            done = self.pool.stats.done + self.pool.stats.failed - base
             if done != last:
                 progress(done, total)
                 last = done
@@ -340,21 +440,33 @@ class Daemon:
         return f"{line}; paused: {paused}" if paused else line
 
     async def serve(self, signals: ShutdownSignals | None = None) -> int:
-        """Run until SIGTERM/SIGINT (or :meth:`stop`); return the exit code (0 on a clean stop)."""
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); return the exit code (0 on a clean stop).
+
+        Shutdown (SPEC §12): stop claiming; let running extractions and the running
+        consolidation finish within ``shutdown_grace_s``; then cancel what is left — job claims
+        are given back, the consolidation's process group gets SIGTERM then SIGKILL and its
+        lease is released. A second signal (``signals.force_event``) skips the rest of the grace
+        period. The caller closes the store (:meth:`close`).
+        """
         assert self.store is not None
         s = self.settings
         notifier = Notifier.from_env()
         if signals is not None:
             self._stop = signals.stop_event
-        await self.indexer.scan()
+        try:
+            await self.indexer.scan()
+        except MemdError as exc:  # e.g. the database locked: the periodic rescan tries again
+            self._failure("scan_failed", exc, 1, retry_in_s=s.rescan_interval_s)
         notifier.ready()
         notifier.status(self.status_line())
+        pool_task = asyncio.create_task(self.pool.run(self._stop), name="pool")
+        consolidate_task = asyncio.create_task(self._consolidate_loop(), name="consolidate")
         tasks = [
             asyncio.create_task(self._watch_loop(), name="watch"),
             asyncio.create_task(self._rescan_loop(), name="rescan"),
             asyncio.create_task(self._plan_loop(), name="plan"),
-            asyncio.create_task(self.pool.run(self._stop), name="pool"),
-            asyncio.create_task(self._consolidate_loop(), name="consolidate"),
+            pool_task,
+            consolidate_task,
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
         interval = watchdog_interval_s()
@@ -365,16 +477,25 @@ class Daemon:
         notifier.stopping()
         notifier.close()
         log.info("daemon_stopping", running=self.pool.running, grace_s=s.shutdown_grace_s)
-        drain = asyncio.create_task(self.pool.drain(s.shutdown_grace_s))
+
+        async def wind_down() -> None:
+            # The pool loop ends by itself (a claim in flight is given back), the consolidation
+            # loop after the project it is running; jobs get the grace period.
+            await asyncio.gather(
+                self.pool.drain(s.shutdown_grace_s),
+                asyncio.wait({pool_task, consolidate_task}, timeout=s.shutdown_grace_s),
+            )
+
+        graceful = asyncio.create_task(wind_down())
         forced = asyncio.create_task(force.wait())
-        await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
-        if not drain.done():
-            log.warning("shutdown_forced_cancel")
-            drain.cancel()
+        await asyncio.wait({graceful, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not graceful.done():
+            log.warning("shutdown_forced_cancel", running=self.pool.running)
+            graceful.cancel()
         forced.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, drain, return_exceptions=True)
+        await asyncio.gather(graceful, self.pool.cancel_all(), *tasks, return_exceptions=True)
         log.info("daemon_stopped")
         return 0
 
@@ -382,27 +503,75 @@ class Daemon:
         """Ask :meth:`serve` to stop (as SIGTERM does)."""
         self._stop.set()
 
+    def _note_fault(self, event: str, error: BaseException | str) -> None:
+        """Remember the newest fault survived, for ``memd status`` (saved by :meth:`_save_fault`)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self._last_fault = {"at": iso_utc(self.clock.now()), "event": event, "error": text[:500]}
+
+    def _failure(self, event: str, exc: BaseException, failures: int, *, retry_in_s: float) -> None:
+        self._note_fault(event, exc)
+        _log_failure(event, exc, failures, retry_in_s=retry_in_s)
+
+    async def _save_fault(self) -> None:
+        """Store the newest fault the daemon or its pool survived as meta ``last_fault`` (JSON
+        ``{"at", "event", "error"}``) once the database takes writes again; ``memd status``
+        shows it."""
+        pool = getattr(self, "pool", None)
+        faults = [f for f in (self._last_fault, pool.last_fault if pool else None) if f]
+        if not faults or self.store is None:
+            return
+        newest = max(faults, key=lambda f: f["at"])
+        if newest != self._saved_fault:
+            await self.store.set_meta("last_fault", json.dumps(newest))
+            self._saved_fault = newest
+
     async def _guard(self, name: str, coro_fn: Callable[[], object], every_s: float) -> None:
-        """Run ``coro_fn`` every ``every_s`` seconds until stop; log and survive failures."""
+        """Run ``coro_fn`` every ``every_s`` seconds until stop; log and survive failures.
+
+        The first failure of a run of failures is logged (``<name>_failed``; a traceback only
+        for an unexpected error), repeats at debug level, and ``<name>_recovered`` when it works
+        again.
+        """
+        failures = 0
         while not self._stop.is_set():
             try:
                 await coro_fn()  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error(f"{name}_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                failures += 1
+                self._failure(f"{name}_failed", exc, failures, retry_in_s=every_s)
+            else:
+                if failures:
+                    log.info(f"{name}_recovered", failures=failures)
+                    failures = 0
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), every_s)
 
     async def _watch_loop(self) -> None:
-        async for paths in sources.watch_roots(self.settings.sessions, stop_event=self._stop, force_polling=self.settings.force_polling):
+        restarts = 0
+        while not self._stop.is_set():
             try:
-                summary = await self.indexer.refresh_paths(paths)
+                async for paths in sources.watch_roots(self.settings.sessions, stop_event=self._stop, force_polling=self.settings.force_polling):
+                    restarts = 0
+                    try:
+                        summary = await self.indexer.refresh_paths(paths)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        self._failure("watch_refresh_failed", exc, 1, retry_in_s=self.settings.rescan_interval_s)
+                        continue
+                    if summary.indexed:
+                        self._plan_now.set()
+                return
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                log.error("watch_refresh_failed", error=str(exc), exc_info=True)
-                continue
-            if summary.indexed:
-                self._plan_now.set()
+                restarts += 1
+                delay_s = min(WATCH_RESTART_CAP_S, 2.0**restarts)
+                self._failure("watch_failed", exc, 1, retry_in_s=delay_s)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay_s)
 
     async def _rescan_loop(self) -> None:
         interval = self.settings.rescan_interval_s
@@ -416,6 +585,7 @@ class Daemon:
         await self._guard("rescan", tick, interval)
 
     async def _plan_loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             wait_s = 60.0
             try:
@@ -428,7 +598,13 @@ class Daemon:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("plan_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                failures += 1
+                wait_s = PLAN_RETRY_S
+                self._failure("plan_failed", exc, failures, retry_in_s=wait_s)
+            else:
+                if failures:
+                    log.info("plan_recovered", failures=failures)
+                    failures = 0
             self._plan_now.clear()
             waiters = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._plan_now.wait())]
             await asyncio.wait(waiters, timeout=max(0.1, wait_s), return_when=asyncio.FIRST_COMPLETED)
@@ -447,5 +623,18 @@ class Daemon:
         async def tick() -> None:
             if self.store is not None:
                 await self.store.heartbeat_daemon(self.owner)
+                await self._save_fault()
 
         await self._guard("daemon_heartbeat", tick, 30.0)
+
+
+def _log_failure(event: str, exc: BaseException, failures: int, *, retry_in_s: float) -> None:
+    """Log a loop's failure: the first of a run at error level, repeats at debug level.
+
+    memd's own errors (a locked database, a failed write) are expected faults: no traceback.
+    """
+    error = f"{type(exc).__name__}: {exc}"
+    if failures > 1:
+        log.debug(event, error=error, failures=failures, retry_in_s=retry_in_s)
+        return
+    log.error(event, error=error, retry_in_s=retry_in_s, exc_info=exc if not isinstance(exc, MemdError) else False)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import stat
 import sys
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from memd.config import Settings
 
@@ -44,6 +47,25 @@ def count_dirs(roots: Sequence[Path], limit: int = 200_000) -> int:
             if count >= limit:
                 return count
     return count
+
+
+def check_config(config_path: Path | None) -> list[Check]:
+    """The configuration loaded (it did, or ``memd`` would have exited 78): which file, and
+    whether a file that holds ``llm.api_key`` is private (SPEC §14: a 0600 file)."""
+    if config_path is None:
+        return [Check("configuration", "ok", "valid; no config file (defaults and environment)")]
+    checks = [Check("configuration", "ok", f"valid; {config_path}")]
+    try:
+        with config_path.open("rb") as handle:
+            holds_key = "api_key" in (tomllib.load(handle).get("llm") or {})
+        mode = stat.S_IMODE(config_path.stat().st_mode)
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return checks
+    if holds_key and mode & 0o077:
+        checks.append(
+            Check("config secrets", "warn", f"{config_path} holds llm.api_key and is mode {mode:04o}; run chmod 600 on it")
+        )
+    return checks
 
 
 def check_paths(settings: Settings) -> list[Check]:
@@ -121,21 +143,44 @@ async def check_model(settings: Settings) -> list[Check]:
     from memd.llm import check_endpoint
 
     result = await check_endpoint(llm_config(settings))
-    where = settings.llm.base_url or "https://api.openai.com/v1"
-    checks.append(Check("model endpoint", "ok" if result.ok else "fail", f"{where}: {result.detail}"))
+    verdict = "fail" if not result.ok else ("warn" if result.model_listed is False else "ok")
+    detail = result.detail
+    if verdict == "warn":
+        detail += f"; check llm.model (requests for {settings.llm.model!r} may be refused)"
+    checks.append(Check("model endpoint", verdict, detail))
     return checks
 
 
-async def run_doctor(settings: Settings, *, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
-    """Run every check, print one line each, return 0 when none failed, else 1."""
-    checks = [Check("configuration", "ok", "valid")]
+async def collect_checks(settings: Settings, *, config_path: Path | None = None) -> list[Check]:
+    """Run every check: configuration, paths and database, inotify, consolidation command and
+    git, extractor and model endpoint (in that order)."""
+    checks = check_config(config_path)
     checks += check_paths(settings)
     checks += check_inotify(settings)
     checks += check_consolidation(settings)
     checks += await check_model(settings)
+    return checks
+
+
+def print_checks(checks: Sequence[Check], *, out: TextIO | None = None) -> int:
+    """Print one line per check (``OK``/``WARN``/``FAIL``, name, detail) and a summary line to
+    ``out`` (default ``sys.stdout``); return 0 when none failed, else 1."""
+    out = out or sys.stdout
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{c.verdict.upper():<5} {c.name:<{width}}  {c.detail}", file=out)
     failed = [c for c in checks if c.verdict == "fail"]
     print(f"\n{len(failed)} failed, {sum(c.verdict == 'warn' for c in checks)} warnings", file=out)
     return 1 if failed else 0
+
+
+async def run_doctor(settings: Settings, *, config_path: Path | None = None, out: TextIO | None = None) -> int:
+    """``memd doctor``: run every check (:func:`collect_checks`) and print them
+    (:func:`print_checks`); return 0 when none failed, else 1.
+
+    Args:
+        settings: the loaded settings.
+        config_path: the TOML file they were read from, if any.
+        out: where to print (default ``sys.stdout``).
+    """
+    return print_checks(await collect_checks(settings, config_path=config_path), out=out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +33,46 @@ from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
 
 log = structlog.get_logger("memd.indexer")
+
+#: Files indexed per worker-thread round trip and per write transaction.
+BATCH_FILES = 500
+
+
+@dataclass(slots=True)
+class _Head:
+    """What the file-system pass learned about one new or changed rollout.
+
+    Attributes:
+        st: the ``fstat`` taken with the head (the scan's stat when the read failed).
+        prev: the stored record of the file (or of the file it was moved from), if any.
+        failure: the read failed (already logged by :mod:`memd.sources`).
+        head_hash: sha256 of the first 4 KiB (``""`` while shorter).
+        meta: the parsed first line, ``None`` when it is not a session header.
+        reason: why ``meta`` is ``None`` (``empty_file``, ``no_session_meta``, ...).
+        project: the thread's project key (SPEC §4), ``""`` without ``meta``.
+    """
+
+    st: sources.FileStat
+    prev: FileRecord | None
+    failure: sources.ReadFailure | None = None
+    head_hash: str = ""
+    meta: SessionMeta | None = None
+    reason: str | None = None
+    project: str = ""
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Rows waiting for one write transaction."""
+
+    files: list[FileRecord] = field(default_factory=list)
+    threads: list[tuple[ThreadRecord, str, FileRecord]] = field(default_factory=list)
+    thread_ids: set[str] = field(default_factory=set)
+
+    async def flush(self, store: Store) -> None:
+        if self.files or self.threads:
+            await store.record_threads(self.threads, files=self.files)
+        self.files, self.threads, self.thread_ids = [], [], set()
 
 
 @dataclass(slots=True)
@@ -89,6 +129,10 @@ class Indexer:
     async def scan(self) -> IndexSummary:
         """Reconcile every root: stat each rollout, index new/changed heads, forget vanished files.
 
+        Cost: one ``stat`` per unchanged file, one bounded head read per new or changed file,
+        one query for the known files, and one transaction per :data:`BATCH_FILES` indexed
+        files. Each new thread is logged at debug level; the ``scan_done`` event sums up.
+
         Returns:
             The counters of this scan. Never raises for a single bad file or root.
         """
@@ -97,77 +141,147 @@ class Indexer:
         async with self._lock:
             known = await self._store.all_files()
             by_inode = {(f.dev, f.inode): f for f in known.values()}
-            seen: set[str] = set()
+            seen = {st.path for st in result.files}
+            changed: list[tuple[sources.FileStat, FileRecord | None]] = []
             for st in result.files:
-                seen.add(st.path)
                 prev = known.get(st.path)
                 if prev is None:
                     moved = by_inode.get((st.dev, st.inode))
                     if moved is not None and moved.path not in seen and not os.path.exists(moved.path):
                         prev = moved  # archived: same inode moved to a new path
-                await self._refresh_one(st, prev, summary)
+                summary.files_seen += 1
+                if _unchanged(prev, st):
+                    summary.unchanged += 1
+                else:
+                    changed.append((st, prev))
+            new_threads = await self._index(changed, summary, log_each=log.debug)
             root_prefixes = tuple(str(r).rstrip("/") + "/" for r in self.roots)
-            for path in known:
-                if path not in seen and path.startswith(root_prefixes) and not os.path.exists(path):
-                    await self._store.forget_file(path)
-                    summary.removed += 1
+            gone = [
+                path
+                for path in known
+                if path not in seen and path.startswith(root_prefixes) and not os.path.exists(path)
+            ]
+            if gone:
+                summary.removed += await self._store.forget_files(gone)
         log.info(
             "scan_done",
             files=summary.files_seen,
             unchanged=summary.unchanged,
             indexed=summary.indexed,
+            new_threads=new_threads,
             removed=summary.removed,
             problems=len(summary.problems),
         )
         return summary
 
     async def refresh_paths(self, paths: Iterable[str]) -> IndexSummary:
-        """Re-stat the paths of a watch batch (files, or directories to scan) and index changes."""
+        """Re-stat the paths of a watch batch (files, or directories to scan) and index changes.
+
+        Each new thread is logged (``thread_indexed``, info).
+        """
         result = await asyncio.to_thread(sources.restat_paths, list(paths))
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
-            for path in result.vanished:
-                if await self._store.forget_file(path):
-                    summary.removed += 1
+            if result.vanished:
+                summary.removed += await self._store.forget_files(result.vanished)
+            known = await self._store.get_files(st.path for st in result.files)
+            changed: list[tuple[sources.FileStat, FileRecord | None]] = []
             for st in result.files:
-                await self._refresh_one(st, await self._store.get_file(st.path), summary)
+                prev = known.get(st.path)
+                summary.files_seen += 1
+                if _unchanged(prev, st):
+                    summary.unchanged += 1
+                else:
+                    changed.append((st, prev))
+            await self._index(changed, summary, log_each=log.info)
         return summary
 
-    async def _refresh_one(self, st: sources.FileStat, prev: FileRecord | None, summary: IndexSummary) -> None:
-        summary.files_seen += 1
-        if (
-            prev is not None
-            and prev.path == st.path
-            and (prev.dev, prev.inode, prev.size, prev.mtime) == (st.dev, st.inode, st.size, st.mtime)
-            and not (prev.error or "").startswith("unreadable")  # retried on every scan
-        ):
-            summary.unchanged += 1
-            return
-        head = await asyncio.to_thread(sources.read_head, st.path, max_line_bytes=self._max_line_bytes)
-        if isinstance(head, sources.ReadFailure):  # logged by sources
-            if head.reason == "unreadable" and prev is None:
-                await self._store.record_file(_file(st, "", None, 0, error=f"unreadable: {head.detail}"))
-            return
-        st = head.stat
+    async def _index(
+        self,
+        changed: Sequence[tuple[sources.FileStat, FileRecord | None]],
+        summary: IndexSummary,
+        *,
+        log_each: Callable[..., object],
+    ) -> int:
+        """Index new or changed files in batches; return how many new (or moved) threads.
+
+        Per batch: the heads are read and parsed in one worker thread, the known threads are
+        fetched in one query, and every row is written in one transaction. Rows are decided in
+        file order exactly as one file at a time would: a thread id seen twice in a batch
+        flushes the rows before it (the second file must see the first one's thread).
+        """
+        new_threads = 0
+        for start in range(0, len(changed), BATCH_FILES):
+            heads = await asyncio.to_thread(self._read_heads, changed[start : start + BATCH_FILES])
+            ids = {h.meta.thread_id for h in heads if h.meta is not None}
+            thread_paths = {t.id: t.path for t in (await self._store.get_threads(ids)).values()}
+            batch = _Batch()
+            for head in heads:
+                if head.meta is not None and head.meta.thread_id in batch.thread_ids:
+                    await batch.flush(self._store)
+                new_threads += await self._decide(head, thread_paths, batch, summary, log_each)
+            await batch.flush(self._store)
+        return new_threads
+
+    def _read_heads(self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]) -> list[_Head]:
+        """The file-system part of indexing (runs in a worker thread): read and parse each head,
+        and resolve its project key (which may look for ``.git`` on disk)."""
+        heads: list[_Head] = []
+        projects: dict[str | None, str] = {}  # cwd -> project key, within this batch
+        for st, prev in changed:
+            head = sources.read_head(st.path, max_line_bytes=self._max_line_bytes)
+            if isinstance(head, sources.ReadFailure):  # logged by sources
+                heads.append(_Head(st=st, prev=prev, failure=head))
+                continue
+            meta = parse_session_meta(head.first_line) if head.complete and head.first_line else None
+            reason = None
+            if meta is None:
+                if head.stat.size == 0:
+                    reason = "empty_file"
+                elif head.oversized:
+                    reason = "first_line_too_long"
+                elif not head.complete:
+                    reason = "partial_first_line"
+                else:
+                    reason = "no_session_meta"
+            project = ""
+            if meta is not None:
+                project = projects.get(meta.cwd) or projects.setdefault(
+                    meta.cwd, project_key(meta.cwd, rule=self._project_rule)
+                )
+            heads.append(
+                _Head(st=head.stat, prev=prev, head_hash=head.head_hash, meta=meta, reason=reason, project=project)
+            )
+        return heads
+
+    async def _decide(
+        self,
+        head: _Head,
+        thread_paths: dict[str, str],
+        batch: _Batch,
+        summary: IndexSummary,
+        log_each: Callable[..., object],
+    ) -> int:
+        """Add one file's rows to ``batch``; return 1 for a new (or moved) thread, else 0.
+
+        ``thread_paths`` maps known thread ids to their current path and is kept up to date.
+        """
+        st, prev = head.st, head.prev
+        if head.failure is not None:
+            if head.failure.reason == "unreadable" and prev is None:
+                batch.files.append(_file(st, "", None, 0, error=f"unreadable: {head.failure.detail}"))
+            return 0
         summary.indexed += 1
-        meta = parse_session_meta(head.first_line) if head.complete and head.first_line else None
+        meta = head.meta
         if meta is None:
-            if st.size == 0:
-                reason = "empty_file"
-            elif head.oversized:
-                reason = "first_line_too_long"
-            elif not head.complete:
-                reason = "partial_first_line"
-            else:
-                reason = "no_session_meta"
-            await self._store.record_file(_file(st, head.head_hash, None, 0, error=reason))
-            log.info("file_not_indexed", path=st.path, reason=reason)
-            return
-        existing = await self._store.get_thread(meta.thread_id)
-        moved = existing is not None and existing.path != st.path
-        if moved and os.path.exists(existing.path):  # type: ignore[union-attr]
-            if st.path.endswith(".zst") and existing.path + ".zst" == st.path:  # type: ignore[union-attr]
-                return  # x.jsonl and x.jsonl.zst both exist: the plain file wins
+            batch.files.append(_file(st, head.head_hash, None, 0, error=head.reason))
+            log.info("file_not_indexed", path=st.path, reason=head.reason)
+            return 0
+        existing_path = thread_paths.get(meta.thread_id)
+        moved = existing_path is not None and existing_path != st.path
+        if moved and os.path.exists(existing_path):  # type: ignore[arg-type]
+            if st.path.endswith(".zst") and existing_path + ".zst" == st.path:  # type: ignore[operator]
+                return 0  # x.jsonl and x.jsonl.zst both exist: the plain file wins
         change = sources.classify_change(prev, st, head.head_hash)
         keep = prev is not None and prev.thread_id == meta.thread_id and change == sources.Change.GROWN
         if prev is not None and prev.path != st.path and prev.thread_id == meta.thread_id and st.size >= prev.offset:
@@ -178,29 +292,32 @@ class Indexer:
             stats = ThreadStats.from_json(await self._store.get_thread_stats(meta.thread_id))
         else:
             offset, stats = 0, ThreadStats()
-            if existing is not None and not moved and prev is not None:
+            if existing_path is not None and not moved and prev is not None:
                 log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
         file = _file(st, head.head_hash, meta.thread_id, offset)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
-        await self._store.record_thread(
-            self._thread_record(meta, file, stats, verdict.reason), stats.to_json(), file
-        )
-        if existing is None or moved:
-            log.info(
+        record = self._thread_record(meta, head.project, file, stats, verdict.reason)
+        batch.threads.append((record, stats.to_json(), file))
+        batch.thread_ids.add(meta.thread_id)
+        thread_paths[meta.thread_id] = st.path
+        if existing_path is None or moved:
+            log_each(
                 "thread_indexed",
                 thread_id=meta.thread_id,
                 path=st.path,
                 source=meta.source_label,
                 moved=moved,
             )
+            return 1
+        return 0
 
     def _thread_record(
-        self, meta: SessionMeta, file: FileRecord, stats: ThreadStats, head_reason: str | None
+        self, meta: SessionMeta, project: str, file: FileRecord, stats: ThreadStats, head_reason: str | None
     ) -> ThreadRecord:
         return ThreadRecord(
             id=meta.thread_id,
             path=file.path,
-            project=project_key(meta.cwd, rule=self._project_rule),
+            project=project,
             cwd=meta.cwd or "",
             source=meta.source_label,
             originator=meta.originator or "",
@@ -291,6 +408,16 @@ class Indexer:
             parser.feed_malformed(stream.oversized_lines, "line_too_long")
         stats.feed(parser.result)
         return stream.offset, stream.bytes_read, stream.stat
+
+
+def _unchanged(prev: FileRecord | None, st: sources.FileStat) -> bool:
+    """Whether the stored record still describes the file (then only its stat was paid)."""
+    return (
+        prev is not None
+        and prev.path == st.path
+        and (prev.dev, prev.inode, prev.size, prev.mtime) == (st.dev, st.inode, st.size, st.mtime)
+        and not (prev.error or "").startswith("unreadable")  # retried on every scan
+    )
 
 
 def _file(st: sources.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None) -> FileRecord:

@@ -109,10 +109,15 @@ class LLMAnswer:
 
 @dataclass(frozen=True, slots=True)
 class EndpointCheck:
-    """Result of :func:`check_endpoint`: ``ok`` and a one-line human ``detail`` (no secrets)."""
+    """Result of :func:`check_endpoint`: ``ok`` and a one-line human ``detail`` (no secrets).
+
+    ``model_listed`` is whether the configured model is in the server's model list (``None``
+    when the server has no list or was not reached).
+    """
 
     ok: bool
     detail: str
+    model_listed: bool | None = None
 
 
 class UsageSink(Protocol):
@@ -432,7 +437,9 @@ class LLMClient:
                         f"input longer than the model's context window: {_describe(exc)}"
                     ) from exc
                 if kind is ErrorKind.AUTH:
-                    log.error(
+                    # A warning: the caller reports the one clear error (the pool pauses all
+                    # model work; `memd consolidate` exits with the message).
+                    log.warning(
                         "llm_auth_failed",
                         phase=phase,
                         model=cfg.model,
@@ -691,9 +698,12 @@ async def check_endpoint(config: LLMConfig, *, timeout_s: float = 10.0) -> Endpo
         try:
             page = await client.models.list()
             names = [getattr(m, "id", "") for m in getattr(page, "data", None) or []]
-            listed = "listed" if config.model in names else "not listed"
+            listed = config.model in names
             return EndpointCheck(
-                True, f"{where} reachable; {len(names)} models, {config.model!r} {listed}"
+                True,
+                f"{where} reachable; {len(names)} models, {config.model!r} "
+                f"{'listed' if listed else 'not listed'}",
+                model_listed=listed,
             )
         except openai.NotFoundError:
             probe = LLMClient(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from memd.clock import Clock
+from memd.errors import StoreError
 from memd.indexer import Indexer
 from memd.store.store import Store
 
@@ -53,12 +54,17 @@ class PlanSummary:
     """What one planning pass decided.
 
     Attributes:
-        queued: threads given (or kept with) a pending extract job.
+        queued: threads given (or kept with) a claimable extract job (``pending`` or ``error``).
         idle_wait: eligible threads still inside the idle gate.
         too_old: threads whose last activity is older than ``max_age_days``.
-        up_to_date: threads whose memory already covers their watermark.
+        up_to_date: threads whose memory already covers their watermark, whose job already
+            covers it (done — e.g. a memory removed by ``memd forget`` — or running elsewhere).
         not_eligible: threads excluded by source or with no user message.
         next_due_s: seconds until the next thread leaves the idle gate (None = none waiting).
+        failed: threads skipped this pass because reading them failed unexpectedly (event
+            ``plan_thread_failed``; they are looked at again next pass).
+        dead: threads whose job exhausted its attempts for this watermark (``memd retry``).
+        queued_ids: the ids of the queued threads.
     """
 
     queued: int = 0
@@ -67,6 +73,8 @@ class PlanSummary:
     up_to_date: int = 0
     not_eligible: int = 0
     next_due_s: float | None = None
+    failed: int = 0
+    dead: int = 0
     queued_ids: list[str] = field(default_factory=list)
 
 
@@ -110,7 +118,14 @@ class Scheduler:
                 wait = self.min_idle_s - idle_for
                 summary.next_due_s = wait if summary.next_due_s is None else min(summary.next_due_s, wait)
                 continue
-            current = await self._indexer.catch_up(thread.id) or thread
+            try:
+                current = await self._indexer.catch_up(thread.id) or thread
+            except StoreError:
+                raise  # the whole pass fails and is retried (the database is shared by all)
+            except Exception as exc:  # one unreadable thread never blocks the others
+                log.error("plan_thread_failed", thread_id=thread.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                summary.failed += 1
+                continue
             if not current.eligible:
                 summary.not_eligible += 1
                 continue
@@ -121,10 +136,15 @@ class Scheduler:
             if done_watermark is not None and done_watermark >= current.watermark:
                 summary.up_to_date += 1
                 continue
-            await self._store.upsert_extract_job(current.id, current.watermark, priority=current.updated_at)
-            summary.queued += 1
-            summary.queued_ids.append(current.id)
-        if summary.queued:
+            job = await self._store.upsert_extract_job(current.id, current.watermark, priority=current.updated_at)
+            if job.status == "dead":
+                summary.dead += 1
+            elif job.status in ("done", "running"):
+                summary.up_to_date += 1
+            else:
+                summary.queued += 1
+                summary.queued_ids.append(current.id)
+        if summary.queued or summary.failed:
             log.info(
                 "plan_done",
                 queued=summary.queued,
@@ -132,5 +152,7 @@ class Scheduler:
                 too_old=summary.too_old,
                 up_to_date=summary.up_to_date,
                 not_eligible=summary.not_eligible,
+                failed=summary.failed,
+                dead=summary.dead,
             )
         return summary

@@ -968,9 +968,9 @@ async def watch_roots(
     stop_event: asyncio.Event,
     force_polling: bool = False,
     debounce_ms: int = 1600,
-    step_ms: int = 50,
+    step_ms: int = 500,
     poll_delay_ms: int = 300,
-    root_check_ms: int = 5000,
+    root_check_ms: int = 30_000,
     backoff_base_s: float = 1.0,
     backoff_cap_s: float = 60.0,
     clock: Clock | None = None,
@@ -1001,9 +1001,14 @@ async def watch_roots(
         force_polling: poll instead of inotify (network file systems); ``False`` lets watchfiles
             decide (it polls on WSL or with ``WATCHFILES_FORCE_POLLING``).
         debounce_ms: longest time changes are grouped into one batch, in milliseconds.
-        step_ms: quiet time that ends a batch, in milliseconds.
+        step_ms: quiet time that ends a batch, in milliseconds. It is also how often the
+            watcher thread wakes up while nothing happens (watchfiles sleeps ``step_ms``, then
+            takes the GIL to check signals and ``stop_event``): 500 ms keeps an idle daemon's
+            CPU low (SPEC §15) and bounds the stop latency to half a second.
         poll_delay_ms: polling interval when polling, in milliseconds.
-        root_check_ms: longest time between checks of the roots themselves, in milliseconds.
+        root_check_ms: longest time between checks of the roots themselves, in milliseconds
+            (each check is a round trip through a worker thread, so not too often; missing
+            files are also caught by the periodic rescan).
         backoff_base_s: first restart delay after a failure, in seconds.
         backoff_cap_s: longest restart delay, in seconds.
         clock: time source for the backoff sleeps (default :class:`~memd.clock.SystemClock`).

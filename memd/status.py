@@ -6,15 +6,48 @@ documented in the README (scripts depend on them); :func:`render_status` turns i
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from datetime import UTC, datetime
 from typing import Any
 
 from memd.clock import Clock, iso_utc
+from memd.store.records import DaemonRecord
 from memd.store.store import Store
 
-#: A daemon whose heartbeat is older than this is shown as not running (seconds).
+#: A daemon whose heartbeat is older than this is shown as not running (seconds). The daemon
+#: beats every 30 s.
 DAEMON_STALE_S = 120.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Return whether a process ``pid`` exists on this host (signal 0; a zombie counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def daemon_alive(record: DaemonRecord, now_s: float, *, host: str | None = None) -> bool:
+    """Return whether a registered daemon is running.
+
+    Running: not unregistered, a heartbeat within :data:`DAEMON_STALE_S` of ``now_s``, and — when
+    it ran on this host (``host``, default :func:`socket.gethostname`) — its process still exists.
+    A daemon killed with ``kill -9`` never unregisters; the process check tells at once.
+    """
+    if record.stopped_at is not None or now_s - (record.heartbeat_at or 0) > DAEMON_STALE_S:
+        return False
+    if record.host == (host if host is not None else socket.gethostname()):
+        return pid_alive(record.pid)
+    return True
 
 
 def _day_start(now_s: float) -> float:
@@ -32,6 +65,14 @@ def _thread_state(eligible: bool, job: Any, memory_watermark: int | None, waterm
     return "waiting" if eligible else "skipped"
 
 
+def _fault(raw: str | None) -> dict[str, str] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _iso(ts: float | None) -> str | None:
     return iso_utc(ts) if ts else None
 
@@ -43,7 +84,9 @@ async def collect_status(
 
     Returns:
         A dict with the SPEC §10 keys ``extractor``, ``threads``, ``projects``, ``jobs`` and
-        ``leases``, plus ``daemon``, ``totals`` and ``usage`` (documented in the README).
+        ``leases``, plus ``daemon``, ``totals``, ``usage`` and ``last_fault`` (the newest
+        infrastructure fault a daemon survived — ``{"at", "event", "error"}`` — or ``None``),
+        documented in the README.
         Times are ISO-8601 UTC strings; durations are seconds.
     """
     now = clock.now()
@@ -56,8 +99,9 @@ async def collect_status(
     daemons = await store.list_daemons()
     tokens_today = await store.tokens_since(_day_start(now))
     pause = await store.get_meta("model_pause")
+    fault = await store.get_meta("last_fault")
 
-    live = [d for d in daemons if d.stopped_at is None and now - (d.heartbeat_at or 0) <= DAEMON_STALE_S]
+    live = [d for d in daemons if daemon_alive(d, now)]
     daemon = None
     if live:
         newest = max(live, key=lambda d: d.started_at)
@@ -70,6 +114,15 @@ async def collect_status(
             "uptime_s": round(now - newest.started_at, 1),
             "heartbeat_at": _iso(newest.heartbeat_at),
             "count": len(live),
+        }
+    elif daemons:
+        last = daemons[0]  # most recently started
+        daemon = {
+            "running": False,
+            "last_pid": last.pid,
+            "last_host": last.host,
+            "last_heartbeat_at": _iso(last.heartbeat_at),
+            "stopped_at": _iso(last.stopped_at),
         }
     thread_rows = []
     for t in threads:
@@ -152,6 +205,7 @@ async def collect_status(
             "daily_token_budget": daily_token_budget,
             "model_paused": pause or None,
         },
+        "last_fault": _fault(fault),
         "threads": thread_rows,
         "projects": project_rows,
         "jobs": job_rows,
@@ -169,7 +223,11 @@ def render_status(report: dict[str, Any]) -> str:
     lines: list[str] = []
     d = report["daemon"]
     if d.get("running"):
-        lines.append(f"daemon: running (pid {d['pid']} on {d['host']}, up {d['uptime_s']:.0f} s)")
+        others = f", {d['count'] - 1} more" if d.get("count", 1) > 1 else ""
+        lines.append(f"daemon: running (pid {d['pid']} on {d['host']}, up {d['uptime_s']:.0f} s{others})")
+    elif d.get("last_pid"):
+        how = f"stopped at {d['stopped_at']}" if d.get("stopped_at") else f"died; last heartbeat {d['last_heartbeat_at']}"
+        lines.append(f"daemon: not running (last: pid {d['last_pid']} on {d['last_host']}, {how})")
     else:
         lines.append("daemon: not running")
     lines.append(f"extractor: {report['extractor']} ({report['extractor_reason']})")
@@ -183,6 +241,9 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"tokens today: {u['tokens_today']} / {budget}")
     if u.get("model_paused"):
         lines.append(f"model work paused: {u['model_paused']}")
+    fault = report.get("last_fault")
+    if fault:
+        lines.append(f"last fault survived: {fault.get('at')} {fault.get('event')}: {fault.get('error')}")
     if report["threads"]:
         lines.append("")
         lines.append(f"{'THREAD':<38} {'SOURCE':<16} {'MSGS':>4} {'STATE':<8} {'PROJECT / REASON'}")
@@ -197,13 +258,14 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("running jobs:")
         for j in running:
-            lines.append(f"  {j['kind']} {j['key']} age {j['age_s']} s owner {j['owner']}")
+            lines.append(f"  {j['kind']} {j['key']} age {j['age_s']} s owner {j['owner']} lease until {j['lease_until']}")
     failed = [j for j in report["jobs"] if j["status"] in ("error", "dead")]
     if failed:
         lines.append("")
         lines.append("errors:")
         for j in failed:
-            lines.append(f"  {j['status']:<5} {j['kind']} {j['key']} attempts {j['attempts']}: {j['last_error']}")
+            retry = f" (retry at {j['retry_at']})" if j["status"] == "error" and j.get("retry_at") else ""
+            lines.append(f"  {j['status']:<5} {j['kind']} {j['key']} attempts {j['attempts']}{retry}: {j['last_error']}")
     if report["projects"]:
         lines.append("")
         lines.append("projects:")
@@ -213,6 +275,8 @@ def render_status(report: dict[str, Any]) -> str:
                 f"  {p['project']}: {p['traces']} traces, last consolidated {p['last_consolidated_at'] or 'never'} ({fresh})"
             )
             lines.append(f"    {p['memory_root']}")
+            if p.get("last_error"):
+                lines.append(f"    last consolidation failed: {p['last_error']}")
     held = [lease for lease in report["leases"] if lease["held"]]
     if held:
         lines.append("")

@@ -541,7 +541,7 @@ async def test_check_endpoint_lists_models(server):
     )
     check = await check_endpoint(config)
     assert check == EndpointCheck(
-        True, f"{server.base_url} reachable; 1 models, 'fake-model' listed"
+        True, f"{server.base_url} reachable; 1 models, 'fake-model' listed", model_listed=True
     )
     assert server.requests[0].path == "/v1/models"
 

@@ -38,6 +38,7 @@ from memd.consolidate.builtin import (
     ConsolidationInput,
     MemoryWriter,
     Skill,
+    offline_writer,
 )
 from memd.errors import ConsolidationError, ContextLengthError
 from memd.extract.contract import cut_middle
@@ -164,7 +165,8 @@ class ModelWriter:
         """Ask the model for the new ``MEMORY.md`` and skills.
 
         On a context-length error the traces are cut to half the budget and the request is sent
-        once more. The answer is redacted (SPEC §14) before it is returned.
+        once more. The answer is redacted (SPEC §14) before it is returned. A root without trace
+        memories (all forgotten) sends nothing: the deterministic merge writes its handbook.
 
         Raises:
             ConsolidationError: the answer does not match the schema or its handbook is empty
@@ -172,6 +174,9 @@ class ModelWriter:
             ContextLengthError: the input did not fit even at half the budget.
             ModelAuthError, ExtractorError: from the client (credentials, persistent faults).
         """
+        if not data.traces:
+            log.info("consolidate_without_traces", project=data.project, action="offline merge, no request")
+            return offline_writer(data)
         existing = self._read_skills(data.existing_skills)
         budget_bytes = int(self._max_input_tokens * self._estimator.bytes_per_token)
         try:

@@ -37,8 +37,11 @@ Rendering, one block per turn (a blank line before each user message)::
       -const startBtn = ...
     assistant: Added a dedicated pause control ...
 
-Every text is capped first (head + tail, cut at whitespace), then redacted (SPEC §14) in one
-batch before rendering, so the returned items and text never contain a detected secret.
+Every text is capped first (head + tail, cut at whitespace); the units are rendered and fitted
+to the budget; then the texts of the kept units are redacted (SPEC §14) in one batch and the
+units where a secret was found are rendered again (and the budget checked again), so the
+returned items and text never contain a detected secret, and text that is dropped anyway is
+not scanned.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def build_input(
     items = parsed.items
     units = _group(items)
     capped = _cap_items(items, units, tool_output_cap_bytes, user_message_cap_bytes)
-    redacted_items, redactions = _redact(items, capped)
+    shown = _apply(items, capped)
     patches = {
         i: _patch_stats(_patch_text(items[i]))
         for u in units
@@ -145,11 +148,24 @@ def build_input(
         for i in u.indices[:1]
     }
     for unit in units:
-        unit.text = _render(unit, redacted_items, patches)
+        unit.text = _render(unit, shown, patches)
     units = [u for u in units if u.text]
 
     budget_bytes = int(max_input_tokens * bytes_per_token)
     kept, omitted = _fit(units, budget_bytes)
+    # Redact what is kept (only that leaves the machine) and render again where a secret was
+    # found; a replacement can make a unit longer, so the budget is checked once more.
+    kept_units = [u for u, keep in zip(units, kept, strict=True) if keep]
+    changed, redactions = _redact(shown, {i: capped[i] for u in kept_units for i in u.indices})
+    if changed:
+        for unit in kept_units:
+            if not changed.isdisjoint(unit.indices):
+                unit.text = _render(unit, shown, patches)
+        again, dropped = _fit(kept_units, budget_bytes)
+        if dropped:
+            drop = {id(u) for u, keep in zip(kept_units, again, strict=True) if not keep}
+            kept = [keep and id(u) not in drop for u, keep in zip(units, kept, strict=True)]
+            omitted += dropped
     parts: list[str] = []
     gap = 0
     for unit, keep in zip(units, kept, strict=True):
@@ -171,7 +187,7 @@ def build_input(
     )
     line_bytes = parsed.item_line_bytes
     raw_json_bytes = sum(line_bytes[i] for i in kept_indices if i < len(line_bytes))
-    text_bytes = len(text.encode("utf-8"))
+    text_bytes = _utf8_len(text)
     est_tokens = int(text_bytes / bytes_per_token) if bytes_per_token > 0 else text_bytes
     if est_tokens > max_input_tokens:
         log.warning(
@@ -181,7 +197,7 @@ def build_input(
             reason="user messages and the last final answer alone exceed the budget",
         )
     return BuiltInput(
-        items=tuple(redacted_items[i] for i in kept_indices),
+        items=tuple(shown[i] for i in kept_indices),
         text=text,
         raw_json_bytes=raw_json_bytes,
         text_bytes=text_bytes,
@@ -343,8 +359,26 @@ def _cap_items(
     return capped
 
 
-def _redact(items: list[Item], capped: dict[int, dict[str, str]]) -> tuple[dict[int, Item], int]:
-    """Redact every capped field in one batch; return the redacted item copies by index."""
+def _apply(items: list[Item], capped: dict[int, dict[str, str]]) -> dict[int, Item]:
+    """The kept items with their capped fields: ``{index: item}`` (the item itself when no
+    field was cut)."""
+    shown: dict[int, Item] = {}
+    for i, fields in capped.items():
+        it = items[i]
+        if any(getattr(it, name) is not text for name, text in fields.items()):
+            it = replace(it, **fields)  # type: ignore[arg-type]
+        shown[i] = it
+    return shown
+
+
+def _redact(shown: dict[int, Item], capped: dict[int, dict[str, str]]) -> tuple[set[int], int]:
+    """Redact the capped fields of the items ``capped`` names, in one batch.
+
+    Items where a secret was found are replaced in ``shown`` by redacted copies.
+
+    Returns:
+        ``(indices of the items that changed, secrets replaced)``.
+    """
     keys: list[tuple[int, str]] = []
     texts: list[str] = []
     for i, fields in capped.items():
@@ -352,12 +386,15 @@ def _redact(items: list[Item], capped: dict[int, dict[str, str]]) -> tuple[dict[
             keys.append((i, name))
             texts.append(text)
     redacted, count = redact_many(texts)
-    for (i, name), text in zip(keys, redacted, strict=True):
-        capped[i][name] = text
-    out: dict[int, Item] = {}
-    for i, fields in capped.items():
-        out[i] = replace(items[i], **fields) if fields else items[i]  # type: ignore[arg-type]
-    return out, count
+    if not count:
+        return set(), 0
+    updates: dict[int, dict[str, str]] = {}
+    for (i, name), before, after in zip(keys, texts, redacted, strict=True):
+        if after != before:
+            updates.setdefault(i, {})[name] = after
+    for i, fields in updates.items():
+        shown[i] = replace(shown[i], **fields)  # type: ignore[arg-type]
+    return set(updates), count
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -570,6 +607,10 @@ def _strip_memd_blocks(text: str) -> str:
     return _MEMD_BLOCK.sub("[memd memory omitted]", text)
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def _indent(text: str) -> str:
     return "  " + text.replace("\n", "\n  ")
 
@@ -615,7 +656,7 @@ def _fit(units: list[_Unit], budget_bytes: int) -> tuple[list[bool], int]:
     Everything fits → all kept. Else every user message and the last final answer are kept,
     then the newest other units while they fit (a contiguous recent window).
     """
-    sizes = [len(u.text.encode("utf-8")) + 2 for u in units]
+    sizes = [_utf8_len(u.text) + 2 for u in units]
     if sum(sizes) <= budget_bytes:
         return [True] * len(units), 0
     keep = [u.kind == "user" for u in units]

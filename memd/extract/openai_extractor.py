@@ -40,6 +40,27 @@ def frame_session(text: str) -> str:
     return text.replace("</session>", "</ session>").replace("</SESSION>", "</ SESSION>")
 
 
+def render_prompt(request: ExtractionRequest, built: BuiltInput) -> tuple[str, str]:
+    """The ``(system, user)`` messages sent for ``request`` with the session input ``built``.
+
+    The user message frames ``built.text`` (already filtered and redacted) as evidence between
+    ``<session>`` tags, after the thread's project, cwd, rollout path, date, agent and model.
+    """
+    system = render(SYSTEM_TEMPLATE)
+    user = render(
+        INPUT_TEMPLATE,
+        project=request.project,
+        cwd=request.cwd,
+        rollout_path=request.rollout_path,
+        date=iso_utc(request.updated_at),
+        agent=request.agent,
+        model=request.model,
+        omitted_items=built.omitted_items,
+        session=frame_session(built.text),
+    )
+    return system, user
+
+
 class OpenAIExtractor:
     """The :class:`~memd.extract.base.Extractor` backed by an OpenAI-compatible model.
 
@@ -125,18 +146,7 @@ class OpenAIExtractor:
     async def _ask(self, request: ExtractionRequest, built: BuiltInput) -> LLMAnswer:
         if self._budget is not None:
             await self._budget.check()
-        system = render(SYSTEM_TEMPLATE)
-        user = render(
-            INPUT_TEMPLATE,
-            project=request.project,
-            cwd=request.cwd,
-            rollout_path=request.rollout_path,
-            date=iso_utc(request.updated_at),
-            agent=request.agent,
-            model=request.model,
-            omitted_items=built.omitted_items,
-            session=frame_session(built.text),
-        )
+        system, user = render_prompt(request, built)
         answer = await self._client.complete_json(
             system=system,
             user=user,

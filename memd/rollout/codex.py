@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shlex
+from datetime import datetime
 from typing import Any, Literal
 
 from memd.clock import parse_iso
@@ -185,19 +186,56 @@ def parse_line(raw: bytes, *, first: bool = False) -> LineResult:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return LineResult(malformed="invalid_utf8")
-    text = text.strip().lstrip("\ufeff")
-    if not text:
-        return _UNKNOWN
     try:
-        obj = json.loads(text)
+        # Fast path: a plain ``{...}\n`` line, decoded without copying it again.
+        obj = _decode_object(text) if text[:1] == "{" else _RETRY
     except (ValueError, RecursionError):
-        return LineResult(malformed="invalid_json")
+        obj = _RETRY
+    if obj is _RETRY:  # surrounding whitespace, a BOM, or not JSON: the careful way
+        text = text.strip().lstrip("\ufeff")
+        if not text:
+            return _UNKNOWN
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            return LineResult(malformed="invalid_json")
     if not isinstance(obj, dict):
         return LineResult(malformed="not_an_object")
     try:
         return _parse_object(obj, first)
     except Exception:  # noqa: BLE001 - last resort: a line of valid JSON must never crash a reader
         return _UNKNOWN
+
+
+_RETRY: Any = object()
+_scan_once = json.JSONDecoder().scan_once  # the C scanner behind json.loads
+_JSON_WS = "\n\r\t "
+
+
+def _decode_object(text: str) -> Any:
+    """``json.loads(text)`` for text that starts with ``{``, without the wrapper layers.
+
+    Returns :data:`_RETRY` when something other than JSON whitespace follows the value (the
+    caller then takes the general path, which reports it).
+    """
+    try:
+        obj, end = _scan_once(text, 0)
+    except StopIteration as exc:
+        raise ValueError("invalid JSON") from exc
+    if end != len(text) and text[end:].strip(_JSON_WS):
+        return _RETRY
+    return obj
+
+
+def _ts(value: Any) -> float | None:
+    """Epoch seconds of a rollout timestamp (``2026-01-02T17:00:00.000Z``); see
+    :func:`memd.clock.parse_iso`, which this only short-cuts for the common form."""
+    if isinstance(value, str) and value[-1:] == "Z":
+        try:
+            return datetime.fromisoformat(value).timestamp()  # Python ≥ 3.11 reads "Z" as UTC
+        except ValueError:
+            pass
+    return parse_iso(value)
 
 
 def parse_session_meta(first_line: bytes) -> SessionMeta | None:
@@ -228,7 +266,7 @@ def _parse_object(obj: dict[str, Any], first: bool) -> LineResult:
         payload = obj["payload"]
         if not isinstance(payload, dict):
             return _UNKNOWN
-        ts = parse_iso(obj.get("timestamp"))
+        ts = _ts(obj.get("timestamp"))
         if kind == "session_meta":
             meta = _session_meta(payload, ts)
             return LineResult(meta=meta) if meta else _UNKNOWN
@@ -251,7 +289,7 @@ def _parse_object(obj: dict[str, Any], first: bool) -> LineResult:
         return _UNKNOWN
     if isinstance(kind, str):
         # Legacy bare response item (no envelope, usually no timestamp).
-        return _response_item(obj, parse_iso(obj.get("timestamp")))
+        return _response_item(obj, _ts(obj.get("timestamp")))
     return _UNKNOWN
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import structlog
 
@@ -250,7 +250,9 @@ class ThreadStats:
 
     def to_json(self) -> str:
         """Serialise to a compact JSON object string."""
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+        # Not ``asdict``: it deep-copies, and the indexer serialises one per file.
+        data = {name: getattr(self, name) for name in _STATS_FIELDS}
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | None) -> ThreadStats:
@@ -282,6 +284,9 @@ class ThreadStats:
             if f.name in data and ok:
                 setattr(stats, f.name, value)
         return stats
+
+
+_STATS_FIELDS = tuple(f.name for f in fields(ThreadStats))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,394 @@
+"""The extraction worker pool (SPEC §6.1, issue 3): fixed concurrency with the slot taken before
+the claim, leases renewed while a job runs, fenced commits, and two processes on one state never
+extracting the same thread at the same time.
+
+Store time is a :class:`~memd.clock.FakeClock` (lease expiry is driven, not waited for); the
+heartbeat runs on real time every ``lease_s / 3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from memd.clock import FakeClock
+from memd.errors import ExtractorError
+from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
+from memd.extract.pool import ExtractionPool
+from memd.memory_files import project_root
+from memd.rollout.session import ThreadStats
+from memd.scheduler import RetryPolicy
+from memd.store.records import FileRecord, ThreadRecord
+from memd.store.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = "/work/demo"
+TRACE = (
+    "# Fixed the build\nTrace context: demo, 2026-01-01, codex, gpt\nUser preferences: none observed\n"
+    "## Task: fix the build\nOutcome: success\nKey steps: pinned the toolchain.\n"
+)
+
+
+def thread_id(n: int) -> str:
+    return f"019b0000-0000-7000-8000-{n:012d}"
+
+
+async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int = 100) -> ThreadRecord:
+    """Index a thread (no rollout on disk: the pool never reads one, ``prepare`` does) and queue it."""
+    thread = ThreadRecord(
+        id=thread_id(n), path=f"/rollouts/{n}.jsonl", project=PROJECT, cwd=PROJECT, source="cli",
+        originator="codex_cli_rs", cli_version="0.77.0", model="gpt-5-codex", title=f"task {n}",
+        created_at=updated_at, updated_at=updated_at, watermark=watermark, user_messages=1,
+        skipped_lines=0, eligible=True, reason=None,
+    )
+    file = FileRecord(path=thread.path, kind="codex", dev=1, inode=1000 + n, size=watermark,
+                      mtime=updated_at, offset=watermark, head_hash="0" * 64, thread_id=thread.id)
+    await store.record_thread(thread, ThreadStats().to_json(), file)
+    await store.upsert_extract_job(thread.id, watermark, priority=updated_at)
+    return thread
+
+
+async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
+    text = f"user: {thread.title}\n"
+    built = BuiltInput(items=(), text=text, raw_json_bytes=len(text), text_bytes=len(text), est_tokens=1)
+    return ExtractionRequest(thread_id=thread.id, project=thread.project, cwd=thread.cwd,
+                             rollout_path=thread.path, updated_at=thread.updated_at, agent="codex",
+                             model=thread.model, built=built, max_input_tokens=max_input_tokens)
+
+
+class GatedExtractor:
+    """Holds every extraction until ``gate`` is set (or for ``hold`` event-loop turns)."""
+
+    name = "gated"
+
+    def __init__(self, *, gated: bool = True, on_start: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.on_start = on_start
+
+    async def extract(self, request: ExtractionRequest) -> ExtractionResult:
+        self.started.append(request.thread_id)
+        if self.on_start is not None:
+            await self.on_start(request.thread_id)
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request.thread_id)
+            raise
+        return ExtractionResult(trace_memory=TRACE + request.thread_id, summary="pinned the toolchain", extractor=self.name)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_767_225_600.0)
+
+
+@pytest.fixture
+async def store(tmp_path, clock):
+    s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=clock)
+    yield s
+    await s.close()
+
+
+def make_pool(store: Store, clock: FakeClock, tmp_path: Path, extractor, *, owner: str = "host:1:a",
+              concurrency: int = 2, lease_s: float = 900.0, retry: RetryPolicy | None = None) -> ExtractionPool:
+    return ExtractionPool(store, clock, extractor=extractor, prepare=prepare, memory_dir=tmp_path / "memory",
+                          owner=owner, concurrency=concurrency, lease_s=lease_s, retry=retry, poll_s=0.05)
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def trace_files(tmp_path: Path) -> list[Path]:
+    root = project_root(tmp_path / "memory", PROJECT)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "PROJECT") if root.is_dir() else []
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims(tmp_path, store, clock):
+    for n in range(5):
+        await add_thread(store, n, updated_at=clock.now() - 100 + n)
+    running_at_claim: list[int] = []
+    running_seen: list[int] = []
+    claimed: list[str] = []
+    real_claim = store.claim_job
+
+    async def running_claims() -> int:
+        return len(await store.list_jobs("extract", "running"))
+
+    async def instrumented_claim(*args, **kwargs):  # type: ignore[no-untyped-def]
+        running_at_claim.append(await running_claims())
+        job = await real_claim(*args, **kwargs)
+        running_seen.append(await running_claims())
+        if job is not None:
+            claimed.append(job.key)
+        return job
+
+    store.claim_job = instrumented_claim  # type: ignore[method-assign]
+
+    async def on_start(_thread: str) -> None:
+        running_seen.append(await running_claims())
+        await asyncio.sleep(0.02)
+
+    extractor = GatedExtractor(on_start=on_start)
+    pool = make_pool(store, clock, tmp_path, extractor, concurrency=2)
+    run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
+    await until(lambda: len(extractor.started) == 2, "two jobs running")
+    for _ in range(20):  # the idle loop cannot claim a third job while both slots are taken
+        await asyncio.sleep(0.01)
+    assert len(extractor.started) == 2
+    assert running_at_claim == [0, 1]
+    extractor.gate.set()
+    await run
+
+    assert pool.stats.done == 5
+    assert max(running_seen) == 2  # the concurrency was used ...
+    assert max(running_at_claim) <= 1  # ... and no claim was made without a free slot
+    # Newest first: priority is the thread's last activity.
+    assert claimed == [thread_id(n) for n in (4, 3, 2, 1, 0)]
+
+
+# --------------------------------------------------------------------------- leases
+
+
+async def test_a_running_job_renews_its_lease_and_cannot_be_taken_over(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)
+    renewals: list[float] = []
+    real_renew = store.renew_job
+
+    async def counting_renew(job, lease_s):  # type: ignore[no-untyped-def]
+        ok = await real_renew(job, lease_s)
+        renewals.append(clock.now())
+        return ok
+
+    store.renew_job = counting_renew  # type: ignore[method-assign]
+    extractor = GatedExtractor()
+    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)  # renewed every 0.1 s
+    run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
+    await until(lambda: extractor.started, "the job started")
+    claimed = await store.get_job("extract", thread_id(1))
+    for _ in range(4):  # 0.8 s of store time in all: far past one lease
+        clock.advance(0.2)
+        seen = len(renewals)
+        await until(lambda: len(renewals) > seen, "a renewal")
+        lease_until = (await store.get_job("extract", thread_id(1))).lease_until
+        assert lease_until == pytest.approx(renewals[-1] + 0.3)
+        assert await store.claim_job("extract", "other:2:b", 0.3) is None  # no takeover
+    extractor.gate.set()
+    await run
+
+    job = await store.get_job("extract", thread_id(1))
+    assert (job.status, job.token, job.attempts) == ("done", claimed.token, 1)
+    assert pool.stats.done == 1 and pool.stats.fenced_out == 0
+    assert (await store.get_memory(thread_id(1))) is not None
+
+
+async def test_a_job_whose_lease_was_taken_over_writes_nothing(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)
+    extractor = GatedExtractor()
+    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=300.0)  # no renewal in this test
+    run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
+    await until(lambda: extractor.started, "the job started")
+    first = await store.get_job("extract", thread_id(1))
+
+    clock.advance(301)  # the lease expired: another daemon re-claims the job
+    taken = await store.claim_job("extract", "other:2:b", 300.0)
+    assert taken is not None and taken.token == first.token + 1
+    extractor.gate.set()  # the first worker finishes late and tries to commit
+    await run
+
+    assert pool.stats.fenced_out == 1 and pool.stats.done == 0
+    assert await store.get_memory(thread_id(1)) is None
+    assert trace_files(tmp_path) == []  # no trace file, no temp file left behind
+    job = await store.get_job("extract", thread_id(1))
+    assert (job.status, job.owner, job.token) == ("running", "other:2:b", taken.token)
+
+
+async def test_a_lost_lease_seen_by_the_heartbeat_stops_the_work(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)
+    allow_renew = asyncio.Event()
+    real_renew = store.renew_job
+
+    async def held_renew(job, lease_s):  # type: ignore[no-untyped-def]
+        await allow_renew.wait()  # the takeover happens before this renewal reaches the store
+        return await real_renew(job, lease_s)
+
+    store.renew_job = held_renew  # type: ignore[method-assign]
+    extractor = GatedExtractor()  # never released: only the lost lease ends the job
+    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)
+    run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
+    await until(lambda: extractor.started, "the job started")
+    clock.advance(1.0)
+    assert await store.claim_job("extract", "other:2:b", 300.0) is not None
+    allow_renew.set()
+    await run
+
+    assert extractor.cancelled == [thread_id(1)]
+    assert pool.stats.fenced_out == 1 and pool.stats.done == 0
+    assert await store.get_memory(thread_id(1)) is None
+    assert (await store.get_job("extract", thread_id(1))).owner == "other:2:b"
+
+
+# --------------------------------------------------------------------------- failures and pauses
+
+
+async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path, store, clock):
+    for n in range(3):
+        await add_thread(store, n, updated_at=clock.now() - 100 + n)
+
+    class FailsOne(GatedExtractor):
+        async def extract(self, request):  # type: ignore[no-untyped-def]
+            if request.thread_id == thread_id(1):
+                raise ExtractorError("model request failed after 4 attempts (server)")
+            return await super().extract(request)
+
+    pool = make_pool(store, clock, tmp_path, FailsOne(gated=False), retry=RetryPolicy(base_s=60, cap_s=3600, max_attempts=5))
+    await pool.run(asyncio.Event(), burst=True)
+    assert (pool.stats.done, pool.stats.failed) == (2, 1)
+    job = await store.get_job("extract", thread_id(1))
+    assert (job.status, job.attempts, job.owner) == ("error", 1, None)
+    assert job.retry_at == pytest.approx(clock.now() + 60)
+    assert "server" in job.last_error
+
+
+async def test_the_pause_reason_is_recorded_for_memd_status_and_cleared_when_it_ends(tmp_path, store, clock):
+    from memd.errors import BudgetExhausted
+
+    for n in range(2):
+        await add_thread(store, n, updated_at=clock.now() - 100 + n)
+    resume_at = clock.now() + 500
+
+    class OverBudget(GatedExtractor):
+        async def extract(self, request):  # type: ignore[no-untyped-def]
+            if clock.now() < resume_at:
+                raise BudgetExhausted("spent", resume_at=resume_at)
+            return await super().extract(request)
+
+    await store.set_meta("model_pause", "left by a previous process")
+    pool = make_pool(store, clock, tmp_path, OverBudget(gated=False), concurrency=1)
+    await pool.run(asyncio.Event(), burst=True)
+    reason = await store.get_meta("model_pause")
+    assert reason == pool.paused_reason and "daily token budget reached" in reason
+    assert {j.status for j in await store.list_jobs("extract")} == {"pending"}
+
+    clock.advance(501)
+    await pool.run(asyncio.Event(), burst=True)
+    assert pool.stats.done == 2
+    assert await store.get_meta("model_pause") is None
+
+
+# --------------------------------------------------------------------------- two processes
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    from pathlib import Path
+
+    from memd.clock import SystemClock
+    from memd.extract.base import ExtractionResult
+    from memd.extract.pool import ExtractionPool
+    from memd.store.store import Store, make_owner
+    from tests.test_pool import TRACE, prepare
+
+    db, memory_dir, log_path, go, ready = sys.argv[1:6]
+    delay_s = float(sys.argv[6])
+
+
+    class Slow:
+        name = "slow"
+
+        def _log(self, what, thread_id):
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, f"{what} {thread_id} {os.getpid()}\\n".encode())
+            finally:
+                os.close(fd)
+
+        async def extract(self, request):
+            self._log("start", request.thread_id)
+            await asyncio.sleep(delay_s)
+            self._log("end", request.thread_id)
+            return ExtractionResult(trace_memory=TRACE, summary="s", extractor="slow")
+
+        async def aclose(self):
+            pass
+
+
+    async def main():
+        store = await Store.open(Path(db), clock=SystemClock())
+        Path(ready).touch()
+        while not os.path.exists(go):
+            await asyncio.sleep(0.01)
+        pool = ExtractionPool(store, SystemClock(), extractor=Slow(), prepare=prepare,
+                              memory_dir=Path(memory_dir), owner=make_owner(), concurrency=2,
+                              lease_s=60.0, poll_s=0.05)
+        await pool.run(asyncio.Event(), burst=True)
+        await store.close()
+        print(json.dumps({"pid": os.getpid(), "done": pool.stats.done, "fenced_out": pool.stats.fenced_out}))
+
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.timeout(120)
+async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_same_time(tmp_path, store, clock):
+    n_threads = 8
+    for n in range(n_threads):
+        await add_thread(store, n, updated_at=time.time() - 1000 + n)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    log_path = tmp_path / "extractions.log"
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    for i in range(2):
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, str(script), str(store.path), str(tmp_path / "memory"), str(log_path), str(go),
+            str(tmp_path / f"ready{i}"), "0.3", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        ))
+    await until(lambda: all((tmp_path / f"ready{i}").exists() for i in range(2)), "both workers ready")
+    go.touch()
+    results = []
+    for proc in procs:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+
+    # O_APPEND writes are atomic and ordered: per thread, the lines must be exactly start, end.
+    per_thread: dict[str, list[tuple[str, str]]] = {}
+    for line in log_path.read_text().splitlines():
+        what, tid, pid = line.split()
+        per_thread.setdefault(tid, []).append((what, pid))
+    assert set(per_thread) == {thread_id(n) for n in range(n_threads)}
+    for tid, entries in per_thread.items():
+        assert [what for what, _ in entries] == ["start", "end"], (tid, entries)
+        assert entries[0][1] == entries[1][1]
+    assert sum(r["done"] for r in results) == n_threads
+    assert all(r["fenced_out"] == 0 for r in results)
+    assert len({pid for entries in per_thread.values() for _, pid in entries}) == 2  # both took work
+    memories = [await store.get_memory(thread_id(n)) for n in range(n_threads)]
+    assert all(m is not None for m in memories)
+    assert {j.status for j in await store.list_jobs("extract")} == {"done"}
