@@ -440,7 +440,9 @@ class Daemon:
         return f"{line}; paused: {paused}" if paused else line
 
     async def serve(self, signals: ShutdownSignals | None = None) -> int:
-        """Run until SIGTERM/SIGINT (or :meth:`stop`); return the exit code (0 on a clean stop).
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); return the exit code (0 on a clean stop,
+        1 when one of its loops ended with an unexpected error — event ``daemon_loop_crashed`` —
+        so that systemd's ``Restart=on-failure`` starts it again).
 
         Shutdown (SPEC §12): stop claiming; let running extractions and the running
         consolidation finish within ``shutdown_grace_s``; then cancel what is left — job claims
@@ -472,6 +474,18 @@ class Daemon:
         interval = watchdog_interval_s()
         if interval:
             tasks.append(asyncio.create_task(watchdog_loop(notifier, interval, self._stop, self.status_line), name="watchdog"))
+        crashed: list[str] = []
+
+        def watch(task: asyncio.Task[object]) -> None:  # a loop must never end on its own
+            if task.cancelled() or self._stop.is_set():
+                return
+            exc = task.exception()
+            crashed.append(task.get_name())
+            log.error("daemon_loop_crashed", loop=task.get_name(), error=repr(exc), exc_info=exc, action="stopping; the service manager restarts memd")
+            self._stop.set()
+
+        for task in tasks:
+            task.add_done_callback(watch)
         force = signals.force_event if signals is not None else asyncio.Event()
         await self._stop.wait()
         notifier.stopping()
@@ -496,8 +510,8 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(graceful, self.pool.cancel_all(), *tasks, return_exceptions=True)
-        log.info("daemon_stopped")
-        return 0
+        log.info("daemon_stopped", crashed=crashed or None)
+        return 1 if crashed else 0
 
     def stop(self) -> None:
         """Ask :meth:`serve` to stop (as SIGTERM does)."""

@@ -189,3 +189,17 @@ def test_table_marks_pass_and_miss() -> None:
     assert " pass " in rows["append_1k_ms"]
     assert " miss " in rows["rss_mb"]
     assert " n/a " in rows["pool_efficiency"]
+
+
+def test_real_pool_runs_every_job(tmp_path: Path) -> None:
+    run_pool = harness.extraction_pool_fn(tmp_path)
+    assert run_pool is not None
+    wall = asyncio.run(run_pool(6, 3, 0.01))
+    assert _is_number(wall) and wall >= 2 * 0.01  # two rounds of sleeps at least
+    (fig,) = harness.bench_pool(run_pool, n_jobs=6, concurrency=3, latency_s=0.01)
+    assert _is_number(fig.value) and _is_number(fig.baseline)
+    # Each run made its own state, and every job wrote its trace file.
+    states = sorted(tmp_path.glob("pool-*"))
+    assert len(states) == 3
+    for state in states:
+        assert len(list((state / "memory").rglob("trace_summaries/*.md"))) == 6

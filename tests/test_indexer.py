@@ -247,3 +247,89 @@ async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Pat
     record = await store.get_file(str(locked))
     assert record is not None and record.error is not None and "unreadable" in record.error
     assert await store.get_thread("019b0000-0000-7000-8000-00000000000d") is not None
+
+
+async def _state(store: Store) -> tuple[list, dict]:
+    threads = [(t.id, t.path, t.watermark, t.source, t.reason, t.project) for t in await store.list_threads()]
+    files = {p: (f.thread_id, f.offset, f.error, f.head_hash) for p, f in (await store.all_files()).items()}
+    return sorted(threads), files
+
+
+def _many_rollouts(root: Path) -> None:
+    """Seven files: five threads, one of them in sessions and (copied) in the archive, and two
+    files that are not sessions."""
+    for n in range(5):
+        tid = f"019b0000-0000-7000-8000-00000000001{n}"
+        rollout_path(root / "sessions", tid, day=f"2026/01/0{n + 1}").write_bytes(
+            meta_line(tid, source="exec" if n == 3 else "cli") + user_line(f"task {n}"))
+    twin = root / "sessions" / "2026/01/01" / "rollout-2026-01-02T10-00-00-019b0000-0000-7000-8000-000000000010.jsonl"
+    (root / "archived").mkdir(parents=True)
+    shutil.copy(twin, root / "archived" / twin.name)
+    rollout_path(root / "sessions", "019b0000-0000-7000-8000-0000000000ff", day="2026/01/06").write_bytes(b"")
+    rollout_path(root / "sessions", "019b0000-0000-7000-8000-0000000000fe", day="2026/01/07").write_bytes(b"{oops\n")
+
+
+@pytest.mark.parametrize("batch_files", [1, 2, 500])
+async def test_batch_size_does_not_change_what_is_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_files: int
+) -> None:
+    """Batched indexing (one head-reading round trip and one transaction per batch) ends in the
+    same state as one file at a time, also when a thread id repeats inside a batch."""
+    import memd.indexer as indexer_module
+
+    _many_rollouts(tmp_path)
+    monkeypatch.setattr(indexer_module, "BATCH_FILES", batch_files)
+    store = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=SystemClock())
+    try:
+        ix = Indexer(store, SystemClock(), roots=[tmp_path / "sessions", tmp_path / "archived"],
+                     max_line_bytes=1 << 20, include_sources=INCLUDE)
+        with capture_logs() as logs:
+            summary = await ix.scan()
+        threads, files = await _state(store)
+    finally:
+        await store.close()
+    assert (summary.files_seen, summary.indexed, summary.unchanged) == (8, 8, 0)
+    assert len(threads) == 5
+    twin_id = "019b0000-0000-7000-8000-000000000010"
+    # Files are visited in path order: the archived copy comes first, the sessions copy last.
+    assert [t[1] for t in threads if t[0] == twin_id] == [
+        str(tmp_path / "sessions/2026/01/01" / f"rollout-2026-01-02T10-00-00-{twin_id}.jsonl")
+    ]
+    assert {t[0]: t[4] for t in threads}["019b0000-0000-7000-8000-000000000013"] == "source:exec"
+    assert sorted(f[2] for f in files.values() if f[2]) == ["empty_file", "no_session_meta"]
+    indexed = [e for e in logs if e["event"] == "thread_indexed"]
+    assert len(indexed) == 6 and {e["log_level"] for e in indexed} == {"debug"}  # 5 + the twin's move
+    # The second copy of the twin sees the thread the first copy created in the same batch.
+    assert [e["thread_id"] for e in indexed if e["moved"]] == [twin_id]
+    done = [e for e in logs if e["event"] == "scan_done"]
+    assert len(done) == 1 and done[0]["new_threads"] == 6 and done[0]["log_level"] == "info"
+    if batch_files == 500:
+        return
+    # The same corpus indexed in one batch gives the same rows.
+    other = await Store.open(tmp_path / "state2" / "memd.sqlite3", clock=SystemClock())
+    try:
+        monkeypatch.setattr(indexer_module, "BATCH_FILES", 500)
+        await Indexer(other, SystemClock(), roots=[tmp_path / "sessions", tmp_path / "archived"],
+                      max_line_bytes=1 << 20, include_sources=INCLUDE).scan()
+        assert await _state(other) == (threads, files)
+    finally:
+        await other.close()
+
+
+async def test_watch_refresh_logs_each_new_thread_at_info(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    ix = make_indexer(store, root)
+    await ix.scan()
+    path = rollout_path(root)
+    path.write_bytes(meta_line() + user_line("hi"))
+    with capture_logs() as logs:
+        summary = await ix.refresh_paths([str(path)])
+        again = await ix.refresh_paths([str(path)])
+    assert summary.indexed == 1 and again.unchanged == 1
+    assert [(e["event"], e["log_level"]) for e in logs if e["event"] == "thread_indexed"] == [
+        ("thread_indexed", "info")
+    ]
+    path.unlink()
+    gone = await ix.refresh_paths([str(path)])
+    assert gone.removed == 1 and await store.get_file(str(path)) is None

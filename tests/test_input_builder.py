@@ -347,3 +347,50 @@ def test_memd_memory_block_inside_a_user_message_is_omitted() -> None:
     text = f"context:\n{MEMD_MEMORY_MARKER}\nold trace memory\n</memd_memory>\nnow fix the bug"
     built = build_input(_parsed([UserMessage(text, origin="event")]))
     assert built.text == "user: context:\n[memd memory omitted]\nnow fix the bug"
+
+
+def test_a_secret_repeated_in_several_items_is_counted_each_time() -> None:
+    gh = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    command = f"export GITHUB_TOKEN={gh}"
+    items: list[Item] = [
+        UserMessage("deploy please", origin="event"),
+        ToolCall("c1", "shell", "shell", command=command, arguments=json.dumps({"command": command})),
+        CommandEnd("c1", command, exit_code=0, output="ok"),  # the same text as the call's command
+        AssistantMessage("done", phase="final_answer"),
+    ]
+    built = build_input(_parsed(items))
+    assert built.redactions == 3  # the call's command and arguments, and the end event's command
+    assert all(gh not in getattr(it, "command", "") for it in built.items)
+
+
+def test_only_kept_text_is_redacted_and_counted() -> None:
+    old_secret = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    items: list[Item] = [UserMessage("start", origin="event")]
+    items.append(ToolCall("c0", "shell", "shell", command="cat .env"))
+    items.append(ToolOutput("c0", f"GH={old_secret}\n" + "y" * 3000, exit_code=0))
+    for k in range(1, 12):  # newer work fills the budget; the first command is dropped
+        items.append(ToolCall(f"c{k}", "shell", "shell", command=f"step {k}"))
+        items.append(ToolOutput(f"c{k}", "z" * 300, exit_code=0))
+    items.append(AssistantMessage("finished", phase="final_answer"))
+    built = build_input(_parsed(items), max_input_tokens=700)
+    assert "cat .env" not in built.text and built.omitted_items >= 2
+    assert built.redactions == 0
+    assert build_input(_parsed(items)).redactions == 1  # kept when everything fits
+
+
+def test_budget_holds_when_redaction_makes_the_text_longer() -> None:
+    # Short secrets grow into "[REDACTED_SECRET]": the budget is checked again after redaction.
+    items: list[Item] = [UserMessage("go", origin="event")]
+    for k in range(40):
+        items.append(ToolCall(f"c{k}", "shell", "shell", command=f"run {k}"))
+        items.append(ToolOutput(f"c{k}", "\n".join(f"API_TOKEN=q{i}" for i in range(6)), exit_code=0))
+    items.append(AssistantMessage("finished", phase="final_answer"))
+    budget_tokens = 1500
+    plain = build_input(_parsed(items), max_input_tokens=10**6)
+    assert plain.omitted_items == 0 and plain.redactions == 240
+    unredacted_bytes = len(plain.text.replace(REDACTED, "q0"))
+    assert unredacted_bytes < budget_tokens * 4 < plain.text_bytes  # fits only before redaction
+    built = build_input(_parsed(items), max_input_tokens=budget_tokens)
+    assert "API_TOKEN=q" not in built.text and built.redactions > 0
+    assert built.text_bytes <= budget_tokens * 4 and built.omitted_items > 0
+    assert "user: go" in built.text and "assistant: finished" in built.text

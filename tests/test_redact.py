@@ -263,3 +263,22 @@ def test_real_rollout_literal_assignment_is_redacted() -> None:
     assert f"CODEMIE_API_KEY: '{REDACTED}'" in out
     assert "apiKey: 'REDACTED_API_KEY'" in out
     assert count > 0
+
+
+def test_every_kind_after_wide_characters_keeps_positions() -> None:
+    # A text with one emoji is stored 4 bytes per character; the scan runs on an ASCII copy
+    # (one byte per character), so positions must line up for each kind.
+    for _, text, secret in PLANTED:
+        wide = f"😀 é {text} ✓"
+        out, count = redact(wide)
+        assert secret not in out and count >= 1, (text, out)
+        assert out.startswith("😀 é ") and out.endswith(" ✓")
+    out, _ = redact("😀 token = 'abc123xyz' secret: \"p4ssw0rd!\" Authorization: Basic dXNlcjpwYXNz")
+    assert out == f"😀 token = '{REDACTED}' secret: \"{REDACTED}\" Authorization: Basic {REDACTED}"
+
+
+def test_flags_after_a_rule_of_dashes() -> None:
+    text = "-" * 2000 + "\n$ deploy ---token ghx7Ab29Qw --password 'hunter2!' --verbose\n" + "-" * 80
+    out, count = redact(text)
+    assert "ghx7Ab29Qw" not in out and "hunter2!" not in out and count == 2
+    assert out.startswith("-" * 2000) and "--verbose" in out

@@ -1085,3 +1085,64 @@ def test_patched_files_skip_failed_patches_and_dedupe() -> None:
         ),
     )
     assert patched_files(items) == ["a.py", "b.py", "e.py", "/w/g.py"]
+
+
+# --- lines recognised without decoding (noise events, reasoning without summary) -------------
+
+
+def _compact(kind: str, payload: dict) -> bytes:
+    """A line as Codex writes it: compact JSON, timestamp first."""
+    obj = {"timestamp": "2026-03-08T10:22:22.981Z", "type": kind, "payload": payload}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+TOKEN_COUNT = _compact(
+    "event_msg",
+    {"type": "token_count", "info": {"total_token_usage": {"input_tokens": 5}}, "rate_limits": None},
+)
+
+
+def test_compact_noise_lines_are_empty_and_counted_once() -> None:
+    reasoning = _compact("response_item", {"type": "reasoning", "summary": [], "encrypted_content": "gAAA" * 50})
+    parsed = parse_rollout_bytes(TOKEN_COUNT + reasoning + TOKEN_COUNT)
+    assert (parsed.lines, parsed.skipped_lines, parsed.unknown_lines, parsed.items) == (3, 0, 0, [])
+    assert parse_line(TOKEN_COUNT) == parse_line(_env("event_msg", {"type": "token_count"}))
+
+
+def test_cut_or_garbled_compact_noise_lines_are_still_malformed() -> None:
+    cut = TOKEN_COUNT[:70] + b"\n"  # ends inside the payload
+    unbalanced = TOKEN_COUNT.replace(b"{\"input_tokens\"", b"{{\"input_tokens\"")
+    with capture_logs():
+        parsed = parse_rollout_bytes(cut + unbalanced + TOKEN_COUNT)
+    assert (parsed.lines, parsed.skipped_lines) == (3, 2)
+    assert parse_line(cut).malformed == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        # A reasoning item with a summary is kept.
+        (_compact("response_item", {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}]}),
+         (Reasoning(summary="plan", ts=1772965342.981),)),
+        # A modelled event that looks like the noise lines is decoded.
+        (_compact("event_msg", {"type": "user_message", "message": "fix it"}),
+         (UserMessage(text="fix it", origin="event", injected=False, images=0, ts=1772965342.981),)),
+        # Not ASCII: the full path (same result).
+        (_compact("event_msg", {"type": "agent_reasoning", "text": "café"}), ()),
+        # Another key between timestamp and type (newer files): the full path.
+        (b'{"timestamp":"2026-03-08T10:22:22.981Z","ordinal":3,"type":"event_msg","payload":{"type":"token_count","info":null}}\n', ()),
+    ],
+)
+def test_lines_near_the_noise_shape_parse_normally(line: bytes, expected: tuple) -> None:
+    result = parse_line(line)
+    assert result.items == expected and result.malformed is None and not result.unknown
+
+
+def test_patch_headers_count_only_at_line_starts() -> None:
+    patch = (
+        "*** Begin Patch\n*** Update File: src/a.py\n@@\n-x\n+y\n"
+        "note: *** Add File: not/a/file.py\n*** Add File: b.txt\n+new\n*** End Patch"
+    )
+    call = _compact("response_item", {"type": "custom_tool_call", "name": "apply_patch", "input": patch, "call_id": "c1"})
+    (item,) = parse_line(call).items
+    assert isinstance(item, ToolCall) and item.patch_files == ("src/a.py", "b.txt")

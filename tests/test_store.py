@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import stat
 import sys
@@ -225,6 +226,46 @@ async def test_record_file_upserts_and_list_threads_is_newest_first(store: Store
     await add_thread(store, "new", updated_at=30.0)
     await add_thread(store, "mid", updated_at=20.0)
     assert [t.id for t in await store.list_threads()] == ["new", "mid", "old"]
+
+
+async def test_record_threads_writes_a_batch_in_one_transaction(store: Store) -> None:
+    threads = [make_thread(f"t{i}", updated_at=float(i)) for i in range(5)]
+    batch = [(t, f'{{"n": {i}}}', make_file(t.path, t.id, t.watermark)) for i, t in enumerate(threads)]
+    empty = dataclasses.replace(make_file("/s/empty.jsonl", None, 0), error="empty_file")
+    await store.record_threads(batch, files=[empty])
+    assert [t.id for t in await store.list_threads()] == ["t4", "t3", "t2", "t1", "t0"]
+    assert await store.get_thread_stats("t3") == '{"n": 3}'
+    files = await store.all_files()
+    assert set(files) == {t.path for t in threads} | {"/s/empty.jsonl"}
+    assert files["/s/empty.jsonl"] == empty
+    # Rows are written in order: a later entry for the same thread id wins.
+    moved = make_thread("t0", path="/s/archived/t0.jsonl", watermark=7)
+    await store.record_threads([(threads[0], "{}", batch[0][2]), (moved, "{}", make_file(moved.path, "t0", 7))])
+    got = await store.get_thread("t0")
+    assert got is not None and (got.path, got.watermark) == ("/s/archived/t0.jsonl", 7)
+    await store.record_threads([])  # nothing to write: no transaction, no error
+
+
+async def test_batch_lookups_and_forget_files(store: Store) -> None:
+    for i in range(3):
+        await add_thread(store, f"t{i}")
+    got = await store.get_threads(["t0", "t2", "missing", "t2"])
+    assert set(got) == {"t0", "t2"} and got["t2"] == make_thread("t2")
+    assert await store.get_threads([]) == {}
+    files = await store.get_files(["/s/t1.jsonl", "/s/nope.jsonl"])
+    assert list(files) == ["/s/t1.jsonl"] and files["/s/t1.jsonl"].thread_id == "t1"
+    assert await store.forget_files(["/s/t0.jsonl", "/s/t1.jsonl", "/s/nope.jsonl"]) == 2
+    assert set(await store.all_files()) == {"/s/t2.jsonl"}
+    assert {t.id for t in await store.list_threads()} == {"t0", "t1", "t2"}  # threads are kept
+
+
+async def test_ensure_project_is_idempotent_and_updates_the_root(store: Store) -> None:
+    first = await store.ensure_project("/p", "/mem/a")
+    again = await store.ensure_project("/p", "/mem/a")
+    assert first == again and first.memory_root == "/mem/a"
+    moved = await store.ensure_project("/p", "/mem/b")
+    assert moved.memory_root == "/mem/b"
+    assert (await store.get_project("/p")) == moved
 
 
 # ---------------------------------------------------------------------- jobs

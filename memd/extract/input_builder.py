@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import structlog
 
 from memd.extract.base import BuiltInput
 from memd.extract.contract import cut_middle
-from memd.extract.redact import redact_many
+from memd.extract.redact import redact, redact_many
 from memd.rollout.codex import MEMD_MEMORY_MARKER
 from memd.rollout.records import (
     AssistantMessage,
@@ -326,37 +327,44 @@ def _cap_items(
             it = items[i]
             if isinstance(it, UserMessage):
                 text = _strip_memd_blocks(it.text) if MEMD_MEMORY_MARKER in it.text else it.text
-                capped[i] = {"text": cut_middle(text, message_cap)}
+                capped[i] = {"text": _cap(text, message_cap)}
             elif isinstance(it, AssistantMessage):
                 cap = message_cap if unit.final else COMMENTARY_CAP_BYTES
-                capped[i] = {"text": cut_middle(it.text, cap)}
+                capped[i] = {"text": _cap(it.text, cap)}
             elif isinstance(it, Reasoning):
                 capped[i] = {"summary": _head(it.summary, REASONING_CAP_BYTES)}
             elif isinstance(it, ToolCall):
                 fields: dict[str, str] = {}
                 if it.command is not None:
-                    fields["command"] = cut_middle(it.command, message_cap)
+                    fields["command"] = _cap(it.command, message_cap)
                 if it.kind == "patch":
-                    fields["arguments"] = cut_middle(it.arguments, PATCH_HUNKS_CAP_BYTES + 512)
+                    fields["arguments"] = _cap(it.arguments, PATCH_HUNKS_CAP_BYTES + 512)
                 elif it.kind == "shell":
-                    fields["arguments"] = cut_middle(it.arguments, SHELL_ARGS_CAP_BYTES)
+                    fields["arguments"] = _cap(it.arguments, SHELL_ARGS_CAP_BYTES)
                 else:
-                    fields["arguments"] = cut_middle(it.arguments, TOOL_ARGS_CAP_BYTES)
+                    fields["arguments"] = _cap(it.arguments, TOOL_ARGS_CAP_BYTES)
                 capped[i] = fields
             elif isinstance(it, ToolOutput):
-                capped[i] = {"output": cut_middle(it.output, output_cap)}
+                capped[i] = {"output": _cap(it.output, output_cap)}
             elif isinstance(it, CommandEnd):
                 capped[i] = {
-                    "command": cut_middle(it.command, message_cap),
-                    "output": cut_middle(it.output, output_cap),
+                    "command": _cap(it.command, message_cap),
+                    "output": _cap(it.output, output_cap),
                 }
             elif isinstance(it, Compaction):
-                capped[i] = {"message": cut_middle(it.message, message_cap)}
+                capped[i] = {"message": _cap(it.message, message_cap)}
             elif isinstance(it, TurnEvent) and it.text:
-                capped[i] = {"text": cut_middle(it.text, EVENT_TEXT_CAP_BYTES)}
+                capped[i] = {"text": _cap(it.text, EVENT_TEXT_CAP_BYTES)}
             else:
                 capped[i] = {}
     return capped
+
+
+def _cap(text: str, max_bytes: int) -> str:
+    """:func:`cut_middle`, with a fast path for ASCII text that fits (no encoding needed)."""
+    if len(text) <= max_bytes and text.isascii():
+        return text
+    return cut_middle(text, max_bytes)
 
 
 def _apply(items: list[Item], capped: dict[int, dict[str, str]]) -> dict[int, Item]:
@@ -385,11 +393,20 @@ def _redact(shown: dict[int, Item], capped: dict[int, dict[str, str]]) -> tuple[
         for name, text in fields.items():
             keys.append((i, name))
             texts.append(text)
-    redacted, count = redact_many(texts)
+    # The same text often appears twice (a command in its call and in its end event, ...):
+    # scan each distinct text once, and count its secrets once per occurrence.
+    distinct = list(dict.fromkeys(texts))
+    redacted, count = redact_many(distinct)
     if not count:
         return set(), 0
+    clean = dict(zip(distinct, redacted, strict=True))
+    if len(distinct) < len(texts):
+        for text, times in Counter(texts).items():
+            if times > 1 and clean[text] != text:
+                count += (times - 1) * redact(text)[1]
     updates: dict[int, dict[str, str]] = {}
-    for (i, name), before, after in zip(keys, texts, redacted, strict=True):
+    for (i, name), before in zip(keys, texts, strict=True):
+        after = clean[before]
         if after != before:
             updates.setdefault(i, {})[name] = after
     for i, fields in updates.items():

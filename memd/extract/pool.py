@@ -386,6 +386,8 @@ class ExtractionPool:
         dead = self._retry.is_dead(job.attempts)
         retry_at = None if dead else self._clock.now() + self._retry.delay_s(job.attempts)
         expected = isinstance(exc, (ExtractorError, MemoryWriteError, StoreError))
+        if isinstance(exc, StoreError):
+            self._note_fault("extract_failed", message)
         level = bound.error if dead or not expected else bound.warning
         level(
             "extract_failed",
@@ -418,7 +420,6 @@ class ExtractionPool:
         )
         output = normalise(result.trace_memory, result.summary, context=context)
         root = await asyncio.to_thread(memory_files.ensure_project_root, self._memory_dir, thread.project)
-        await self._store.ensure_project(thread.project, str(root))
         relpath = None if output.noop else memory_files.trace_relpath(thread.id, thread.title or "trace")
         memory = MemoryRecord(
             thread_id=thread.id,
@@ -477,6 +478,8 @@ class ExtractionPool:
     ) -> None:
         """Stage the trace file, commit the ``memories`` row (fenced), rename the file into place.
 
+        The project's row (with its memory root) is made sure of first, under the same retry.
+
         ``content`` ``None`` is a no-op memory: the thread's trace files are removed after the
         commit. A store failure is retried (``STORE_RETRY_ATTEMPTS``, event
         ``extract_commit_retry``) while the staged file waits; a final failure or a refused
@@ -498,6 +501,7 @@ class ExtractionPool:
         try:
             for attempt in range(1, STORE_RETRY_ATTEMPTS + 1):
                 try:
+                    await self._store.ensure_project(memory.project, str(root))
                     committed = await self._store.finish_extract(job, memory)
                     break
                 except StoreError as exc:

@@ -40,10 +40,12 @@ The assignment rule (documented decision, SPEC §14 "key/token/secret/password =
 * *Weak* names (bare ``key`` or another ``*_key`` such as ``cache_key``) are redacted only when
   the value looks like a key: sixteen characters or more, letters and digits, no spaces.
 
-Speed: every family is guarded by a cheap substring pre-check (``str.__contains__``), so text
-without any trigger costs a handful of C-level scans; the regexes run only where a trigger
-occurs. Secret spans found by different families are merged before the single rebuild of the
-string, so the cost is linear in the text size.
+Speed: the patterns run on an ASCII copy of the text as bytes (non-ASCII characters become
+``?``, one byte each, so indices match; a ``str`` with one emoji is stored with 4 bytes per
+character and scans slower) and on its lower-cased copy. Every pattern starts with a literal,
+which ``re`` finds with a tight C loop (from a rare letter of the keyword where that helps);
+families with the same first literal share one pattern, so a text costs 16 such passes. Secret spans found by different families are merged before
+the single rebuild of the string, so the cost is linear in the text size.
 """
 
 from __future__ import annotations
@@ -53,8 +55,7 @@ import re
 #: The replacement for every secret.
 REDACTED = "[REDACTED_SECRET]"
 
-# Every pattern starts with a literal so that ``re`` scans for it at C speed; the "not preceded
-# by a word character" checks are lookbehinds placed after the literal for the same reason.
+# The PEM patterns run on the text itself (only when "PRIVATE KEY" occurs).
 _PEM = re.compile(
     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
     r"(?:[^\x00]*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
@@ -63,37 +64,54 @@ _PEM = re.compile(
 )
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
 _PEM_BODY_LINE = re.compile(r"[A-Za-z0-9+/=]+")
-_OPENAI = re.compile(r"sk-(?<![A-Za-z0-9_-]sk-)(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}")
-_STRIPE = re.compile(r"k_(?:live|test)_[A-Za-z0-9]{10,}")  # preceded by s/r: checked in code
-_AWS_IDS = (
-    re.compile(r"AKIA(?<![A-Z0-9]AKIA)[A-Z0-9]{16}(?![A-Z0-9])"),
-    re.compile(r"ASIA(?<![A-Z0-9]ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
+# The other patterns run on an ASCII copy of the text (bytes, every non-ASCII character
+# replaced by "?", so indices are the text's): one byte per character is the cheapest scan.
+# Every pattern starts with a literal so that ``re`` scans for it at C speed; the "not preceded
+# by a word character" checks are lookbehinds placed after the literal for the same reason.
+# Families that share a first literal are one pattern (one pass over the text).
+# Some patterns start at a rarer letter inside their keyword (the scan stops less often) and
+# check the rest with a lookbehind: the match then starts that many characters late.
+_OPENAI = re.compile(  # "sk-", matched from its "k" (1 late)
+    rb"k-(?<=sk-)(?<![A-Za-z0-9_-]sk-)(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"
 )
-_AWS_SECRET_AFTER = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+_STRIPE = re.compile(rb"k_(?:live|test)_[A-Za-z0-9]{10,}")  # preceded by s/r: checked in code
+_AWS_ID = re.compile(rb"A[KS]IA(?<![A-Z0-9]A[KS]IA)[A-Z0-9]{16}(?![A-Z0-9])")  # AKIA, ASIA
+_AWS_SECRET_AFTER = re.compile(rb"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 _PREFIXED = (
-    re.compile(r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{30,}"),
-    re.compile(r"github_pat_(?<![A-Za-z0-9_]github_pat_)[A-Za-z0-9_]{30,}"),
-    re.compile(r"glpat-(?<![A-Za-z0-9_]glpat-)[A-Za-z0-9_-]{20,}"),
-    re.compile(r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"AIza(?<![A-Za-z0-9_]AIza)[0-9A-Za-z_-]{35}"),
-    re.compile(r"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    re.compile(  # GitHub ghp_/gho_/ghs_/ghu_/ghr_ and github_pat_, GitLab glpat-
+        rb"g(?<![A-Za-z0-9_]g)"
+        rb"(?:h[pousr]_[A-Za-z0-9]{30,}|ithub_pat_[A-Za-z0-9_]{30,}|lpat-[A-Za-z0-9_-]{20,})"
+    ),
+    re.compile(rb"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(rb"AIza(?<![A-Za-z0-9_]AIza)[0-9A-Za-z_-]{35}"),
 )
-# The following run on the lower-cased text (same indices as the original).
-_BEARER = re.compile(r"bearer(?<![a-z0-9_]bearer)[ \t]+([a-z0-9._~+/-]{8,}=*)")
-_AUTHORIZATION = re.compile(
-    r"authorization[\"']?[ \t]*[:=][ \t]*[\"']?"
-    r"(?:(?:basic|token|digest|negotiate)[ \t]+)?([^\s\"',;]{6,})"
+_JWT = re.compile(  # "eyJ", matched from its "J" (2 late)
+    rb"J(?<=eyJ)(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
 )
-_URL_CREDS = re.compile(r"://([^\s/@:\"'<>]+:[^\s/@\"'<>]+)@")
+_URL_CREDS = re.compile(rb"://([^\s/@:\"'<>]+:[^\s/@\"'<>]+)@")
+# The following run on the lower-cased ASCII copy (same indices as the original).
+_BEARER = re.compile(rb"bearer(?<![a-z0-9_]bearer)[ \t]+([a-z0-9._~+/-]{8,}=*)")
+_AUTHORIZATION = re.compile(  # only group 1 is used: matched from the "z" of "authorization"
+    rb"zation(?<=authorization)[\"']?[ \t]*[:=][ \t]*[\"']?"
+    rb"(?:(?:basic|token|digest|negotiate)[ \t]+)?([^\s\"',;]{6,})"
+)
+# Not started inside a run of dashes (a "-----" rule line would cost quadratic time; the match
+# starting at the run's first two dashes is the same one).
 _FLAG = re.compile(
-    r"--[a-z0-9_-]*?(?:password|passwd|passphrase|token|secret|api-key|api_key|apikey)"
-    r"[ \t]+(?!-)([^\s\"']+|\"[^\"\n]*\"|'[^'\n]*')"
+    rb"--(?<!---)[a-z0-9_-]*?(?:password|passwd|passphrase|token|secret|api-key|api_key|apikey)"
+    rb"[ \t]+(?!-)([^\s\"']+|\"[^\"\n]*\"|'[^'\n]*')"
 )
 # Assignment candidates: a secret keyword, an optional closing quote of a JSON/dict key, then
-# ``:`` or ``=`` (not ``==``, ``=>``, ``::``).
+# ``:`` or ``=`` (not ``==``, ``=>``, ``::``). ``(pattern, characters the match starts late)``.
 _ASSIGNS = tuple(
-    re.compile(kw + r"(\\?[\"']?)[ \t]*([:=])(?![=>:])")
-    for kw in ("key", "token", "secret", "pass(?:word|wd|phrase)", "pwd", "credentials?")
+    (re.compile(kw + rb"(\\?[\"']?)[ \t]*([:=])(?![=>:])"), late)
+    for kw, late in (
+        (rb"key", 0),
+        (rb"ken(?<=token)", 2),
+        (rb"cret(?<=secret)", 2),
+        (rb"p(?:ass(?:word|wd|phrase)|wd)", 0),
+        (rb"credentials?", 0),
+    )
 )
 _SEPARATOR = "\n\x00\n"
 _KEY_QUALIFIERS = (
@@ -162,52 +180,52 @@ def redact(text: str) -> tuple[str, int]:
         return text, 0
     spans: list[tuple[int, int]] = []
     add = spans.append
+    # One byte per character, non-ASCII ones as "?": indices match ``text``.
+    raw = text.encode("ascii") if text.isascii() else text.encode("ascii", "replace")
 
-    if "PRIVATE KEY" in text:
+    if b"PRIVATE KEY" in raw:
         _find_pem(text, add)
-    for m in _OPENAI.finditer(text):
-        if _has_digit_and_letter(m.group()[3:]):
-            add(m.span())
-    for m in _STRIPE.finditer(text):
+    for m in _OPENAI.finditer(raw):
+        if _has_digit_and_letter(text[m.start() + 2 : m.end()]):
+            add((m.start() - 1, m.end()))
+    for m in _STRIPE.finditer(raw):
         start = m.start() - 1
         if start >= 0 and text[start] in "sr" and (start == 0 or not _is_word(text[start - 1])):
             add((start, m.end()))
-    for pattern in _AWS_IDS:
-        for m in pattern.finditer(text):
-            add(m.span())
-            window_end = min(len(text), m.end() + 300)
-            nul = text.find("\x00", m.end(), window_end)
-            if nul != -1:
-                window_end = nul
-            for s in _AWS_SECRET_AFTER.finditer(text, m.end(), window_end):
-                if _looks_like_aws_secret(s.group()):
-                    add(s.span())
-                    break
+    for m in _AWS_ID.finditer(raw):
+        add(m.span())
+        window_end = min(len(raw), m.end() + 300)
+        nul = raw.find(b"\x00", m.end(), window_end)
+        if nul != -1:
+            window_end = nul
+        for s in _AWS_SECRET_AFTER.finditer(raw, m.end(), window_end):
+            if _looks_like_aws_secret(text[s.start() : s.end()]):
+                add(s.span())
+                break
     for pattern in _PREFIXED:
-        for m in pattern.finditer(text):
+        for m in pattern.finditer(raw):
             add(m.span())
-    for m in _URL_CREDS.finditer(text):
+    for m in _JWT.finditer(raw):
+        add((m.start() - 2, m.end()))
+    for m in _URL_CREDS.finditer(raw):
         add(m.span(1))
 
-    # ASCII-only lower-casing keeps every index of ``text`` (non-ASCII characters become "?").
-    lowered = (
-        text.lower() if text.isascii() else text.encode("ascii", "replace").lower().decode("ascii")
-    )
+    lowered = raw.lower()  # ASCII letters only: indices still match
     for m in _BEARER.finditer(lowered):
         token = text[m.start(1) : m.end(1)]
         if len(token) >= 24 or any(c.isdigit() for c in token):
             add(m.span(1))
     for m in _AUTHORIZATION.finditer(lowered):
-        value = m.group(1)
+        value = m.group(1).decode("ascii")
         if not _is_placeholder(value) and value != "bearer" and "(" not in value:
             add(m.span(1))
     for m in _FLAG.finditer(lowered):
-        value = m.group(1).strip("\"'")
+        value = m.group(1).decode("ascii").strip("\"'")
         if value and not _is_placeholder(value):
             add(m.span(1))
-    for pattern in _ASSIGNS:
+    for pattern, late in _ASSIGNS:
         for m in pattern.finditer(lowered):
-            _check_assignment(text, m, add)
+            _check_assignment(text, m, m.start() - late, add)
 
     if not spans:
         return text, 0
@@ -289,14 +307,14 @@ def _find_pem(text: str, add) -> None:
             add((start, m.end()))
 
 
-def _check_assignment(text: str, m: re.Match[str], add) -> None:
+def _check_assignment(text: str, m: re.Match[bytes], kw_start: int, add) -> None:
     """Add the value span of one ``name = value`` / ``name: value`` candidate (see module doc).
 
-    ``m`` matched the lower-cased text: it starts at the secret keyword; group 1 is an optional
-    closing quote of the name, group 2 the separator.
+    ``m`` matched the lower-cased ASCII copy of ``text`` (same indices); the secret keyword
+    starts at ``kw_start``; group 1 is an optional closing quote of the name, group 2 the
+    separator.
     """
     n = len(text)
-    kw_start = m.start()
     kw_end = m.start(1)
     name_start = kw_start
     while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
@@ -305,8 +323,8 @@ def _check_assignment(text: str, m: re.Match[str], add) -> None:
     strength = _name_strength(name.lower(), text[kw_start:kw_end].lower())
     if strength == 0:
         return
-    quoted_name = m.group(1) != ""
-    sep = m.group(2)
+    quoted_name = m.end(1) > m.start(1)
+    sep = text[m.start(2)]
     space_before_sep = m.start(2) > m.end(1)
 
     i = m.end()

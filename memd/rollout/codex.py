@@ -160,11 +160,15 @@ _SHELL_TOOLS = frozenset(
     {"shell", "shell_command", "exec_command", "local_shell", "container.exec"}
 )
 _SHELLS = frozenset({"bash", "sh", "zsh", "dash", "ksh", "fish"})
-_PATCH_HEADER = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
+# Not anchored with "^": a leading literal lets ``re`` scan fast; line starts are checked in code.
+_PATCH_HEADER = re.compile(r"\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
 _EXIT_CODE_TEXT = re.compile(r"\s*Exit code: (-?\d+)\b")
 _PROCESS_EXITED = re.compile(r"^Process exited with code (-?\d+)\b", re.M)
 
 _EMPTY = LineResult()
+#: The result of a line that carries nothing memd keeps (``parse_line`` returns this very
+#: object, so callers may test it with ``is``).
+EMPTY_LINE = _EMPTY
 _UNKNOWN = LineResult(unknown=True)
 
 
@@ -182,6 +186,17 @@ def parse_line(raw: bytes, *, first: bool = False) -> LineResult:
         shape; ``malformed`` = ``invalid_utf8`` / ``invalid_json`` / ``not_an_object``.
         Never raises.
     """
+    result = parse_record(raw, first=first)
+    return result if type(result) is LineResult else LineResult(items=(result,))
+
+
+def parse_record(raw: bytes, *, first: bool = False) -> LineResult | Item:
+    """:func:`parse_line` for the hot loop of :class:`~memd.rollout.session.RolloutParser`: a
+    line that yields exactly one item returns that item itself instead of a
+    :class:`LineResult` around it (most lines do; the wrapper is measurable). Never raises.
+    """
+    if raw.startswith(b'{"timestamp":"') and _is_noise(raw):
+        return _EMPTY
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -205,6 +220,49 @@ def parse_line(raw: bytes, *, first: bool = False) -> LineResult:
         return _parse_object(obj, first)
     except Exception:  # noqa: BLE001 - last resort: a line of valid JSON must never crash a reader
         return _UNKNOWN
+
+
+#: Noise event types as bytes, for :func:`_is_noise`.
+_NOISE_EVENT_NAMES = frozenset(t.encode("ascii") for t in _NOISE_EVENT_TYPES)
+_EVENT_HEAD = b'event_msg","payload":{"type":"'
+_REASONING_HEAD = b'response_item","payload":{"type":"reasoning","summary":[]'
+
+
+def _is_noise(raw: bytes) -> bool:
+    """Recognise a well-formed line that parses to nothing without decoding it: a noise event
+    (``token_count`` is about a line in five of a real rollout) or a reasoning item with an
+    empty summary (its ``encrypted_content`` is kilobytes). Decoding them only to drop them is
+    most of their cost.
+
+    Only a line as Codex writes it (compact JSON: ``{"timestamp":"<no quote>","type":"...``
+    with the payload type right after), ASCII only, ending in ``}``, with balanced braces and
+    brackets and an even number of quotes qualifies; anything else (a cut or garbled line
+    included) takes the full path, so malformed lines are still counted. A line of that exact
+    shape that is nevertheless invalid JSON inside is not detected.
+    """
+    at = raw.find(b'","type":"', 14, 64)  # the caller checked that the line starts with the timestamp
+    if at < 0 or raw.find(b'"', 14, at) >= 0:
+        return False
+    at += 10
+    if raw.startswith(_EVENT_HEAD, at):
+        start = at + len(_EVENT_HEAD)
+        end = raw.find(b'"', start, start + 64)
+        if end < 0 or raw[start:end] not in _NOISE_EVENT_NAMES or raw[end + 1 : end + 2] not in (b",", b"}"):
+            return False
+    elif raw.startswith(_REASONING_HEAD, at):
+        after = at + len(_REASONING_HEAD)
+        if raw[after : after + 1] not in (b",", b"}"):
+            return False
+    else:
+        return False
+    body = raw.rstrip(b"\r\n")
+    return (
+        body.endswith(b"}")
+        and body.isascii()
+        and body.count(b"{") == body.count(b"}")
+        and body.count(b"[") == body.count(b"]")
+        and body.count(b'"') % 2 == 0
+    )
 
 
 _RETRY: Any = object()
@@ -260,7 +318,7 @@ def is_injected_text(text: str) -> bool:
 # --- dispatch -----------------------------------------------------------------------------
 
 
-def _parse_object(obj: dict[str, Any], first: bool) -> LineResult:
+def _parse_object(obj: dict[str, Any], first: bool) -> LineResult | Item:
     kind = obj.get("type")
     if "payload" in obj and isinstance(kind, str):
         payload = obj["payload"]
@@ -293,8 +351,8 @@ def _parse_object(obj: dict[str, Any], first: bool) -> LineResult:
     return _UNKNOWN
 
 
-def _one(item: Item | None) -> LineResult:
-    return LineResult(items=(item,)) if item is not None else _EMPTY
+def _one(item: Item | None) -> LineResult | Item:
+    return item if item is not None else _EMPTY
 
 
 # --- session meta -------------------------------------------------------------------------
@@ -377,7 +435,7 @@ def _source(value: Any) -> tuple[str, str | None]:
 # --- response items -----------------------------------------------------------------------
 
 
-def _response_item(p: dict[str, Any], ts: float | None) -> LineResult:
+def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     kind = _str(p.get("type"))
     if kind == "message":
         return _message(p, ts)
@@ -435,7 +493,7 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult:
     return _UNKNOWN
 
 
-def _message(p: dict[str, Any], ts: float | None) -> LineResult:
+def _message(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     role = p.get("role")
     text, images = _content_text(p.get("content"))
     if role == "user":
@@ -546,7 +604,9 @@ def _patch_files(patch: str) -> tuple[str, ...]:
     """Files named by ``*** Add/Update/Delete File:`` and ``*** Move to:`` headers, in order."""
     seen: dict[str, None] = {}
     for match in _PATCH_HEADER.finditer(patch):
-        seen.setdefault(match.group(1), None)
+        start = match.start()
+        if start == 0 or patch[start - 1] == "\n":
+            seen.setdefault(match.group(1), None)
     return tuple(seen)
 
 
@@ -583,7 +643,8 @@ def _text_exit_code(text: str) -> int | None:
     match = _EXIT_CODE_TEXT.match(text)
     if match:
         return int(match.group(1))
-    header = text.split("\nOutput:", 1)[0] if "\nOutput:" in text else text[:2000]
+    end = text.find("\nOutput:")
+    header = text[:end] if end >= 0 else text[:2000]
     match = _PROCESS_EXITED.search(header)
     return int(match.group(1)) if match else None
 
@@ -591,7 +652,7 @@ def _text_exit_code(text: str) -> int | None:
 # --- events -------------------------------------------------------------------------------
 
 
-def _event(p: dict[str, Any], ts: float | None) -> LineResult:
+def _event(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     kind = _str(p.get("type"))
     if kind == "user_message":
         text = _str(p.get("message")) or ""
@@ -696,7 +757,14 @@ def _arguments_text(value: Any) -> str:
 
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(text)
+        if text[:1] == "{":
+            value = _decode_object(text)
+            if value is _RETRY:
+                value = json.loads(text)  # raises "Extra data"
+        elif text.lstrip()[:1] == "{":
+            value = json.loads(text)
+        else:
+            return None  # not an object: no need to parse (patches, plain text)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

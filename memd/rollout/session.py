@@ -26,10 +26,12 @@ from dataclasses import dataclass, fields
 
 import structlog
 
-from memd.rollout.codex import parse_line
+from memd.rollout.codex import EMPTY_LINE as _EMPTY
+from memd.rollout.codex import parse_record
 from memd.rollout.records import (
     CommandEnd,
     Item,
+    LineResult,
     ParsedRollout,
     PatchApplied,
     ToolCall,
@@ -84,9 +86,17 @@ class RolloutParser:
     def feed(self, lines: Iterable[bytes]) -> None:
         """Parse complete lines (each with or without its trailing ``\\n``). Never raises."""
         res = self._result
+        add_item = res.items.append
+        add_line_bytes = res.item_line_bytes.append
         for raw in lines:
-            parsed = parse_line(raw, first=self._at_head and res.lines == 0)
+            parsed = parse_record(raw, first=self._at_head and res.lines == 0)
             res.lines += 1
+            if parsed is _EMPTY:  # nothing to keep or count
+                continue
+            if type(parsed) is not LineResult:  # the most frequent outcome: one item
+                add_item(parsed)
+                add_line_bytes(len(raw) if raw.endswith(b"\n") else len(raw) + 1)
+                continue
             if parsed.malformed:
                 self._skip(parsed.malformed)
             elif parsed.unknown:
@@ -97,9 +107,10 @@ class RolloutParser:
                 else:
                     res.extra_metas.append(parsed.meta)
             line_bytes = len(raw) if raw.endswith(b"\n") else len(raw) + 1
-            for i, item in enumerate(parsed.items):
-                res.items.append(item)
-                res.item_line_bytes.append(line_bytes if i == 0 else 0)
+            for item in parsed.items:
+                add_item(item)
+                add_line_bytes(line_bytes)
+                line_bytes = 0  # a line's bytes are counted once, with its first item
 
     def feed_malformed(self, count: int, reason: str) -> None:
         """Count ``count`` lines the reader rejected without parsing (e.g. ``line_too_long``).
@@ -140,20 +151,10 @@ def parse_rollout_bytes(data: bytes, *, path: str = "") -> ParsedRollout:
         The :class:`ParsedRollout`. Never raises.
     """
     parser = RolloutParser(path=path)
-    end = data.rfind(b"\n")
-    if end >= 0:
-        parser.feed(_split_lines(data[: end + 1]))
+    lines = data.split(b"\n")
+    lines.pop()  # the bytes after the last newline: a partial line, or b""
+    parser.feed(lines)
     return parser.result
-
-
-def _split_lines(data: bytes) -> Iterable[bytes]:
-    start = 0
-    while True:
-        nl = data.find(b"\n", start)
-        if nl < 0:
-            return
-        yield data[start : nl + 1]
-        start = nl + 1
 
 
 def real_user_messages(items: Iterable[Item]) -> list[UserMessage]:

@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiosqlite
 import structlog
@@ -53,6 +53,8 @@ from memd.store.records import (
 
 log = structlog.get_logger("memd.store")
 
+_R = TypeVar("_R")
+
 #: Kind of a phase-1 job (key = thread id).
 EXTRACT = "extract"
 #: Kind of a phase-2 job (key = project key).
@@ -70,8 +72,9 @@ def make_owner() -> str:
 
 
 def _thread(row: Mapping[str, Any]) -> ThreadRecord:
-    rec = ThreadRecord.from_row(row)
-    return dataclasses.replace(rec, eligible=bool(rec.eligible))
+    values = {name: row[name] for name in _field_names(ThreadRecord)}
+    values["eligible"] = bool(values["eligible"])
+    return ThreadRecord(**values)
 
 
 def _short(error: str) -> str:
@@ -81,6 +84,12 @@ def _short(error: str) -> str:
 @cache
 def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _record(cls: type[_R], row: Mapping[str, Any]) -> _R:
+    """``cls.from_row(row)`` for a row that has every field (``SELECT *``), without looking
+    the fields up again on every call."""
+    return cls(**{name: row[name] for name in _field_names(cls)})
 
 
 def _params(record: Any) -> dict[str, Any]:
@@ -263,7 +272,7 @@ class Store:
         """Return the file record for ``path`` (absolute path string), or ``None``."""
         async with self._read("get_file") as conn:
             row = await self._one(conn, "SELECT * FROM files WHERE path = ?", (path,))
-        return FileRecord.from_row(row) if row else None
+        return _record(FileRecord, row) if row else None
 
     async def get_files(self, paths: Iterable[str]) -> dict[str, FileRecord]:
         """Return the records of those ``paths`` that are known, keyed by path (one query)."""
@@ -272,13 +281,13 @@ class Store:
             rows = await self._rows(
                 conn, "SELECT * FROM files WHERE path IN (SELECT value FROM json_each(?))", (wanted,)
             )
-        return {row["path"]: FileRecord.from_row(row) for row in rows}
+        return {row["path"]: _record(FileRecord, row) for row in rows}
 
     async def all_files(self) -> dict[str, FileRecord]:
         """Return every known file, keyed by path."""
         async with self._read("all_files") as conn:
             rows = await self._rows(conn, "SELECT * FROM files ORDER BY path")
-        return {row["path"]: FileRecord.from_row(row) for row in rows}
+        return {row["path"]: _record(FileRecord, row) for row in rows}
 
     async def record_file(self, file: FileRecord) -> None:
         """Insert or replace the record of one file (keyed by ``file.path``)."""
@@ -417,7 +426,7 @@ class Store:
                 conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (EXTRACT, thread_id)
             )
         assert row is not None
-        return JobRecord.from_row(row)
+        return _record(JobRecord, row)
 
     async def get_job(self, kind: str, key: str) -> JobRecord | None:
         """Return the job ``(kind, key)``, or ``None``."""
@@ -425,7 +434,7 @@ class Store:
             row = await self._one(
                 conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (kind, key)
             )
-        return JobRecord.from_row(row) if row else None
+        return _record(JobRecord, row) if row else None
 
     async def claim_job(
         self, kind: str, owner: str, lease_s: float, *, max_attempts: int | None = None
@@ -495,7 +504,7 @@ class Store:
                 conn, "SELECT * FROM jobs WHERE rowid = ?", (candidate["rowid"],)
             )
         assert row is not None
-        job = JobRecord.from_row(row)
+        job = _record(JobRecord, row)
         if candidate["status"] == "running":
             log.warning(
                 "job_reclaimed", kind=kind, key=job.key, stale_owner=candidate["owner"],
@@ -699,7 +708,7 @@ class Store:
                 """,
                 {"kind": kind, "status": status},
             )
-        return [JobRecord.from_row(row) for row in rows]
+        return [_record(JobRecord, row) for row in rows]
 
     async def queue_depth(self) -> int:
         """Return how many extract jobs wait to run (``pending`` or ``error``), due or not."""
@@ -717,7 +726,7 @@ class Store:
         """Return the thread's memory, or ``None``."""
         async with self._read("get_memory") as conn:
             row = await self._one(conn, "SELECT * FROM memories WHERE thread_id = ?", (thread_id,))
-        return MemoryRecord.from_row(row) if row else None
+        return _record(MemoryRecord, row) if row else None
 
     async def list_memories(self, project: str) -> list[MemoryRecord]:
         """Return the project's memories, newest source first.
@@ -735,7 +744,7 @@ class Store:
                 """,
                 (project,),
             )
-        return [MemoryRecord.from_row(row) for row in rows]
+        return [_record(MemoryRecord, row) for row in rows]
 
     async def memory_watermarks(self) -> dict[str, int]:
         """Return ``{thread id: source_watermark}`` for every memory (scheduler, status)."""
@@ -758,7 +767,7 @@ class Store:
             if row is not None:
                 await conn.execute("DELETE FROM memories WHERE thread_id = ?", (thread_id,))
                 await self._bump_project(conn, row["project"], now)
-        return MemoryRecord.from_row(row) if row else None
+        return _record(MemoryRecord, row) if row else None
 
     # ------------------------------------------------------------------ projects
 
@@ -774,7 +783,14 @@ class Store:
         )
 
     async def ensure_project(self, project: str, memory_root: str) -> ProjectRecord:
-        """Create the project row if missing and set its ``memory_root`` (directory path)."""
+        """Create the project row if missing and set its ``memory_root`` (directory path).
+
+        A project already recorded with that root costs one read (every extraction calls this).
+        """
+        async with self._read("ensure_project") as conn:
+            row = await self._one(conn, "SELECT * FROM projects WHERE project = ?", (project,))
+        if row is not None and row["memory_root"] == memory_root:
+            return _record(ProjectRecord, row)
         async with self._write("ensure_project") as conn:
             await conn.execute(
                 """
@@ -785,19 +801,19 @@ class Store:
             )
             row = await self._one(conn, "SELECT * FROM projects WHERE project = ?", (project,))
         assert row is not None
-        return ProjectRecord.from_row(row)
+        return _record(ProjectRecord, row)
 
     async def get_project(self, project: str) -> ProjectRecord | None:
         """Return the project's record, or ``None``."""
         async with self._read("get_project") as conn:
             row = await self._one(conn, "SELECT * FROM projects WHERE project = ?", (project,))
-        return ProjectRecord.from_row(row) if row else None
+        return _record(ProjectRecord, row) if row else None
 
     async def list_projects(self) -> list[ProjectRecord]:
         """Return every project, by project key."""
         async with self._read("list_projects") as conn:
             rows = await self._rows(conn, "SELECT * FROM projects ORDER BY project")
-        return [ProjectRecord.from_row(row) for row in rows]
+        return [_record(ProjectRecord, row) for row in rows]
 
     async def projects_due(self, delay_s: float, min_interval_s: float) -> list[ProjectRecord]:
         """Return the projects whose consolidation is due (SPEC §7), longest-waiting first.
@@ -820,7 +836,7 @@ class Store:
                 """,
                 {"now": now, "delay": delay_s, "interval": min_interval_s},
             )
-        return [ProjectRecord.from_row(row) for row in rows]
+        return [_record(ProjectRecord, row) for row in rows]
 
     async def mark_consolidated(
         self, project: str, seq: int, lease_name: str, owner: str, token: int
@@ -965,13 +981,13 @@ class Store:
         """Return the lease row ``name``, or ``None`` if it was never acquired."""
         async with self._read("get_lease") as conn:
             row = await self._one(conn, "SELECT * FROM leases WHERE name = ?", (name,))
-        return LeaseRecord.from_row(row) if row else None
+        return _record(LeaseRecord, row) if row else None
 
     async def list_leases(self) -> list[LeaseRecord]:
         """Return every lease row (held, expired or released), by name."""
         async with self._read("list_leases") as conn:
             rows = await self._rows(conn, "SELECT * FROM leases ORDER BY name")
-        return [LeaseRecord.from_row(row) for row in rows]
+        return [_record(LeaseRecord, row) for row in rows]
 
     # ------------------------------------------------------------------ usage
 
@@ -1053,7 +1069,7 @@ class Store:
         """Return the registered daemons, most recently started first."""
         async with self._read("list_daemons") as conn:
             rows = await self._rows(conn, "SELECT * FROM daemons ORDER BY started_at DESC, owner")
-        return [DaemonRecord.from_row(row) for row in rows]
+        return [_record(DaemonRecord, row) for row in rows]
 
     # ------------------------------------------------------------------ meta and status
 
@@ -1094,4 +1110,4 @@ class Store:
                 """,
             )
         assert row is not None
-        return StoreCounts.from_row(row)
+        return _record(StoreCounts, row)
