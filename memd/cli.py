@@ -264,9 +264,9 @@ async def _cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         await daemon.indexer.scan()
         for thread in await daemon.store.list_threads():
             await daemon.indexer.catch_up(thread.id)
-        return await _print_status(daemon.store, settings, daemon.extractor_name, daemon.extractor_reason, as_json=False)
     finally:
         await daemon.close()
+    return await _cmd_status(argparse.Namespace(json=False), settings)  # after this process unregistered
 
 
 async def _print_status(store: Any, settings: Settings, extractor: str, reason: str, *, as_json: bool) -> int:

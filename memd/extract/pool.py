@@ -414,7 +414,7 @@ class ExtractionPool:
         result = await self._extractor.extract(request)
         context = TraceContext(
             project=thread.project,
-            date=iso_utc(thread.updated_at)[:10],
+            date=iso_utc(thread.created_at)[:10],  # the session's date, not the file's mtime
             agent="codex",
             model=thread.model or "unknown model",
         )
