@@ -37,6 +37,10 @@ log = structlog.get_logger("memd.indexer")
 #: Files indexed per worker-thread round trip and per write transaction.
 BATCH_FILES = 500
 
+#: The statistics of a thread whose body is not read yet (shared, never mutated).
+_FRESH_STATS = ThreadStats()
+_FRESH_STATS_JSON = _FRESH_STATS.to_json()
+
 
 @dataclass(slots=True)
 class _Head:
@@ -147,7 +151,11 @@ class Indexer:
                 prev = known.get(st.path)
                 if prev is None:
                     moved = by_inode.get((st.dev, st.inode))
-                    if moved is not None and moved.path not in seen and not os.path.exists(moved.path):
+                    if (
+                        moved is not None
+                        and moved.path not in seen
+                        and not os.path.exists(moved.path)
+                    ):
                         prev = moved  # archived: same inode moved to a new path
                 summary.files_seen += 1
                 if _unchanged(prev, st):
@@ -223,7 +231,9 @@ class Indexer:
             await batch.flush(self._store)
         return new_threads
 
-    def _read_heads(self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]) -> list[_Head]:
+    def _read_heads(
+        self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]
+    ) -> list[_Head]:
         """The file-system part of indexing (runs in a worker thread): read and parse each head,
         and resolve its project key (which may look for ``.git`` on disk)."""
         heads: list[_Head] = []
@@ -233,7 +243,9 @@ class Indexer:
             if isinstance(head, sources.ReadFailure):  # logged by sources
                 heads.append(_Head(st=st, prev=prev, failure=head))
                 continue
-            meta = parse_session_meta(head.first_line) if head.complete and head.first_line else None
+            meta = None
+            if head.complete and head.first_line:
+                meta = parse_session_meta(head.first_line)
             reason = None
             if meta is None:
                 if head.stat.size == 0:
@@ -250,7 +262,14 @@ class Indexer:
                     meta.cwd, project_key(meta.cwd, rule=self._project_rule)
                 )
             heads.append(
-                _Head(st=head.stat, prev=prev, head_hash=head.head_hash, meta=meta, reason=reason, project=project)
+                _Head(
+                    st=head.stat,
+                    prev=prev,
+                    head_hash=head.head_hash,
+                    meta=meta,
+                    reason=reason,
+                    project=project,
+                )
             )
         return heads
 
@@ -269,7 +288,8 @@ class Indexer:
         st, prev = head.st, head.prev
         if head.failure is not None:
             if head.failure.reason == "unreadable" and prev is None:
-                batch.files.append(_file(st, "", None, 0, error=f"unreadable: {head.failure.detail}"))
+                error = f"unreadable: {head.failure.detail}"
+                batch.files.append(_file(st, "", None, 0, error=error))
             return 0
         summary.indexed += 1
         meta = head.meta
@@ -279,25 +299,30 @@ class Indexer:
             return 0
         existing_path = thread_paths.get(meta.thread_id)
         moved = existing_path is not None and existing_path != st.path
-        if moved and os.path.exists(existing_path):  # type: ignore[arg-type]
-            if st.path.endswith(".zst") and existing_path + ".zst" == st.path:  # type: ignore[operator]
+        if existing_path is not None and st.path == existing_path + ".zst":
+            if os.path.exists(existing_path):
                 return 0  # x.jsonl and x.jsonl.zst both exist: the plain file wins
         change = sources.classify_change(prev, st, head.head_hash)
-        keep = prev is not None and prev.thread_id == meta.thread_id and change == sources.Change.GROWN
-        if prev is not None and prev.path != st.path and prev.thread_id == meta.thread_id and st.size >= prev.offset:
-            keep = True  # moved (archived): same inode, keep the offset and statistics
+        keep = False
+        if prev is not None and prev.thread_id == meta.thread_id:
+            keep = change == sources.Change.GROWN
+            if prev.path != st.path and st.size >= prev.offset:
+                keep = True  # moved (archived): same inode, keep the offset and statistics
         if keep:
             assert prev is not None
             offset = prev.offset
             stats = ThreadStats.from_json(await self._store.get_thread_stats(meta.thread_id))
         else:
-            offset, stats = 0, ThreadStats()
+            offset, stats = 0, _FRESH_STATS
             if existing_path is not None and not moved and prev is not None:
-                log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
+                log.info(
+                    "rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change)
+                )
         file = _file(st, head.head_hash, meta.thread_id, offset)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
         record = self._thread_record(meta, head.project, file, stats, verdict.reason)
-        batch.threads.append((record, stats.to_json(), file))
+        stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else stats.to_json()
+        batch.threads.append((record, stats_json, file))
         batch.thread_ids.add(meta.thread_id)
         thread_paths[meta.thread_id] = st.path
         if existing_path is None or moved:
@@ -312,7 +337,12 @@ class Indexer:
         return 0
 
     def _thread_record(
-        self, meta: SessionMeta, project: str, file: FileRecord, stats: ThreadStats, head_reason: str | None
+        self,
+        meta: SessionMeta,
+        project: str,
+        file: FileRecord,
+        stats: ThreadStats,
+        head_reason: str | None,
     ) -> ThreadRecord:
         return ThreadRecord(
             id=meta.thread_id,

@@ -148,7 +148,9 @@ def test_index_fn_is_called_cold_then_warm(tmp_path: Path) -> None:
     cold, warm = harness.bench_index(
         manifest.paths, [manifest.root], index_fn=index, state_dir=tmp_path / "state"
     )
-    assert [c[2] for c in calls] == [False, True]  # the warm run sees the cold run's state
+    # Two cold runs on empty states, then two warm runs on the last cold run's state.
+    assert [c[2] for c in calls] == [False, False, True, True]
+    assert calls[0][1] != calls[1][1] and calls[1][1] == calls[2][1] == calls[3][1]
     assert all(c[0] == [manifest.root] for c in calls)
     assert _is_number(cold.value) and _is_number(warm.value)
     assert "×2500" in cold.note

@@ -87,6 +87,11 @@ def test_kill9_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) ->
 
     final = fk.start(home, "final", env=delay)
     try:
+        # The killed runs may have finished everything already: SIGTERM only once memd is up.
+        def is_up() -> bool:
+            return bool(fk.named(fk.events(home.log_path("final")), "daemon_started"))
+
+        assert fk.wait_for(is_up, 60, procs=[final]), "memd did not start"
         assert fk.wait_for(lambda: fk.all_done(home), 150, procs=[final]), "memd did not finish after the kills"
         assert fk.stop(final) == 0
     finally:

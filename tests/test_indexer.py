@@ -250,8 +250,10 @@ async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Pat
 
 
 async def _state(store: Store) -> tuple[list, dict]:
-    threads = [(t.id, t.path, t.watermark, t.source, t.reason, t.project) for t in await store.list_threads()]
-    files = {p: (f.thread_id, f.offset, f.error, f.head_hash) for p, f in (await store.all_files()).items()}
+    rows = await store.list_threads()
+    threads = [(t.id, t.path, t.watermark, t.source, t.reason, t.project) for t in rows]
+    known = await store.all_files()
+    files = {p: (f.thread_id, f.offset, f.error, f.head_hash) for p, f in known.items()}
     return sorted(threads), files
 
 
@@ -262,11 +264,12 @@ def _many_rollouts(root: Path) -> None:
         tid = f"019b0000-0000-7000-8000-00000000001{n}"
         rollout_path(root / "sessions", tid, day=f"2026/01/0{n + 1}").write_bytes(
             meta_line(tid, source="exec" if n == 3 else "cli") + user_line(f"task {n}"))
-    twin = root / "sessions" / "2026/01/01" / "rollout-2026-01-02T10-00-00-019b0000-0000-7000-8000-000000000010.jsonl"
+    twin = rollout_path(root / "sessions", "019b0000-0000-7000-8000-000000000010", day="2026/01/01")
     (root / "archived").mkdir(parents=True)
     shutil.copy(twin, root / "archived" / twin.name)
-    rollout_path(root / "sessions", "019b0000-0000-7000-8000-0000000000ff", day="2026/01/06").write_bytes(b"")
-    rollout_path(root / "sessions", "019b0000-0000-7000-8000-0000000000fe", day="2026/01/07").write_bytes(b"{oops\n")
+    for tid, day, content in [("ff", "2026/01/06", b""), ("fe", "2026/01/07", b"{oops\n")]:
+        path = rollout_path(root / "sessions", f"019b0000-0000-7000-8000-0000000000{tid}", day=day)
+        path.write_bytes(content)
 
 
 @pytest.mark.parametrize("batch_files", [1, 2, 500])
@@ -298,7 +301,8 @@ async def test_batch_size_does_not_change_what_is_indexed(
     assert {t[0]: t[4] for t in threads}["019b0000-0000-7000-8000-000000000013"] == "source:exec"
     assert sorted(f[2] for f in files.values() if f[2]) == ["empty_file", "no_session_meta"]
     indexed = [e for e in logs if e["event"] == "thread_indexed"]
-    assert len(indexed) == 6 and {e["log_level"] for e in indexed} == {"debug"}  # 5 + the twin's move
+    assert len(indexed) == 6  # 5 threads + the twin's move
+    assert {e["log_level"] for e in indexed} == {"debug"}
     # The second copy of the twin sees the thread the first copy created in the same batch.
     assert [e["thread_id"] for e in indexed if e["moved"]] == [twin_id]
     done = [e for e in logs if e["event"] == "scan_done"]

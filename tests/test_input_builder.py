@@ -354,7 +354,9 @@ def test_a_secret_repeated_in_several_items_is_counted_each_time() -> None:
     command = f"export GITHUB_TOKEN={gh}"
     items: list[Item] = [
         UserMessage("deploy please", origin="event"),
-        ToolCall("c1", "shell", "shell", command=command, arguments=json.dumps({"command": command})),
+        ToolCall(
+            "c1", "shell", "shell", command=command, arguments=json.dumps({"command": command})
+        ),
         CommandEnd("c1", command, exit_code=0, output="ok"),  # the same text as the call's command
         AssistantMessage("done", phase="final_answer"),
     ]
@@ -383,7 +385,8 @@ def test_budget_holds_when_redaction_makes_the_text_longer() -> None:
     items: list[Item] = [UserMessage("go", origin="event")]
     for k in range(40):
         items.append(ToolCall(f"c{k}", "shell", "shell", command=f"run {k}"))
-        items.append(ToolOutput(f"c{k}", "\n".join(f"API_TOKEN=q{i}" for i in range(6)), exit_code=0))
+        output = "\n".join(f"API_TOKEN=q{i}" for i in range(6))
+        items.append(ToolOutput(f"c{k}", output, exit_code=0))
     items.append(AssistantMessage("finished", phase="final_answer"))
     budget_tokens = 1500
     plain = build_input(_parsed(items), max_input_tokens=10**6)

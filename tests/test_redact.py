@@ -273,12 +273,14 @@ def test_every_kind_after_wide_characters_keeps_positions() -> None:
         out, count = redact(wide)
         assert secret not in out and count >= 1, (text, out)
         assert out.startswith("😀 é ") and out.endswith(" ✓")
-    out, _ = redact("😀 token = 'abc123xyz' secret: \"p4ssw0rd!\" Authorization: Basic dXNlcjpwYXNz")
+    text = "😀 token = 'abc123xyz' secret: \"p4ssw0rd!\" Authorization: Basic dXNlcjpwYXNz"
+    out, _ = redact(text)
     assert out == f"😀 token = '{REDACTED}' secret: \"{REDACTED}\" Authorization: Basic {REDACTED}"
 
 
 def test_flags_after_a_rule_of_dashes() -> None:
-    text = "-" * 2000 + "\n$ deploy ---token ghx7Ab29Qw --password 'hunter2!' --verbose\n" + "-" * 80
+    command = "$ deploy ---token ghx7Ab29Qw --password 'hunter2!' --verbose"
+    text = "-" * 2000 + "\n" + command + "\n" + "-" * 80
     out, count = redact(text)
     assert "ghx7Ab29Qw" not in out and "hunter2!" not in out and count == 2
     assert out.startswith("-" * 2000) and "--verbose" in out

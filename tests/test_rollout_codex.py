@@ -1098,12 +1098,18 @@ def _compact(kind: str, payload: dict) -> bytes:
 
 TOKEN_COUNT = _compact(
     "event_msg",
-    {"type": "token_count", "info": {"total_token_usage": {"input_tokens": 5}}, "rate_limits": None},
+    {
+        "type": "token_count",
+        "info": {"total_token_usage": {"input_tokens": 5}},
+        "rate_limits": None,
+    },
 )
 
 
 def test_compact_noise_lines_are_empty_and_counted_once() -> None:
-    reasoning = _compact("response_item", {"type": "reasoning", "summary": [], "encrypted_content": "gAAA" * 50})
+    reasoning = _compact(
+        "response_item", {"type": "reasoning", "summary": [], "encrypted_content": "gAAA" * 50}
+    )
     parsed = parse_rollout_bytes(TOKEN_COUNT + reasoning + TOKEN_COUNT)
     assert (parsed.lines, parsed.skipped_lines, parsed.unknown_lines, parsed.items) == (3, 0, 0, [])
     assert parse_line(TOKEN_COUNT) == parse_line(_env("event_msg", {"type": "token_count"}))
@@ -1122,15 +1128,16 @@ def test_cut_or_garbled_compact_noise_lines_are_still_malformed() -> None:
     "line, expected",
     [
         # A reasoning item with a summary is kept.
-        (_compact("response_item", {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}]}),
+        (_compact("response_item", {"type": "reasoning", "summary": [{"text": "plan"}]}),
          (Reasoning(summary="plan", ts=1772965342.981),)),
         # A modelled event that looks like the noise lines is decoded.
         (_compact("event_msg", {"type": "user_message", "message": "fix it"}),
-         (UserMessage(text="fix it", origin="event", injected=False, images=0, ts=1772965342.981),)),
+         (UserMessage("fix it", origin="event", injected=False, images=0, ts=1772965342.981),)),
         # Not ASCII: the full path (same result).
         (_compact("event_msg", {"type": "agent_reasoning", "text": "café"}), ()),
         # Another key between timestamp and type (newer files): the full path.
-        (b'{"timestamp":"2026-03-08T10:22:22.981Z","ordinal":3,"type":"event_msg","payload":{"type":"token_count","info":null}}\n', ()),
+        (b'{"timestamp":"2026-03-08T10:22:22.981Z","ordinal":3,"type":"event_msg",'
+         b'"payload":{"type":"token_count","info":null}}\n', ()),
     ],
 )
 def test_lines_near_the_noise_shape_parse_normally(line: bytes, expected: tuple) -> None:
@@ -1143,6 +1150,9 @@ def test_patch_headers_count_only_at_line_starts() -> None:
         "*** Begin Patch\n*** Update File: src/a.py\n@@\n-x\n+y\n"
         "note: *** Add File: not/a/file.py\n*** Add File: b.txt\n+new\n*** End Patch"
     )
-    call = _compact("response_item", {"type": "custom_tool_call", "name": "apply_patch", "input": patch, "call_id": "c1"})
+    call = _compact(
+        "response_item",
+        {"type": "custom_tool_call", "name": "apply_patch", "input": patch, "call_id": "c1"},
+    )
     (item,) = parse_line(call).items
     assert isinstance(item, ToolCall) and item.patch_files == ("src/a.py", "b.txt")

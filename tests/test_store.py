@@ -230,7 +230,9 @@ async def test_record_file_upserts_and_list_threads_is_newest_first(store: Store
 
 async def test_record_threads_writes_a_batch_in_one_transaction(store: Store) -> None:
     threads = [make_thread(f"t{i}", updated_at=float(i)) for i in range(5)]
-    batch = [(t, f'{{"n": {i}}}', make_file(t.path, t.id, t.watermark)) for i, t in enumerate(threads)]
+    batch = [
+        (t, f'{{"n": {i}}}', make_file(t.path, t.id, t.watermark)) for i, t in enumerate(threads)
+    ]
     empty = dataclasses.replace(make_file("/s/empty.jsonl", None, 0), error="empty_file")
     await store.record_threads(batch, files=[empty])
     assert [t.id for t in await store.list_threads()] == ["t4", "t3", "t2", "t1", "t0"]
@@ -240,7 +242,8 @@ async def test_record_threads_writes_a_batch_in_one_transaction(store: Store) ->
     assert files["/s/empty.jsonl"] == empty
     # Rows are written in order: a later entry for the same thread id wins.
     moved = make_thread("t0", path="/s/archived/t0.jsonl", watermark=7)
-    await store.record_threads([(threads[0], "{}", batch[0][2]), (moved, "{}", make_file(moved.path, "t0", 7))])
+    moved_file = make_file(moved.path, "t0", 7)
+    await store.record_threads([(threads[0], "{}", batch[0][2]), (moved, "{}", moved_file)])
     got = await store.get_thread("t0")
     assert got is not None and (got.path, got.watermark) == ("/s/archived/t0.jsonl", 7)
     await store.record_threads([])  # nothing to write: no transaction, no error

@@ -413,15 +413,25 @@ def _naive_index(paths: Sequence[Path]) -> None:
 
 
 def bench_index(
-    paths: Sequence[Path], roots: Sequence[Path], *, index_fn: IndexFn | None, state_dir: Path
+    paths: Sequence[Path],
+    roots: Sequence[Path],
+    *,
+    index_fn: IndexFn | None,
+    state_dir: Path,
+    repeats: int = 2,
 ) -> list[Figure]:
     """``index_cold_s_per_10k`` and ``index_warm_s_per_10k`` (SPEC §15: ≤ 2 s and ≤ 0.5 s).
+
+    Each figure is the best of ``repeats`` runs (other processes only ever add time): the cold
+    runs each start from an empty state (``state_dir/cold-<n>``), the warm runs restart on the
+    last cold run's state. The baseline is the best of ``repeats`` runs too.
 
     Args:
         paths: the rollouts under ``roots`` (for the baseline and the scale).
         roots: sessions roots passed to ``index_fn``.
         index_fn: the indexer under test; ``None`` reports ``None`` with a note.
-        state_dir: an empty directory for the cold run, reused for the warm run.
+        state_dir: a directory for the states of the runs.
+        repeats: runs of each kind.
 
     Returns:
         Two :class:`Figure` records in seconds per 10 000 files (scaled from ``len(paths)``);
@@ -433,20 +443,25 @@ def bench_index(
     if not n:
         return _missing(keys, "empty corpus")
     scale = 10_000 / n
-    t0 = time.perf_counter()
-    _naive_index(paths)
-    baseline = (time.perf_counter() - t0) * scale
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * scale
+
+    baseline = min(timed(lambda: _naive_index(paths)) for _ in range(repeats))
     if index_fn is None:
         return [
             Figure(k, None, baseline, "index_fn not provided (indexer not wired)") for k in keys
         ]
-    t0 = time.perf_counter()
-    asyncio.run(_await(index_fn(list(roots), state_dir)))
-    cold = (time.perf_counter() - t0) * scale
-    t0 = time.perf_counter()
-    asyncio.run(_await(index_fn(list(roots), state_dir)))
-    warm = (time.perf_counter() - t0) * scale
+    states = [state_dir / f"cold-{i + 1}" for i in range(repeats)]
+    cold = min(timed(lambda s=s: asyncio.run(_await(index_fn(list(roots), s)))) for s in states)
+    warm = min(
+        timed(lambda: asyncio.run(_await(index_fn(list(roots), states[-1]))))
+        for _ in range(repeats)
+    )
     note = f"{n} files of 5–20 KB" + (f", scaled ×{scale:g}" if scale != 1 else "")
+    note += f", best of {repeats}"
     return [
         Figure("index_cold_s_per_10k", cold, baseline, note + "; empty state, page cache warm"),
         Figure("index_warm_s_per_10k", warm, baseline, note + "; restart, nothing changed"),
@@ -518,7 +533,8 @@ def extraction_pool_fn(workdir: Path) -> PoolFn | None:
                 path = str(root / "sessions" / f"rollout-{thread_id}.jsonl")
                 file = FileRecord(path, "codex", 0, i, 4096, now, 4096, "", thread_id)
                 thread = ThreadRecord(
-                    id=thread_id, path=path, project=str(root / "project"), cwd=str(root / "project"),
+                    id=thread_id, path=path, project=str(root / "project"),
+                    cwd=str(root / "project"),
                     source="cli", originator="codex_cli_rs", cli_version="0.77.0", model="bench",
                     title=f"benchmark session {i}", created_at=now - 7200, updated_at=now - 3600,
                     watermark=4096, user_messages=1, skipped_lines=0, eligible=True, reason=None,

@@ -44,8 +44,10 @@ Speed: the patterns run on an ASCII copy of the text as bytes (non-ASCII charact
 ``?``, one byte each, so indices match; a ``str`` with one emoji is stored with 4 bytes per
 character and scans slower) and on its lower-cased copy. Every pattern starts with a literal,
 which ``re`` finds with a tight C loop (from a rare letter of the keyword where that helps);
-families with the same first literal share one pattern, so a text costs 16 such passes. Secret spans found by different families are merged before
-the single rebuild of the string, so the cost is linear in the text size.
+families with the same first literal share one pattern, so a text costs 16 such passes. Secret
+spans found by different families are merged before the single rebuild of the string, so the
+cost is linear in the text size. A non-ASCII space inside a URL's ``user:password`` does not end
+the match as it would in a ``str`` pattern: that only widens a redaction.
 """
 
 from __future__ import annotations

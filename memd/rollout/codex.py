@@ -187,7 +187,7 @@ def parse_line(raw: bytes, *, first: bool = False) -> LineResult:
         Never raises.
     """
     result = parse_record(raw, first=first)
-    return result if type(result) is LineResult else LineResult(items=(result,))
+    return result if isinstance(result, LineResult) else LineResult(items=(result,))
 
 
 def parse_record(raw: bytes, *, first: bool = False) -> LineResult | Item:
@@ -240,14 +240,16 @@ def _is_noise(raw: bytes) -> bool:
     included) takes the full path, so malformed lines are still counted. A line of that exact
     shape that is nevertheless invalid JSON inside is not detected.
     """
-    at = raw.find(b'","type":"', 14, 64)  # the caller checked that the line starts with the timestamp
+    at = raw.find(b'","type":"', 14, 64)  # the caller checked the '{"timestamp":"' start
     if at < 0 or raw.find(b'"', 14, at) >= 0:
         return False
     at += 10
     if raw.startswith(_EVENT_HEAD, at):
         start = at + len(_EVENT_HEAD)
         end = raw.find(b'"', start, start + 64)
-        if end < 0 or raw[start:end] not in _NOISE_EVENT_NAMES or raw[end + 1 : end + 2] not in (b",", b"}"):
+        if end < 0 or raw[start:end] not in _NOISE_EVENT_NAMES:
+            return False
+        if raw[end + 1 : end + 2] not in (b",", b"}"):
             return False
     elif raw.startswith(_REASONING_HEAD, at):
         after = at + len(_REASONING_HEAD)
@@ -266,7 +268,7 @@ def _is_noise(raw: bytes) -> bool:
 
 
 _RETRY: Any = object()
-_scan_once = json.JSONDecoder().scan_once  # the C scanner behind json.loads
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # json.loads's C scanner
 _JSON_WS = "\n\r\t "
 
 

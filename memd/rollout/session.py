@@ -93,7 +93,7 @@ class RolloutParser:
             res.lines += 1
             if parsed is _EMPTY:  # nothing to keep or count
                 continue
-            if type(parsed) is not LineResult:  # the most frequent outcome: one item
+            if not isinstance(parsed, LineResult):  # the most frequent outcome: one item
                 add_item(parsed)
                 add_line_bytes(len(raw) if raw.endswith(b"\n") else len(raw) + 1)
                 continue

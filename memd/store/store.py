@@ -29,7 +29,6 @@ import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -81,12 +80,17 @@ def _short(error: str) -> str:
     return error if len(error) <= _ERROR_MAX_CHARS else error[: _ERROR_MAX_CHARS - 1] + "…"
 
 
-@cache
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
-def _record(cls: type[_R], row: Mapping[str, Any]) -> _R:
+def _record(cls: type[_R], row: sqlite3.Row | Mapping[str, Any]) -> _R:
     """``cls.from_row(row)`` for a row that has every field (``SELECT *``), without looking
     the fields up again on every call."""
     return cls(**{name: row[name] for name in _field_names(cls)})
@@ -279,7 +283,9 @@ class Store:
         wanted = json.dumps(sorted(set(paths)))
         async with self._read("get_files") as conn:
             rows = await self._rows(
-                conn, "SELECT * FROM files WHERE path IN (SELECT value FROM json_each(?))", (wanted,)
+                conn,
+                "SELECT * FROM files WHERE path IN (SELECT value FROM json_each(?))",
+                (wanted,),
             )
         return {row["path"]: _record(FileRecord, row) for row in rows}
 
@@ -363,7 +369,9 @@ class Store:
         wanted = json.dumps(sorted(set(thread_ids)))
         async with self._read("get_threads") as conn:
             rows = await self._rows(
-                conn, "SELECT * FROM threads WHERE id IN (SELECT value FROM json_each(?))", (wanted,)
+                conn,
+                "SELECT * FROM threads WHERE id IN (SELECT value FROM json_each(?))",
+                (wanted,),
             )
         return {row["id"]: _thread(row) for row in rows}
 
