@@ -37,6 +37,8 @@ dropped anyway. Older ``user_message`` events carry ``kind`` = ``user_instructio
 from __future__ import annotations
 
 import json
+
+import orjson
 import os
 import re
 import shlex
@@ -195,19 +197,14 @@ def parse_record(raw: bytes, *, first: bool = False) -> LineResult | Item:
     line that yields exactly one item returns that item itself instead of a
     :class:`LineResult` around it (most lines do; the wrapper is measurable). Never raises.
     """
-    if raw.startswith(b'{"timestamp":"') and _is_noise(raw):
-        return _EMPTY
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return LineResult(malformed="invalid_utf8")
-    try:
-        # Fast path: a plain ``{...}\n`` line, decoded without copying it again.
-        obj = _decode_object(text) if text[:1] == "{" else _RETRY
-    except (ValueError, RecursionError):
-        obj = _RETRY
-    if obj is _RETRY:  # surrounding whitespace, a BOM, or not JSON: the careful way
-        text = text.strip().lstrip("\ufeff")
+        obj = orjson.loads(raw)  # validates UTF-8 and JSON in one pass
+    except orjson.JSONDecodeError:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return LineResult(malformed="invalid_utf8")
+        text = text.strip().lstrip("\ufeff")  # a BOM, or integers beyond 64 bits: the careful way
         if not text:
             return _UNKNOWN
         try:
@@ -220,71 +217,6 @@ def parse_record(raw: bytes, *, first: bool = False) -> LineResult | Item:
         return _parse_object(obj, first)
     except Exception:  # noqa: BLE001 - last resort: a line of valid JSON must never crash a reader
         return _UNKNOWN
-
-
-#: Noise event types as bytes, for :func:`_is_noise`.
-_NOISE_EVENT_NAMES = frozenset(t.encode("ascii") for t in _NOISE_EVENT_TYPES)
-_EVENT_HEAD = b'event_msg","payload":{"type":"'
-_REASONING_HEAD = b'response_item","payload":{"type":"reasoning","summary":[]'
-
-
-def _is_noise(raw: bytes) -> bool:
-    """Recognise a well-formed line that parses to nothing without decoding it: a noise event
-    (``token_count`` is about a line in five of a real rollout) or a reasoning item with an
-    empty summary (its ``encrypted_content`` is kilobytes). Decoding them only to drop them is
-    most of their cost.
-
-    Only a line as Codex writes it (compact JSON: ``{"timestamp":"<no quote>","type":"...``
-    with the payload type right after), ASCII only, ending in ``}``, with balanced braces and
-    brackets and an even number of quotes qualifies; anything else (a cut or garbled line
-    included) takes the full path, so malformed lines are still counted. A line of that exact
-    shape that is nevertheless invalid JSON inside is not detected.
-    """
-    at = raw.find(b'","type":"', 14, 64)  # the caller checked the '{"timestamp":"' start
-    if at < 0 or raw.find(b'"', 14, at) >= 0:
-        return False
-    at += 10
-    if raw.startswith(_EVENT_HEAD, at):
-        start = at + len(_EVENT_HEAD)
-        end = raw.find(b'"', start, start + 64)
-        if end < 0 or raw[start:end] not in _NOISE_EVENT_NAMES:
-            return False
-        if raw[end + 1 : end + 2] not in (b",", b"}"):
-            return False
-    elif raw.startswith(_REASONING_HEAD, at):
-        after = at + len(_REASONING_HEAD)
-        if raw[after : after + 1] not in (b",", b"}"):
-            return False
-    else:
-        return False
-    body = raw.rstrip(b"\r\n")
-    return (
-        body.endswith(b"}")
-        and body.isascii()
-        and body.count(b"{") == body.count(b"}")
-        and body.count(b"[") == body.count(b"]")
-        and body.count(b'"') % 2 == 0
-    )
-
-
-_RETRY: Any = object()
-_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # json.loads's C scanner
-_JSON_WS = "\n\r\t "
-
-
-def _decode_object(text: str) -> Any:
-    """``json.loads(text)`` for text that starts with ``{``, without the wrapper layers.
-
-    Returns :data:`_RETRY` when something other than JSON whitespace follows the value (the
-    caller then takes the general path, which reports it).
-    """
-    try:
-        obj, end = _scan_once(text, 0)
-    except StopIteration as exc:
-        raise ValueError("invalid JSON") from exc
-    if end != len(text) and text[end:].strip(_JSON_WS):
-        return _RETRY
-    return obj
 
 
 def _ts(value: Any) -> float | None:
@@ -758,15 +690,13 @@ def _arguments_text(value: Any) -> str:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
+    if text.lstrip()[:1] != "{":
+        return None  # not an object: no need to parse (patches, plain text)
     try:
-        if text[:1] == "{":
-            value = _decode_object(text)
-            if value is _RETRY:
-                value = json.loads(text)  # raises "Extra data"
-        elif text.lstrip()[:1] == "{":
-            value = json.loads(text)
-        else:
-            return None  # not an object: no need to parse (patches, plain text)
-    except (ValueError, RecursionError):
-        return None
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(text)  # integers beyond 64 bits
+        except (ValueError, RecursionError):
+            return None
     return value if isinstance(value, dict) else None
