@@ -56,6 +56,8 @@ log = structlog.get_logger("memd.daemon")
 SECRET_ENV = ("OPENAI_API_KEY", "MEMD_LLM__API_KEY", "ANTHROPIC_API_KEY")
 #: Pause before planning again after a failed planning pass (database locked, ...), seconds.
 PLAN_RETRY_S = 5.0
+#: An idle worker looks for due retries this often (seconds); new jobs wake it at once.
+POOL_POLL_S = 30.0
 #: Longest pause before the watcher is restarted after an unexpected failure, seconds.
 WATCH_RESTART_CAP_S = 60.0
 
@@ -169,6 +171,7 @@ class Daemon:
             lease_s=s.extract_lease_s,
             retry=RetryPolicy(base_s=s.retry_base_s, cap_s=s.retry_cap_s, max_attempts=s.max_attempts),
             max_input_tokens=s.llm.max_input_tokens,
+            poll_s=POOL_POLL_S,
             on_done=self._dirty_projects.add,
         )
         self.runner = ConsolidationRunner(
