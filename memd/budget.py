@@ -65,16 +65,12 @@ class TokenEstimator:
         if self.samples == 0:
             self.bytes_per_token = ratio
         else:
-            self.bytes_per_token = _clamp(
-                (1 - EMA_ALPHA) * self.bytes_per_token + EMA_ALPHA * ratio
-            )
+            self.bytes_per_token = _clamp((1 - EMA_ALPHA) * self.bytes_per_token + EMA_ALPHA * ratio)
         self.samples += 1
 
     def to_json(self) -> str:
         """Serialise for the store's meta table: ``{"bytes_per_token": float, "samples": int}``."""
-        return json.dumps(
-            {"bytes_per_token": round(self.bytes_per_token, 4), "samples": self.samples}
-        )
+        return json.dumps({"bytes_per_token": round(self.bytes_per_token, 4), "samples": self.samples})
 
     @classmethod
     def from_json(cls, text: str | None) -> TokenEstimator:
@@ -154,7 +150,6 @@ class DailyBudget:
             return
         resume_at = next_utc_midnight(self._clock.now())
         raise BudgetExhausted(
-            f"daily token budget of {self.limit_tokens} tokens is spent; "
-            f"resumes at {iso_utc(resume_at)}",
+            f"daily token budget of {self.limit_tokens} tokens is spent; resumes at {iso_utc(resume_at)}",
             resume_at=resume_at,
         )

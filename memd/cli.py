@@ -34,8 +34,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sessions", action="append", type=Path, metavar="DIR", help="rollout root (repeatable; replaces the configured roots)")
-    p.add_argument("--min-idle", type=float, metavar="SECONDS", help="idle gate: seconds without new bytes (default 3600)")
+    p.add_argument(
+        "--sessions",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="rollout root (repeatable; replaces the configured roots)",
+    )
+    p.add_argument(
+        "--min-idle", type=float, metavar="SECONDS", help="idle gate: seconds without new bytes (default 3600)"
+    )
     p.add_argument("--max-age-days", type=float, metavar="DAYS", help="ignore threads idle for longer (0 = no limit)")
 
 
@@ -43,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
     parser = _Parser(prog="memd", description="memd: memory for coding agents (watches Codex rollouts).")
     parser.add_argument("--version", action="version", version=f"memd {__version__}")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/memd/config.toml)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/memd/config.toml)"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -254,7 +264,10 @@ async def _dry_run(daemon: Any) -> int:
         f"would be sent to the model, plus the answers. Nothing was sent."
     )
     if daemon.extractor_name != "openai":
-        print(f"note: the extractor is {daemon.extractor_name} ({daemon.extractor_reason}): a real run sends nothing either")
+        print(
+            f"note: the extractor is {daemon.extractor_name} ({daemon.extractor_reason}): "
+            "a real run sends nothing either"
+        )
     return 0
 
 
@@ -273,7 +286,11 @@ async def _print_status(store: Any, settings: Settings, extractor: str, reason: 
     from memd.status import collect_status, render_status
 
     report = await collect_status(
-        store, SystemClock(), extractor=extractor, extractor_reason=reason, daily_token_budget=settings.daily_token_budget
+        store,
+        SystemClock(),
+        extractor=extractor,
+        extractor_reason=reason,
+        daily_token_budget=settings.daily_token_budget,
     )
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=False))
@@ -330,7 +347,9 @@ async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         if path.is_file():
             sys.stdout.write(path.read_text(encoding="utf-8"))
             return 0
-    print(f"memd show: no {name} for {target} (project {candidates[0]}; memory in {settings.memory_dir})", file=sys.stderr)
+    print(
+        f"memd show: no {name} for {target} (project {candidates[0]}; memory in {settings.memory_dir})", file=sys.stderr
+    )
     return 1
 
 
@@ -429,11 +448,14 @@ async def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_service(args: argparse.Namespace, settings: Settings) -> int:
-    from memd.service import default_exec_start, install_unit
+    from memd.service import default_exec_start, install_unit, user_config_home
 
-    from memd.service import user_config_home
-
-    result = install_unit(config_home=user_config_home(os.environ), exec_start=default_exec_start(), hardening=args.hardening, force=args.force)
+    result = install_unit(
+        config_home=user_config_home(os.environ),
+        exec_start=default_exec_start(),
+        hardening=args.hardening,
+        force=args.force,
+    )
     print(result.message if hasattr(result, "message") else result)
     return 0
 

@@ -24,17 +24,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import structlog
 
 from memd import memory_files, sources
+from memd.budget import TokenEstimator
 from memd.clock import Clock, SystemClock, iso_utc
 from memd.config import Settings
-from memd.errors import MemdError, MemoryWriteError
 from memd.consolidate.runner import ConsolidationRunner
-from memd.budget import TokenEstimator
+from memd.errors import MemdError, MemoryWriteError
 from memd.extract.base import BuiltInput, ExtractionRequest, Extractor
 from memd.extract.input_builder import build_input
 from memd.extract.offline import OfflineExtractor
@@ -42,7 +41,13 @@ from memd.extract.pool import ExtractionPool
 from memd.indexer import Indexer
 from memd.rollout.session import RolloutParser
 from memd.scheduler import RetryPolicy, Scheduler
-from memd.service import Notifier, ShutdownSignals, daemon_status_line, watchdog_interval_s, watchdog_loop
+from memd.service import (
+    Notifier,
+    ShutdownSignals,
+    daemon_status_line,
+    watchdog_interval_s,
+    watchdog_loop,
+)
 from memd.status import daemon_alive
 from memd.store.records import ProjectRecord, ThreadRecord
 from memd.store.store import Store, make_owner
@@ -159,7 +164,9 @@ class Daemon:
             include_sources=s.include_sources,
             project_rule=s.project_key,
         )
-        self.scheduler = Scheduler(self.store, self.indexer, self.clock, min_idle_s=s.min_idle_s, max_age_days=s.max_age_days)
+        self.scheduler = Scheduler(
+            self.store, self.indexer, self.clock, min_idle_s=s.min_idle_s, max_age_days=s.max_age_days
+        )
         self.pool = ExtractionPool(
             self.store,
             self.clock,
@@ -476,7 +483,9 @@ class Daemon:
         ]
         interval = watchdog_interval_s()
         if interval:
-            tasks.append(asyncio.create_task(watchdog_loop(notifier, interval, self._stop, self.status_line), name="watchdog"))
+            tasks.append(
+                asyncio.create_task(watchdog_loop(notifier, interval, self._stop, self.status_line), name="watchdog")
+            )
         crashed: list[str] = []
 
         def watch(task: asyncio.Task[object]) -> None:  # a loop must never end on its own
@@ -484,7 +493,13 @@ class Daemon:
                 return
             exc = task.exception()
             crashed.append(task.get_name())
-            log.error("daemon_loop_crashed", loop=task.get_name(), error=repr(exc), exc_info=exc, action="stopping; the service manager restarts memd")
+            log.error(
+                "daemon_loop_crashed",
+                loop=task.get_name(),
+                error=repr(exc),
+                exc_info=exc,
+                action="stopping; the service manager restarts memd",
+            )
             self._stop.set()
 
         for task in tasks:
@@ -569,7 +584,9 @@ class Daemon:
         restarts = 0
         while not self._stop.is_set():
             try:
-                async for paths in sources.watch_roots(self.settings.sessions, stop_event=self._stop, force_polling=self.settings.force_polling):
+                async for paths in sources.watch_roots(
+                    self.settings.sessions, stop_event=self._stop, force_polling=self.settings.force_polling
+                ):
                     restarts = 0
                     try:
                         summary = await self.indexer.refresh_paths(paths)

@@ -42,7 +42,7 @@ def count_dirs(roots: Sequence[Path], limit: int = 200_000) -> int:
     for root in roots:
         if not root.is_dir():
             continue
-        for _dirpath, dirnames, _files in os.walk(root):
+        for _dirpath, _dirnames, _files in os.walk(root):
             count += 1
             if count >= limit:
                 return count
@@ -63,7 +63,9 @@ def check_config(config_path: Path | None) -> list[Check]:
         return checks
     if holds_key and mode & 0o077:
         checks.append(
-            Check("config secrets", "warn", f"{config_path} holds llm.api_key and is mode {mode:04o}; run chmod 600 on it")
+            Check(
+                "config secrets", "warn", f"{config_path} holds llm.api_key and is mode {mode:04o}; run chmod 600 on it"
+            )
         )
     return checks
 
@@ -74,7 +76,9 @@ def check_paths(settings: Settings) -> list[Check]:
     for root in settings.sessions:
         if root.is_dir():
             readable = os.access(root, os.R_OK | os.X_OK)
-            checks.append(Check(f"sessions {root}", "ok" if readable else "fail", "readable" if readable else "not readable"))
+            checks.append(
+                Check(f"sessions {root}", "ok" if readable else "fail", "readable" if readable else "not readable")
+            )
         else:
             checks.append(Check(f"sessions {root}", "warn", "does not exist yet (watched once it appears)"))
     for name, path in (("state_dir", settings.state_dir), ("memory_dir", settings.memory_dir)):

@@ -151,11 +151,7 @@ class Indexer:
                 prev = known.get(st.path)
                 if prev is None:
                     moved = by_inode.get((st.dev, st.inode))
-                    if (
-                        moved is not None
-                        and moved.path not in seen
-                        and not os.path.exists(moved.path)
-                    ):
+                    if moved is not None and moved.path not in seen and not os.path.exists(moved.path):
                         prev = moved  # archived: same inode moved to a new path
                 summary.files_seen += 1
                 if _unchanged(prev, st):
@@ -231,9 +227,7 @@ class Indexer:
             await batch.flush(self._store)
         return new_threads
 
-    def _read_heads(
-        self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]
-    ) -> list[_Head]:
+    def _read_heads(self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]) -> list[_Head]:
         """The file-system part of indexing (runs in a worker thread): read and parse each head,
         and resolve its project key (which may look for ``.git`` on disk)."""
         heads: list[_Head] = []
@@ -315,9 +309,7 @@ class Indexer:
         else:
             offset, stats = 0, _FRESH_STATS
             if existing_path is not None and not moved and prev is not None:
-                log.info(
-                    "rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change)
-                )
+                log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
         file = _file(st, head.head_hash, meta.thread_id, offset)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
         record = self._thread_record(meta, head.project, file, stats, verdict.reason)
@@ -450,7 +442,9 @@ def _unchanged(prev: FileRecord | None, st: sources.FileStat) -> bool:
     )
 
 
-def _file(st: sources.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None) -> FileRecord:
+def _file(
+    st: sources.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None
+) -> FileRecord:
     return FileRecord(
         path=st.path,
         kind="codex",

@@ -230,9 +230,7 @@ def classify_error(exc: BaseException) -> ErrorKind:
             return ErrorKind.AUTH
         if status == 429:
             # A spent quota does not come back by waiting a minute.
-            return (
-                ErrorKind.REJECTED if exc.code == "insufficient_quota" else ErrorKind.RATE_LIMITED
-            )
+            return ErrorKind.REJECTED if exc.code == "insufficient_quota" else ErrorKind.RATE_LIMITED
         if status >= 500 or status in (408, 409):
             return ErrorKind.SERVER
         if _is_context_error(exc.code, exc.type, message):
@@ -433,9 +431,7 @@ class LLMClient:
                         attempt=attempt,
                         status=status,
                     )
-                    raise ContextLengthError(
-                        f"input longer than the model's context window: {_describe(exc)}"
-                    ) from exc
+                    raise ContextLengthError(f"input longer than the model's context window: {_describe(exc)}") from exc
                 if kind is ErrorKind.AUTH:
                     # A warning: the caller reports the one clear error (the pool pauses all
                     # model work; `memd consolidate` exits with the message).
@@ -454,12 +450,8 @@ class LLMClient:
                 if kind is ErrorKind.INVALID_OUTPUT:
                     invalid_answers += 1
                     if invalid_answers > 1 or attempt >= cfg.max_attempts:
-                        log.warning(
-                            "llm_invalid_output", phase=phase, model=cfg.model, attempt=attempt
-                        )
-                        raise ExtractorError(
-                            f"invalid JSON from the model after {attempt} requests: {exc}"
-                        ) from exc
+                        log.warning("llm_invalid_output", phase=phase, model=cfg.model, attempt=attempt)
+                        raise ExtractorError(f"invalid JSON from the model after {attempt} requests: {exc}") from exc
                     log.warning(
                         "llm_retry",
                         phase=phase,
@@ -490,8 +482,7 @@ class LLMClient:
                         status=status,
                     )
                     raise ExtractorError(
-                        f"model request failed after {attempt} attempts ({kind.value}): "
-                        f"{_describe(exc)}"
+                        f"model request failed after {attempt} attempts ({kind.value}): {_describe(exc)}"
                     ) from exc
                 wait_s = self._wait_s(kind, exc, attempt)
                 log.warning(
@@ -547,9 +538,7 @@ class LLMClient:
         except Exception as exc:  # noqa: BLE001 - a lost usage row must not lose a paid answer
             log.warning("usage_record_failed", phase=phase, error=type(exc).__name__)
 
-    async def _request(
-        self, system: str, user: str, schema_name: str, schema: dict[str, Any]
-    ) -> _Raw:
+    async def _request(self, system: str, user: str, schema_name: str, schema: dict[str, Any]) -> _Raw:
         openai_client = self._live()
         cfg = self.config
         if cfg.api == "responses":
@@ -575,9 +564,7 @@ class LLMClient:
             status = getattr(resp, "status", None)
             if status == "failed":
                 error = getattr(resp, "error", None)
-                raise ResponseFailed(
-                    getattr(error, "code", None), getattr(error, "message", "") or "response failed"
-                )
+                raise ResponseFailed(getattr(error, "code", None), getattr(error, "message", "") or "response failed")
             return _Raw(
                 resp.output_text,
                 getattr(resp, "model", None) or cfg.model,
@@ -633,9 +620,7 @@ class LLMClient:
                     if getattr(choice, "finish_reason", None):
                         finish = choice.finish_reason
         if finish is None:
-            raise StreamTruncated(
-                f"chat stream ended without a finish_reason after {len(parts)} chunks"
-            )
+            raise StreamTruncated(f"chat stream ended without a finish_reason after {len(parts)} chunks")
         return _Raw("".join(parts), model, usage)
 
     async def _responses_stream(self, kwargs: dict[str, Any]) -> _Raw:
@@ -652,17 +637,11 @@ class LLMClient:
                     final = event.response
                 elif kind == "response.failed":
                     error = getattr(event.response, "error", None)
-                    raise ResponseFailed(
-                        getattr(error, "code", None), getattr(error, "message", "") or "failed"
-                    )
+                    raise ResponseFailed(getattr(error, "code", None), getattr(error, "message", "") or "failed")
                 elif kind == "error":
-                    raise ResponseFailed(
-                        getattr(event, "code", None), getattr(event, "message", "") or "error"
-                    )
+                    raise ResponseFailed(getattr(event, "code", None), getattr(event, "message", "") or "error")
         if final is None:
-            raise StreamTruncated(
-                f"responses stream ended without response.completed after {len(parts)} deltas"
-            )
+            raise StreamTruncated(f"responses stream ended without response.completed after {len(parts)} deltas")
         text = final.output_text or "".join(parts)
         return _Raw(
             text,
@@ -701,8 +680,7 @@ async def check_endpoint(config: LLMConfig, *, timeout_s: float = 10.0) -> Endpo
             listed = config.model in names
             return EndpointCheck(
                 True,
-                f"{where} reachable; {len(names)} models, {config.model!r} "
-                f"{'listed' if listed else 'not listed'}",
+                f"{where} reachable; {len(names)} models, {config.model!r} {'listed' if listed else 'not listed'}",
                 model_listed=listed,
             )
         except openai.NotFoundError:
@@ -733,9 +711,7 @@ async def check_endpoint(config: LLMConfig, *, timeout_s: float = 10.0) -> Endpo
                 )
             finally:
                 await probe.aclose()
-            return EndpointCheck(
-                True, f"{where} answered a probe request with model {config.model!r}"
-            )
+            return EndpointCheck(True, f"{where} answered a probe request with model {config.model!r}")
     except ModelAuthError:
         return EndpointCheck(False, f"{where}: credentials rejected")
     except ContextLengthError:
@@ -745,9 +721,7 @@ async def check_endpoint(config: LLMConfig, *, timeout_s: float = 10.0) -> Endpo
     except openai.OpenAIError as exc:
         kind = classify_error(exc)
         if kind is ErrorKind.AUTH:
-            return EndpointCheck(
-                False, f"{where}: credentials rejected (HTTP {getattr(exc, 'status_code', '?')})"
-            )
+            return EndpointCheck(False, f"{where}: credentials rejected (HTTP {getattr(exc, 'status_code', '?')})")
         if kind is ErrorKind.TIMEOUT:
             return EndpointCheck(False, f"{where}: no answer within {bounded:g} s")
         if kind is ErrorKind.CONNECTION:

@@ -345,9 +345,7 @@ class StagedFile:
         self.abort()
 
 
-def stage_file(
-    root: Path, relpath: str, content: str, *, thread_id: str | None = None
-) -> StagedFile:
+def stage_file(root: Path, relpath: str, content: str, *, thread_id: str | None = None) -> StagedFile:
     """Write ``content`` to a temp file beside ``root / relpath`` (0600, fsynced).
 
     Missing parent directories are created 0700. Nothing visible under the final name changes
@@ -539,9 +537,7 @@ def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
     return removed
 
 
-def recover(
-    root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_s: float = 0.0
-) -> RecoveryReport:
+def recover(root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_s: float = 0.0) -> RecoveryReport:
     """Clean a memory root at start-up after a possible crash (see the module docstring).
 
     Removes: stray ``*.tmp-memd-*`` files anywhere under ``root`` (a crash between stage and
@@ -566,9 +562,7 @@ def recover(
     now = time.time()
     temps: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d != ".git" and not d.startswith(STAGING_PREFIX)
-        )
+        dirnames[:] = sorted(d for d in dirnames if d != ".git" and not d.startswith(STAGING_PREFIX))
         for name in sorted(filenames):
             if TEMP_MARKER not in name:
                 continue

@@ -533,9 +533,7 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def install_unit(
-    *, config_home: Path, exec_start: list[str], hardening: bool, force: bool
-) -> InstallResult:
+def install_unit(*, config_home: Path, exec_start: list[str], hardening: bool, force: bool) -> InstallResult:
     """Write the user unit (and optionally the hardening drop-in) for this installation.
 
     Files: ``<config_home>/systemd/user/memd.service`` (text of :func:`render_unit`) and, with

@@ -107,7 +107,11 @@ class FileStat:
 
 
 ProblemKind = Literal[
-    "root_missing", "root_not_dir", "dir_unreadable", "file_unreadable", "symlink_loop",
+    "root_missing",
+    "root_not_dir",
+    "dir_unreadable",
+    "file_unreadable",
+    "symlink_loop",
     "zstd_unavailable",
 ]
 
@@ -263,8 +267,12 @@ def _warn_zstd_unavailable(path: str) -> None:
     global _zstd_warned
     if not _zstd_warned:
         _zstd_warned = True
-        log.warning("zstd_unavailable", path=path, action="skipping *.jsonl.zst rollouts",
-                    hint="install the zstandard package to read them")
+        log.warning(
+            "zstd_unavailable",
+            path=path,
+            action="skipping *.jsonl.zst rollouts",
+            hint="install the zstandard package to read them",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,8 +385,7 @@ class _Scanner:
         except FileNotFoundError:
             return None  # vanished, or a dangling symlink
         except OSError as exc:
-            self.os_problem(entry.path, exc, "file_unreadable" if is_rollout_name(name)
-                            else "dir_unreadable")
+            self.os_problem(entry.path, exc, "file_unreadable" if is_rollout_name(name) else "dir_unreadable")
             return None
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
@@ -388,8 +395,7 @@ class _Scanner:
 
     def result(self) -> ScanResult:
         self.files.sort(key=lambda f: f.path)
-        return ScanResult(files=tuple(self.files), problems=tuple(self.problems),
-                          vanished=tuple(sorted(self.vanished)))
+        return ScanResult(files=tuple(self.files), problems=tuple(self.problems), vanished=tuple(sorted(self.vanished)))
 
 
 def scan_roots(roots: Sequence[Path | str]) -> ScanResult:
@@ -591,12 +597,17 @@ def read_head(
         first_line, complete, oversized = bytes(buf[:newline]), True, False
     elif newline > max_line_bytes or len(buf) > max_line_bytes:
         first_line, complete, oversized = None, False, True
-        log.warning("first_line_oversized", path=path_s, max_line_bytes=max_line_bytes,
-                    action="the file is indexed without its first line")
+        log.warning(
+            "first_line_oversized",
+            path=path_s,
+            max_line_bytes=max_line_bytes,
+            action="the file is indexed without its first line",
+        )
     else:
         first_line, complete, oversized = (bytes(buf) if buf else None), False, False
-    return HeadRead(first_line=first_line, complete=complete, oversized=oversized,
-                    head_hash=head_hash, stat=st, bytes_read=len(buf))
+    return HeadRead(
+        first_line=first_line, complete=complete, oversized=oversized, head_hash=head_hash, stat=st, bytes_read=len(buf)
+    )
 
 
 def classify_change(prev: FileRecord | None, st: FileStat, head_hash: str | None) -> Change:
@@ -752,10 +763,10 @@ def read_new_lines(
     stream, st = opened
 
     def replaced(reason: str) -> TailRead:
-        log.info("file_replaced", path=path_s, reason=reason, offset=offset,
-                 action="re-read from offset 0")
-        return TailRead(lines=[], new_offset=0, bytes_read=0, oversized_lines=0,
-                        partial_tail=False, replaced=True, stat=st)
+        log.info("file_replaced", path=path_s, reason=reason, offset=offset, action="re-read from offset 0")
+        return TailRead(
+            lines=[], new_offset=0, bytes_read=0, oversized_lines=0, partial_tail=False, replaced=True, stat=st
+        )
 
     progress = _Progress(offset=offset)
     try:
@@ -772,16 +783,28 @@ def read_new_lines(
                     return replaced("truncated")
                 stream.seek(offset)
                 end = st.size
-            lines = list(_split_lines(stream, end=end, max_line_bytes=max_line_bytes,
-                                      chunk_bytes=chunk_bytes, progress=progress))
+            lines = list(
+                _split_lines(stream, end=end, max_line_bytes=max_line_bytes, chunk_bytes=chunk_bytes, progress=progress)
+            )
     except _read_errors() as exc:
         return _failure(path_s, exc)
     if progress.oversized_lines:
-        log.warning("line_oversized", path=path_s, count=progress.oversized_lines,
-                    max_line_bytes=max_line_bytes, action="skipped and counted")
-    return TailRead(lines=lines, new_offset=progress.offset, bytes_read=progress.bytes_read,
-                    oversized_lines=progress.oversized_lines, partial_tail=progress.partial_tail,
-                    replaced=False, stat=st)
+        log.warning(
+            "line_oversized",
+            path=path_s,
+            count=progress.oversized_lines,
+            max_line_bytes=max_line_bytes,
+            action="skipped and counted",
+        )
+    return TailRead(
+        lines=lines,
+        new_offset=progress.offset,
+        bytes_read=progress.bytes_read,
+        oversized_lines=progress.oversized_lines,
+        partial_tail=progress.partial_tail,
+        replaced=False,
+        stat=st,
+    )
 
 
 @dataclass(slots=True)
@@ -834,14 +857,14 @@ class LineStream:
             with stream:
                 self._check(self.stat)
                 if self.stat.compressed:
-                    progress.bytes_read = _skip_decompressed(stream, self.start_offset,
-                                                             self.chunk_bytes)
+                    progress.bytes_read = _skip_decompressed(stream, self.start_offset, self.chunk_bytes)
                     end = self.end_offset
                 else:
                     stream.seek(self.start_offset)
                     end = self.stat.size if self.end_offset is None else self.end_offset
-                for line in _split_lines(stream, end=end, max_line_bytes=self.max_line_bytes,
-                                         chunk_bytes=self.chunk_bytes, progress=progress):
+                for line in _split_lines(
+                    stream, end=end, max_line_bytes=self.max_line_bytes, chunk_bytes=self.chunk_bytes, progress=progress
+                ):
                     self._sync(progress)
                     yield line
         except _read_errors() as exc:
@@ -850,8 +873,13 @@ class LineStream:
         finally:
             self._sync(progress)
         if self.oversized_lines:
-            log.warning("line_oversized", path=self.path, count=self.oversized_lines,
-                        max_line_bytes=self.max_line_bytes, action="skipped and counted")
+            log.warning(
+                "line_oversized",
+                path=self.path,
+                count=self.oversized_lines,
+                max_line_bytes=self.max_line_bytes,
+                action="skipped and counted",
+            )
 
     def _check(self, st: FileStat) -> None:
         reason = None
@@ -860,8 +888,13 @@ class LineStream:
         elif not st.compressed and self.end_offset is not None and st.size < self.end_offset:
             reason = "truncated"
         if reason is not None:
-            log.info("file_replaced", path=self.path, reason=reason, end_offset=self.end_offset,
-                     action="not read; the reader re-indexes it")
+            log.info(
+                "file_replaced",
+                path=self.path,
+                reason=reason,
+                end_offset=self.end_offset,
+                action="not read; the reader re-indexes it",
+            )
             raise RolloutReadError(self.path, "replaced", reason)
 
     def _sync(self, progress: _Progress) -> None:
@@ -900,9 +933,15 @@ def read_lines_until(
     """
     if end_offset is not None and end_offset < start_offset:
         raise ValueError(f"end_offset {end_offset} < start_offset {start_offset}")
-    return LineStream(path=os.fspath(path), start_offset=start_offset, end_offset=end_offset,
-                      max_line_bytes=max_line_bytes, chunk_bytes=chunk_bytes,
-                      expect_inode=expect_inode, offset=start_offset)
+    return LineStream(
+        path=os.fspath(path),
+        start_offset=start_offset,
+        end_offset=end_offset,
+        max_line_bytes=max_line_bytes,
+        chunk_bytes=chunk_bytes,
+        expect_inode=expect_inode,
+        offset=start_offset,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1051,18 +1090,26 @@ async def watch_roots(
                     # or a root that appeared or vanished: watch the roots that exist now.
                     now_roots = _existing_roots(roots)
                     if now_roots != watched or not paths.isdisjoint(watched):
-                        log.info("watch_roots_changed", watched=list(watched),
-                                 existing=list(now_roots), action="restarting the watch")
+                        log.info(
+                            "watch_roots_changed",
+                            watched=list(watched),
+                            existing=list(now_roots),
+                            action="restarting the watch",
+                        )
                         break
                 else:
                     if not stop_event.is_set():
                         raise RuntimeError("awatch ended without a stop request")
         except Exception as exc:  # the watcher must never end the daemon
             failures += 1
-            delay_s = min(backoff_cap_s,
-                          backoff_base_s * 2 ** min(failures - 1, _BACKOFF_MAX_EXPONENT))
-            log.warning("watcher_failed", error=f"{type(exc).__name__}: {exc}", attempt=failures,
-                        retry_in_s=delay_s, roots=list(watched),
-                        action="restarting after backoff; periodic scans continue")
+            delay_s = min(backoff_cap_s, backoff_base_s * 2 ** min(failures - 1, _BACKOFF_MAX_EXPONENT))
+            log.warning(
+                "watcher_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                attempt=failures,
+                retry_in_s=delay_s,
+                roots=list(watched),
+                action="restarting after backoff; periodic scans continue",
+            )
             await _sleep_or_stop(clock, delay_s, stop_event)
     log.info("watcher_stopped")

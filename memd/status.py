@@ -226,7 +226,9 @@ def render_status(report: dict[str, Any]) -> str:
         others = f", {d['count'] - 1} more" if d.get("count", 1) > 1 else ""
         lines.append(f"daemon: running (pid {d['pid']} on {d['host']}, up {d['uptime_s']:.0f} s{others})")
     elif d.get("last_pid"):
-        how = f"stopped at {d['stopped_at']}" if d.get("stopped_at") else f"died; last heartbeat {d['last_heartbeat_at']}"
+        how = (
+            f"stopped at {d['stopped_at']}" if d.get("stopped_at") else f"died; last heartbeat {d['last_heartbeat_at']}"
+        )
         lines.append(f"daemon: not running (last: pid {d['last_pid']} on {d['last_host']}, {how})")
     else:
         lines.append("daemon: not running")
@@ -258,22 +260,25 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("running jobs:")
         for j in running:
-            lines.append(f"  {j['kind']} {j['key']} age {j['age_s']} s owner {j['owner']} lease until {j['lease_until']}")
+            lines.append(
+                f"  {j['kind']} {j['key']} age {j['age_s']} s owner {j['owner']} lease until {j['lease_until']}"
+            )
     failed = [j for j in report["jobs"] if j["status"] in ("error", "dead")]
     if failed:
         lines.append("")
         lines.append("errors:")
         for j in failed:
             retry = f" (retry at {j['retry_at']})" if j["status"] == "error" and j.get("retry_at") else ""
-            lines.append(f"  {j['status']:<5} {j['kind']} {j['key']} attempts {j['attempts']}{retry}: {j['last_error']}")
+            lines.append(
+                f"  {j['status']:<5} {j['kind']} {j['key']} attempts {j['attempts']}{retry}: {j['last_error']}"
+            )
     if report["projects"]:
         lines.append("")
         lines.append("projects:")
         for p in report["projects"]:
             fresh = "fresh" if p["fresh"] else "pending consolidation"
-            lines.append(
-                f"  {p['project']}: {p['traces']} traces, last consolidated {p['last_consolidated_at'] or 'never'} ({fresh})"
-            )
+            last = p["last_consolidated_at"] or "never"
+            lines.append(f"  {p['project']}: {p['traces']} traces, last consolidated {last} ({fresh})")
             lines.append(f"    {p['memory_root']}")
             if p.get("last_error"):
                 lines.append(f"    last consolidation failed: {p['last_error']}")
@@ -282,5 +287,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("leases:")
         for lease in held:
-            lines.append(f"  {lease['name']} held by {lease['owner']} until {lease['expires_at']} (token {lease['token']})")
+            lines.append(
+                f"  {lease['name']} held by {lease['owner']} until {lease['expires_at']} (token {lease['token']})"
+            )
     return "\n".join(lines) + os.linesep

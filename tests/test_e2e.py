@@ -3,7 +3,6 @@ subprocesses on a copy of the real rollouts, with temporary XDG directories (iss
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil

@@ -191,7 +191,7 @@ async def test_a_running_job_renews_its_lease_and_cannot_be_taken_over(tmp_path,
     for _ in range(4):  # 0.8 s of store time in all: far past one lease
         clock.advance(0.2)
         seen = len(renewals)
-        await until(lambda: len(renewals) > seen, "a renewal")
+        await until(lambda: len(renewals) > seen, "a renewal")  # noqa: B023
         lease_until = (await store.get_job("extract", thread_id(1))).lease_until
         assert lease_until == pytest.approx(renewals[-1] + 0.3)
         assert await store.claim_job("extract", "other:2:b", 0.3) is None  # no takeover

@@ -377,8 +377,7 @@ def _instructions_master() -> str:
         heading = f"\n## {r.choice(_WORDS).title()} {r.choice(_WORDS)}\n\n"
         body = " ".join(r.choice(_WORDS) for _ in range(r.randint(30, 90)))
         bullets = "\n".join(
-            f"- Prefer {r.choice(_WORDS)} over {r.choice(_WORDS)} when {r.choice(_WORDS)} "
-            f"is {r.choice(_WORDS)}."
+            f"- Prefer {r.choice(_WORDS)} over {r.choice(_WORDS)} when {r.choice(_WORDS)} is {r.choice(_WORDS)}."
             for _ in range(r.randint(2, 6))
         )
         part = heading + body + ".\n" + bullets + "\n"
@@ -413,9 +412,7 @@ def rollout_relpath(thread_id: str, start_s: float) -> Path:
     """
     g = time.gmtime(int(start_s))
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", g)
-    return Path(f"{g.tm_year:04d}", f"{g.tm_mon:02d}", f"{g.tm_mday:02d}") / (
-        f"rollout-{stamp}-{thread_id}.jsonl"
-    )
+    return Path(f"{g.tm_year:04d}", f"{g.tm_mon:02d}", f"{g.tm_mday:02d}") / (f"rollout-{stamp}-{thread_id}.jsonl")
 
 
 def _source_kind(source: Any) -> tuple[str, str | None]:
@@ -561,25 +558,20 @@ class _Session:
             f"refactor {self.rel_file()} so the {r.choice(_WORDS)} logic lives in one place",
             f"Please review the {r.choice(_WORDS)} changes; keep the public API stable.\n"
             f"Constraints:\n- no new dependencies\n- tests must stay green",
-            f"the {r.choice(_WORDS)} → {r.choice(_WORDS)} conversion is wrong for naïve dates, "
-            "café orders show 0 €",
+            f"the {r.choice(_WORDS)} → {r.choice(_WORDS)} conversion is wrong for naïve dates, café orders show 0 €",
             f"run the linters and fix what they report in {mod}",
             f"{self.words(8, 30)}?",
         )
         text = r.choice(templates)
         if self.source == "vscode" and r.random() < 0.3:
             text = (
-                f"# Context from my IDE setup:\n\n## Active file: {self.rel_file()}\n\n"
-                f"## My request for Codex:\n{text}"
+                f"# Context from my IDE setup:\n\n## Active file: {self.rel_file()}\n\n## My request for Codex:\n{text}"
             )
         return text
 
     def final_answer(self) -> str:
         n = self.r.randint(1, max(1, min(7, self.target // 3_000)))
-        bullets = "\n".join(
-            f"- {self.words(6, 22)} in `{self.rel_file()}:{self.r.randint(1, 400)}`."
-            for _ in range(n)
-        )
+        bullets = "\n".join(f"- {self.words(6, 22)} in `{self.rel_file()}:{self.r.randint(1, 400)}`." for _ in range(n))
         return f"**Summary**\n{bullets}\n\nTests: `pytest -q` passes."
 
     def token_count(self, first: bool = False) -> None:
@@ -718,9 +710,7 @@ class _Session:
         return (
             "<permissions instructions>\n"
             "Filesystem sandboxing defines which files can be read or written. "
-            "`sandbox_mode` is `workspace-write`.\n"
-            + _instructions_master()[-n:]
-            + "\n</permissions instructions>"
+            "`sandbox_mode` is `workspace-write`.\n" + _instructions_master()[-n:] + "\n</permissions instructions>"
         )
 
     def user_item(self, text: str) -> dict[str, Any]:
@@ -862,17 +852,9 @@ class _Session:
             self.token_count()
             return
         # 0.104+: unified exec; full output in exec_command_end, capped copy for the model.
-        share = (
-            out_budget / 2
-            if out_budget <= 2 * _MODEL_OUTPUT_CAP
-            else out_budget - _MODEL_OUTPUT_CAP
-        )
+        share = out_budget / 2 if out_budget <= 2 * _MODEL_OUTPUT_CAP else out_budget - _MODEL_OUTPUT_CAP
         block = self.output_block(kind, int(share), exact=exact, factor=1.08)
-        model = (
-            block
-            if len(block.text) <= _MODEL_OUTPUT_CAP
-            else _block(kind, _MODEL_OUTPUT_CAP.bit_length() - 1)
-        )
+        model = block if len(block.text) <= _MODEL_OUTPUT_CAP else _block(kind, _MODEL_OUTPUT_CAP.bit_length() - 1)
         model_text, model_esc = model.text, model.esc1
         args = {
             "cmd": command,
@@ -912,13 +894,8 @@ class _Session:
         }
         chunk = f"Chunk ID: {r.getrandbits(24):06x}\nWall time: {duration:.4f} seconds\n"
         if running:
-            out = (
-                f"{chunk}Process running with session ID {session}\n"
-                "Original token count: 0\nOutput:\n"
-            )
-            w.envelope(
-                "response_item", {"type": "function_call_output", "call_id": cid, "output": out}
-            )
+            out = f"{chunk}Process running with session ID {session}\nOriginal token count: 0\nOutput:\n"
+            w.envelope("response_item", {"type": "function_call_output", "call_id": cid, "output": out})
             w.envelope("event_msg", end, block.esc1)
             cid2 = self.call_id()
             args2 = {
@@ -948,10 +925,7 @@ class _Session:
             )
         else:
             w.envelope("event_msg", end, block.esc1)
-            out = (
-                f"{chunk}Process exited with code {exit_code}\n"
-                f"Original token count: {tokens}\nOutput:\n{_SENTINEL}"
-            )
+            out = f"{chunk}Process exited with code {exit_code}\nOriginal token count: {tokens}\nOutput:\n{_SENTINEL}"
             w.envelope(
                 "response_item",
                 {"type": "function_call_output", "call_id": cid, "output": out},
@@ -970,9 +944,8 @@ class _Session:
             body = f"*** Add File: {rel}\n" + "\n".join("+" + ln for ln in lines)
         else:
             half = max(1, len(lines) // 3)
-            body = (
-                f"*** Update File: {rel}\n@@ def {r.choice(_WORDS)}_{r.choice(_WORDS)}\n"
-                + "\n".join(("-" if i < half else "+") + ln for i, ln in enumerate(lines))
+            body = f"*** Update File: {rel}\n@@ def {r.choice(_WORDS)}_{r.choice(_WORDS)}\n" + "\n".join(
+                ("-" if i < half else "+") + ln for i, ln in enumerate(lines)
             )
         patch = f"*** Begin Patch\n{body}\n*** End Patch"
         failed = r.random() < 0.06
@@ -990,10 +963,7 @@ class _Session:
         )
         if failed:
             self.failed_patches += 1
-            text = (
-                "apply_patch verification failed: "
-                f"Failed to find expected lines in {rel}:\n{lines[0]}"
-            )
+            text = f"apply_patch verification failed: Failed to find expected lines in {rel}:\n{lines[0]}"
             exit_code = 1
         else:
             self.patched.setdefault(rel, None)
@@ -1025,9 +995,7 @@ class _Session:
             },
             separators=(",", ":"),
         )
-        w.envelope(
-            "response_item", {"type": "custom_tool_call_output", "call_id": cid, "output": out}
-        )
+        w.envelope("response_item", {"type": "custom_tool_call_output", "call_id": cid, "output": out})
         self.token_count()
 
     def other_round(self) -> None:
@@ -1070,10 +1038,7 @@ class _Session:
                 {"type": "function_call_output", "call_id": cid, "output": self.words(20, 80)},
             )
         else:
-            plan = [
-                {"step": self.words(4, 10), "status": s}
-                for s in ("completed", "in_progress", "pending")
-            ]
+            plan = [{"step": self.words(4, 10), "status": s} for s in ("completed", "in_progress", "pending")]
             w.envelope(
                 "response_item",
                 {
@@ -1156,9 +1121,7 @@ class _Session:
         meta: dict[str, Any] = {"id": thread_id}
         if self.v >= 146:
             meta["session_id"] = thread_id
-        meta.update(
-            {"timestamp": ts, "cwd": self.cwd, "originator": originator, "cli_version": cli_version}
-        )
+        meta.update({"timestamp": ts, "cwd": self.cwd, "originator": originator, "cli_version": cli_version})
         if self.v == 47:
             meta["instructions"] = None
         elif self.v == 77:
@@ -1217,8 +1180,7 @@ class _Session:
                                 {"type": "input_text", "text": self.permissions()},
                                 {
                                     "type": "input_text",
-                                    "text": "<collaboration_mode># Collaboration Mode: Default\n"
-                                    "</collaboration_mode>",
+                                    "text": "<collaboration_mode># Collaboration Mode: Default\n</collaboration_mode>",
                                 },
                             ],
                         },
@@ -1282,9 +1244,7 @@ class _Session:
             self.token_count(first=first)
             if v >= 104 and self.target > 20_000 and r.random() < 0.6:
                 note = f"I'll {self.words(6, 18)}."
-                w.envelope(
-                    "event_msg", {"type": "agent_message", "message": note, "phase": "commentary"}
-                )
+                w.envelope("event_msg", {"type": "agent_message", "message": note, "phase": "commentary"})
                 w.envelope(
                     "response_item",
                     {
@@ -1439,9 +1399,7 @@ def generate_rollout(
             thread_source=thread_source,
             memory_mode=memory_mode,
         )
-        n_nominal = max(
-            1, min(5_000, int(max(math.sqrt(target_bytes / 2_000), target_bytes / 120_000)))
-        )
+        n_nominal = max(1, min(5_000, int(max(math.sqrt(target_bytes / 2_000), target_bytes / 120_000))))
         nominal = max(_MIN_TURN_BYTES, target_bytes // n_nominal)
         # Legacy files have no compaction lines (no envelope to carry them).
         compact_every = max(6, n_nominal // 3) if n_nominal >= 6 and v > 0 else 0
@@ -1540,9 +1498,7 @@ def generate_corpus(
                 memory_mode="disabled" if variant == "0.146" and r.random() < 0.2 else None,
             )
         )
-    return CorpusManifest(
-        root=root, seed=seed, files=tuple(files), total_bytes=sum(f.size_bytes for f in files)
-    )
+    return CorpusManifest(root=root, seed=seed, files=tuple(files), total_bytes=sum(f.size_bytes for f in files))
 
 
 def _sniff(path: Path) -> tuple[str, str, Any]:
@@ -1576,9 +1532,7 @@ def _sniff(path: Path) -> tuple[str, str, Any]:
     return variant, str(p.get("cwd") or PROJECTS[0][0]), p.get("source", "cli")
 
 
-def append_turn(
-    path: Path, *, seed: int = 0, target_bytes: int = 1024, ts_s: float | None = None
-) -> AppendedTurn:
+def append_turn(path: Path, *, seed: int = 0, target_bytes: int = 1024, ts_s: float | None = None) -> AppendedTurn:
     """Append one small turn (user message, one shell call with output, answer) to a rollout.
 
     The variant is taken from the file's first line, so the appended lines match the file.
@@ -1603,9 +1557,7 @@ def append_turn(
     v = _vkey(variant)
     buf = io.BytesIO()
     w = _Writer(buf, r, time.time() if ts_s is None else ts_s, ordinal=v >= 146)
-    s = _Session(
-        w, r, variant=variant, cwd=cwd, package="atlas", target_bytes=target_bytes, source=source
-    )
+    s = _Session(w, r, variant=variant, cwd=cwd, package="atlas", target_bytes=target_bytes, source=source)
     user = f"{s.user_prompt()} ({r.getrandbits(32):08x})"
     answer = "Done: " + s.words(4, 10) + "."
     command, kind = s.pick_command(False)
@@ -1716,9 +1668,7 @@ def append_turn(
     data = buf.getvalue()
     with open(path, "ab") as f:
         f.write(data)
-    return AppendedTurn(
-        bytes_appended=len(data), user_message=user, command=CommandFact(command, 0), lines=w.lines
-    )
+    return AppendedTurn(bytes_appended=len(data), user_message=user, command=CommandFact(command, 0), lines=w.lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1743,8 +1693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     dt = time.perf_counter() - t0
     print(
-        f"{len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB in {dt:.2f} s "
-        f"under {os.fspath(args.root)}"
+        f"{len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB in {dt:.2f} s under {os.fspath(args.root)}"
     )
     return 0
 

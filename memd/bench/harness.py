@@ -213,9 +213,7 @@ def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int =
         samples_ms.append((time.perf_counter() - t0) * 1000)
         offset = tail.new_offset
         if parser.result.lines != appended.lines:
-            return _missing(
-                keys, f"append read {parser.result.lines} lines, wrote {appended.lines}"
-            )
+            return _missing(keys, f"append read {parser.result.lines} lines, wrote {appended.lines}")
     t0 = time.perf_counter()
     parse_rollout_bytes(path.read_bytes(), path=str(path))
     baseline_ms = (time.perf_counter() - t0) * 1000
@@ -325,10 +323,7 @@ def bench_input_build(paths: Sequence[Path], *, repeats: int = 3) -> list[Figure
             elapsed = min(elapsed, _build_over(paths)[0])
         naive_s = min(naive_s, _naive_over(paths))
     mb = total / 1e6
-    note = (
-        f"{len(paths)} synthetic rollouts, {mb:.1f} MB (parse + build, page cache warm, "
-        f"best of {repeats} passes)"
-    )
+    note = f"{len(paths)} synthetic rollouts, {mb:.1f} MB (parse + build, page cache warm, best of {repeats} passes)"
     return [
         Figure("input_build_mb_s", mb / max(elapsed, 1e-9), mb / max(naive_s, 1e-9), note),
         Figure(
@@ -451,15 +446,10 @@ def bench_index(
 
     baseline = min(timed(lambda: _naive_index(paths)) for _ in range(repeats))
     if index_fn is None:
-        return [
-            Figure(k, None, baseline, "index_fn not provided (indexer not wired)") for k in keys
-        ]
+        return [Figure(k, None, baseline, "index_fn not provided (indexer not wired)") for k in keys]
     states = [state_dir / f"cold-{i + 1}" for i in range(repeats)]
     cold = min(timed(lambda s=s: asyncio.run(_await(index_fn(list(roots), s)))) for s in states)
-    warm = min(
-        timed(lambda: asyncio.run(_await(index_fn(list(roots), states[-1]))))
-        for _ in range(repeats)
-    )
+    warm = min(timed(lambda: asyncio.run(_await(index_fn(list(roots), states[-1])))) for _ in range(repeats))
     note = f"{n} files of 5–20 KB" + (f", scaled ×{scale:g}" if scale != 1 else "")
     note += f", best of {repeats}"
     return [
@@ -533,29 +523,52 @@ def extraction_pool_fn(workdir: Path) -> PoolFn | None:
                 path = str(root / "sessions" / f"rollout-{thread_id}.jsonl")
                 file = FileRecord(path, "codex", 0, i, 4096, now, 4096, "", thread_id)
                 thread = ThreadRecord(
-                    id=thread_id, path=path, project=str(root / "project"),
+                    id=thread_id,
+                    path=path,
+                    project=str(root / "project"),
                     cwd=str(root / "project"),
-                    source="cli", originator="codex_cli_rs", cli_version="0.77.0", model="bench",
-                    title=f"benchmark session {i}", created_at=now - 7200, updated_at=now - 3600,
-                    watermark=4096, user_messages=1, skipped_lines=0, eligible=True, reason=None,
+                    source="cli",
+                    originator="codex_cli_rs",
+                    cli_version="0.77.0",
+                    model="bench",
+                    title=f"benchmark session {i}",
+                    created_at=now - 7200,
+                    updated_at=now - 3600,
+                    watermark=4096,
+                    user_messages=1,
+                    skipped_lines=0,
+                    eligible=True,
+                    reason=None,
                 )
                 batch.append((thread, "{}", file))
             await store.record_threads(batch)
             for thread, _, _ in batch:
                 await store.upsert_extract_job(thread.id, thread.watermark, thread.updated_at)
-            built = BuiltInput(items=(), text="user: run the benchmark", raw_json_bytes=100,
-                               text_bytes=23, est_tokens=6)
+            built = BuiltInput(
+                items=(), text="user: run the benchmark", raw_json_bytes=100, text_bytes=23, est_tokens=6
+            )
 
             async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
                 return ExtractionRequest(
-                    thread_id=thread.id, project=thread.project, cwd=thread.cwd,
-                    rollout_path=thread.path, updated_at=thread.updated_at, agent="codex",
-                    model=thread.model, built=built, max_input_tokens=max_input_tokens,
+                    thread_id=thread.id,
+                    project=thread.project,
+                    cwd=thread.cwd,
+                    rollout_path=thread.path,
+                    updated_at=thread.updated_at,
+                    agent="codex",
+                    model=thread.model,
+                    built=built,
+                    max_input_tokens=max_input_tokens,
                 )
 
             pool = ExtractionPool(
-                store, clock, extractor=SleepExtractor(latency_s), prepare=prepare,
-                memory_dir=root / "memory", owner=make_owner(), concurrency=concurrency,
+                store,
+                clock,
+                extractor=SleepExtractor(latency_s),
+                prepare=prepare,
+                memory_dir=root / "memory",
+                owner=make_owner(),
+                concurrency=concurrency,
             )
             t0 = time.perf_counter()
             await pool.run(asyncio.Event(), burst=True)
@@ -569,9 +582,7 @@ def extraction_pool_fn(workdir: Path) -> PoolFn | None:
     return run_pool
 
 
-def bench_pool(
-    run_pool: PoolFn | None, *, n_jobs: int, concurrency: int, latency_s: float
-) -> list[Figure]:
+def bench_pool(run_pool: PoolFn | None, *, n_jobs: int, concurrency: int, latency_s: float) -> list[Figure]:
     """``pool_efficiency``: wall / (ceil(N/C)·L) (SPEC §15: ≤ 1.15).
 
     Args:
@@ -663,9 +674,7 @@ def _tail(path: Path, n_bytes: int = 400) -> str:
     return data.decode("utf-8", "replace").strip().replace("\n", " | ")
 
 
-def bench_idle(
-    daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: float, window_s: float
-) -> list[Figure]:
+def bench_idle(daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: float, window_s: float) -> list[Figure]:
     """``idle_cpu_s_per_10min`` and ``rss_mb`` of an idle daemon (SPEC §15: ≤ 0.5 s, ≤ 100 MB).
 
     Starts ``daemon_argv`` with ``HOME``, ``CODEX_HOME`` and the ``XDG_*`` directories in a
@@ -869,9 +878,7 @@ def run_bench(
         )
 
         def input_build() -> list[Figure]:
-            manifest = corpus.generate_corpus(
-                workdir / "corpus", n_files=sizes.corpus_files, seed=sizes.seed
-            )
+            manifest = corpus.generate_corpus(workdir / "corpus", n_files=sizes.corpus_files, seed=sizes.seed)
             return bench_input_build(manifest.paths)
 
         step(
@@ -895,9 +902,7 @@ def run_bench(
             manifest = corpus.generate_corpus(
                 root, n_files=sizes.index_files, seed=sizes.seed + 1, size_mix=corpus.SMALL_SIZE_MIX
             )
-            return bench_index(
-                manifest.paths, [root], index_fn=index_fn, state_dir=workdir / "index-state"
-            )
+            return bench_index(manifest.paths, [root], index_fn=index_fn, state_dir=workdir / "index-state")
 
         step(
             ["index_cold_s_per_10k", "index_warm_s_per_10k"],
@@ -917,9 +922,7 @@ def run_bench(
         step(
             ["idle_cpu_s_per_10min", "rss_mb"],
             f"idle daemon ({sizes.idle_window_s:g}s window)",
-            lambda: bench_idle(
-                daemon_argv, workdir, settle_s=sizes.idle_settle_s, window_s=sizes.idle_window_s
-            ),
+            lambda: bench_idle(daemon_argv, workdir, settle_s=sizes.idle_settle_s, window_s=sizes.idle_window_s),
         )
     finally:
         if tmp is not None:

@@ -182,9 +182,7 @@ class ModelWriter:
         try:
             answer = await self._ask(data, existing, budget_bytes)
         except ContextLengthError:
-            log.warning(
-                "consolidate_input_shrunk", project=data.project, budget_bytes=budget_bytes // 2
-            )
+            log.warning("consolidate_input_shrunk", project=data.project, budget_bytes=budget_bytes // 2)
             answer = await self._ask(data, existing, budget_bytes // 2)
         try:
             output = ConsolidationOutput.model_validate(answer.data)
@@ -194,12 +192,8 @@ class ModelWriter:
             ) from None
         memory_md, _ = redact(output.memory_md.strip())
         if not memory_md:
-            raise ConsolidationError(
-                "the model returned an empty MEMORY.md; the previous one is kept"
-            )
-        return Consolidated(
-            memory_md=memory_md + "\n", skills=self._merge_skills(data, existing, output.skills)
-        )
+            raise ConsolidationError("the model returned an empty MEMORY.md; the previous one is kept")
+        return Consolidated(memory_md=memory_md + "\n", skills=self._merge_skills(data, existing, output.skills))
 
     def sync_writer(self, loop: asyncio.AbstractEventLoop) -> MemoryWriter:
         """A synchronous :data:`~memd.consolidate.builtin.MemoryWriter` for a worker thread: each
@@ -217,9 +211,7 @@ class ModelWriter:
 
         return writer
 
-    async def _ask(
-        self, data: ConsolidationInput, existing: dict[str, Skill], budget_bytes: int
-    ) -> LLMAnswer:
+    async def _ask(self, data: ConsolidationInput, existing: dict[str, Skill], budget_bytes: int) -> LLMAnswer:
         system = render(SYSTEM_TEMPLATE)
         skills_view = [
             {
@@ -228,14 +220,8 @@ class ModelWriter:
             }
             for slug, s in existing.items()
         ] or [{"name": name, "text": "(content not available)"} for name in data.existing_skills]
-        previous = unframe(
-            cut_middle(data.previous_memory_md, max(MIN_TRACE_BYTES, budget_bytes // 4))
-        )
-        fixed = (
-            len(system.encode())
-            + len(previous.encode())
-            + sum(len(s["text"].encode()) for s in skills_view)
-        )
+        previous = unframe(cut_middle(data.previous_memory_md, max(MIN_TRACE_BYTES, budget_bytes // 4)))
+        fixed = len(system.encode()) + len(previous.encode()) + sum(len(s["text"].encode()) for s in skills_view)
         per_trace = max(MIN_TRACE_BYTES, (budget_bytes - fixed) // max(1, len(data.traces)))
         traces = [
             {
@@ -295,9 +281,7 @@ class ModelWriter:
             )
         if not new:
             return None
-        missing = [
-            name for name in data.existing_skills if name not in new and name not in existing
-        ]
+        missing = [name for name in data.existing_skills if name not in new and name not in existing]
         if missing:
             log.warning(
                 "skills_not_written",

@@ -61,9 +61,7 @@ def safe_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
     No API key or other secret is ever part of it (SPEC §14).
     """
     source = os.environ if source is None else source
-    return {
-        key: value for key, value in source.items() if key in SAFE_ENV_KEYS or key.startswith("LC_")
-    }
+    return {key: value for key, value in source.items() if key in SAFE_ENV_KEYS or key.startswith("LC_")}
 
 
 class ConsolidationStore(Protocol):
@@ -74,9 +72,7 @@ class ConsolidationStore(Protocol):
     def release_lease(self, name: str, owner: str, token: int) -> Awaitable[Any]: ...
     def get_project(self, project: str) -> Awaitable[ProjectRecord | None]: ...
     def list_memories(self, project: str) -> Awaitable[list[MemoryRecord]]: ...
-    def mark_consolidated(
-        self, project: str, seq: int, lease_name: str, owner: str, token: int
-    ) -> Awaitable[bool]: ...
+    def mark_consolidated(self, project: str, seq: int, lease_name: str, owner: str, token: int) -> Awaitable[bool]: ...
     def mark_consolidation_failed(self, project: str, error: str) -> Awaitable[Any]: ...
 
 
@@ -226,9 +222,7 @@ class ConsolidationRunner:
         lease_name = f"consolidate:{project}"
         bound = log.bind(project=project)
 
-        def outcome(
-            exit_code: int | None, error: str | None, tail: str = ""
-        ) -> ConsolidationOutcome:
+        def outcome(exit_code: int | None, error: str | None, tail: str = "") -> ConsolidationOutcome:
             return ConsolidationOutcome(
                 project=project,
                 ok=error is None,
@@ -277,9 +271,7 @@ class ConsolidationRunner:
         exit_code, error, tail = await self._run_command(root, project, lease_name, token, bound)
         if error is None:
             try:
-                recorded = await self.store.mark_consolidated(
-                    project, seq, lease_name, self.owner, token
-                )
+                recorded = await self.store.mark_consolidated(project, seq, lease_name, self.owner, token)
             except LeaseLost:
                 recorded = False
             except MemdError as exc:
@@ -294,9 +286,7 @@ class ConsolidationRunner:
         await self._record_failure(project, error, bound)
         return exit_code, error, tail
 
-    def _prune(
-        self, root: Path, memories: Sequence[MemoryRecord], bound: Any
-    ) -> list[MemoryRecord]:
+    def _prune(self, root: Path, memories: Sequence[MemoryRecord], bound: Any) -> list[MemoryRecord]:
         """Delete trace files of memories beyond the newest N; return the kept memories.
 
         ``memories`` is newest first. Only files named by an older memory row are removed, so a
@@ -323,10 +313,7 @@ class ConsolidationRunner:
         return kept
 
     def _argv(self, root: Path, project: str) -> list[str]:
-        return [
-            part.replace("{memory_root}", str(root)).replace("{project}", project)
-            for part in self.command
-        ]
+        return [part.replace("{memory_root}", str(root)).replace("{project}", project) for part in self.command]
 
     async def _run_command(
         self, root: Path, project: str, lease_name: str, token: int, bound: Any
@@ -390,9 +377,7 @@ class ConsolidationRunner:
                 if now < next_renew:
                     continue  # woken only to look at the exit status
                 try:
-                    renewed: bool | None = await self.store.renew_lease(
-                        lease_name, self.owner, token, self.lease_s
-                    )
+                    renewed: bool | None = await self.store.renew_lease(lease_name, self.owner, token, self.lease_s)
                 except LeaseLost:
                     renewed = False
                 except MemdError as exc:

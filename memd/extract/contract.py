@@ -56,9 +56,7 @@ TRACE_OUTPUT_JSON_SCHEMA: dict[str, Any] = {
     "properties": {
         "trace_memory": {
             "type": "string",
-            "description": (
-                "Markdown trace memory following the required skeleton; empty if nothing durable."
-            ),
+            "description": ("Markdown trace memory following the required skeleton; empty if nothing durable."),
         },
         "summary": {
             "type": "string",
@@ -258,9 +256,7 @@ def normalise(trace_memory: str, summary: str, *, context: TraceContext) -> Norm
         summary = trace_memory.split("\n", 1)[0].removeprefix("# ").strip()
     summary = cut_middle(cap_words(summary, SUMMARY_MAX_WORDS), SUMMARY_MAX_BYTES)
     trace_memory = cut_middle(trace_memory, TRACE_MEMORY_MAX_BYTES)
-    return NormalisedOutput(
-        trace_memory, summary, noop=False, wrapped=wrapped, redactions=redactions
-    )
+    return NormalisedOutput(trace_memory, summary, noop=False, wrapped=wrapped, redactions=redactions)
 
 
 def _wrap(raw: str, summary: str, context: TraceContext) -> str:

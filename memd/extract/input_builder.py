@@ -94,10 +94,7 @@ _SESSION_RUNNING = re.compile(r"Process running with session ID (\d+)")
 _PATCH_HEADER = re.compile(r"\*\*\* (Add File|Update File|Delete File|Move to): (.+?)\s*$")
 _PATCH_FAILED_PREFIXES = ("apply_patch verification failed", "failed to apply patch")
 _MEMD_BLOCK = re.compile(
-    re.escape(MEMD_MEMORY_MARKER)
-    + r".*?(?:"
-    + re.escape(MEMD_MEMORY_MARKER.replace("<", "</"))
-    + r"|\Z)",
+    re.escape(MEMD_MEMORY_MARKER) + r".*?(?:" + re.escape(MEMD_MEMORY_MARKER.replace("<", "</")) + r"|\Z)",
     re.DOTALL,
 )
 _PLAN_MARK = {"completed": "[x]", "in_progress": "[>]", "pending": "[ ]"}
@@ -142,12 +139,7 @@ def build_input(
     units = _group(items)
     capped = _cap_items(items, units, tool_output_cap_bytes, user_message_cap_bytes)
     shown = _apply(items, capped)
-    patches = {
-        i: _patch_stats(_patch_text(items[i]))
-        for u in units
-        if u.kind == "patch"
-        for i in u.indices[:1]
-    }
+    patches = {i: _patch_stats(_patch_text(items[i])) for u in units if u.kind == "patch" for i in u.indices[:1]}
     for unit in units:
         unit.text = _render(unit, shown, patches)
     units = [u for u in units if u.text]
@@ -183,9 +175,7 @@ def build_input(
         parts.append(f"[... {gap} items omitted ...]")
     text = "\n".join(parts)
 
-    kept_indices = sorted(
-        i for unit, keep in zip(units, kept, strict=True) if keep for i in unit.indices
-    )
+    kept_indices = sorted(i for unit, keep in zip(units, kept, strict=True) if keep for i in unit.indices)
     line_bytes = parsed.item_line_bytes
     raw_json_bytes = sum(line_bytes[i] for i in kept_indices if i < len(line_bytes))
     text_bytes = _utf8_len(text)
@@ -214,9 +204,7 @@ def build_input(
 def _group(items: list[Item]) -> list[_Unit]:
     """Select the items to keep and group tool calls with their outputs, in file order."""
     user_events = any(isinstance(it, UserMessage) and it.origin == "event" for it in items)
-    assistant_responses = any(
-        isinstance(it, AssistantMessage) and it.origin == "response" for it in items
-    )
+    assistant_responses = any(isinstance(it, AssistantMessage) and it.origin == "response" for it in items)
     user_origin = "event" if user_events else "response"
     assistant_origin = "response" if assistant_responses else "event"
 
@@ -317,9 +305,7 @@ def _tool_unit(call: ToolCall, index: int, sessions: dict[str, _Unit]) -> _Unit 
 # --- capping and redaction ------------------------------------------------------------------
 
 
-def _cap_items(
-    items: list[Item], units: list[_Unit], output_cap: int, message_cap: int
-) -> dict[int, dict[str, str]]:
+def _cap_items(items: list[Item], units: list[_Unit], output_cap: int, message_cap: int) -> dict[int, dict[str, str]]:
     """The capped text fields of every kept item: ``{index: {field: text}}``."""
     capped: dict[int, dict[str, str]] = {}
     for unit in units:
@@ -423,9 +409,7 @@ def _render(unit: _Unit, items: dict[int, Item], patches: dict[int, _PatchStats]
     if kind == "user" and isinstance(first, UserMessage):
         return f"user: {first.text.strip()}"
     if kind == "assistant" and isinstance(first, AssistantMessage):
-        label = (
-            "assistant" if unit.final or first.phase != "commentary" else "assistant (commentary)"
-        )
+        label = "assistant" if unit.final or first.phase != "commentary" else "assistant (commentary)"
         return f"{label}: {first.text.strip()}"
     if kind == "reasoning" and isinstance(first, Reasoning):
         return "thinking: " + " ".join(first.summary.split())
@@ -567,9 +551,7 @@ def _render_patch(unit: _Unit, items: dict[int, Item], stats: _PatchStats) -> st
 
 def _hunks(patch: str) -> str:
     """The patch body without the ``*** Begin/End Patch`` and file header lines."""
-    return "\n".join(
-        line for line in patch.splitlines() if not line.startswith("***") and line.strip()
-    )
+    return "\n".join(line for line in patch.splitlines() if not line.startswith("***") and line.strip())
 
 
 def _render_plan(call: ToolCall) -> str:
@@ -589,9 +571,7 @@ def _render_plan(call: ToolCall) -> str:
     return head
 
 
-def _render_outputs(
-    unit: _Unit, items: dict[int, Item], *, skip_first: bool, plan: bool = False
-) -> str:
+def _render_outputs(unit: _Unit, items: dict[int, Item], *, skip_first: bool, plan: bool = False) -> str:
     parts = []
     for i in unit.indices[1 if skip_first else 0 :]:
         it = items[i]
@@ -681,9 +661,7 @@ def _fit(units: list[_Unit], budget_bytes: int) -> tuple[list[bool], int]:
     if finals:
         keep[finals[-1]] = True
     marker_room = 40
-    used = sum(s for s, k in zip(sizes, keep, strict=True) if k) + marker_room * (
-        keep.count(True) + 1
-    )
+    used = sum(s for s, k in zip(sizes, keep, strict=True) if k) + marker_room * (keep.count(True) + 1)
     for n in range(len(units) - 1, -1, -1):
         if keep[n]:
             continue

@@ -285,16 +285,12 @@ def _analyse(items: list[Item]) -> _Session:
     patch_pos = [p.pos for p in patches]  # patches are collected in item order
     for task in tasks:
         task.runs = runs[bisect_left(run_pos, task.start) : bisect_left(run_pos, task.end)]
-        task.patches = patches[
-            bisect_left(patch_pos, task.start) : bisect_left(patch_pos, task.end)
-        ]
+        task.patches = patches[bisect_left(patch_pos, task.start) : bisect_left(patch_pos, task.end)]
         _collect_task_items(task, items)
     for n, task in enumerate(tasks):
         following = tasks[n + 1] if n + 1 < len(tasks) else None
         task.outcome, task.evidence = _outcome(task, following)
-    preferences = _preferences(
-        [it.text for it in items if isinstance(it, UserMessage) and not it.injected]
-    )
+    preferences = _preferences([it.text for it in items if isinstance(it, UserMessage) and not it.injected])
     durable = bool(preferences) or any(_has_substance(t) for t in tasks)
     return _Session(tasks=tasks, preferences=preferences, durable=durable)
 
@@ -336,10 +332,7 @@ def _feedback_kind(text: str) -> str | None:
 
 
 def _has_activity(items: list[Item], start: int, end: int) -> bool:
-    return any(
-        isinstance(it, (ToolCall, CommandEnd, PatchApplied, AssistantMessage))
-        for it in items[start:end]
-    )
+    return any(isinstance(it, (ToolCall, CommandEnd, PatchApplied, AssistantMessage)) for it in items[start:end])
 
 
 def _classify_runs(items: list[Item]) -> list[_Run]:
@@ -510,14 +503,10 @@ def _outcome(task: _Task, following: _Task | None) -> tuple[str, str]:
     # Failed read-only commands (a search in a missing path, a cat of a wrong file) are noise
     # when the task did real work; they count only in a task that did nothing else.
     exploring_only = not task.patches and all(r.read_only for r in task.runs)
-    unresolved = [
-        r for r in task.runs if r.failed and not r.resolved and (exploring_only or not r.read_only)
-    ]
+    unresolved = [r for r in task.runs if r.failed and not r.resolved and (exploring_only or not r.read_only)]
     unresolved_patches = [p for p in task.patches if p.failed and not p.resolved]
     tests = [r for r in task.runs if r.test and r.run.exit_code is not None]
-    worked = any(not p.failed for p in task.patches) or any(
-        not r.read_only and r.run.exit_code == 0 for r in task.runs
-    )
+    worked = any(not p.failed for p in task.patches) or any(not r.read_only and r.run.exit_code == 0 for r in task.runs)
     has_answer = bool(task.answers)
 
     if task.feedback:
@@ -530,35 +519,25 @@ def _outcome(task: _Task, following: _Task | None) -> tuple[str, str]:
             if later_tests and later_tests[-1].run.exit_code == 0:
                 return (
                     "partial",
-                    f'the user objected ("{quote}"); tests passed afterwards '
-                    "but no approval followed",
+                    f'the user objected ("{quote}"); tests passed afterwards but no approval followed',
                 )
             return "fail", f'the user rejected the result: "{quote}"'
     if tests:
         last = tests[-1]
         if last.run.exit_code == 0 and not unresolved and not unresolved_patches:
             return "success", f"verification: `{_short(last.run.command)}` passed (exit 0)"
-        if last.run.exit_code != 0 and not any(
-            r.pos > last.pos and r.run.exit_code == 0 for r in tests
-        ):
+        if last.run.exit_code != 0 and not any(r.pos > last.pos and r.run.exit_code == 0 for r in tests):
             return (
                 "fail",
-                f"the last test run `{_short(last.run.command)}` failed "
-                f"(exit {last.run.exit_code})",
+                f"the last test run `{_short(last.run.command)}` failed (exit {last.run.exit_code})",
             )
     if (unresolved or unresolved_patches) and not has_answer:
         what = (
-            f"`{_short(unresolved[-1].run.command)}` exit {unresolved[-1].run.exit_code}"
-            if unresolved
-            else "a patch"
+            f"`{_short(unresolved[-1].run.command)}` exit {unresolved[-1].run.exit_code}" if unresolved else "a patch"
         )
         return "fail", f"{what} failed and was not resolved"
     if task.aborted and not has_answer:
-        return (
-            ("partial", "the turn was aborted after some work")
-            if worked
-            else ("uncertain", "the turn was aborted")
-        )
+        return ("partial", "the turn was aborted after some work") if worked else ("uncertain", "the turn was aborted")
     if unresolved or unresolved_patches:
         return "partial", "work was done but an error was left unresolved"
     if worked and following is not None and following.request and _continues(following, task):
@@ -590,11 +569,7 @@ def _content_words(text: str) -> set[str]:
 def _has_substance(task: _Task) -> bool:
     if task.runs or task.patches or task.web_searches or task.tools:
         return True
-    if (
-        task.request is not None
-        and _GREETING.match(task.request)
-        and len(task.request.split()) <= 8
-    ):
+    if task.request is not None and _GREETING.match(task.request) and len(task.request.split()) <= 8:
         return False
     return any(len(text.split()) >= SUBSTANTIVE_ANSWER_WORDS for text, _ in task.answers)
 
@@ -662,9 +637,7 @@ def _render_task(task: _Task) -> list[str]:
     if changed:
         out.append("- Changed files: " + ", ".join(changed))
     if task.web_searches:
-        out.append(
-            "- Searched the web: " + "; ".join(f'"{q}"' for q in _dedupe(task.web_searches)[:6])
-        )
+        out.append("- Searched the web: " + "; ".join(f'"{q}"' for q in _dedupe(task.web_searches)[:6]))
     if task.tools:
         out.append("- Other tools used: " + ", ".join(f"`{t}`" for t in task.tools[:10]))
     if task.plan:
@@ -761,9 +734,7 @@ def _knowledge(task: _Task) -> list[str]:
             line += f": `{snippet}`"
         out.append(line)
     worked = _dedupe(
-        _short(r.run.command, 160)
-        for r in task.runs
-        if not r.read_only and not r.test and r.run.exit_code == 0
+        _short(r.run.command, 160) for r in task.runs if not r.read_only and not r.test and r.run.exit_code == 0
     )
     if worked:
         out.append("- Commands that worked: " + "; ".join(f"`{c}`" for c in worked[:8]))
@@ -773,9 +744,7 @@ def _knowledge(task: _Task) -> list[str]:
             None,
         )
         if fix is not None and fix.run.command != r.run.command:
-            out.append(
-                f"- `{_short(r.run.command, 120)}` failed; `{_short(fix.run.command, 120)}` worked"
-            )
+            out.append(f"- `{_short(r.run.command, 120)}` failed; `{_short(fix.run.command, 120)}` worked")
     if task.answers and not task.patches and task.request:
         answer = task.answers[-1][0]
         if len(answer.split()) >= SUBSTANTIVE_ANSWER_WORDS:
@@ -861,11 +830,7 @@ def _render_summary(session: _Session) -> str:
             verdict = "passed" if last.run.exit_code == 0 else f"failed (exit {last.run.exit_code})"
             sentence += f" Verified with `{_short(last.run.command, 100)}`: {verdict}."
         exploring_only = not task.patches and all(r.read_only for r in task.runs)
-        failures = [
-            r
-            for r in task.runs
-            if r.failed and not r.resolved and (exploring_only or not r.read_only)
-        ]
+        failures = [r for r in task.runs if r.failed and not r.resolved and (exploring_only or not r.read_only)]
         for r in failures[:2]:
             detail = _error_line(r.run.output)
             sentence += f" `{_short(r.run.command, 80)}` failed with exit {r.run.exit_code}"
@@ -901,9 +866,7 @@ def _error_line(output: str) -> str:
     """The most telling line of a failed command's output (last error-looking line)."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     lines = [
-        ln
-        for ln in lines
-        if not re.match(r"^(Chunk ID|Wall time|Original token count|Output:|Process exited)", ln)
+        ln for ln in lines if not re.match(r"^(Chunk ID|Wall time|Original token count|Output:|Process exited)", ln)
     ]
     for line in reversed(lines[-60:]):
         if _ERROR_LINE.search(line):

@@ -314,7 +314,9 @@ class ExtractionPool:
             self._pause(3600.0, f"model authentication failed: {exc}")
             await self._give_back(job, bound, "model_auth_failed")
             if first:
-                bound.error("model_auth_failed", error=str(exc), action="model work paused for 1 h; fix the API key and restart")
+                bound.error(
+                    "model_auth_failed", error=str(exc), action="model work paused for 1 h; fix the API key and restart"
+                )
             await self._record_pause()
         except BudgetExhausted as exc:
             first = self.paused_reason is None
@@ -322,7 +324,9 @@ class ExtractionPool:
             self._pause(resume_at - self._clock.now(), f"daily token budget reached; resumes at {iso_utc(resume_at)}")
             await self._give_back(job, bound, "budget_exhausted")
             if first:
-                bound.warning("budget_exhausted", resume_at=iso_utc(resume_at), action="extraction waits for the next UTC day")
+                bound.warning(
+                    "budget_exhausted", resume_at=iso_utc(resume_at), action="extraction waits for the next UTC day"
+                )
             await self._record_pause()
         except LeaseLost:
             self.stats.fenced_out += 1
@@ -527,5 +531,6 @@ class ExtractionPool:
             bound.error(
                 "trace_file_commit_failed",
                 error=str(exc),
-                action="the memory is saved in the database; its trace file is written again before the next consolidation",
+                action="the memory is saved in the database; "
+                "its trace file is written again before the next consolidation",
             )

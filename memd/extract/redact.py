@@ -371,11 +371,7 @@ def _check_assignment(text: str, m: re.Match[bytes], kw_start: int, add) -> None
         sep == "="
         and not space_before_sep
         and not quoted_name
-        and (
-            name.lstrip("-").isupper()
-            or name.startswith("-")
-            or (name_start > 0 and text[name_start - 1] in "?&")
-        )
+        and (name.lstrip("-").isupper() or name.startswith("-") or (name_start > 0 and text[name_start - 1] in "?&"))
     )
     if "(" in value or _ATTRIBUTE_PATH.fullmatch(value):
         return  # a call or an attribute path names a value, it is not one
@@ -441,8 +437,4 @@ def _has_digit_and_letter(s: str) -> bool:
 
 
 def _looks_like_aws_secret(s: str) -> bool:
-    return (
-        any(c.isupper() for c in s)
-        and any(c.islower() for c in s)
-        and any(c.isdigit() or c in "/+" for c in s)
-    )
+    return any(c.isupper() for c in s) and any(c.islower() for c in s) and any(c.isdigit() or c in "/+" for c in s)

@@ -37,13 +37,13 @@ dropped anyway. Older ``user_message`` events carry ``kind`` = ``user_instructio
 from __future__ import annotations
 
 import json
-
-import orjson
 import os
 import re
 import shlex
 from datetime import datetime
 from typing import Any, Literal
+
+import orjson
 
 from memd.clock import parse_iso
 from memd.rollout.records import (
@@ -83,9 +83,7 @@ INJECTED_PREFIXES: tuple[str, ...] = (
 _INJECTED_EVENT_KINDS = frozenset({"user_instructions", "environment_context"})
 
 #: Response item types that are modelled but carry nothing memd keeps.
-_DROPPED_RESPONSE_TYPES = frozenset(
-    {"ghost_snapshot", "compaction", "compaction_summary", "image_generation_call"}
-)
+_DROPPED_RESPONSE_TYPES = frozenset({"ghost_snapshot", "compaction", "compaction_summary", "image_generation_call"})
 
 #: Event types that are known Codex protocol noise for memd (token usage, streaming deltas,
 #: begin/end twins of response items, UI state): empty result, not counted as unknown.
@@ -158,9 +156,7 @@ _TURN_EVENT_TYPES = frozenset(
 )
 
 #: Function tools whose call runs a shell command.
-_SHELL_TOOLS = frozenset(
-    {"shell", "shell_command", "exec_command", "local_shell", "container.exec"}
-)
+_SHELL_TOOLS = frozenset({"shell", "shell_command", "exec_command", "local_shell", "container.exec"})
 _SHELLS = frozenset({"bash", "sh", "zsh", "dash", "ksh", "fish"})
 # Not anchored with "^": a leading literal lets ``re`` scan fast; line starts are checked in code.
 _PATCH_HEADER = re.compile(r"\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
@@ -267,9 +263,7 @@ def _parse_object(obj: dict[str, Any], first: bool) -> LineResult | Item:
         if kind == "event_msg":
             return _event(payload, ts)
         if kind == "turn_context":
-            return _one(
-                TurnContext(model=_str(payload.get("model")), cwd=_str(payload.get("cwd")), ts=ts)
-            )
+            return _one(TurnContext(model=_str(payload.get("model")), cwd=_str(payload.get("cwd")), ts=ts))
         if kind == "compacted":
             return _one(_compaction(payload, ts))
         return _UNKNOWN
@@ -404,11 +398,7 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
         query = _str(action.get("query")) or _str(action.get("url")) or ""
         if not query and isinstance(action.get("queries"), list):
             query = "\n".join(q for q in action["queries"] if isinstance(q, str))
-        return _one(
-            ToolCall(
-                call_id=_call_id(p), name="web_search", kind="web_search", arguments=query, ts=ts
-            )
-        )
+        return _one(ToolCall(call_id=_call_id(p), name="web_search", kind="web_search", arguments=query, ts=ts))
     if kind == "tool_search_call":
         return _one(
             ToolCall(
@@ -431,15 +421,9 @@ def _message(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     role = p.get("role")
     text, images = _content_text(p.get("content"))
     if role == "user":
-        return _one(
-            UserMessage(
-                text=text, origin="response", injected=is_injected_text(text), images=images, ts=ts
-            )
-        )
+        return _one(UserMessage(text=text, origin="response", injected=is_injected_text(text), images=images, ts=ts))
     if role == "assistant":
-        return _one(
-            AssistantMessage(text=text, phase=_str(p.get("phase")), origin="response", ts=ts)
-        )
+        return _one(AssistantMessage(text=text, phase=_str(p.get("phase")), origin="response", ts=ts))
     if role in ("developer", "system"):
         return _EMPTY
     return _UNKNOWN
@@ -482,9 +466,7 @@ def _tool_call(name: str, call_id: str, arguments: str, ts: float | None) -> Too
         patch = arguments
         args = _json_object(arguments)
         if args is not None and isinstance(args.get("input"), str):
-            patch = args[
-                "input"
-            ]  # apply_patch as a JSON function tool: {"input": "*** Begin Patch..."}
+            patch = args["input"]  # apply_patch as a JSON function tool: {"input": "*** Begin Patch..."}
         return ToolCall(
             call_id=call_id,
             name=name,
@@ -511,9 +493,7 @@ def _tool_call(name: str, call_id: str, arguments: str, ts: float | None) -> Too
                 patch_files=files,
                 ts=ts,
             )
-        return ToolCall(
-            call_id=call_id, name=name, kind="shell", command=command, arguments=arguments, ts=ts
-        )
+        return ToolCall(call_id=call_id, name=name, kind="shell", command=command, arguments=arguments, ts=ts)
     kind: Literal["mcp", "other"] = "mcp" if name.startswith("mcp__") else "other"
     return ToolCall(call_id=call_id, name=name, kind=kind, arguments=arguments, ts=ts)
 
@@ -525,11 +505,7 @@ def _command_text(value: Any) -> str | None:
     if not isinstance(value, list) or not value:
         return None
     argv = [v if isinstance(v, str) else json.dumps(v) for v in value]
-    if (
-        len(argv) == 3
-        and os.path.basename(argv[0]) in _SHELLS
-        and argv[1] in ("-lc", "-c", "-ic", "-l -c")
-    ):
+    if len(argv) == 3 and os.path.basename(argv[0]) in _SHELLS and argv[1] in ("-lc", "-c", "-ic", "-l -c"):
         return argv[2]
     return shlex.join(argv)
 
@@ -595,9 +571,7 @@ def _event(p: dict[str, Any], ts: float | None) -> LineResult | Item:
         return _one(UserMessage(text=text, origin="event", injected=injected, images=images, ts=ts))
     if kind == "agent_message":
         return _one(
-            AssistantMessage(
-                text=_str(p.get("message")) or "", phase=_str(p.get("phase")), origin="event", ts=ts
-            )
+            AssistantMessage(text=_str(p.get("message")) or "", phase=_str(p.get("phase")), origin="event", ts=ts)
         )
     if kind == "exec_command_end":
         output = next(
@@ -616,9 +590,7 @@ def _event(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     if kind == "patch_apply_end":
         changes = p.get("changes")
         files = tuple(str(k) for k in changes) if isinstance(changes, dict) else ()
-        return _one(
-            PatchApplied(call_id=_call_id(p), success=p.get("success") is True, files=files, ts=ts)
-        )
+        return _one(PatchApplied(call_id=_call_id(p), success=p.get("success") is True, files=files, ts=ts))
     if kind in _TURN_EVENT_TYPES:
         field = {
             "task_complete": "last_agent_message",
@@ -639,11 +611,7 @@ def _compaction(p: dict[str, Any], ts: float | None) -> Compaction:
     replaced = 0
     if isinstance(history, list):
         for entry in history:
-            if (
-                isinstance(entry, dict)
-                and entry.get("type") == "message"
-                and entry.get("role") == "user"
-            ):
+            if isinstance(entry, dict) and entry.get("type") == "message" and entry.get("role") == "user":
                 text, _ = _content_text(entry.get("content"))
                 replaced += not is_injected_text(text)
     return Compaction(message=_str(p.get("message")) or "", replaced_user_messages=replaced, ts=ts)

@@ -277,9 +277,7 @@ class ThreadStats:
             elif f.name == "model":
                 ok = value is None or isinstance(value, str)
             elif f.name == "last_ts":
-                ok = value is None or (
-                    isinstance(value, (int, float)) and not isinstance(value, bool)
-                )
+                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
             else:
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             if f.name in data and ok:

@@ -117,9 +117,7 @@ class Store:
     may share one file: SQLite's locks and the fencing tokens keep them consistent.
     """
 
-    def __init__(
-        self, conn: aiosqlite.Connection, *, path: Path, clock: Clock, busy_timeout_s: float
-    ) -> None:
+    def __init__(self, conn: aiosqlite.Connection, *, path: Path, clock: Clock, busy_timeout_s: float) -> None:
         """Wrap an open, migrated connection. Use :meth:`open` instead."""
         self._conn: aiosqlite.Connection | None = conn
         self._path = path
@@ -215,9 +213,7 @@ class Store:
                     await self._rollback_quietly(conn)
                     raise
             except sqlite3.Error as exc:
-                raise store_error(
-                    exc, path=self._path, op=op, busy_timeout_s=self._busy_timeout_s
-                ) from exc
+                raise store_error(exc, path=self._path, op=op, busy_timeout_s=self._busy_timeout_s) from exc
 
     @asynccontextmanager
     async def _read(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
@@ -227,9 +223,7 @@ class Store:
             try:
                 yield conn
             except sqlite3.Error as exc:
-                raise store_error(
-                    exc, path=self._path, op=op, busy_timeout_s=self._busy_timeout_s
-                ) from exc
+                raise store_error(exc, path=self._path, op=op, busy_timeout_s=self._busy_timeout_s) from exc
 
     @staticmethod
     async def _rows(
@@ -389,9 +383,7 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
 
-    async def upsert_extract_job(
-        self, thread_id: str, input_watermark: int, priority: float
-    ) -> JobRecord:
+    async def upsert_extract_job(self, thread_id: str, input_watermark: int, priority: float) -> JobRecord:
         """Make sure an extract job covers ``input_watermark`` bytes of the thread.
 
         - No job yet: create it ``pending``.
@@ -427,21 +419,16 @@ class Store:
                     updated_at = excluded.updated_at
                 WHERE excluded.input_watermark > MAX(jobs.input_watermark, jobs.success_watermark)
                 """,
-                {"kind": EXTRACT, "key": thread_id, "wm": input_watermark,
-                 "priority": priority, "now": now},
+                {"kind": EXTRACT, "key": thread_id, "wm": input_watermark, "priority": priority, "now": now},
             )
-            row = await self._one(
-                conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (EXTRACT, thread_id)
-            )
+            row = await self._one(conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (EXTRACT, thread_id))
         assert row is not None
         return _record(JobRecord, row)
 
     async def get_job(self, kind: str, key: str) -> JobRecord | None:
         """Return the job ``(kind, key)``, or ``None``."""
         async with self._read("get_job") as conn:
-            row = await self._one(
-                conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (kind, key)
-            )
+            row = await self._one(conn, "SELECT * FROM jobs WHERE kind = ? AND key = ?", (kind, key))
         return _record(JobRecord, row) if row else None
 
     async def claim_job(
@@ -482,8 +469,7 @@ class Store:
                     {"kind": kind, "now": now, "max": max_attempts},
                 )
                 for row in buried:
-                    log.error("job_dead_stalled", kind=kind, key=row["key"],
-                              attempt=row["attempts"])
+                    log.error("job_dead_stalled", kind=kind, key=row["key"], attempt=row["attempts"])
             candidate = await self._one(
                 conn,
                 """
@@ -508,15 +494,18 @@ class Store:
                 {"owner": owner, "until": now + lease_s, "now": now, "rowid": candidate["rowid"]},
             )
             # Not ``RETURNING *``: RETURNING skips REAL affinity (1.0 would come back as 1).
-            row = await self._one(
-                conn, "SELECT * FROM jobs WHERE rowid = ?", (candidate["rowid"],)
-            )
+            row = await self._one(conn, "SELECT * FROM jobs WHERE rowid = ?", (candidate["rowid"],))
         assert row is not None
         job = _record(JobRecord, row)
         if candidate["status"] == "running":
             log.warning(
-                "job_reclaimed", kind=kind, key=job.key, stale_owner=candidate["owner"],
-                stale_token=candidate["token"], owner=owner, token=job.token,
+                "job_reclaimed",
+                kind=kind,
+                key=job.key,
+                stale_owner=candidate["owner"],
+                stale_token=candidate["token"],
+                owner=owner,
+                token=job.token,
                 attempt=job.attempts,
             )
         return job
@@ -547,8 +536,7 @@ class Store:
         return {"kind": job.kind, "key": job.key, "owner": job.owner, "token": job.token}
 
     def _refused(self, op: str, job: JobRecord) -> None:
-        log.warning("job_fence_refused", op=op, kind=job.kind, key=job.key, owner=job.owner,
-                    token=job.token)
+        log.warning("job_fence_refused", op=op, kind=job.kind, key=job.key, owner=job.owner, token=job.token)
 
     async def finish_extract(self, job: JobRecord, memory: MemoryRecord) -> bool:
         """Commit a successful extraction, fenced by the claim (owner + token, still running).
@@ -591,9 +579,7 @@ class Store:
             if not rows:
                 self._refused("finish_extract", job)
                 return False
-            old = await self._one(
-                conn, "SELECT project FROM memories WHERE thread_id = ?", (memory.thread_id,)
-            )
+            old = await self._one(conn, "SELECT project FROM memories WHERE thread_id = ?", (memory.thread_id,))
             await conn.execute(
                 """
                 INSERT INTO memories (thread_id, project, path, trace_memory, summary,
@@ -614,9 +600,7 @@ class Store:
                 await self._bump_project(conn, old["project"], now)
         return True
 
-    async def fail_job(
-        self, job: JobRecord, error: str, retry_at: float | None, dead: bool
-    ) -> bool:
+    async def fail_job(self, job: JobRecord, error: str, retry_at: float | None, dead: bool) -> bool:
         """Record a failed attempt, fenced by the claim (owner + token, still running).
 
         The job becomes ``error`` (claimable again at ``retry_at``; ``None`` = at once) or, with
@@ -650,8 +634,14 @@ class Store:
                   AND status = 'running'
                 RETURNING status
                 """,
-                {"claimed_wm": job.input_watermark, "dead": int(dead), "retry_at": retry_at,
-                 "error": _short(error), "now": now, **self._fence(job)},
+                {
+                    "claimed_wm": job.input_watermark,
+                    "dead": int(dead),
+                    "retry_at": retry_at,
+                    "error": _short(error),
+                    "now": now,
+                    **self._fence(job),
+                },
             )
         if not rows:
             self._refused("fail_job", job)
@@ -702,9 +692,7 @@ class Store:
             )
         return len(rows)
 
-    async def list_jobs(
-        self, kind: str | None = None, status: str | None = None
-    ) -> list[JobRecord]:
+    async def list_jobs(self, kind: str | None = None, status: str | None = None) -> list[JobRecord]:
         """Return jobs, optionally of one ``kind`` and/or ``status``, highest priority first."""
         async with self._read("list_jobs") as conn:
             rows = await self._rows(
@@ -846,9 +834,7 @@ class Store:
             )
         return [_record(ProjectRecord, row) for row in rows]
 
-    async def mark_consolidated(
-        self, project: str, seq: int, lease_name: str, owner: str, token: int
-    ) -> bool:
+    async def mark_consolidated(self, project: str, seq: int, lease_name: str, owner: str, token: int) -> bool:
         """Record a successful consolidation, fenced by the lease ``lease_name``.
 
         In one transaction: if the lease is held by ``(owner, token)``, set
@@ -869,8 +855,14 @@ class Store:
         now = self._clock.now()
         async with self._write("mark_consolidated") as conn:
             if not await self._holds(conn, lease_name, owner, token):
-                log.warning("lease_fence_refused", op="mark_consolidated", lease=lease_name,
-                            owner=owner, token=token, project=project)
+                log.warning(
+                    "lease_fence_refused",
+                    op="mark_consolidated",
+                    lease=lease_name,
+                    owner=owner,
+                    token=token,
+                    project=project,
+                )
                 return False
             rows = await self._rows(
                 conn,
@@ -955,8 +947,7 @@ class Store:
                 WHERE name = :name AND owner = :owner AND token = :token
                 RETURNING 1
                 """,
-                {"expires": now + ttl_s, "now": now, "name": name, "owner": owner,
-                 "token": token},
+                {"expires": now + ttl_s, "now": now, "name": name, "owner": owner, "token": token},
             )
         return bool(rows)
 
@@ -1039,9 +1030,7 @@ class Store:
         """
         now = self._clock.now()
         async with self._write("register_daemon") as conn:
-            await conn.execute(
-                "DELETE FROM daemons WHERE heartbeat_at < ?", (now - _DAEMON_KEEP_S,)
-            )
+            await conn.execute("DELETE FROM daemons WHERE heartbeat_at < ?", (now - _DAEMON_KEEP_S,))
             await conn.execute(
                 """
                 INSERT INTO daemons (owner, pid, host, started_at, heartbeat_at, stopped_at)
@@ -1058,7 +1047,8 @@ class Store:
         now = self._clock.now()
         async with self._write("heartbeat_daemon") as conn:
             rows = await self._rows(
-                conn, "UPDATE daemons SET heartbeat_at = ? WHERE owner = ? RETURNING 1",
+                conn,
+                "UPDATE daemons SET heartbeat_at = ? WHERE owner = ? RETURNING 1",
                 (now, owner),
             )
         return bool(rows)
@@ -1068,7 +1058,8 @@ class Store:
         now = self._clock.now()
         async with self._write("unregister_daemon") as conn:
             rows = await self._rows(
-                conn, "UPDATE daemons SET stopped_at = ? WHERE owner = ? RETURNING 1",
+                conn,
+                "UPDATE daemons SET stopped_at = ? WHERE owner = ? RETURNING 1",
                 (now, owner),
             )
         return bool(rows)
@@ -1094,8 +1085,7 @@ class Store:
                 await conn.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
                 await conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, value),
                 )
 
