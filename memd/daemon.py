@@ -340,6 +340,7 @@ class Daemon:
                 cwd=thread.cwd,
                 rollout_path=thread.path,
                 updated_at=thread.updated_at,
+                started_at=thread.created_at,
                 agent="codex",
                 model=thread.model,
                 built=built,

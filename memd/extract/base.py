@@ -42,6 +42,8 @@ class ExtractionRequest:
         cwd: session cwd as recorded.
         rollout_path: absolute path of the rollout file.
         updated_at: last activity, epoch seconds.
+        started_at: when the session started (its ``session_meta`` timestamp), epoch seconds;
+            the date a trace memory is filed under. ``None`` when unknown.
         agent: ``codex`` (later ``claude``).
         model: the agent's model from ``turn_context`` (``""`` when unknown).
         built: the filtered, redacted input.
@@ -57,6 +59,7 @@ class ExtractionRequest:
     model: str
     built: BuiltInput
     max_input_tokens: int = 120_000
+    started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,7 +218,9 @@ def extract_offline(request: ExtractionRequest) -> tuple[str, str]:
         return "", ""
     context = TraceContext(
         project=request.project,
-        date=iso_utc(request.updated_at)[:10] if request.updated_at else "",
+        date=iso_utc(request.started_at or request.updated_at)[:10]
+        if (request.started_at or request.updated_at)
+        else "",
         agent=request.agent,
         model=request.model,
     )

@@ -52,7 +52,7 @@ def render_prompt(request: ExtractionRequest, built: BuiltInput) -> tuple[str, s
         project=request.project,
         cwd=request.cwd,
         rollout_path=request.rollout_path,
-        date=iso_utc(request.updated_at),
+        date=iso_utc(request.started_at or request.updated_at),
         agent=request.agent,
         model=request.model,
         omitted_items=built.omitted_items,
