@@ -72,3 +72,37 @@ def _reset_logging():
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def clock():  # type: ignore[no-untyped-def]
+    """A :class:`memd.clock.FakeClock` (tests that need another clock define their own)."""
+    from memd.clock import FakeClock
+
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where the state database of a test lives."""
+    return tmp_path / "state" / "memd.sqlite3"
+
+
+@pytest.fixture
+async def store(db_path: Path, clock):  # type: ignore[no-untyped-def]
+    """A :class:`memd.store.store.Store` on ``db_path`` driven by ``clock``."""
+    from memd.store.store import Store
+
+    s = await Store.open(db_path, clock=clock)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def store2(store, db_path: Path, clock):  # type: ignore[no-untyped-def]
+    """A second connection (another Store) on the same file."""
+    from memd.store.store import Store
+
+    s = await Store.open(db_path, clock=clock)
+    yield s
+    await s.close()

@@ -7,7 +7,6 @@ import dataclasses
 import sqlite3
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,31 +18,6 @@ from memd.errors import StoreError
 from memd.store.records import FileRecord, JobRecord, MemoryRecord, ThreadRecord
 from memd.store.schema import LATEST_VERSION
 from memd.store.store import Store, make_owner
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "memd.sqlite3"
-
-
-@pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.open(db_path, clock=clock)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def store2(store: Store, db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    """A second connection (another Store) on the same file."""
-    s = await Store.open(db_path, clock=clock)
-    yield s
-    await s.close()
 
 
 def make_file(path: str, thread_id: str | None = None, offset: int = 100) -> FileRecord:

@@ -7,10 +7,8 @@ import multiprocessing
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from structlog.testing import capture_logs
 
 from memd.clock import FakeClock, SystemClock
@@ -19,28 +17,6 @@ from memd.store.store import Store, make_owner
 LEASE = "consolidate:/p"
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "memd.sqlite3"
-
-
-@pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.open(db_path, clock=clock)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def store2(store: Store, db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s = await Store.open(db_path, clock=clock)
-    yield s
-    await s.close()
 
 
 def test_make_owner_is_host_pid_random() -> None:
