@@ -162,6 +162,7 @@ class ExtractionPool:
             if self.paused_reason is not None:
                 if burst:
                     break
+                self._wake.clear()
                 await self._wait(stop, min(self._poll_s, max(0.0, (self._paused_until or 0) - self._clock.now())))
                 continue
             await self._slots.acquire()  # the slot comes before the claim
@@ -171,6 +172,7 @@ class ExtractionPool:
             if self.paused_reason is not None:  # paused while this worker waited for its slot
                 self._slots.release()
                 continue
+            self._wake.clear()  # a wake-up from now on (even during the claim) is not lost
             try:
                 job = await self._store.claim_job("extract", self._owner, self._lease_s)
             except asyncio.CancelledError:
@@ -212,7 +214,6 @@ class ExtractionPool:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
-        self._wake.clear()
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             await asyncio.wait(waiters, timeout=max(0.01, timeout_s), return_when=asyncio.FIRST_COMPLETED)
