@@ -305,26 +305,26 @@ def _tokens(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def _chat_usage(usage: Any) -> tuple[int, int, int] | None:
+def _usage_of(usage: Any, input_key: str, output_key: str, details_key: str) -> tuple[int, int, int] | None:
+    """``(input, output, cached)`` tokens of an SDK usage object, ``None`` when there is none."""
     if usage is None:
         return None
-    details = getattr(usage, "prompt_tokens_details", None)
+    details = getattr(usage, details_key, None)
     return (
-        _tokens(getattr(usage, "prompt_tokens", 0)),
-        _tokens(getattr(usage, "completion_tokens", 0)),
+        _tokens(getattr(usage, input_key, 0)),
+        _tokens(getattr(usage, output_key, 0)),
         _tokens(getattr(details, "cached_tokens", 0)) if details is not None else 0,
     )
+
+
+def _chat_usage(usage: Any) -> tuple[int, int, int] | None:
+    """Chat Completions usage: ``prompt_tokens``, ``completion_tokens``, ``prompt_tokens_details``."""
+    return _usage_of(usage, "prompt_tokens", "completion_tokens", "prompt_tokens_details")
 
 
 def _responses_usage(usage: Any) -> tuple[int, int, int] | None:
-    if usage is None:
-        return None
-    details = getattr(usage, "input_tokens_details", None)
-    return (
-        _tokens(getattr(usage, "input_tokens", 0)),
-        _tokens(getattr(usage, "output_tokens", 0)),
-        _tokens(getattr(details, "cached_tokens", 0)) if details is not None else 0,
-    )
+    """Responses API usage: ``input_tokens``, ``output_tokens``, ``input_tokens_details``."""
+    return _usage_of(usage, "input_tokens", "output_tokens", "input_tokens_details")
 
 
 def parse_answer(text: str) -> dict[str, Any] | None:

@@ -106,3 +106,14 @@ async def store2(store, db_path: Path, clock):  # type: ignore[no-untyped-def]
     s = await Store.open(db_path, clock=clock)
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def server():  # type: ignore[no-untyped-def]
+    """A started :class:`tests.fake_openai.FakeOpenAI` on 127.0.0.1 (closed after the test)."""
+    from tests import fake_openai
+
+    srv = fake_openai.FakeOpenAI()
+    await srv.start()
+    yield srv
+    await srv.close()

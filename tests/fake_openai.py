@@ -494,3 +494,14 @@ def _input_text(body: dict[str, Any]) -> str:
         if isinstance(value, str):
             parts.append(value)
     return "".join(parts)
+
+
+class MemorySink:
+    """A :class:`memd.llm.UsageSink` that keeps the recorded usage in a list (tests)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []
+
+    async def record_usage(self, phase, model, input_tokens, output_tokens, cached_tokens) -> None:  # type: ignore[no-untyped-def]
+        """Append ``(phase, model, input_tokens, output_tokens, cached_tokens)``."""
+        self.records.append((phase, model, input_tokens, output_tokens, cached_tokens))

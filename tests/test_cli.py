@@ -181,14 +181,6 @@ async def test_status_json_has_the_documented_keys(env, capsys):
 # --------------------------------------------------------------------------- once / backfill with a model
 
 
-@pytest.fixture
-async def server():
-    srv = fk.FakeOpenAI()
-    await srv.start()
-    yield srv
-    await srv.close()
-
-
 async def test_once_exits_1_and_says_so_when_the_credentials_are_rejected(env, server, monkeypatch, capsys):
     cwd = env.sessions[0].parent / "proj"
     cwd.mkdir()

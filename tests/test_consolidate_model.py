@@ -23,6 +23,7 @@ from memd.consolidate.model import CONSOLIDATION_JSON_SCHEMA, ModelWriter, parse
 from memd.errors import ConsolidationError, ContextLengthError
 from memd.llm import LLMClient, LLMConfig
 from tests import fake_openai as fk
+from tests.fake_openai import MemorySink
 
 PROJECT = "/home/dev/shop"
 T0 = 1_767_373_200.0  # 2026-01-02T17:00:00Z
@@ -64,22 +65,6 @@ NEW_SKILL = {
     "description": "Run the test suite before proposing a commit.",
     "body": "1. `make test`\n2. Check that every test passed.",
 }
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.records: list[tuple] = []
-
-    async def record_usage(self, phase, model, input_tokens, output_tokens, cached_tokens) -> None:
-        self.records.append((phase, model, input_tokens, output_tokens, cached_tokens))
-
-
-@pytest.fixture
-async def server():
-    srv = fk.FakeOpenAI()
-    await srv.start()
-    yield srv
-    await srv.close()
 
 
 @pytest.fixture

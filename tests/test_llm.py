@@ -70,14 +70,6 @@ class MemorySink:
 
 
 @pytest.fixture
-async def server():
-    srv = fk.FakeOpenAI()
-    await srv.start()
-    yield srv
-    await srv.close()
-
-
-@pytest.fixture
 async def make_client(server):
     clients: list[LLMClient] = []
 

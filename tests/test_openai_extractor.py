@@ -19,6 +19,7 @@ from memd.llm import LLMClient, LLMConfig
 from memd.prompts import render, templates_dir
 from memd.rollout.records import UserMessage
 from tests import fake_openai as fk
+from tests.fake_openai import MemorySink
 
 TRACE = {
     "trace_memory": "# Fixed the flaky build\nTrace context: demo, 2026-01-01, codex, gpt\n"
@@ -55,22 +56,6 @@ def request(b: BuiltInput | None = None, *, max_input_tokens: int = 120_000) -> 
         built=b or built(),
         max_input_tokens=max_input_tokens,
     )
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.records: list[tuple] = []
-
-    async def record_usage(self, phase, model, input_tokens, output_tokens, cached_tokens) -> None:
-        self.records.append((phase, model, input_tokens, output_tokens, cached_tokens))
-
-
-@pytest.fixture
-async def server():
-    srv = fk.FakeOpenAI()
-    await srv.start()
-    yield srv
-    await srv.close()
 
 
 @pytest.fixture
