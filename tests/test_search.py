@@ -1,0 +1,181 @@
+"""The FTS5 search index over memory files and the memory-use ledger (SPEC §18)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from memd.store.search import (
+    ChunkKind,
+    SearchIndex,
+    UseEvent,
+    chunk_memory_md,
+    chunk_trace,
+    entry_key,
+    fts_query,
+)
+
+MEMORY_MD = """# Project memory: /home/me/app
+
+## Start here
+- Run the tests with `npx jest`; `npm test` fails because jest is not installed globally. [019a085e 2025-10-21]
+- The API server lives in `api/server.py`. [019b7f94 2026-01-02]
+
+## User preferences
+- Don't use any external frameworks; keep it pure HTML, CSS and JS. [019a085e 2025-10-21]
+  (stated twice)
+
+## Recent tasks
+- 2026-01-02 Build a pomodoro timer — success (trace: trace_summaries/019b7f94-51b4-7593-922e-ba12b5b73b52_build.md)
+"""
+
+TRACE = """thread_id: 019b7f94-51b4-7593-922e-ba12b5b73b52
+project: /home/me/app
+cwd: /home/me/app
+rollout_path: /x/rollout.jsonl
+updated_at: 2026-01-02T18:39:45Z
+
+# Build a pomodoro timer; changed index.html.
+Trace context: /home/me/app, 2026-01-02, codex, gpt-5
+User preferences: none observed
+## Task: Build a pomodoro timer
+Outcome: success
+Key steps:
+- Changed files: `index.html`, `script.js`
+## Task: Add a pause button
+Outcome: partial
+"""
+
+
+def make_root(tmp_path: Path) -> Path:
+    root = tmp_path / "memory"
+    (root / "trace_summaries").mkdir(parents=True)
+    (root / "skills" / "run-tests").mkdir(parents=True)
+    (root / "MEMORY.md").write_text(MEMORY_MD)
+    (root / "trace_summaries" / "019b7f94-51b4-7593-922e-ba12b5b73b52_build.md").write_text(TRACE)
+    (root / "skills" / "run-tests" / "SKILL.md").write_text(
+        "---\nname: run-tests\ndescription: how to run the jest suite\n---\nRun `npx jest --ci`.\n"
+    )
+    (root / "memory_summary.md").write_text("- pomodoro (trace: x)\n")
+    return root
+
+
+def test_memory_md_is_chunked_per_bullet_under_its_heading() -> None:
+    chunks = chunk_memory_md(MEMORY_MD)
+    assert [(c.heading, c.line_start, c.line_end) for c in chunks] == [
+        ("Start here", 4, 4),
+        ("Start here", 5, 5),
+        ("User preferences", 8, 9),
+        ("Recent tasks", 12, 12),
+    ]
+    assert chunks[0].session_ids == ("019a085e",)
+    assert chunks[3].session_ids == ("019b7f94-51b4-7593-922e-ba12b5b73b52",)
+    assert chunks[0].date_s == 1761004800.0  # 2025-10-21T00:00:00Z
+    assert all(c.entry for c in chunks)
+
+
+def test_entry_key_ignores_provenance_and_formatting_but_not_content() -> None:
+    a = entry_key("- Run the tests with `npx jest`. [019a085e 2025-10-21]")
+    assert a == entry_key("* run the tests with npx jest (trace: trace_summaries/x_y.md) (seen in 3 sessions)")
+    assert a != entry_key("- Run the tests with `npm test`.")
+    assert entry_key("- [019a085e 2025-10-21]") == ""
+
+
+def test_trace_chunks_carry_the_session_and_its_date() -> None:
+    chunks = chunk_trace(TRACE, path="trace_summaries/t.md")
+    assert [c.heading for c in chunks] == [
+        "Build a pomodoro timer; changed index.html.",
+        "Task: Build a pomodoro timer",
+        "Task: Add a pause button",
+    ]
+    assert chunks[1].line_start == 10
+    assert all(c.session_ids == ("019b7f94-51b4-7593-922e-ba12b5b73b52",) for c in chunks)
+    assert chunks[0].date_s == 1767379185.0  # 2026-01-02T18:39:45Z
+
+
+def test_search_ranks_heading_matches_first_and_stays_in_its_project(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    index = SearchIndex.scratch()
+    report = index.refresh("/home/me/app", root)
+    assert (report.indexed, report.removed) == (3, 0)  # MEMORY.md, one trace, one skill; not the summary
+    hits = index.search("/home/me/app", "pause button")
+    assert hits[0].chunk.heading == "Task: Add a pause button"
+    assert hits[0].chunk.kind is ChunkKind.TRACE
+    hits = index.search("/home/me/app", "jest")
+    assert {h.chunk.path for h in hits} == {"MEMORY.md", "skills/run-tests/SKILL.md"}
+    assert index.search("/somewhere/else", "jest") == []
+    only = index.search("/home/me/app", "jest", kinds=[ChunkKind.SKILL])
+    assert [h.chunk.path for h in only] == ["skills/run-tests/SKILL.md"]
+
+
+@pytest.mark.parametrize(
+    "query", ['"unbalanced', "jest*", "NEAR(jest tests)", "-jest", "jest AND OR NOT", "path:api", "(jest"]
+)
+def test_fts5_syntax_in_a_query_is_plain_text(tmp_path: Path, query: str) -> None:
+    index = SearchIndex.scratch()
+    index.refresh("p", make_root(tmp_path))
+    hits = index.search("p", query)  # never sqlite3.OperationalError: fts5 syntax error
+    assert isinstance(hits, list)
+    if "jest" in query.lower():
+        assert hits
+
+
+def test_a_query_without_words_finds_nothing() -> None:
+    assert fts_query(' " * - ( ) ') == ""
+    assert SearchIndex.scratch().search("p", "***") == []
+
+
+def test_refresh_follows_changes_and_a_deleted_root(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    index = SearchIndex.scratch()
+    index.refresh("p", root)
+    assert index.refresh("p", root).unchanged == 3
+    (root / "MEMORY.md").write_text("# m\n\n## Pitfalls\n- zanzibar breaks the build\n")
+    os.utime(root / "MEMORY.md", ns=(1, 1))
+    assert index.refresh("p", root).indexed == 1
+    assert [h.chunk.heading for h in index.search("p", "zanzibar")] == ["Pitfalls"]
+    assert index.search("p", "external frameworks") == []
+    import shutil
+
+    shutil.rmtree(root)
+    report = index.refresh("p", root)
+    assert report.removed == 3
+    assert index.chunk_count("p") == 0
+
+
+def test_recency_breaks_ties(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    (root / "trace_summaries").mkdir(parents=True)
+    for name, date in (("old", "2025-01-01"), ("new", "2026-01-01")):
+        (root / "trace_summaries" / f"{name}_x.md").write_text(
+            f"thread_id: {name}\nupdated_at: {date}T00:00:00Z\n\n# same words here\n## Task: same words here\n"
+        )
+    index = SearchIndex.scratch()
+    index.refresh("p", root)
+    hits = index.search("p", "same words", kinds=[ChunkKind.TRACE], limit=1)
+    assert hits[0].chunk.session_ids == ("new",)
+
+
+def test_uses_are_counted_once_per_event(tmp_path: Path) -> None:
+    index = SearchIndex.scratch()
+    event = UseEvent("p", "MEMORY.md", "abc", "thread-1", "call-1", 100.0)
+    assert index.record_uses([event, event]) == 1
+    assert index.record_uses([event]) == 0
+    index.record_uses([UseEvent("p", "MEMORY.md", "abc", "thread-2", "call-9", 200.0)])
+    usage = index.usage("p")
+    assert usage[("MEMORY.md", "abc")].usage_count == 2
+    assert usage[("MEMORY.md", "abc")].last_used_at == 200.0
+    assert index.usage_counts() == {"p": 2}
+
+
+def test_open_never_creates_or_migrates_a_database(tmp_path: Path) -> None:
+    missing = tmp_path / "memd.sqlite3"
+    assert SearchIndex.open(missing) is None
+    assert not missing.exists()
+    conn = sqlite3.connect(missing)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    assert SearchIndex.open(missing) is None  # an older schema: the daemon migrates, readers never do
