@@ -25,7 +25,7 @@ from memd.config import Settings, load_settings
 from memd.errors import ConfigError, MemdError, UsageError
 from memd.logging import configure_logging
 
-log = structlog.get_logger("memd.cli")
+log = structlog.get_logger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,7 +180,7 @@ async def _open_daemon(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from memd.service import ShutdownSignals
+    from memd.service.signals import ShutdownSignals
 
     daemon = await _open_daemon(settings)
     signals = ShutdownSignals()
@@ -327,7 +327,7 @@ def _project_candidates(target: str, rule: str) -> list[str]:
     """Project keys that may hold ``target``: its own key (a project key, or a path inside a git
     project), then the normalised path and each parent directory (a path inside a project keyed
     by its cwd), nearest first."""
-    from memd.project import normalise_cwd, project_key
+    from memd.rollout.project import normalise_cwd, project_key
 
     keys = [project_key(target, rule=rule)]
     path = Path(normalise_cwd(target))
@@ -337,7 +337,7 @@ def _project_candidates(target: str, rule: str) -> list[str]:
 
 
 async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    from memd import memory_files
+    from memd.memory import files as memory_files
 
     target = args.path or os.getcwd()
     name = "memory_summary.md" if args.summary else "MEMORY.md"
@@ -364,10 +364,10 @@ async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"memd consolidate: {root} is not a directory", file=sys.stderr)
         return 1
     if settings.resolved_extractor()[0] == "openai":
-        from memd.budget import DailyBudget, TokenEstimator
         from memd.consolidate.model import ModelWriter
         from memd.daemon import llm_config
-        from memd.llm import LLMClient
+        from memd.llm.budget import DailyBudget, TokenEstimator
+        from memd.llm.client import LLMClient
         from memd.store.store import Store
 
         clock = SystemClock()
@@ -410,7 +410,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    from memd import memory_files
+    from memd.memory import files as memory_files
     from memd.store.store import Store
 
     store = await Store.open(settings.db_path, clock=SystemClock())
@@ -448,7 +448,7 @@ async def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_service(args: argparse.Namespace, settings: Settings) -> int:
-    from memd.service import default_exec_start, install_unit, user_config_home
+    from memd.service.unit import default_exec_start, install_unit, user_config_home
 
     result = install_unit(
         config_home=user_config_home(os.environ),

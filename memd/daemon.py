@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from memd import memory_files, sources
-from memd.budget import TokenEstimator
 from memd.clock import Clock, SystemClock, iso_utc
 from memd.config import Settings
 from memd.consolidate.runner import ConsolidationRunner
@@ -38,24 +36,24 @@ from memd.extract.base import BuiltInput, ExtractionRequest, Extractor
 from memd.extract.input_builder import build_input
 from memd.extract.offline import OfflineExtractor
 from memd.extract.pool import ExtractionPool
-from memd.indexer import Indexer
+from memd.ingest import reader, watch
+from memd.ingest.indexer import Indexer
+from memd.llm.budget import TokenEstimator
+from memd.memory import files as memory_files
+from memd.memory import recover as memory_recover
 from memd.rollout.session import RolloutParser
-from memd.scheduler import RetryPolicy, Scheduler
-from memd.service import (
-    Notifier,
-    ShutdownSignals,
-    daemon_status_line,
-    watchdog_interval_s,
-    watchdog_loop,
-)
+from memd.schedule.retry import RetryPolicy
+from memd.schedule.scheduler import Scheduler
+from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
+from memd.service.signals import ShutdownSignals
 from memd.status import daemon_alive
 from memd.store.records import ProjectRecord, ThreadRecord
 from memd.store.store import Store, make_owner
 
 if TYPE_CHECKING:
-    from memd.llm import LLMConfig
+    from memd.llm.client import LLMConfig
 
-log = structlog.get_logger("memd.daemon")
+log = structlog.get_logger(__name__)
 
 #: Environment variables never passed to the consolidation subprocess unless it needs the model.
 SECRET_ENV = ("OPENAI_API_KEY", "MEMD_LLM__API_KEY", "ANTHROPIC_API_KEY")
@@ -86,7 +84,7 @@ def load_rollout(path: str, watermark: int, max_line_bytes: int) -> RolloutParse
         RolloutReadError: the file vanished, became unreadable or was replaced.
     """
     parser = RolloutParser(path=path)
-    stream = sources.read_lines_until(path, watermark, max_line_bytes)
+    stream = reader.read_lines_until(path, watermark, max_line_bytes)
     batch: list[bytes] = []
     for line in stream:
         batch.append(line)
@@ -101,7 +99,7 @@ def load_rollout(path: str, watermark: int, max_line_bytes: int) -> RolloutParse
 
 def llm_config(settings: Settings, *, model: str | None = None) -> LLMConfig:
     """The model client configuration from ``[llm]`` (``model`` overrides the model name)."""
-    from memd.llm import LLMConfig
+    from memd.llm.client import LLMConfig
 
     llm = settings.llm
     return LLMConfig(
@@ -207,9 +205,9 @@ class Daemon:
     def _make_extractor(self) -> Extractor:
         if self.extractor_name == "offline":
             return OfflineExtractor()
-        from memd.budget import DailyBudget
         from memd.extract.openai_extractor import OpenAIExtractor
-        from memd.llm import LLMClient
+        from memd.llm.budget import DailyBudget
+        from memd.llm.client import LLMClient
 
         assert self.store is not None
         # self.estimator holds the calibration persisted by the previous run (meta token_estimator).
@@ -277,7 +275,7 @@ class Daemon:
                     except OSError:
                         return False
 
-                report = await asyncio.to_thread(memory_files.recover, root, kept, min_age_s=min_age_s)
+                report = await asyncio.to_thread(memory_recover.recover, root, kept, min_age_s=min_age_s)
                 rewritten = await self._repair_traces(project, memories)
             except (MemdError, OSError) as exc:
                 self._note_fault("memory_recover_failed", exc)
@@ -585,7 +583,7 @@ class Daemon:
         restarts = 0
         while not self._stop.is_set():
             try:
-                async for paths in sources.watch_roots(
+                async for paths in watch.watch_roots(
                     self.settings.sessions, stop_event=self._stop, force_polling=self.settings.force_polling
                 ):
                     restarts = 0

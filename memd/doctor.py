@@ -144,7 +144,7 @@ async def check_model(settings: Settings) -> list[Check]:
     if name != "openai":
         return checks
     from memd.daemon import llm_config
-    from memd.llm import check_endpoint
+    from memd.llm.check import check_endpoint
 
     result = await check_endpoint(llm_config(settings))
     verdict = "fail" if not result.ok else ("warn" if result.model_listed is False else "ok")

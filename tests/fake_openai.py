@@ -497,7 +497,7 @@ def _input_text(body: dict[str, Any]) -> str:
 
 
 class MemorySink:
-    """A :class:`memd.llm.UsageSink` that keeps the recorded usage in a list (tests)."""
+    """A :class:`memd.llm.client.UsageSink` that keeps the recorded usage in a list (tests)."""
 
     def __init__(self) -> None:
         self.records: list[tuple] = []

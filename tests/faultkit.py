@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.consolidate.builtin import MEMORY_FILE
-from memd.memory_files import STAGING_PREFIX, TEMP_MARKER, TRACE_DIR, parse_trace_file
+from memd.memory.files import STAGING_PREFIX, TEMP_MARKER, TRACE_DIR, parse_trace_file
 
 REPO = Path(__file__).resolve().parents[1]
 

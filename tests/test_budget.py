@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from memd.budget import DailyBudget, TokenEstimator, next_utc_midnight, utc_day_start
 from memd.clock import FakeClock
 from memd.errors import BudgetExhausted, ExtractorError
+from memd.llm.budget import DailyBudget, TokenEstimator, next_utc_midnight, utc_day_start
 
 # FakeClock's default start, 2026-01-01T00:00:00Z (20454 days × 86400 s).
 DAY1 = 1_767_225_600.0

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from memd import memory_files
 from memd.cli import main
 from memd.clock import FakeClock
 from memd.config import Settings, load_settings
 from memd.daemon import Daemon
+from memd.memory import files as memory_files
 from memd.store.store import Store
 from tests import fake_openai as fk
 from tests.test_daemon_llm import simple_turns, thread_id, write_rollout

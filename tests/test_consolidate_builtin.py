@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files as mf
 from memd.consolidate import builtin, gitlog
 from memd.consolidate.builtin import (
     Consolidated,
@@ -22,6 +21,7 @@ from memd.consolidate.builtin import (
     parse_trace,
 )
 from memd.errors import ConsolidationError, MemoryWriteError
+from memd.memory import files as memory_files
 
 PROJECT = "/home/u/proj"
 DAY = 86_400.0
@@ -60,15 +60,15 @@ Reusable knowledge:
 
 
 def _write_trace(root: Path, thread_id: str, updated_at: float, body: str) -> str:
-    relpath = mf.trace_relpath(thread_id, body.splitlines()[0])
-    header = mf.TraceHeader(thread_id, PROJECT, PROJECT, f"/rollouts/{thread_id}.jsonl", updated_at)
-    mf.stage_file(root, relpath, mf.render_trace_file(header, body)).commit()
+    relpath = memory_files.trace_relpath(thread_id, body.splitlines()[0])
+    header = memory_files.TraceHeader(thread_id, PROJECT, PROJECT, f"/rollouts/{thread_id}.jsonl", updated_at)
+    memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, body)).commit()
     return relpath
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    root = mf.ensure_project_root(tmp_path / "projects", PROJECT)
+    root = memory_files.ensure_project_root(tmp_path / "projects", PROJECT)
     _write_trace(root, "t-new", T0, NEWEST)
     _write_trace(root, "t-old", T0 - DAY, OLDER)
     return root
@@ -110,7 +110,7 @@ def test_offline_merge_is_deterministic(root: Path, tmp_path: Path) -> None:
     assert text == EXPECTED
     assert stat.S_IMODE((root / "MEMORY.md").stat().st_mode) == 0o600
     # a copy of the same traces (files written in another order) gives the same bytes
-    other = mf.ensure_project_root(tmp_path / "other", PROJECT)
+    other = memory_files.ensure_project_root(tmp_path / "other", PROJECT)
     _write_trace(other, "t-old", T0 - DAY, OLDER)
     _write_trace(other, "t-new", T0, NEWEST)
     consolidate_root(other, git=False)
@@ -125,7 +125,7 @@ def test_now_and_max_traces(root: Path) -> None:
 
 
 def test_dedupe_keeps_newest_wording_and_counts_sessions(tmp_path: Path) -> None:
-    root = mf.ensure_project_root(tmp_path, PROJECT)
+    root = memory_files.ensure_project_root(tmp_path, PROJECT)
     for i, wording in enumerate(["use `make test`.", "Use make test", "**Use** `make test`!"]):
         body = f"# s{i}\nUser preferences: none observed\n## Task: t{i}\nOutcome: success\n"
         body += f"Reusable knowledge:\n- {wording}\n- fact {i}\n"
@@ -140,7 +140,7 @@ def test_dedupe_keeps_newest_wording_and_counts_sessions(tmp_path: Path) -> None
 
 
 def test_conflicting_preferences_newer_wins(tmp_path: Path) -> None:
-    root = mf.ensure_project_root(tmp_path, PROJECT)
+    root = memory_files.ensure_project_root(tmp_path, PROJECT)
     _write_trace(root, "old", T0, "# a\nUser preferences:\n- Never use tabs\n")
     _write_trace(root, "new", T0 + DAY, "# b\nUser preferences:\n- Always use tabs\n")
     consolidate_root(root, git=False)
@@ -152,7 +152,7 @@ def test_conflicting_preferences_newer_wins(tmp_path: Path) -> None:
 
 
 def test_conflicting_preferences_older_with_stronger_evidence_kept(tmp_path: Path) -> None:
-    root = mf.ensure_project_root(tmp_path, PROJECT)
+    root = memory_files.ensure_project_root(tmp_path, PROJECT)
     _write_trace(root, "old1", T0, "# a\nUser preferences:\n- Don't run `git push`\n")
     _write_trace(root, "old2", T0 + 1, "# b\nUser preferences:\n- Never run git push.\n")
     _write_trace(root, "new", T0 + DAY, "# c\nUser preferences:\n- Always run `git push`\n")
@@ -191,7 +191,7 @@ Raw notes: whatever
 
 
 def test_traceless_and_empty_root(tmp_path: Path) -> None:
-    root = mf.ensure_project_root(tmp_path, PROJECT)
+    root = memory_files.ensure_project_root(tmp_path, PROJECT)
     consolidate_root(root, git=False)
     text = (root / "MEMORY.md").read_text()
     assert "No trace memories yet." in text and text.count("none yet") == 4
@@ -326,12 +326,12 @@ def test_git_commit_per_successful_consolidation(root: Path) -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout
     assert "MEMORY.md" in tracked and NEW_TRACE in tracked
     assert not consolidate_root(root).committed, "nothing changed, no commit"
-    mf.stage_file(root, "memory_summary.md", "pending")  # a temp file is never committed
+    memory_files.stage_file(root, "memory_summary.md", "pending")  # a temp file is never committed
     _write_trace(root, "t-3", T0 + DAY, "# third\n## Task: x\nOutcome: fail\n")
     assert consolidate_root(root).committed
     assert len(_git_log(root)) == 2
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout
-    assert mf.TEMP_MARKER not in tracked
+    assert memory_files.TEMP_MARKER not in tracked
 
 
 def test_works_without_git(root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files as mf
 from memd.clock import FakeClock
 from memd.consolidate.builtin import (
     ConsolidationInput,
@@ -21,7 +20,8 @@ from memd.consolidate.builtin import (
 )
 from memd.consolidate.model import CONSOLIDATION_JSON_SCHEMA, ModelWriter, parse_skill_file
 from memd.errors import ConsolidationError, ContextLengthError
-from memd.llm import LLMClient, LLMConfig
+from memd.llm.client import LLMClient, LLMConfig
+from memd.memory import files as memory_files
 from tests import fake_openai as fk
 from tests.fake_openai import MemorySink
 
@@ -80,14 +80,14 @@ async def client(server):
 
 
 def write_trace(root: Path, thread_id: str, updated_at: float, body: str) -> str:
-    relpath = mf.trace_relpath(thread_id, body.splitlines()[0])
-    header = mf.TraceHeader(thread_id, PROJECT, PROJECT, f"/rollouts/{thread_id}.jsonl", updated_at)
-    mf.stage_file(root, relpath, mf.render_trace_file(header, body)).commit()
+    relpath = memory_files.trace_relpath(thread_id, body.splitlines()[0])
+    header = memory_files.TraceHeader(thread_id, PROJECT, PROJECT, f"/rollouts/{thread_id}.jsonl", updated_at)
+    memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, body)).commit()
     return relpath
 
 
 def doc(relpath: str, body: str, updated_at: float = T0) -> TraceDoc:
-    return TraceDoc(relpath, mf.TraceHeader("t", PROJECT, PROJECT, "/r.jsonl", updated_at), body)
+    return TraceDoc(relpath, memory_files.TraceHeader("t", PROJECT, PROJECT, "/r.jsonl", updated_at), body)
 
 
 def data(*docs: TraceDoc, previous: str = "", skills: tuple[str, ...] = ()) -> ConsolidationInput:
@@ -101,7 +101,7 @@ def user_text(server) -> str:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    root = mf.ensure_project_root(tmp_path / "projects", PROJECT)
+    root = memory_files.ensure_project_root(tmp_path / "projects", PROJECT)
     write_trace(root, "t-new", T0, TRACE_NEW)
     write_trace(root, "t-old", T0 - 86_400, TRACE_OLD)
     return root
@@ -198,7 +198,7 @@ async def test_an_empty_handbook_is_refused_and_the_previous_one_kept(server, cl
             consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
         )
     assert (root / "MEMORY.md").read_text() == "previous handbook\n"
-    assert not any(p.name.startswith(mf.STAGING_PREFIX) for p in root.iterdir())
+    assert not any(p.name.startswith(memory_files.STAGING_PREFIX) for p in root.iterdir())
 
 
 async def test_an_answer_outside_the_schema_is_a_consolidation_error(server, client):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files as mf
 from memd.clock import FakeClock
 from memd.consolidate.runner import (
     LEASE_LOST,
@@ -22,6 +21,7 @@ from memd.consolidate.runner import (
     render_memory_summary,
     safe_env,
 )
+from memd.memory import files as memory_files
 from memd.store.records import FileRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store
 
@@ -81,10 +81,10 @@ async def _add_memory(
     await store.upsert_extract_job(thread_id, 100, updated_at)
     job = await store.claim_job("extract", "worker", 60)
     assert job is not None and job.key == thread_id
-    root = mf.ensure_project_root(memory_dir, PROJECT)
-    relpath = mf.trace_relpath(thread_id, thread.title)
-    header = mf.TraceHeader(thread_id, PROJECT, PROJECT, path, updated_at)
-    staged = mf.stage_file(root, relpath, mf.render_trace_file(header, f"# {summary}"))
+    root = memory_files.ensure_project_root(memory_dir, PROJECT)
+    relpath = memory_files.trace_relpath(thread_id, thread.title)
+    header = memory_files.TraceHeader(thread_id, PROJECT, PROJECT, path, updated_at)
+    staged = memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, f"# {summary}"))
     memory = MemoryRecord(thread_id, PROJECT, relpath, f"# {summary}", summary, 100, updated_at,
                           "offline", 0, 0)  # fmt: skip
     assert await store.finish_extract(job, memory)
@@ -146,17 +146,17 @@ async def test_success_prunes_writes_summary_and_records(
     with capture_logs() as logs:
         outcome = await runner.run(PROJECT, seq)
 
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     assert outcome.ok and outcome.error is None and outcome.exit_code == 0, outcome
     assert f"root True project p={PROJECT}" in outcome.output_tail
     assert "key None" in outcome.output_tail, "the API key must not reach the command"
     assert (root / "MEMORY.md").read_text() == "new handbook"
     traces = sorted(p.name for p in (root / "trace_summaries").iterdir())
-    assert traces == sorted(Path(mf.trace_relpath(t, f"title {t}")).name for t in ("t1", "t2"))
+    assert traces == sorted(Path(memory_files.trace_relpath(t, f"title {t}")).name for t in ("t1", "t2"))
     assert (root / "memory_summary.md").read_text() == (
         f"# Memory summary: {PROJECT}\n\n"
-        f"- summary 2 (trace: {mf.trace_relpath('t2', 'title t2')})\n"
-        f"- summary 1 (trace: {mf.trace_relpath('t1', 'title t1')})\n"
+        f"- summary 2 (trace: {memory_files.trace_relpath('t2', 'title t2')})\n"
+        f"- summary 1 (trace: {memory_files.trace_relpath('t1', 'title t1')})\n"
     )
     project = await store.get_project(PROJECT)
     assert project.consolidated_seq == seq and project.failures == 0
@@ -182,7 +182,7 @@ async def test_runs_the_builtin_consolidator_end_to_end(
     runner = _runner(store, clock, memory_dir, _py(BUILTIN, "{memory_root}"), env=env)
     outcome = await runner.run(PROJECT, 2)
     assert outcome.ok, outcome
-    text = (mf.project_root(memory_dir, PROJECT) / "MEMORY.md").read_text()
+    text = (memory_files.project_root(memory_dir, PROJECT) / "MEMORY.md").read_text()
     assert text.startswith(f"# Project memory: {PROJECT}\n")
     assert text.index("newer — uncertain") < text.index("older — uncertain")
 
@@ -214,7 +214,7 @@ async def test_non_zero_exit_keeps_memory_and_records_failure(
     store: Store, clock: FakeClock, memory_dir: Path
 ) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     (root / "MEMORY.md").write_text("previous handbook\n")
     code = (
         "import sys; print('working', flush=True);"
@@ -264,7 +264,7 @@ async def test_hang_past_timeout_kills_the_process_group(
     store: Store, clock: FakeClock, memory_dir: Path
 ) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     runner = _runner(store, clock, memory_dir, _py(HANG), timeout_s=1, kill_grace_s=0.5)
     with capture_logs() as logs:
         outcome = await runner.run(PROJECT, 1)
@@ -284,7 +284,7 @@ async def test_background_process_left_by_the_command_is_killed(
     store: Store, clock: FakeClock, memory_dir: Path
 ) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     code = (
         "import subprocess, sys\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
@@ -303,7 +303,7 @@ async def test_lease_lost_mid_run_terminates_command(
     store: Store, clock: FakeClock, memory_dir: Path
 ) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     code = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(300)"
     runner = _runner(store, clock, memory_dir, _py(code), lease_s=0.3, timeout_s=60)
     task = asyncio.create_task(runner.run(PROJECT, 1))
@@ -328,7 +328,7 @@ async def test_cancellation_terminates_child_and_releases_lease(
     store: Store, clock: FakeClock, memory_dir: Path
 ) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
-    root = mf.project_root(memory_dir, PROJECT)
+    root = memory_files.project_root(memory_dir, PROJECT)
     code = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(300)"
     task = asyncio.create_task(_runner(store, clock, memory_dir, _py(code)).run(PROJECT, 1))
     await _wait_for(root / "pid")

@@ -16,9 +16,9 @@ from memd.extract.contract import (
     cut_middle,
     has_skeleton,
     normalise,
-    parse_lenient_json,
 )
 from memd.extract.redact import REDACTED
+from memd.jsonish import parse_lenient_json
 
 CTX = TraceContext(project="memd", date="2026-01-02", agent="codex", model="gpt-5")
 

@@ -22,15 +22,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files
-from memd.budget import next_utc_midnight
 from memd.cli import main
 from memd.clock import FakeClock, iso_utc
 from memd.config import Settings, load_settings
 from memd.daemon import Daemon
 from memd.extract.offline import OfflineExtractor
 from memd.extract.openai_extractor import OpenAIExtractor
-from memd.prompts import render
+from memd.extract.prompts import render
+from memd.llm.budget import next_utc_midnight
+from memd.memory import files as memory_files
 from tests import fake_openai as fk
 from tests.test_e2e import memd_env
 from tests.test_redact import PLANTED

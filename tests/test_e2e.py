@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memd.memory_files import slugify
+from memd.memory.files import slugify
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files
 from memd.bench.corpus import SMALL_SIZE_MIX, CorpusManifest, append_turn, generate_corpus
 from memd.clock import FakeClock
 from memd.config import ConsolidationSettings, Settings
 from memd.daemon import Daemon
+from memd.memory import files as memory_files
 from memd.status import collect_status, pid_alive
 from tests import faultkit as fk
 

@@ -11,7 +11,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from memd.clock import SystemClock
-from memd.indexer import Indexer
+from memd.ingest import files as rollout_files
+from memd.ingest import reader
+from memd.ingest.indexer import Indexer
 from memd.store.store import Store
 
 INCLUDE = ("cli", "vscode", "unknown", "custom")
@@ -203,21 +205,19 @@ async def test_oversized_line_is_skipped_and_counted(store: Store, tmp_path: Pat
 
 
 async def test_file_deleted_between_scan_and_read(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memd import sources
-
     root = tmp_path / "sessions"
     doomed = rollout_path(root, "019b0000-0000-7000-8000-00000000000a")
     doomed.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000a") + user_line("bye"))
     keep = rollout_path(root, "019b0000-0000-7000-8000-00000000000b")
     keep.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000b") + user_line("stay"))
-    real_read_head = sources.read_head
+    real_read_head = reader.read_head
 
     def deleting_read_head(path: str, **kw: object):  # type: ignore[no-untyped-def]
         if path == str(doomed) and doomed.exists():
             doomed.unlink()
         return real_read_head(path, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sources, "read_head", deleting_read_head)
+    monkeypatch.setattr(reader, "read_head", deleting_read_head)
     with capture_logs() as logs:
         await make_indexer(store, root).scan()
     assert [e for e in logs if e["event"] == "file_vanished"]
@@ -226,21 +226,20 @@ async def test_file_deleted_between_scan_and_read(store: Store, tmp_path: Path, 
 
 
 async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memd import sources
 
     root = tmp_path / "sessions"
     locked = rollout_path(root, "019b0000-0000-7000-8000-00000000000c")
     locked.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000c") + user_line("secret"))
     fine = rollout_path(root, "019b0000-0000-7000-8000-00000000000d")
     fine.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000d") + user_line("fine"))
-    real_open = sources._open_binary
+    real_open = rollout_files._open_binary
 
     def denying_open(path: str):  # type: ignore[no-untyped-def]
         if path == str(locked):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path)
 
-    monkeypatch.setattr(sources, "_open_binary", denying_open)
+    monkeypatch.setattr(rollout_files, "_open_binary", denying_open)
     with capture_logs() as logs:
         await make_indexer(store, root).scan()
     assert [e for e in logs if e["event"] == "file_unreadable"]
@@ -278,7 +277,7 @@ async def test_batch_size_does_not_change_what_is_indexed(
 ) -> None:
     """Batched indexing (one head-reading round trip and one transaction per batch) ends in the
     same state as one file at a time, also when a thread id repeats inside a batch."""
-    import memd.indexer as indexer_module
+    import memd.ingest.indexer as indexer_module
 
     _many_rollouts(tmp_path)
     monkeypatch.setattr(indexer_module, "BATCH_FILES", batch_files)

@@ -13,17 +13,9 @@ from structlog.testing import capture_logs
 
 from memd.clock import FakeClock
 from memd.errors import ContextLengthError, ExtractorError, ModelAuthError
-from memd.llm import (
-    EndpointCheck,
-    ErrorKind,
-    LLMClient,
-    LLMConfig,
-    StreamTruncated,
-    check_endpoint,
-    classify_error,
-    retry_after_s,
-    safe_url,
-)
+from memd.llm.check import EndpointCheck, check_endpoint
+from memd.llm.client import LLMClient, LLMConfig
+from memd.llm.errors import ErrorKind, StreamTruncated, classify_error, retry_after_s, safe_url
 from tests import fake_openai as fk
 
 API_KEY = "sk-test-DO-NOT-LOG-0123456789abcdef"

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import memory_files as mf
 from memd.errors import MemoryWriteError
-from memd.memory_files import TraceHeader
+from memd.memory import files as memory_files
+from memd.memory import recover as memory_recover
+from memd.memory.files import TraceHeader
 
 
 def _mode(path: Path) -> int:
@@ -36,25 +37,25 @@ def _header(thread_id: str = "019a0000-aaaa-bbbb-cccc-000000000001") -> TraceHea
 def test_project_root_is_sha256_of_key(tmp_path: Path) -> None:
     key = "/home/u/proj"
     expected = tmp_path / hashlib.sha256(key.encode()).hexdigest() / "memory"
-    assert mf.project_root(tmp_path, key) == expected
-    assert mf.project_root(tmp_path, key + "2") != expected
+    assert memory_files.project_root(tmp_path, key) == expected
+    assert memory_files.project_root(tmp_path, key + "2") != expected
 
 
 def test_ensure_project_root_modes_and_project_file(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)
     try:
         memory_dir = tmp_path / "projects"
-        root = mf.ensure_project_root(memory_dir, "/home/u/proj")
+        root = memory_files.ensure_project_root(memory_dir, "/home/u/proj")
     finally:
         os.umask(old_umask)
-    assert root == mf.project_root(memory_dir, "/home/u/proj")
+    assert root == memory_files.project_root(memory_dir, "/home/u/proj")
     assert (root / "PROJECT").read_text() == "/home/u/proj\n"
     assert _mode(root / "PROJECT") == 0o600
     assert _mode(root) == 0o700
     assert _mode(root.parent) == 0o700
     assert _mode(memory_dir) == 0o700
     inode = (root / "PROJECT").stat().st_ino
-    mf.ensure_project_root(memory_dir, "/home/u/proj")
+    memory_files.ensure_project_root(memory_dir, "/home/u/proj")
     assert (root / "PROJECT").stat().st_ino == inode, "unchanged PROJECT must not be rewritten"
 
 
@@ -77,21 +78,21 @@ def test_ensure_project_root_modes_and_project_file(tmp_path: Path) -> None:
     ],
 )
 def test_slugify(text: str, expected: str) -> None:
-    assert mf.slugify(text) == expected
+    assert memory_files.slugify(text) == expected
 
 
 def test_slugify_long_titles_are_capped_and_trimmed() -> None:
-    slug = mf.slugify("word " * 100)
+    slug = memory_files.slugify("word " * 100)
     assert len(slug) <= 64
     assert not slug.endswith("_") and not slug.startswith("_")
-    assert len(mf.slugify("x" * 1000)) == 64
+    assert len(memory_files.slugify("x" * 1000)) == 64
 
 
 @pytest.mark.parametrize(
     "title", ["../../etc/passwd", "/abs/path", "a\x00/../b", "..\\..\\win", "é" * 500, "x" * 5000]
 )
 def test_trace_relpath_never_escapes(tmp_path: Path, title: str) -> None:
-    relpath = mf.trace_relpath("../../../tmp/evil", title)
+    relpath = memory_files.trace_relpath("../../../tmp/evil", title)
     parts = Path(relpath).parts
     assert parts[0] == "trace_summaries" and len(parts) == 2
     assert ".." not in relpath and "\x00" not in relpath and "/" not in parts[1]
@@ -106,7 +107,7 @@ def test_trace_relpath_never_escapes(tmp_path: Path, title: str) -> None:
 def test_render_and_parse_round_trip() -> None:
     header = _header()
     body = "# Fixed the build\nTrace context: x\n\n## Task: build\nOutcome: success"
-    text = mf.render_trace_file(header, body)
+    text = memory_files.render_trace_file(header, body)
     assert text.splitlines()[:6] == [
         f"thread_id: {header.thread_id}",
         "project: /home/u/proj",
@@ -115,21 +116,21 @@ def test_render_and_parse_round_trip() -> None:
         "updated_at: 2026-01-02T17:00:00Z",
         "",
     ]
-    parsed, parsed_body = mf.parse_trace_file(text)
+    parsed, parsed_body = memory_files.parse_trace_file(text)
     assert parsed == header
     assert parsed_body == body
 
 
 def test_render_folds_header_injection() -> None:
     header = TraceHeader("t1", "p", "/evil\nthread_id: other", "r", 0.0)
-    parsed, body = mf.parse_trace_file(mf.render_trace_file(header, "body"))
+    parsed, body = memory_files.parse_trace_file(memory_files.render_trace_file(header, "body"))
     assert parsed.thread_id == "t1"
     assert parsed.cwd == "/evil thread_id: other"
     assert body == "body"
 
 
 def test_parse_tolerates_missing_header() -> None:
-    header, body = mf.parse_trace_file("# Just a memory\nno header here\n")
+    header, body = memory_files.parse_trace_file("# Just a memory\nno header here\n")
     assert header == TraceHeader("", "", "", "", 0.0)
     assert body == "# Just a memory\nno header here"
 
@@ -139,11 +140,11 @@ def test_parse_tolerates_missing_header() -> None:
 
 def test_stage_then_commit(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    relpath = mf.trace_relpath("t1", "Fix build")
-    staged = mf.stage_file(root, relpath, "hello\n")
+    relpath = memory_files.trace_relpath("t1", "Fix build")
+    staged = memory_files.stage_file(root, relpath, "hello\n")
     final = root / relpath
     assert not final.exists(), "nothing visible before commit"
-    assert staged.temp.exists() and mf.TEMP_MARKER in staged.temp.name
+    assert staged.temp.exists() and memory_files.TEMP_MARKER in staged.temp.name
     assert _mode(staged.temp) == 0o600
     assert _mode(root / "trace_summaries") == 0o700
     staged.commit()
@@ -154,8 +155,8 @@ def test_stage_then_commit(tmp_path: Path) -> None:
 
 
 def test_abort_keeps_old_file(tmp_path: Path) -> None:
-    mf.write_file_atomic(tmp_path, "MEMORY.md", "old\n")
-    with mf.stage_file(tmp_path, "MEMORY.md", "new\n") as staged:
+    memory_files.write_file_atomic(tmp_path, "MEMORY.md", "old\n")
+    with memory_files.stage_file(tmp_path, "MEMORY.md", "new\n") as staged:
         pass  # the "database transaction" rolled back: leaving the block aborts
     assert staged.state == "aborted"
     assert (tmp_path / "MEMORY.md").read_text() == "old\n"
@@ -167,12 +168,12 @@ def test_abort_keeps_old_file(tmp_path: Path) -> None:
 def test_commit_removes_other_trace_files_of_same_thread(tmp_path: Path) -> None:
     tid = "019a0000-aaaa-bbbb-cccc-000000000001"
     other = "019a0000-aaaa-bbbb-cccc-000000000001x"  # shares the slug prefix, another thread
-    first = mf.trace_relpath(tid, "Old title")
-    sibling = mf.trace_relpath(other, "Other")
-    mf.stage_file(tmp_path, first, mf.render_trace_file(_header(tid), "v1")).commit()
-    mf.stage_file(tmp_path, sibling, mf.render_trace_file(_header(other), "o")).commit()
-    second = mf.trace_relpath(tid, "New title")
-    removed = mf.stage_file(tmp_path, second, mf.render_trace_file(_header(tid), "v2")).commit()
+    first = memory_files.trace_relpath(tid, "Old title")
+    sibling = memory_files.trace_relpath(other, "Other")
+    memory_files.stage_file(tmp_path, first, memory_files.render_trace_file(_header(tid), "v1")).commit()
+    memory_files.stage_file(tmp_path, sibling, memory_files.render_trace_file(_header(other), "o")).commit()
+    second = memory_files.trace_relpath(tid, "New title")
+    removed = memory_files.stage_file(tmp_path, second, memory_files.render_trace_file(_header(tid), "v2")).commit()
     assert removed == [first]
     names = sorted(p.name for p in (tmp_path / "trace_summaries").iterdir())
     assert names == sorted([Path(second).name, Path(sibling).name])
@@ -181,12 +182,12 @@ def test_commit_removes_other_trace_files_of_same_thread(tmp_path: Path) -> None
 def test_stage_refuses_escaping_relpath(tmp_path: Path) -> None:
     for bad in ("../x.md", "/etc/passwd", "a/../../b"):
         with pytest.raises(MemoryWriteError):
-            mf.stage_file(tmp_path / "root", bad, "x")
+            memory_files.stage_file(tmp_path / "root", bad, "x")
     assert not (tmp_path / "x.md").exists()
 
 
 def test_disk_full_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mf.write_file_atomic(tmp_path, "memory_summary.md", "old\n")
+    memory_files.write_file_atomic(tmp_path, "memory_summary.md", "old\n")
     real_write = os.write
     calls = []
 
@@ -194,10 +195,10 @@ def test_disk_full_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         calls.append(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mf.os, "write", full_disk)
+    monkeypatch.setattr(memory_files.os, "write", full_disk)
     with capture_logs() as logs, pytest.raises(MemoryWriteError, match="disk full"):
-        mf.stage_file(tmp_path, "memory_summary.md", "new content\n")
-    monkeypatch.setattr(mf.os, "write", real_write)
+        memory_files.stage_file(tmp_path, "memory_summary.md", "new content\n")
+    monkeypatch.setattr(memory_files.os, "write", real_write)
     assert calls, "the write was attempted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory_summary.md"], "no temp left"
     assert (tmp_path / "memory_summary.md").read_text() == "old\n"
@@ -206,40 +207,40 @@ def test_disk_full_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_remove_trace(tmp_path: Path) -> None:
     tid = "t-1"
-    rel = mf.trace_relpath(tid, "title")
-    mf.stage_file(tmp_path, rel, mf.render_trace_file(_header(tid), "x")).commit()
-    assert mf.remove_trace(tmp_path, tid) == [rel]
+    rel = memory_files.trace_relpath(tid, "title")
+    memory_files.stage_file(tmp_path, rel, memory_files.render_trace_file(_header(tid), "x")).commit()
+    assert memory_files.remove_trace(tmp_path, tid) == [rel]
     assert not (tmp_path / rel).exists()
-    assert mf.remove_trace(tmp_path, tid) == []
-    assert mf.remove_trace(tmp_path / "missing", tid) == []
+    assert memory_files.remove_trace(tmp_path, tid) == []
+    assert memory_files.remove_trace(tmp_path / "missing", tid) == []
 
 
 def test_trace_exists(tmp_path: Path) -> None:
-    rel = mf.trace_relpath("t1", "a")
-    assert not mf.trace_exists(tmp_path, rel)
-    mf.stage_file(tmp_path, rel, mf.render_trace_file(_header("t1"), "body v1")).commit()
-    assert mf.trace_exists(tmp_path, rel)
-    assert mf.trace_exists(tmp_path, rel, "body v1")
-    assert not mf.trace_exists(tmp_path, rel, "body v2")
-    assert not mf.trace_exists(tmp_path, "../etc/passwd")
+    rel = memory_files.trace_relpath("t1", "a")
+    assert not memory_files.trace_exists(tmp_path, rel)
+    memory_files.stage_file(tmp_path, rel, memory_files.render_trace_file(_header("t1"), "body v1")).commit()
+    assert memory_files.trace_exists(tmp_path, rel)
+    assert memory_files.trace_exists(tmp_path, rel, "body v1")
+    assert not memory_files.trace_exists(tmp_path, rel, "body v2")
+    assert not memory_files.trace_exists(tmp_path, "../etc/passwd")
 
 
 # --------------------------------------------------------------------------- recovery
 
 
 def test_recover_after_crash_between_stage_and_commit(tmp_path: Path) -> None:
-    keep_rel = mf.trace_relpath("t1", "kept")
-    mf.stage_file(tmp_path, keep_rel, mf.render_trace_file(_header("t1"), "old")).commit()
+    keep_rel = memory_files.trace_relpath("t1", "kept")
+    memory_files.stage_file(tmp_path, keep_rel, memory_files.render_trace_file(_header("t1"), "old")).commit()
     # a crash after staging: the temp files stay, nothing was renamed
-    crashed = mf.stage_file(tmp_path, keep_rel, mf.render_trace_file(_header("t1"), "new"))
-    crashed_summary = mf.stage_file(tmp_path, "memory_summary.md", "x")
-    orphan_rel = mf.trace_relpath("t2", "forgotten")
-    mf.stage_file(tmp_path, orphan_rel, mf.render_trace_file(_header("t2"), "o")).commit()
+    crashed = memory_files.stage_file(tmp_path, keep_rel, memory_files.render_trace_file(_header("t1"), "new"))
+    crashed_summary = memory_files.stage_file(tmp_path, "memory_summary.md", "x")
+    orphan_rel = memory_files.trace_relpath("t2", "forgotten")
+    memory_files.stage_file(tmp_path, orphan_rel, memory_files.render_trace_file(_header("t2"), "o")).commit()
     (tmp_path / ".staging-deadbeef" / "skills").mkdir(parents=True)
     (tmp_path / ".staging-deadbeef" / "MEMORY.md").write_text("half")
     (tmp_path / "trace_summaries" / "notes.txt").write_text("not a trace")
 
-    report = mf.recover(tmp_path, {keep_rel})
+    report = memory_recover.recover(tmp_path, {keep_rel})
 
     assert sorted(report.temp_files) == sorted(
         [crashed.temp.relative_to(tmp_path).as_posix(), crashed_summary.temp.name]
@@ -247,23 +248,23 @@ def test_recover_after_crash_between_stage_and_commit(tmp_path: Path) -> None:
     assert report.staging_dirs == (".staging-deadbeef",)
     assert report.orphan_traces == (orphan_rel,)
     assert report.removed == 4
-    assert mf.trace_exists(tmp_path, keep_rel, "old"), "the old pair is intact"
+    assert memory_files.trace_exists(tmp_path, keep_rel, "old"), "the old pair is intact"
     assert sorted(p.name for p in (tmp_path / "trace_summaries").iterdir()) == sorted(
         [Path(keep_rel).name, "notes.txt"]
     )
     assert not (tmp_path / "memory_summary.md").exists()
-    assert mf.recover(tmp_path, lambda rel: rel == keep_rel) == mf.RecoveryReport()
+    assert memory_recover.recover(tmp_path, lambda rel: rel == keep_rel) == memory_recover.RecoveryReport()
 
 
 def test_recover_min_age_spares_fresh_files(tmp_path: Path) -> None:
-    staged = mf.stage_file(tmp_path, "MEMORY.md", "x")
+    staged = memory_files.stage_file(tmp_path, "MEMORY.md", "x")
     (tmp_path / ".staging-1").mkdir()
-    report = mf.recover(tmp_path, set(), min_age_s=3600)
-    assert report == mf.RecoveryReport()
+    report = memory_recover.recover(tmp_path, set(), min_age_s=3600)
+    assert report == memory_recover.RecoveryReport()
     assert staged.temp.exists() and (tmp_path / ".staging-1").exists()
     staged.commit()
     assert (tmp_path / "MEMORY.md").read_text() == "x"
 
 
 def test_recover_missing_root(tmp_path: Path) -> None:
-    assert mf.recover(tmp_path / "nope", set()) == mf.RecoveryReport()
+    assert memory_recover.recover(tmp_path / "nope", set()) == memory_recover.RecoveryReport()

@@ -9,14 +9,14 @@ import jinja2
 import pytest
 from structlog.testing import capture_logs
 
-from memd.budget import DailyBudget, TokenEstimator
 from memd.clock import FakeClock
 from memd.errors import BudgetExhausted, ContextLengthError, ExtractorError, ModelAuthError
 from memd.extract.base import BuiltInput, ExtractionRequest
 from memd.extract.openai_extractor import OpenAIExtractor
+from memd.extract.prompts import render, templates_dir
 from memd.extract.redact import redact
-from memd.llm import LLMClient, LLMConfig
-from memd.prompts import render, templates_dir
+from memd.llm.budget import DailyBudget, TokenEstimator
+from memd.llm.client import LLMClient, LLMConfig
 from memd.rollout.records import UserMessage
 from tests import fake_openai as fk
 from tests.fake_openai import MemorySink

@@ -23,9 +23,9 @@ from memd.clock import FakeClock
 from memd.errors import ExtractorError
 from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
 from memd.extract.pool import ExtractionPool
-from memd.memory_files import project_root
+from memd.memory.files import project_root
 from memd.rollout.session import ThreadStats
-from memd.scheduler import RetryPolicy
+from memd.schedule.retry import RetryPolicy
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from memd.project import UNKNOWN_PROJECT, eligibility, normalise_cwd, project_key
+from memd.rollout.project import UNKNOWN_PROJECT, eligibility, normalise_cwd, project_key
 from memd.rollout.records import SessionMeta
 
 INCLUDE = ("cli", "vscode", "unknown", "custom")

@@ -17,8 +17,9 @@ import pytest
 from memd.clock import FakeClock
 from memd.errors import ExtractorError
 from memd.extract.pool import ExtractionPool
-from memd.indexer import Indexer
-from memd.scheduler import RetryPolicy, Scheduler
+from memd.ingest.indexer import Indexer
+from memd.schedule.retry import RetryPolicy
+from memd.schedule.scheduler import Scheduler
 from memd.store.store import Store
 from tests.test_daemon_llm import append_turn, simple_turns, thread_id, write_rollout
 from tests.test_pool import GatedExtractor, prepare

@@ -15,22 +15,19 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from memd import service
 from memd.clock import FakeClock
 from memd.errors import UsageError
-from memd.service import (
+from memd.service import unit
+from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
+from memd.service.signals import ShutdownSignals
+from memd.service.unit import (
     HARDENING_DROPIN,
     InstallResult,
-    Notifier,
-    ShutdownSignals,
-    daemon_status_line,
     default_exec_start,
     install_unit,
     render_unit,
     shipped_unit_text,
     user_config_home,
-    watchdog_interval_s,
-    watchdog_loop,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -494,7 +491,7 @@ def test_hardening_dropin_directives() -> None:
     ],
 )
 def test_exec_start_quoting(argv: list[str], line: str) -> None:
-    assert service.exec_start_line(argv) == line
+    assert unit.exec_start_line(argv) == line
     assert f"\nExecStart={line}\n" in render_unit(argv)
 
 

@@ -1,4 +1,4 @@
-"""Tests for memd.sources: scan, bounded head read, classification, incremental tail reader."""
+"""Tests for memd.ingest (files, scan, reader): scan, bounded head read, classification, incremental tail reader."""
 
 from __future__ import annotations
 
@@ -15,23 +15,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from memd import sources
-from memd.sources import (
-    Change,
-    FileStat,
-    HeadRead,
-    ReadFailure,
-    RolloutReadError,
-    TailRead,
-    classify_change,
-    is_rollout_name,
-    read_head,
-    read_lines_until,
-    read_new_lines,
-    restat_paths,
-    scan_roots,
-    stat_path,
-)
+from memd.ingest import files as rollout_files
+from memd.ingest import scan
+from memd.ingest.files import FileStat, ReadFailure, RolloutReadError, is_rollout_name
+from memd.ingest.reader import Change, HeadRead, TailRead, classify_change, read_head, read_lines_until, read_new_lines
+from memd.ingest.scan import restat_paths, scan_roots, stat_path
 from memd.store.records import FileRecord
 from tests.conftest import codex_rollout
 
@@ -60,14 +48,14 @@ def record_for(st: FileStat, *, offset: int, head_hash: str = "") -> FileRecord:
 
 def deny_open(monkeypatch: pytest.MonkeyPatch, victim: Path) -> None:
     """Make the module's open raise PermissionError for one path (chmod does not deny root)."""
-    real_open = sources._open_binary
+    real_open = rollout_files._open_binary
 
     def fake_open(path: str) -> Any:
         if os.fspath(path) == os.fspath(victim):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return real_open(path)
 
-    monkeypatch.setattr(sources, "_open_binary", fake_open)
+    monkeypatch.setattr(rollout_files, "_open_binary", fake_open)
 
 
 def skip_unless_chmod_denies(tmp_path: Path) -> None:
@@ -184,14 +172,14 @@ def test_scan_unreadable_directory_is_reported_and_siblings_scanned(
     ok = write(root / "2026" / "01" / "rollout-ok.jsonl", b"{}\n")
     write(root / "2026" / "02" / "rollout-hidden.jsonl", b"{}\n")
     denied = root / "2026" / "02"
-    real_scandir = sources._scandir
+    real_scandir = scan._scandir
 
     def fake_scandir(path: str) -> Any:
         if path == str(denied):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return real_scandir(path)
 
-    monkeypatch.setattr(sources, "_scandir", fake_scandir)
+    monkeypatch.setattr(scan, "_scandir", fake_scandir)
     with capture_logs() as logs:
         result = scan_roots([root])
 
@@ -215,7 +203,7 @@ def test_scan_chmod_000_directory_is_reported(tmp_path: Path) -> None:
 
 
 def test_plain_file_wins_over_zst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_load_zstandard", identity_zstandard)
+    monkeypatch.setattr(rollout_files, "load_zstandard", identity_zstandard)
     root = tmp_path / "archived_sessions"
     plain = write(root / "rollout-a.jsonl", b"{}\n")
     write(root / "rollout-a.jsonl.zst", b"{}\n")
@@ -228,8 +216,8 @@ def test_plain_file_wins_over_zst(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_zst_skipped_with_one_warning_without_zstandard(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "_load_zstandard", lambda: None)
-    monkeypatch.setattr(sources, "_zstd_warned", False)
+    monkeypatch.setattr(rollout_files, "load_zstandard", lambda: None)
+    monkeypatch.setattr(rollout_files, "_zstd_warned", False)
     root = tmp_path / "archived_sessions"
     plain = write(root / "rollout-a.jsonl", b"{}\n")
     z1 = write(root / "rollout-b.jsonl.zst", b"\x28\xb5\x2f\xfd")
@@ -248,7 +236,7 @@ def test_zst_skipped_with_one_warning_without_zstandard(
 def test_zst_is_read_through_the_decompressor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "_load_zstandard", identity_zstandard)
+    monkeypatch.setattr(rollout_files, "load_zstandard", identity_zstandard)
     path = write(tmp_path / "rollout-a.jsonl.zst", b'{"a":1}\n{"b":2}\n{"c":3}\n')
 
     head = read_head(path, max_line_bytes=MiB)
@@ -281,7 +269,7 @@ def test_corrupt_zst_is_an_unreadable_failure(
         ZstdDecompressor=lambda: SimpleNamespace(
             stream_reader=lambda source, read_across_frames: Corrupt(source)),
         ZstdError=ValueError)
-    monkeypatch.setattr(sources, "_load_zstandard", lambda: fake)
+    monkeypatch.setattr(rollout_files, "load_zstandard", lambda: fake)
     path = write(tmp_path / "rollout-a.jsonl.zst", b"garbage")
 
     with capture_logs() as logs:

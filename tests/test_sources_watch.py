@@ -1,4 +1,4 @@
-"""Tests for memd.sources.watch_roots on real directories (inotify through watchfiles.awatch).
+"""Tests for memd.ingest.watch.watch_roots on real directories (inotify through watchfiles.awatch).
 
 Every wait is bounded with asyncio.wait_for so that a broken watcher fails the test instead of
 hanging it. Small debounce/step/root-check values keep the tests fast; no assertion is on time.
@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from memd import sources
 from memd.clock import FakeClock
-from memd.sources import restat_paths, watch_roots
+from memd.ingest import watch
+from memd.ingest.scan import restat_paths
+from memd.ingest.watch import watch_roots
 
 WAIT_S = 10.0
 FAST = {"debounce_ms": 50, "step_ms": 10, "root_check_ms": 200}
@@ -143,7 +144,7 @@ async def test_watcher_failure_is_logged_and_restarted_with_backoff(
 ) -> None:
     root = tmp_path / "sessions"
     root.mkdir()
-    real_awatch = sources.awatch
+    real_awatch = watch.awatch
     calls = 0
 
     def flaky_awatch(*paths: Any, **kwargs: Any) -> Any:
@@ -153,7 +154,7 @@ async def test_watcher_failure_is_logged_and_restarted_with_backoff(
             raise OSError(errno.ENOSPC, "OS file watch limit reached")
         return real_awatch(*paths, **kwargs)
 
-    monkeypatch.setattr(sources, "awatch", flaky_awatch)
+    monkeypatch.setattr(watch, "awatch", flaky_awatch)
     clock = RecordingClock()
     watcher = watch_roots([root], stop_event=stop_event, clock=clock,
                           backoff_base_s=0.5, backoff_cap_s=60.0, **FAST)
@@ -180,7 +181,7 @@ async def test_backoff_doubles_up_to_the_cap(
     def broken_awatch(*paths: Any, **kwargs: Any) -> Any:
         raise RuntimeError("watcher crashed")
 
-    monkeypatch.setattr(sources, "awatch", broken_awatch)
+    monkeypatch.setattr(watch, "awatch", broken_awatch)
     clock = RecordingClock(stop_after=6, stop_event=stop_event)
 
     async def drain() -> list[set[str]]:

@@ -55,7 +55,7 @@ import structlog
 
 from memd.bench import corpus
 
-log = structlog.get_logger("memd.bench")
+log = structlog.get_logger(__name__)
 
 #: ``index_fn(roots, state_dir)``: index every rollout under ``roots`` into ``state_dir``.
 IndexFn = Callable[[list[Path], Path], Awaitable[None]]
@@ -188,8 +188,8 @@ def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int =
     """
     keys = ["append_1k_ms"]
     try:
+        from memd.ingest.reader import read_new_lines
         from memd.rollout.session import RolloutParser, parse_rollout_bytes
-        from memd.sources import read_new_lines
     except ImportError as exc:
         return _missing(keys, f"component missing: {exc}")
     path = workdir / "append" / "rollout-append.jsonl"
@@ -374,7 +374,7 @@ def indexer_index_fn() -> IndexFn | None:
     when the indexer or the store cannot be imported."""
     try:
         from memd.clock import SystemClock
-        from memd.indexer import Indexer
+        from memd.ingest.indexer import Indexer
         from memd.store.store import Store
     except ImportError:
         return None

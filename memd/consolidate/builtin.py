@@ -44,18 +44,10 @@ import structlog
 from memd.clock import iso_utc
 from memd.consolidate.gitlog import commit_memory_root
 from memd.errors import ConsolidationError, MemoryWriteError
-from memd.memory_files import (
-    DIR_MODE,
-    FILE_MODE,
-    STAGING_PREFIX,
-    TRACE_DIR,
-    TraceHeader,
-    parse_trace_file,
-    remove_stale_staging,
-    slugify,
-)
+from memd.memory.files import DIR_MODE, FILE_MODE, STAGING_PREFIX, TRACE_DIR, TraceHeader, parse_trace_file, slugify
+from memd.memory.recover import remove_stale_staging
 
-log = structlog.get_logger("memd.consolidate.builtin")
+log = structlog.get_logger(__name__)
 
 MEMORY_FILE = "MEMORY.md"
 SKILLS_DIR = "skills"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("memd.consolidate.gitlog")
+log = structlog.get_logger(__name__)
 
 GIT_TIMEOUT_S = 60.0
 #: Never committed: temp files of staged writes and consolidation staging directories.

@@ -29,7 +29,6 @@ from typing import Any
 import pydantic
 import structlog
 
-from memd.budget import TokenEstimator
 from memd.clock import iso_utc
 from memd.consolidate.builtin import (
     SKILL_FILE,
@@ -42,12 +41,13 @@ from memd.consolidate.builtin import (
 )
 from memd.errors import ConsolidationError, ContextLengthError
 from memd.extract.contract import cut_middle
+from memd.extract.prompts import render
 from memd.extract.redact import redact
-from memd.llm import LLMAnswer, LLMClient
-from memd.memory_files import slugify
-from memd.prompts import render
+from memd.llm.budget import TokenEstimator
+from memd.llm.client import LLMAnswer, LLMClient
+from memd.memory.files import slugify
 
-log = structlog.get_logger("memd.consolidate.model")
+log = structlog.get_logger(__name__)
 
 SYSTEM_TEMPLATE = "consolidate_system.md.j2"
 INPUT_TEMPLATE = "consolidate_input.md.j2"

@@ -30,10 +30,10 @@ import structlog
 
 from memd.clock import Clock
 from memd.errors import LeaseLost, MemdError
-from memd.memory_files import TRACE_DIR, _safe_target, ensure_project_root, write_file_atomic
+from memd.memory.files import TRACE_DIR, ensure_project_root, safe_target, write_file_atomic
 from memd.store.records import MemoryRecord, ProjectRecord
 
-log = structlog.get_logger("memd.consolidate.runner")
+log = structlog.get_logger(__name__)
 
 SKIPPED_LEASE_HELD = "skipped: lease held"
 LEASE_LOST = "lease_lost"
@@ -301,7 +301,7 @@ class ConsolidationRunner:
             if memory.path in kept_paths or not memory.path.startswith(TRACE_DIR + "/"):
                 continue
             try:
-                os.unlink(_safe_target(root, memory.path))
+                os.unlink(safe_target(root, memory.path))
             except FileNotFoundError:
                 continue
             except (OSError, MemdError) as exc:

@@ -71,7 +71,7 @@ from memd.rollout.records import (
     UserMessage,
 )
 
-log = structlog.get_logger("memd.extract.input_builder")
+log = structlog.get_logger(__name__)
 
 #: Cap of an assistant commentary message (progress notes between tool calls).
 COMMENTARY_CAP_BYTES = 600

@@ -15,15 +15,15 @@ from collections.abc import Awaitable, Callable
 import pydantic
 import structlog
 
-from memd.budget import DailyBudget, TokenEstimator
 from memd.clock import iso_utc
 from memd.errors import ContextLengthError, ExtractorError
 from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
 from memd.extract.contract import TRACE_OUTPUT_JSON_SCHEMA, TraceOutput
-from memd.llm import LLMAnswer, LLMClient
-from memd.prompts import render
+from memd.extract.prompts import render
+from memd.llm.budget import DailyBudget, TokenEstimator
+from memd.llm.client import LLMAnswer, LLMClient
 
-log = structlog.get_logger("memd.extract.openai")
+log = structlog.get_logger(__name__)
 
 #: Rebuilds a request's input for a smaller token budget: ``(request, max_input_tokens) ->
 #: BuiltInput`` (sync or async), e.g. by refitting ``request.built.items``.

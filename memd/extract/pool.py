@@ -27,7 +27,6 @@ from pathlib import Path
 
 import structlog
 
-from memd import memory_files
 from memd.clock import Clock, iso_utc
 from memd.errors import (
     BudgetExhausted,
@@ -39,11 +38,12 @@ from memd.errors import (
 )
 from memd.extract.base import ExtractionRequest, Extractor
 from memd.extract.contract import TraceContext, normalise
-from memd.scheduler import RetryPolicy
+from memd.memory import files as memory_files
+from memd.schedule.retry import RetryPolicy
 from memd.store.records import JobRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store
 
-log = structlog.get_logger("memd.pool")
+log = structlog.get_logger(__name__)
 
 #: Nothing recorded yet: the first look clears a pause a previous process left in the store.
 _UNKNOWN = object()

@@ -40,7 +40,7 @@ from memd.rollout.records import (
     UserMessage,
 )
 
-log = structlog.get_logger("memd.rollout.session")
+log = structlog.get_logger(__name__)
 
 #: Per-parser cap on ``line_skipped`` warnings; later malformed lines are only counted.
 MAX_SKIP_WARNINGS = 5

@@ -18,7 +18,7 @@ import structlog
 from memd.errors import StoreError
 from memd.store.schema import LATEST_VERSION, MIGRATIONS
 
-log = structlog.get_logger("memd.store.db")
+log = structlog.get_logger(__name__)
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 

@@ -50,7 +50,7 @@ from memd.store.records import (
     ThreadRecord,
 )
 
-log = structlog.get_logger("memd.store")
+log = structlog.get_logger(__name__)
 
 _R = TypeVar("_R")
 

@@ -18,35 +18,12 @@ import structlog
 
 from memd.clock import Clock
 from memd.errors import StoreError
-from memd.indexer import Indexer
+from memd.ingest.indexer import Indexer
 from memd.store.store import Store
 
-log = structlog.get_logger("memd.scheduler")
+log = structlog.get_logger(__name__)
 
 DAY_S = 86_400.0
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff for failed jobs.
-
-    Attributes:
-        base_s: delay after the first failure (seconds).
-        cap_s: the longest delay (seconds).
-        max_attempts: attempts before a job is ``dead``.
-    """
-
-    base_s: float = 60.0
-    cap_s: float = 6 * 3600.0
-    max_attempts: int = 5
-
-    def delay_s(self, attempts: int) -> float:
-        """Delay after the ``attempts``-th failed attempt (1-based): base·2^(attempts-1), capped."""
-        return min(self.cap_s, self.base_s * (2 ** max(0, attempts - 1)))
-
-    def is_dead(self, attempts: int) -> bool:
-        """True when ``attempts`` failed attempts exhaust the policy."""
-        return attempts >= self.max_attempts
 
 
 @dataclass(slots=True)

@@ -25,21 +25,28 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from enum import StrEnum
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 import structlog
 
-from memd.clock import Clock, SystemClock
+from memd.clock import Clock
 from memd.errors import ContextLengthError, ExtractorError, ModelAuthError
-from memd.extract.contract import parse_lenient_json
+from memd.jsonish import parse_lenient_json
+from memd.llm.errors import (
+    RETRYABLE,
+    ErrorKind,
+    InvalidOutput,
+    ResponseFailed,
+    StreamTruncated,
+    classify_error,
+    describe_error,
+    retry_after_s,
+    safe_url,
+)
 
-log = structlog.get_logger("memd.llm")
+log = structlog.get_logger(__name__)
 
 #: Placeholder bearer token for local servers that need no key (the SDK refuses an empty key).
 NO_KEY = "no-key"
@@ -107,19 +114,6 @@ class LLMAnswer:
     requests: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointCheck:
-    """Result of :func:`check_endpoint`: ``ok`` and a one-line human ``detail`` (no secrets).
-
-    ``model_listed`` is whether the configured model is in the server's model list (``None``
-    when the server has no list or was not reached).
-    """
-
-    ok: bool
-    detail: str
-    model_listed: bool | None = None
-
-
 class UsageSink(Protocol):
     """Where token usage goes (the store's ``usage`` table, SPEC §5)."""
 
@@ -128,170 +122,6 @@ class UsageSink(Protocol):
     ) -> None:
         """Record one request's usage; ``phase`` is ``extract`` or ``consolidate``."""
         ...
-
-
-class ErrorKind(StrEnum):
-    """What went wrong with one request, as far as retrying is concerned."""
-
-    RATE_LIMITED = "rate_limited"
-    SERVER = "server"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection"
-    TRUNCATED = "truncated"
-    CONTEXT_LENGTH = "context_length"
-    AUTH = "auth"
-    REJECTED = "rejected"
-    INVALID_OUTPUT = "invalid_output"
-    UNKNOWN = "unknown"
-
-
-#: Kinds retried with backoff.
-RETRYABLE = frozenset(
-    {
-        ErrorKind.RATE_LIMITED,
-        ErrorKind.SERVER,
-        ErrorKind.TIMEOUT,
-        ErrorKind.CONNECTION,
-        ErrorKind.TRUNCATED,
-    }
-)
-
-
-class StreamTruncated(Exception):
-    """A stream ended without its terminal event (chat: no ``finish_reason``; responses: no
-    ``response.completed``/``response.incomplete``). Retryable; never leaves :class:`LLMClient`."""
-
-
-class ResponseFailed(Exception):
-    """The server reported a failure inside a 200 answer (Responses ``status: failed``, a
-    ``response.failed`` or ``error`` stream event). Never leaves :class:`LLMClient`.
-
-    Args:
-        code: the error code the server gave (``server_error``, ``rate_limit_exceeded``, ...).
-        message: the server's message.
-    """
-
-    def __init__(self, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class InvalidOutput(Exception):
-    """The model's answer held no JSON object, even leniently parsed; or it refused."""
-
-
-_CONTEXT_CODES = {"context_length_exceeded", "exceed_context_size_error", "context_window_exceeded"}
-_CONTEXT_PATTERNS = re.compile(
-    r"maximum context length|context length|context window|context size"
-    r"|exceeds? the (?:available )?context|prompt is too long|too many tokens",
-    re.IGNORECASE,
-)
-
-
-def _is_context_error(code: str | None, type_: str | None, message: str | None) -> bool:
-    if code in _CONTEXT_CODES or type_ in _CONTEXT_CODES:
-        return True
-    return bool(message and _CONTEXT_PATTERNS.search(message))
-
-
-def classify_error(exc: BaseException) -> ErrorKind:
-    """Map an exception from one request to an :class:`ErrorKind`.
-
-    Recognises the ``openai`` SDK's exceptions (``RateLimitError``, ``AuthenticationError``,
-    ``PermissionDeniedError``, ``BadRequestError``, ``APIStatusError``, ``APITimeoutError``,
-    ``APIConnectionError``, ``APIError`` raised for an error inside a stream), and this module's
-    :class:`StreamTruncated`, :class:`ResponseFailed`, :class:`InvalidOutput`.
-
-    Context-length errors are recognised from OpenAI's ``code: context_length_exceeded``,
-    llama.cpp's ``type: exceed_context_size_error``, and messages such as "maximum context
-    length" (vLLM, LM Studio) on any 4xx.
-    """
-    if isinstance(exc, StreamTruncated | json.JSONDecodeError):
-        return ErrorKind.TRUNCATED
-    if isinstance(exc, InvalidOutput):
-        return ErrorKind.INVALID_OUTPUT
-    if isinstance(exc, ResponseFailed):
-        if _is_context_error(exc.code, None, exc.message):
-            return ErrorKind.CONTEXT_LENGTH
-        if exc.code == "rate_limit_exceeded":
-            return ErrorKind.RATE_LIMITED
-        if exc.code in (None, "", "server_error", "internal_error"):
-            return ErrorKind.SERVER
-        return ErrorKind.REJECTED
-    if isinstance(exc, openai.APITimeoutError):
-        return ErrorKind.TIMEOUT
-    if isinstance(exc, openai.APIConnectionError):
-        return ErrorKind.CONNECTION
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = _status_message(exc)
-        if status in (401, 403):
-            return ErrorKind.AUTH
-        if status == 429:
-            # A spent quota does not come back by waiting a minute.
-            return ErrorKind.REJECTED if exc.code == "insufficient_quota" else ErrorKind.RATE_LIMITED
-        if status >= 500 or status in (408, 409):
-            return ErrorKind.SERVER
-        if _is_context_error(exc.code, exc.type, message):
-            return ErrorKind.CONTEXT_LENGTH
-        return ErrorKind.REJECTED
-    if isinstance(exc, openai.APIError):
-        # An error object inside an SSE stream (no HTTP status): transient unless it says otherwise.
-        if _is_context_error(exc.code, exc.type, exc.message):
-            return ErrorKind.CONTEXT_LENGTH
-        return ErrorKind.SERVER
-    return ErrorKind.UNKNOWN
-
-
-def _status_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    return exc.message or ""
-
-
-def safe_url(url: str | None) -> str | None:
-    """``url`` without any ``user:password@`` part, for logs and messages."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def retry_after_s(headers: Any, now_s: float) -> float | None:
-    """Read a wait from response headers: ``retry-after-ms``, then ``retry-after`` as seconds or
-    as an HTTP date (RFC 9110 §10.2.3) relative to ``now_s``. ``None`` when absent or unparseable;
-    never negative."""
-    if headers is None:
-        return None
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now_s)
 
 
 @dataclass(slots=True)
@@ -339,7 +169,7 @@ def parse_answer(text: str) -> dict[str, Any] | None:
     return parse_lenient_json(text)
 
 
-def _make_openai(config: LLMConfig, timeout_s: float) -> openai.AsyncOpenAI:
+def make_openai(config: LLMConfig, timeout_s: float) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         api_key=config.api_key or NO_KEY,
         base_url=config.base_url,
@@ -370,7 +200,7 @@ class LLMClient:
         self._usage = usage
         self._clock = clock
         self._rng = rng or random.Random()
-        self._openai: openai.AsyncOpenAI | None = _make_openai(config, config.timeout_s)
+        self._openai: openai.AsyncOpenAI | None = make_openai(config, config.timeout_s)
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool. Idempotent."""
@@ -431,7 +261,9 @@ class LLMClient:
                         attempt=attempt,
                         status=status,
                     )
-                    raise ContextLengthError(f"input longer than the model's context window: {_describe(exc)}") from exc
+                    raise ContextLengthError(
+                        f"input longer than the model's context window: {describe_error(exc)}"
+                    ) from exc
                 if kind is ErrorKind.AUTH:
                     # A warning: the caller reports the one clear error (the pool pauses all
                     # model work; `memd consolidate` exits with the message).
@@ -471,7 +303,7 @@ class LLMClient:
                         kind=kind.value,
                         status=status,
                     )
-                    raise ExtractorError(f"model request rejected: {_describe(exc)}") from exc
+                    raise ExtractorError(f"model request rejected: {describe_error(exc)}") from exc
                 if attempt >= cfg.max_attempts:
                     log.warning(
                         "llm_gave_up",
@@ -482,7 +314,7 @@ class LLMClient:
                         status=status,
                     )
                     raise ExtractorError(
-                        f"model request failed after {attempt} attempts ({kind.value}): {_describe(exc)}"
+                        f"model request failed after {attempt} attempts ({kind.value}): {describe_error(exc)}"
                     ) from exc
                 wait_s = self._wait_s(kind, exc, attempt)
                 log.warning(
@@ -648,84 +480,3 @@ class LLMClient:
             getattr(final, "model", None) or self.config.model,
             _responses_usage(getattr(final, "usage", None)),
         )
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, secret-free description of a request failure (no prompt text, no key)."""
-    status = getattr(exc, "status_code", None)
-    if isinstance(exc, openai.APIStatusError):
-        message = _status_message(exc)
-        return f"HTTP {status}: {_short(message)}" if message else f"HTTP {status}"
-    return f"{type(exc).__name__}: {_short(str(exc))}"
-
-
-async def check_endpoint(config: LLMConfig, *, timeout_s: float = 10.0) -> EndpointCheck:
-    """Probe the model endpoint for ``memd doctor``: list the models (``GET /models``).
-
-    A server without a model list (404) is probed with one tiny structured request instead. The
-    probe makes no retries and waits at most ``min(timeout_s, config.timeout_s)`` per request.
-
-    Returns:
-        ``EndpointCheck(ok, detail)``; ``detail`` names the failure (unreachable, timeout,
-        credentials rejected, HTTP status) and never contains the key. Never raises for endpoint
-        faults.
-    """
-    bounded = min(timeout_s, config.timeout_s)
-    client = _make_openai(config, bounded)
-    where = safe_url(config.base_url) or "the OpenAI API"
-    try:
-        try:
-            page = await client.models.list()
-            names = [getattr(m, "id", "") for m in getattr(page, "data", None) or []]
-            listed = config.model in names
-            return EndpointCheck(
-                True,
-                f"{where} reachable; {len(names)} models, {config.model!r} {'listed' if listed else 'not listed'}",
-                model_listed=listed,
-            )
-        except openai.NotFoundError:
-            probe = LLMClient(
-                LLMConfig(
-                    config.api,
-                    config.base_url,
-                    config.model,
-                    config.api_key,
-                    bounded,
-                    max_attempts=1,
-                ),
-                usage=None,
-                clock=SystemClock(),
-            )
-            try:
-                await probe.complete_json(
-                    system="Answer with the JSON object the schema describes.",
-                    user='Say "ok".',
-                    schema_name="probe",
-                    schema={
-                        "type": "object",
-                        "properties": {"ok": {"type": "string"}},
-                        "required": ["ok"],
-                        "additionalProperties": False,
-                    },
-                    phase="doctor",
-                )
-            finally:
-                await probe.aclose()
-            return EndpointCheck(True, f"{where} answered a probe request with model {config.model!r}")
-    except ModelAuthError:
-        return EndpointCheck(False, f"{where}: credentials rejected")
-    except ContextLengthError:
-        return EndpointCheck(True, f"{where} reachable (probe rejected as too long)")
-    except ExtractorError as exc:
-        return EndpointCheck(False, f"{where}: {exc}")
-    except openai.OpenAIError as exc:
-        kind = classify_error(exc)
-        if kind is ErrorKind.AUTH:
-            return EndpointCheck(False, f"{where}: credentials rejected (HTTP {getattr(exc, 'status_code', '?')})")
-        if kind is ErrorKind.TIMEOUT:
-            return EndpointCheck(False, f"{where}: no answer within {bounded:g} s")
-        if kind is ErrorKind.CONNECTION:
-            return EndpointCheck(False, f"{where}: unreachable ({_short(str(exc))})")
-        return EndpointCheck(False, f"{where}: {_describe(exc)}")
-    finally:
-        await client.close()

@@ -23,16 +23,17 @@ from pathlib import Path
 
 import structlog
 
-from memd import sources
 from memd.clock import Clock
-from memd.project import eligibility, project_key
+from memd.ingest import files as rollout_files
+from memd.ingest import reader, scan
 from memd.rollout.codex import parse_session_meta
+from memd.rollout.project import eligibility, project_key
 from memd.rollout.records import SessionMeta
 from memd.rollout.session import RolloutParser, ThreadStats
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
 
-log = structlog.get_logger("memd.indexer")
+log = structlog.get_logger(__name__)
 
 #: Files indexed per worker-thread round trip and per write transaction.
 BATCH_FILES = 500
@@ -56,9 +57,9 @@ class _Head:
         project: the thread's project key (SPEC §4), ``""`` without ``meta``.
     """
 
-    st: sources.FileStat
+    st: rollout_files.FileStat
     prev: FileRecord | None
-    failure: sources.ReadFailure | None = None
+    failure: rollout_files.ReadFailure | None = None
     head_hash: str = ""
     meta: SessionMeta | None = None
     reason: str | None = None
@@ -140,13 +141,13 @@ class Indexer:
         Returns:
             The counters of this scan. Never raises for a single bad file or root.
         """
-        result = await asyncio.to_thread(sources.scan_roots, self.roots)
+        result = await asyncio.to_thread(scan.scan_roots, self.roots)
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
             known = await self._store.all_files()
             by_inode = {(f.dev, f.inode): f for f in known.values()}
             seen = {st.path for st in result.files}
-            changed: list[tuple[sources.FileStat, FileRecord | None]] = []
+            changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
             for st in result.files:
                 prev = known.get(st.path)
                 if prev is None:
@@ -183,13 +184,13 @@ class Indexer:
 
         Each new thread is logged (``thread_indexed``, info).
         """
-        result = await asyncio.to_thread(sources.restat_paths, list(paths))
+        result = await asyncio.to_thread(scan.restat_paths, list(paths))
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
             if result.vanished:
                 summary.removed += await self._store.forget_files(result.vanished)
             known = await self._store.get_files(st.path for st in result.files)
-            changed: list[tuple[sources.FileStat, FileRecord | None]] = []
+            changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
             for st in result.files:
                 prev = known.get(st.path)
                 summary.files_seen += 1
@@ -202,7 +203,7 @@ class Indexer:
 
     async def _index(
         self,
-        changed: Sequence[tuple[sources.FileStat, FileRecord | None]],
+        changed: Sequence[tuple[rollout_files.FileStat, FileRecord | None]],
         summary: IndexSummary,
         *,
         log_each: Callable[..., object],
@@ -227,14 +228,14 @@ class Indexer:
             await batch.flush(self._store)
         return new_threads
 
-    def _read_heads(self, changed: Sequence[tuple[sources.FileStat, FileRecord | None]]) -> list[_Head]:
+    def _read_heads(self, changed: Sequence[tuple[rollout_files.FileStat, FileRecord | None]]) -> list[_Head]:
         """The file-system part of indexing (runs in a worker thread): read and parse each head,
         and resolve its project key (which may look for ``.git`` on disk)."""
         heads: list[_Head] = []
         projects: dict[str | None, str] = {}  # cwd -> project key, within this batch
         for st, prev in changed:
-            head = sources.read_head(st.path, max_line_bytes=self._max_line_bytes)
-            if isinstance(head, sources.ReadFailure):  # logged by sources
+            head = reader.read_head(st.path, max_line_bytes=self._max_line_bytes)
+            if isinstance(head, rollout_files.ReadFailure):  # logged by sources
                 heads.append(_Head(st=st, prev=prev, failure=head))
                 continue
             meta = None
@@ -296,10 +297,10 @@ class Indexer:
         if existing_path is not None and st.path == existing_path + ".zst":
             if os.path.exists(existing_path):
                 return 0  # x.jsonl and x.jsonl.zst both exist: the plain file wins
-        change = sources.classify_change(prev, st, head.head_hash)
+        change = reader.classify_change(prev, st, head.head_hash)
         keep = False
         if prev is not None and prev.thread_id == meta.thread_id:
-            keep = change == sources.Change.GROWN
+            keep = change == reader.Change.GROWN
             if prev.path != st.path and st.size >= prev.offset:
                 keep = True  # moved (archived): same inode, keep the offset and statistics
         if keep:
@@ -369,7 +370,7 @@ class Indexer:
             file = await self._store.get_file(thread.path)
             if file is None:
                 return thread
-            st = await asyncio.to_thread(sources.stat_path, file.path)
+            st = await asyncio.to_thread(scan.stat_path, file.path)
             if st is None:
                 return thread
             if st.size == file.offset and st.inode == file.inode and thread.reason != "not_read_yet":
@@ -404,14 +405,14 @@ class Indexer:
 
     def _read_forward(
         self, path: str, offset: int, inode: int, stats: ThreadStats
-    ) -> tuple[int, int, sources.FileStat | None] | None:
+    ) -> tuple[int, int, rollout_files.FileStat | None] | None:
         """Fold the complete lines after ``offset`` into ``stats``.
 
         Returns:
             ``(new offset, bytes read, fstat of the file)`` or ``None`` when the file vanished,
             is unreadable, or was replaced while reading (the next scan re-indexes it).
         """
-        stream = sources.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
+        stream = reader.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
         parser = RolloutParser(path=path, first_line_is_head=offset == 0)
         try:
             batch: list[bytes] = []
@@ -423,7 +424,7 @@ class Indexer:
                     stats.feed(parser.result)  # fold and drop the items: memory stays bounded
                     parser = RolloutParser(path=path, first_line_is_head=False)
             parser.feed(batch)
-        except sources.RolloutReadError as exc:
+        except rollout_files.RolloutReadError as exc:
             log.info("catch_up_failed", path=path, reason=str(exc))
             return None
         if stream.oversized_lines:
@@ -432,7 +433,7 @@ class Indexer:
         return stream.offset, stream.bytes_read, stream.stat
 
 
-def _unchanged(prev: FileRecord | None, st: sources.FileStat) -> bool:
+def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
     """Whether the stored record still describes the file (then only its stat was paid)."""
     return (
         prev is not None
@@ -443,7 +444,7 @@ def _unchanged(prev: FileRecord | None, st: sources.FileStat) -> bool:
 
 
 def _file(
-    st: sources.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None
+    st: rollout_files.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None
 ) -> FileRecord:
     return FileRecord(
         path=st.path,

@@ -18,7 +18,7 @@ import structlog
 from memd.clock import Clock, iso_utc
 from memd.errors import BudgetExhausted
 
-log = structlog.get_logger("memd.budget")
+log = structlog.get_logger(__name__)
 
 #: Bounds of a plausible bytes-per-token ratio (dense code and CJK text ~1.5-2, English prose ~4,
 #: long runs of whitespace or repeated output higher).

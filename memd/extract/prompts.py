@@ -20,7 +20,7 @@ def templates_dir() -> Path:
     packaged = resources.files("memd") / "templates"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parents[1] / "templates"
+    return Path(__file__).resolve().parents[2] / "templates"
 
 
 @functools.cache
