@@ -1,4 +1,5 @@
-"""Typed records parsed from Codex rollout lines (Codex rollout format, SPEC §3.2).
+"""Typed records parsed from session transcripts: Codex rollout lines (SPEC §3.2) and Claude Code
+transcript records (SPEC §3.4).
 
 These are the only shapes that leave :mod:`memd.rollout`. Every record is frozen. Timestamps are
 epoch seconds (float, UTC) or ``None`` where the line carried none (legacy format, trimmed
@@ -8,10 +9,25 @@ fixtures).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 #: How the source of a session was normalised. ``source_kind`` of :class:`SessionMeta`.
-SourceKind = Literal["cli", "vscode", "exec", "mcp", "unknown", "subagent", "internal", "custom"]
+#: ``sdk`` is a Claude Code session started non-interactively (``claude -p`` = entrypoint
+#: ``sdk-cli``, the SDKs = ``sdk-ts`` / ``sdk-py``).
+SourceKind = Literal["cli", "vscode", "exec", "mcp", "unknown", "subagent", "internal", "custom", "sdk"]
+
+
+class Agent(StrEnum):
+    """The coding agent that wrote a transcript."""
+
+    CODEX = "codex"
+    CLAUDE = "claude"
+
+    @property
+    def display_name(self) -> str:
+        """The product name used in trace context and prompts (``Codex CLI``, ``Claude Code``)."""
+        return "Claude Code" if self is Agent.CLAUDE else "Codex CLI"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +48,14 @@ class SessionMeta:
         thread_source: ``payload.thread_source`` when present (0.146+), else ``None``.
         memory_mode: ``payload.memory_mode`` when present (``disabled`` = user opted out).
         model_provider: ``payload.model_provider`` when present.
-        git_branch / git_commit / git_repository_url: from ``payload.git`` when present.
+        git_branch / git_commit / git_repository_url: from ``payload.git`` when present
+            (Claude Code: ``gitBranch``).
         legacy: ``True`` for the pre-0.36 bare header format.
+        agent: the agent that wrote the transcript (Codex unless a Claude parser made it).
+        entrypoint: Claude Code ``entrypoint`` (``cli``, ``sdk-cli``, ``sdk-ts``, ...), ``None``
+            when absent (older versions) and for Codex.
+        subagent_id: Claude Code ``agentId`` when the file is a sub-agent transcript (it belongs to
+            the session ``thread_id`` and never becomes a thread of its own), else ``None``.
     """
 
     thread_id: str
@@ -50,6 +72,9 @@ class SessionMeta:
     git_commit: str | None = None
     git_repository_url: str | None = None
     legacy: bool = False
+    agent: Agent = Agent.CODEX
+    entrypoint: str | None = None
+    subagent_id: str | None = None
 
     @property
     def source_label(self) -> str:
@@ -143,6 +168,9 @@ class ToolOutput:
         output: the output text (the ``output`` field of a JSON-string output, else the text).
         exit_code: from JSON ``metadata.exit_code``, ``Exit code: N`` or
             ``Process exited with code N``; ``None`` when not stated (still running, non-shell).
+        is_error: the tool reported a failure without (necessarily) an exit code: Claude Code's
+            ``tool_result.is_error`` (a rejected edit, a tool error, a failed Bash command).
+            Always ``False`` for Codex, whose failures are exit codes.
         ts: epoch seconds or ``None``.
     """
 
@@ -150,6 +178,7 @@ class ToolOutput:
     output: str
     exit_code: int | None = None
     ts: float | None = None
+    is_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +239,49 @@ class TurnEvent:
     ts: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token usage reported on one Claude Code ``assistant`` line (``message.usage``).
+
+    Claude Code writes one line per content block and repeats the usage of the whole API
+    response on each of them (later lines of a streamed response carry the larger
+    ``output_tokens``), so usage must be counted once per ``message_id`` + ``request_id``: see
+    :class:`memd.rollout.claude.UsageTally`.
+
+    Attributes:
+        message_id: ``message.id`` (``""`` when absent).
+        request_id: ``requestId`` (``""`` when absent, e.g. Bedrock sessions).
+        input_tokens / output_tokens / cache_read_tokens / cache_creation_tokens: token counts
+            (a missing or non-numeric field is 0).
+        ts: epoch seconds or ``None``.
+    """
+
+    message_id: str
+    request_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TitleCandidate:
+    """A session title offered by the transcript itself (Claude Code ``summary``, ``ai-title``,
+    ``custom-title`` records). ``summary`` records are titles, never compactions.
+
+    Attributes:
+        text: the title text.
+        kind: ``custom`` (the user named the session), ``ai`` (Claude Code's generated title) or
+            ``summary`` (a leaf summary; in resumed sessions it may describe an earlier session).
+        ts: epoch seconds or ``None``.
+    """
+
+    text: str
+    kind: Literal["custom", "ai", "summary"]
+    ts: float | None = None
+
+
 #: Any item a rollout body yields.
 Item = (
     UserMessage
@@ -222,6 +294,8 @@ Item = (
     | Compaction
     | TurnContext
     | TurnEvent
+    | TokenUsage
+    | TitleCandidate
 )
 
 
@@ -258,7 +332,11 @@ class ParsedRollout:
         unknown_lines: valid JSON lines of types we do not model.
         item_line_bytes: parallel to ``items``: the byte length of the source line (with its
             newline) for the first item a line produced, 0 for further items of the same line.
-            Used to measure rendered size against raw JSON size.
+            Used to measure rendered size against raw JSON size. (Claude Code: a line merged
+            into an earlier item of the same message adds its bytes to that item.)
+        bad_values: values of the wrong type inside otherwise modelled lines that were skipped
+            (a placeholder string in a numeric field, ``data`` given as a JSON string); Codex
+            lines leave it 0.
     """
 
     meta: SessionMeta | None = None
@@ -268,3 +346,4 @@ class ParsedRollout:
     skipped_lines: int = 0
     unknown_lines: int = 0
     item_line_bytes: list[int] = field(default_factory=list)
+    bad_values: int = 0
