@@ -30,6 +30,8 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
   sessions tree (temporary HOME/CODEX_HOME/XDG dirs): CPU seconds (utime+stime of it and its
   children, from ``/proc``) over a window, scaled to 10 minutes; peak RSS (``VmHWM``). Baseline:
   a naive Python loop that re-scans the sessions tree every second, measured in the same window.
+* ``quality_fact_recall`` / ``quality_filler_ratio`` — memory quality of ``memd once`` (offline)
+  over the real rollouts against hand-read facts; see :mod:`memd.bench.quality`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any
 import structlog
 
 from memd.bench import corpus
+from memd.bench.quality import QUALITY_TARGETS, bench_quality
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +76,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "input_ratio_synthetic": ("<=", 1 / 3),
     "idle_cpu_s_per_10min": ("<=", 0.5),
     "rss_mb": ("<=", 100.0),
+    **QUALITY_TARGETS,
 }
 
 #: The figure keys, in table order.
@@ -871,6 +875,11 @@ def run_bench(
         out(f"  done in {time.perf_counter() - t0:.1f}s")
 
     try:
+        step(
+            list(QUALITY_TARGETS),
+            "memory quality over the real rollouts (memd once, offline)",
+            lambda: bench_quality(real_dir.parent if real_dir is not None else None, workdir, out=out),
+        )
         step(
             ["input_ratio_real"],
             "input ratio over the real rollouts",
