@@ -636,3 +636,72 @@ def test_the_parser_result_carries_the_meta_and_resumes() -> None:
     assert [i.text for i in parser.result.items if isinstance(i, UserMessage)] == ["one", "two"]
     parser.feed_malformed(2, "line_too_long")
     assert (parser.result.lines, parser.result.skipped_lines) == (5, 2)
+
+
+# --- aggregates: ThreadStats, commands, patched files ----------------------------------------------
+
+
+def test_thread_stats_fold_a_real_file_chunk_by_chunk_like_the_whole() -> None:
+    from memd.rollout.session import ThreadStats
+
+    data = claude_file("codemie-624a4a58-b34c-462d-a70d-13421c8125a8.jsonl").read_bytes()
+    whole = ThreadStats()
+    whole.feed(parse_claude_bytes(data))
+    chunked = ThreadStats()
+    parts = data.splitlines(keepends=True)
+    for start in range(0, len(parts), 37):  # a fresh parser per chunk, stats through JSON, as the indexer does
+        parser = ClaudeParser()
+        parser.feed(parts[start : start + 37])
+        chunked = ThreadStats.from_json(chunked.to_json())
+        chunked.feed(parser.result)
+    assert chunked.to_json() == whole.to_json()
+    assert whole.user_messages == 14  # the hand count of the table above
+    assert whole.title.startswith("@src/providers/plugins/sso/ARCHITECTURE-REFACTORING.md review old")
+    # jq, grouped by message.id/requestId taking each group's largest output_tokens: 69127
+    assert whole.usage.output_tokens == 69127
+
+
+def test_thread_title_prefers_the_users_name_then_claudes_then_the_first_prompt() -> None:
+    from memd.rollout.session import ThreadStats
+
+    summary = {"type": "summary", "summary": "An earlier session", "leafUuid": "x"}
+    ai = {"type": "ai-title", "sessionId": BASE["sessionId"], "aiTitle": "Login fix"}
+    custom = {"type": "custom-title", "sessionId": BASE["sessionId"], "customTitle": "my   login\nwork"}
+    cases = [
+        ([summary], "An earlier session"),
+        ([summary, user("fix the login")], "fix the login"),
+        ([summary, user("fix the login"), ai], "Login fix"),
+        ([summary, custom, user("fix the login"), ai], "my login work"),
+    ]
+    for objs, title in cases:
+        stats = ThreadStats()
+        stats.feed(parse(*objs))
+        assert ThreadStats.from_json(stats.to_json()).title == title
+
+
+def test_tool_errors_without_exit_codes_are_failed_commands_and_patches() -> None:
+    from memd.rollout.session import commands, patched_files
+
+    parsed = parse(
+        assistant(
+            [
+                tool_use("b1", "Bash", command="npm test"),
+                tool_use("b2", "Bash", command="rm -rf /"),
+                tool_use("b3", "Bash", command="ls"),
+                tool_use("e1", "Edit", file_path="/app/a.py", old_string="a", new_string="b"),
+                tool_use("e2", "Edit", file_path="/app/b.py", old_string="a", new_string="b"),
+            ]
+        ),
+        tool_result("b1", "Exit code 1\njest: not found", is_error=True),
+        tool_result("b2", "The user doesn't want to proceed with this tool use.", is_error=True),
+        tool_result("b3", "a.py\n", is_error=False, toolUseResult={"stdout": "a.py", "interrupted": False}),
+        tool_result("e1", "<tool_use_error>File has not been read yet.</tool_use_error>", is_error=True),
+        tool_result("e2", "The file /app/b.py has been updated."),
+    )
+    runs = {r.command: r for r in commands(parsed.items)}
+    assert [(c, runs[c].exit_code, runs[c].failed) for c in ("npm test", "rm -rf /", "ls")] == [
+        ("npm test", 1, True),
+        ("rm -rf /", None, True),
+        ("ls", 0, False),
+    ]
+    assert patched_files(parsed.items) == ["/app/b.py"]

@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import structlog
 
+from memd.rollout.claude import UsageTally
 from memd.rollout.codex import EMPTY_LINE as _EMPTY
 from memd.rollout.codex import parse_record
 from memd.rollout.records import (
@@ -34,6 +35,8 @@ from memd.rollout.records import (
     LineResult,
     ParsedRollout,
     PatchApplied,
+    TitleCandidate,
+    TokenUsage,
     ToolCall,
     ToolOutput,
     TurnContext,
@@ -187,6 +190,10 @@ def one_line_title(text: str, max_chars: int = TITLE_MAX_CHARS) -> str:
 class ThreadStats:
     """Running per-thread figures for the indexer, fed chunk by chunk, persisted as JSON.
 
+    Works for both agents: Claude Code prompts are ``event`` user messages (recorded once), so
+    the same counting rule applies; Claude's own titles and token usage fill the fields that
+    Codex leaves empty.
+
     Attributes:
         lines / skipped_lines / unknown_lines: line counters summed over chunks.
         event_seen: a ``user_message`` event was seen (selects the counting rule).
@@ -194,6 +201,9 @@ class ThreadStats:
         event_title / response_title: the first non-injected message of each origin, as a title.
         last_ts: latest timestamp seen (epoch seconds), ``None`` if none.
         model: model of the latest ``turn_context``, ``None`` until one is seen.
+        custom_title / ai_title / summary_title: the latest Claude Code ``custom-title``,
+            ``ai-title`` and ``summary`` record, as titles (``""`` when none).
+        usage: Claude Code token usage, each API response once (:class:`UsageTally`).
     """
 
     lines: int = 0
@@ -206,6 +216,10 @@ class ThreadStats:
     response_title: str = ""
     last_ts: float | None = None
     model: str | None = None
+    custom_title: str = ""
+    ai_title: str = ""
+    summary_title: str = ""
+    usage: UsageTally = field(default_factory=UsageTally)
 
     @property
     def user_messages(self) -> int:
@@ -214,8 +228,14 @@ class ThreadStats:
 
     @property
     def title(self) -> str:
-        """First real user message as one line of ≤ 120 chars, ``""`` until one is seen."""
-        return self.event_title if self.event_seen else self.response_title
+        """The thread's title, one line of ≤ 120 chars, ``""`` until one is known.
+
+        A title the user gave (Claude Code ``custom-title``), else Claude Code's own (``ai-title``),
+        else the first real user message, else a ``summary`` record (in Claude Code these often
+        describe an earlier session of the project, so they come last).
+        """
+        first = self.event_title if self.event_seen else self.response_title
+        return self.custom_title or self.ai_title or first or self.summary_title
 
     def feed(self, chunk: ParsedRollout | Iterable[Item]) -> None:
         """Add a chunk: a :class:`ParsedRollout` of newly read lines (counters and items), or
@@ -244,6 +264,16 @@ class ThreadStats:
                     self.response_title = self.response_title or one_line_title(item.text)
             elif isinstance(item, TurnContext) and item.model:
                 self.model = item.model
+            elif isinstance(item, TokenUsage):
+                self.usage.add(item)
+            elif isinstance(item, TitleCandidate):
+                title = one_line_title(item.text)
+                if item.kind == "custom":
+                    self.custom_title = title
+                elif item.kind == "ai":
+                    self.ai_title = title
+                else:
+                    self.summary_title = title
 
     def _see_ts(self, ts: float | None) -> None:
         if ts is not None and (self.last_ts is None or ts > self.last_ts):
@@ -253,6 +283,7 @@ class ThreadStats:
         """Serialise to a compact JSON object string."""
         # Not ``asdict``: it deep-copies, and the indexer serialises one per file.
         data = {name: getattr(self, name) for name in _STATS_FIELDS}
+        data["usage"] = self.usage.to_obj()
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -270,7 +301,10 @@ class ThreadStats:
         stats = cls()
         for f in fields(cls):
             value = data.get(f.name)
-            if f.name in ("event_title", "response_title"):
+            if f.name == "usage":
+                stats.usage = UsageTally.from_obj(value)
+                continue
+            if f.name in ("event_title", "response_title", "custom_title", "ai_title", "summary_title"):
                 ok = isinstance(value, str)
             elif f.name == "event_seen":
                 ok = isinstance(value, bool)
@@ -298,12 +332,20 @@ class CommandRun:
         exit_code: the exit code, ``None`` when not recorded (still running, interrupted).
         output: the output text the model saw (falls back to the event's aggregated output).
         call_id: the tool call id (``""`` when the rollout had none).
+        error: the tool reported a failure (Claude Code ``is_error``), with or without an exit
+            code: a failed command even when ``exit_code`` is ``None``.
     """
 
     command: str
     exit_code: int | None
     output: str
     call_id: str
+    error: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """A non-zero exit code, or an error flag without one."""
+        return self.error or self.exit_code not in (None, 0)
 
 
 def commands(items: Iterable[Item]) -> list[CommandRun]:
@@ -342,6 +384,7 @@ def commands(items: Iterable[Item]) -> list[CommandRun]:
                 continue
             if item.exit_code is not None and not run.ended:
                 run.exit_code = item.exit_code
+            run.error = run.error or item.is_error
         elif isinstance(item, CommandEnd):
             target = runs.get(item.call_id) if item.call_id else None
             if target is None:  # no matching call: a command of its own (user-run ``!cmd``)
@@ -350,7 +393,7 @@ def commands(items: Iterable[Item]) -> list[CommandRun]:
             target.exit_code = item.exit_code
             target.command = target.command or item.command
             target.output = target.output or item.output
-    return [CommandRun(r.command, r.exit_code, r.output, r.call_id) for r in runs.values()]
+    return [CommandRun(r.command, r.exit_code, r.output, r.call_id, r.error) for r in runs.values()]
 
 
 @dataclass(slots=True)
@@ -360,6 +403,7 @@ class _Run:
     exit_code: int | None = None
     output: str = ""
     ended: bool = False
+    error: bool = False
 
 
 def _stdin_session(arguments: str) -> str | None:
@@ -376,7 +420,8 @@ def patched_files(items: Iterable[Item]) -> list[str]:
     """Files changed by apply_patch, de-duplicated, in order of first appearance.
 
     A patch counts unless it is known to have failed: ``patch_apply_end`` with
-    ``success=false``, a non-zero exit code, or an output starting with "apply_patch
+    ``success=false``, a non-zero exit code, an error flag (a Claude Code edit rejected or
+    refused), or an output starting with "apply_patch
     verification failed" / "Failed to apply patch". Files come from the call's
     ``*** ... File:`` headers (as the agent wrote them, often relative); a ``patch_apply_end``
     without a matching call contributes its (absolute) ``changes`` keys.
@@ -387,7 +432,7 @@ def patched_files(items: Iterable[Item]) -> list[str]:
             patches[item.call_id or f"#{n}"] = _Patch(files=item.patch_files)
         elif isinstance(item, ToolOutput) and item.call_id in patches:
             text = item.output.lstrip().lower()
-            failed = item.exit_code not in (None, 0) or text.startswith(_PATCH_FAILED_PREFIXES)
+            failed = item.is_error or item.exit_code not in (None, 0) or text.startswith(_PATCH_FAILED_PREFIXES)
             patches[item.call_id].failed = failed
         elif isinstance(item, PatchApplied):
             patch = patches.get(item.call_id) if item.call_id else None
