@@ -45,10 +45,21 @@ def codex_home() -> Path:
     return _env_path("CODEX_HOME", "~/.codex")
 
 
+def claude_project_roots() -> list[Path]:
+    """Where Claude Code writes its session transcripts (SPEC §3.4): ``<dir>/projects`` for each
+    comma-separated entry of ``$CLAUDE_CONFIG_DIR``, else ``~/.claude/projects`` and
+    ``~/.config/claude/projects`` (the two default configuration folders of Claude Code)."""
+    configured = [part.strip() for part in os.environ.get("CLAUDE_CONFIG_DIR", "").split(",") if part.strip()]
+    if configured:
+        return [Path(part).expanduser() / "projects" for part in configured]
+    return [Path("~/.claude/projects").expanduser(), Path("~/.config/claude/projects").expanduser()]
+
+
 def default_sessions() -> list[Path]:
-    """The default rollout roots: ``$CODEX_HOME/sessions`` and ``$CODEX_HOME/archived_sessions``."""
+    """The default transcript roots: Codex's ``$CODEX_HOME/sessions`` and
+    ``$CODEX_HOME/archived_sessions``, then Claude Code's (:func:`claude_project_roots`)."""
     home = codex_home()
-    return [home / "sessions", home / "archived_sessions"]
+    return [home / "sessions", home / "archived_sessions", *claude_project_roots()]
 
 
 def default_state_dir() -> Path:

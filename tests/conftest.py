@@ -52,7 +52,14 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     for var in list(os.environ):
         if var.startswith("MEMD_") and var != "MEMD_SHARED_ROLLOUTS":
             monkeypatch.delenv(var, raising=False)
-    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM"):
+    for var in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "JOURNAL_STREAM",
+        "CLAUDE_CONFIG_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 

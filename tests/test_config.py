@@ -18,11 +18,26 @@ def test_defaults_follow_codex_home_and_xdg(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     s = load_settings()
-    assert s.sessions == [tmp_path / "cx" / "sessions", tmp_path / "cx" / "archived_sessions"]
+    home = Path("~").expanduser()
+    assert s.sessions == [
+        tmp_path / "cx" / "sessions",
+        tmp_path / "cx" / "archived_sessions",
+        home / ".claude" / "projects",
+        home / ".config" / "claude" / "projects",
+    ]
     assert s.db_path == tmp_path / "state" / "memd" / "memd.sqlite3"
     assert s.memory_dir == tmp_path / "data" / "memd" / "projects"
     assert s.min_idle_s == 3600 and s.max_age_days == 30 and s.extract_concurrency == 4
     assert s.resolved_extractor()[0] == "offline"
+
+
+def test_claude_roots_follow_claude_config_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path / "cx"))
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", f"{tmp_path}/work-claude, ~/personal-claude,")
+    s = load_settings()
+    assert s.sessions[2:] == [tmp_path / "work-claude" / "projects", Path("~/personal-claude/projects").expanduser()]
+    # --sessions (and MEMD_SESSIONS) replace every default root, Codex's and Claude's alike.
+    assert load_settings(None, {"sessions": [tmp_path / "only"]}).sessions == [tmp_path / "only"]
 
 
 def test_priority_flags_over_env_over_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
