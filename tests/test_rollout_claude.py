@@ -705,3 +705,18 @@ def test_tool_errors_without_exit_codes_are_failed_commands_and_patches() -> Non
         ("ls", 0, False),
     ]
     assert patched_files(parsed.items) == ["/app/b.py"]
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "reason"),
+    [(None, None), ("cli", None), ("sdk-cli", "source:sdk:sdk-cli"), ("sdk-ts", "source:sdk:sdk-ts")],
+)
+def test_claude_eligibility_by_entrypoint(entrypoint: str | None, reason: str | None) -> None:
+    from memd.rollout.project import eligibility
+
+    record = user("do it") if entrypoint is None else {**user("do it"), "entrypoint": entrypoint}
+    meta = session_meta([orjson.dumps(record)])
+    verdict = eligibility(meta, 1, ("cli", "vscode", "unknown", "custom"))
+    assert (str(verdict.reason) if verdict.reason else None) == reason
+    assert verdict.eligible is (reason is None)
+    assert eligibility(meta, 1, ("cli", "sdk")).eligible  # include_sources can opt the SDK in

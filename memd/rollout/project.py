@@ -2,7 +2,8 @@
 
 The *project* of a thread is the git top-level directory containing its ``cwd`` when one can be
 found on disk, else the normalised ``cwd`` (absolute, ``~`` expanded, symlinks resolved when the
-path exists, no trailing slash). ``project_key = "cwd"`` restores the plain-cwd rule.
+path exists, no trailing slash). A linked git worktree resolves to its main repository, so every
+worktree of one repository shares one memory. ``project_key = "cwd"`` restores the plain-cwd rule.
 """
 
 from __future__ import annotations
@@ -33,16 +34,62 @@ def normalise_cwd(cwd: str | None) -> str:
     return path.rstrip("/") or "/"
 
 
+#: Largest ``.git`` file / ``commondir`` file read (they hold one short path).
+_GIT_POINTER_MAX_BYTES = 4096
+
+
 @lru_cache(maxsize=4096)
 def _git_toplevel(path: str) -> str | None:
     current = path
     while True:
-        if os.path.exists(os.path.join(current, ".git")):
-            return current
+        dot_git = os.path.join(current, ".git")
+        if os.path.exists(dot_git):
+            return main_worktree(current) if os.path.isfile(dot_git) else current
         parent = os.path.dirname(current)
         if parent == current:
             return None
         current = parent
+
+
+def main_worktree(toplevel: str) -> str:
+    """The main repository of a git working tree whose ``.git`` is a file (a linked worktree).
+
+    Git's layout: a linked worktree's ``.git`` file says ``gitdir: <main>/.git/worktrees/<name>``
+    (absolute, or relative to the worktree); that directory's ``commondir`` file names the shared
+    git directory (``../..`` → ``<main>/.git``), whose parent is the main working tree. For a bare
+    repository with worktrees the shared directory itself (``repo.git``) is the key. A ``.git``
+    file without ``commondir`` behind it (a submodule) is its own project. The files are read as
+    data (bounded), never executed.
+
+    Args:
+        toplevel: a directory holding a ``.git`` file.
+
+    Returns:
+        The main working tree (or shared git directory) path, normalised; ``toplevel`` itself
+        when the pointers cannot be followed. Never raises.
+    """
+    gitdir_text = _read_pointer(os.path.join(toplevel, ".git"))
+    if gitdir_text is None or not gitdir_text.startswith("gitdir:"):
+        return toplevel
+    gitdir = os.path.normpath(os.path.join(toplevel, gitdir_text[len("gitdir:") :].strip()))
+    common_text = _read_pointer(os.path.join(gitdir, "commondir"))
+    if not common_text:
+        return toplevel
+    common = os.path.realpath(os.path.join(gitdir, common_text))
+    if not os.path.isdir(common):
+        return toplevel
+    if os.path.basename(common) == ".git":
+        return os.path.dirname(common)
+    return common
+
+
+def _read_pointer(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_GIT_POINTER_MAX_BYTES)
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace").strip()
 
 
 def project_key(cwd: str | None, *, rule: str = "git") -> str:
@@ -50,7 +97,8 @@ def project_key(cwd: str | None, *, rule: str = "git") -> str:
 
     Args:
         cwd: the cwd recorded in the rollout (untrusted text; never executed).
-        rule: ``git`` (default: the enclosing git top-level when found on disk) or ``cwd``.
+        rule: ``git`` (default: the enclosing git top-level when found on disk, a linked worktree
+            resolved to its main repository: :func:`main_worktree`) or ``cwd``.
     """
     normalised = normalise_cwd(cwd)
     if rule == "cwd" or normalised == UNKNOWN_PROJECT or not os.path.isdir(normalised):
