@@ -430,7 +430,7 @@ def _render(unit: _Unit, items: dict[int, Item], patches: dict[int, _PatchStats]
             head = f"tool {first.name}: {_one_line(first.arguments)}"
         return head + _render_outputs(unit, items, skip_first=True)
     if kind == "output" and isinstance(first, ToolOutput):
-        return "output:" + _indented_output(first.output, first.exit_code)
+        return "output:" + _indented_output(first.output, first.exit_code, error=first.is_error)
     if kind == "patch_applied" and isinstance(first, PatchApplied):
         status = "applied" if first.success else "FAILED"
         return f"patch {status}: {', '.join(first.files) or '(no files)'}"
@@ -449,6 +449,7 @@ def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
     command = ""
     bodies: list[str] = []
     exit_code: int | None = None
+    error = False
     end: CommandEnd | None = None
     for i in unit.indices:
         it = items[i]
@@ -461,6 +462,7 @@ def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
                 bodies.append(body)
             if it.exit_code is not None:
                 exit_code = it.exit_code
+            error = error or it.is_error
         elif isinstance(it, CommandEnd):
             end = it
     if end is not None:
@@ -475,6 +477,8 @@ def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
         lines.append(_indent(body))
     if exit_code is not None:
         lines.append(f"exit {exit_code}")
+    elif error:
+        lines.append("error")  # the tool reported a failure without an exit code (Claude Code)
     return "\n".join(lines)
 
 
@@ -540,7 +544,7 @@ def _render_patch(unit: _Unit, items: dict[int, Item], stats: _PatchStats) -> st
         failure = None
         if isinstance(it, ToolOutput):
             text = it.output.strip()
-            if it.exit_code not in (None, 0) or text.lower().startswith(_PATCH_FAILED_PREFIXES):
+            if it.is_error or it.exit_code not in (None, 0) or text.lower().startswith(_PATCH_FAILED_PREFIXES):
                 failure = text
         elif isinstance(it, PatchApplied) and not it.success:
             failure = "patch_apply_end success=false"
@@ -578,15 +582,17 @@ def _render_outputs(unit: _Unit, items: dict[int, Item], *, skip_first: bool, pl
         if isinstance(it, ToolOutput):
             if plan and it.output.strip() == "Plan updated":
                 continue
-            parts.append(_indented_output(it.output, it.exit_code))
+            parts.append(_indented_output(it.output, it.exit_code, error=it.is_error))
     return "".join(parts)
 
 
-def _indented_output(output: str, exit_code: int | None) -> str:
+def _indented_output(output: str, exit_code: int | None, *, error: bool = False) -> str:
     body = _strip_exec_header(output).rstrip("\n")
     text = ("\n" + _indent(body)) if body.strip() else ""
     if exit_code is not None:
         text += f"\nexit {exit_code}"
+    elif error:
+        text += "\nerror"
     return text
 
 
