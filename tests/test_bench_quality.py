@@ -16,8 +16,8 @@ from memd.bench.quality import Fact, MemoryView, SessionFacts
 from tests.conftest import SHARED_ROLLOUTS
 
 #: Raise these as the extractor improves (measured figures: see the README).
-MIN_FACT_RECALL = 0.9
-MAX_FILLER_RATIO = 0.85
+MIN_FACT_RECALL = 0.95  # before the SPEC §19 extractor: 0.926 (codex)
+MAX_FILLER_RATIO = 0.1  # before: 0.805
 
 KINDS = {"request", "changed_file", "failure", "pivot", "verification", "preference", "knowledge", "outcome"}
 
@@ -173,3 +173,5 @@ def test_memd_once_on_the_real_rollouts_meets_the_minimums(tmp_path: Path) -> No
     assert report.fact_recall >= MIN_FACT_RECALL
     assert report.filler_ratio <= MAX_FILLER_RATIO
     assert "codex" not in report.unread_agents
+    # Sessions that must leave nothing behind leave nothing: no trace, no empty memory folder.
+    assert [r.session.file for r in report.rows if r.status in ("unexpected trace", "memory folder")] == []

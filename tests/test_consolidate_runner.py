@@ -53,19 +53,13 @@ def _py(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-def _runner(
-    store: Store, clock: FakeClock, memory_dir: Path, command: list[str], **kw
-) -> ConsolidationRunner:
+def _runner(store: Store, clock: FakeClock, memory_dir: Path, command: list[str], **kw) -> ConsolidationRunner:
     kw.setdefault("timeout_s", 30)
     kw.setdefault("kill_grace_s", 0.5)
-    return ConsolidationRunner(
-        store, clock, memory_dir=memory_dir, command=command, owner=OWNER, **kw
-    )
+    return ConsolidationRunner(store, clock, memory_dir=memory_dir, command=command, owner=OWNER, **kw)
 
 
-async def _add_memory(
-    store: Store, memory_dir: Path, thread_id: str, updated_at: float, summary: str
-) -> MemoryRecord:
+async def _add_memory(store: Store, memory_dir: Path, thread_id: str, updated_at: float, summary: str) -> MemoryRecord:
     """Index a thread, extract it through the job API and write its trace file."""
     path = f"/rollouts/{thread_id}.jsonl"
     thread = ThreadRecord(
@@ -74,9 +68,7 @@ async def _add_memory(
         created_at=updated_at - 100, updated_at=updated_at, watermark=100, user_messages=1,
         skipped_lines=0, eligible=True, reason=None,
     )  # fmt: skip
-    file = FileRecord(
-        path, "codex", 1, hash(thread_id) & 0xFFFF, 100, updated_at, 100, "h", thread_id
-    )
+    file = FileRecord(path, "codex", 1, hash(thread_id) & 0xFFFF, 100, updated_at, 100, "h", thread_id)
     await store.record_thread(thread, "{}", file)
     await store.upsert_extract_job(thread_id, 100, updated_at)
     job = await store.claim_job("extract", "worker", 60)
@@ -172,9 +164,7 @@ BUILTIN = (
 )
 
 
-async def test_runs_the_builtin_consolidator_end_to_end(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_runs_the_builtin_consolidator_end_to_end(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now() - 10, "older")
     await _add_memory(store, memory_dir, "t2", clock.now(), "newer")
     repo = Path(__file__).resolve().parents[1]
@@ -187,14 +177,36 @@ async def test_runs_the_builtin_consolidator_end_to_end(
     assert text.index("newer — uncertain") < text.index("older — uncertain")
 
 
-async def test_seq_read_from_store_when_not_given(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_seq_read_from_store_when_not_given(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     outcome = await _runner(store, clock, memory_dir, _py("pass")).run(PROJECT)
     assert outcome.ok
     project = await store.get_project(PROJECT)
     assert project.consolidated_seq == project.memory_seq == 1
+
+
+async def test_a_project_with_only_no_op_sessions_gets_no_memory_folder(
+    store: Store, clock: FakeClock, memory_dir: Path
+) -> None:
+    path = "/rollouts/noop.jsonl"
+    thread = ThreadRecord(
+        id="noop", path=path, project=PROJECT, cwd=PROJECT, source="cli", originator="codex_cli_rs",
+        cli_version="0.50.0", model="gpt-5", title="hi", created_at=1.0, updated_at=2.0, watermark=100,
+        user_messages=1, skipped_lines=0, eligible=True, reason=None,
+    )  # fmt: skip
+    await store.record_thread(thread, "{}", FileRecord(path, "codex", 1, 7, 100, 2.0, 100, "h", "noop"))
+    await store.upsert_extract_job("noop", 100, 2.0)
+    job = await store.claim_job("extract", "worker", 60)
+    assert job is not None
+    assert await store.finish_extract(job, MemoryRecord("noop", PROJECT, None, "", "", 100, 2.0, "offline", 0, 0))
+    marker = memory_dir / "ran"
+    outcome = await _runner(store, clock, memory_dir, _py(f"open({str(marker)!r}, 'w')")).run(PROJECT)
+    assert outcome.ok and outcome.exit_code is None, outcome
+    assert not marker.exists(), "nothing to consolidate: the command is not run"
+    assert not memory_files.project_root(memory_dir, PROJECT).exists()
+    project = await store.get_project(PROJECT)
+    assert project is not None and project.consolidated_seq == project.memory_seq  # not due again
+    await _assert_released(store)
 
 
 async def test_skipped_when_lease_held(store: Store, clock: FakeClock, memory_dir: Path) -> None:
@@ -210,16 +222,11 @@ async def test_skipped_when_lease_held(store: Store, clock: FakeClock, memory_di
 # --------------------------------------------------------------------------- failures
 
 
-async def test_non_zero_exit_keeps_memory_and_records_failure(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_non_zero_exit_keeps_memory_and_records_failure(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     root = memory_files.project_root(memory_dir, PROJECT)
     (root / "MEMORY.md").write_text("previous handbook\n")
-    code = (
-        "import sys; print('working', flush=True);"
-        "print('boom: cannot merge', file=sys.stderr); sys.exit(3)"
-    )
+    code = "import sys; print('working', flush=True);print('boom: cannot merge', file=sys.stderr); sys.exit(3)"
     with capture_logs() as logs:
         outcome = await _runner(store, clock, memory_dir, _py(code)).run(PROJECT, 1)
     assert not outcome.ok and outcome.exit_code == 3
@@ -238,9 +245,7 @@ async def test_missing_command(store: Store, clock: FakeClock, memory_dir: Path)
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     argv0 = str(memory_dir / "no-such-consolidator")
     with capture_logs() as logs:
-        outcome = await _runner(store, clock, memory_dir, [argv0, "--root", "{memory_root}"]).run(
-            PROJECT, 1
-        )
+        outcome = await _runner(store, clock, memory_dir, [argv0, "--root", "{memory_root}"]).run(PROJECT, 1)
     assert not outcome.ok and outcome.exit_code is None
     assert outcome.error == f"command_not_found: {argv0}"
     assert all("exc_info" not in e for e in logs), "no traceback for a missing command"
@@ -260,9 +265,7 @@ time.sleep(300)
 """
 
 
-async def test_hang_past_timeout_kills_the_process_group(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_hang_past_timeout_kills_the_process_group(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     root = memory_files.project_root(memory_dir, PROJECT)
     runner = _runner(store, clock, memory_dir, _py(HANG), timeout_s=1, kill_grace_s=0.5)
@@ -299,9 +302,7 @@ async def test_background_process_left_by_the_command_is_killed(
     assert "consolidate_stragglers_killed" in [e["event"] for e in logs]
 
 
-async def test_lease_lost_mid_run_terminates_command(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_lease_lost_mid_run_terminates_command(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     root = memory_files.project_root(memory_dir, PROJECT)
     code = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(300)"
@@ -340,9 +341,7 @@ async def test_cancellation_terminates_child_and_releases_lease(
     await _assert_released(store)
 
 
-async def test_megabytes_of_output_keep_a_bounded_tail(
-    store: Store, clock: FakeClock, memory_dir: Path
-) -> None:
+async def test_megabytes_of_output_keep_a_bounded_tail(store: Store, clock: FakeClock, memory_dir: Path) -> None:
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     code = (
         "import sys\n"

@@ -44,13 +44,34 @@ def thread_id(n: int) -> str:
 async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int = 100) -> ThreadRecord:
     """Index a thread (no rollout on disk: the pool never reads one, ``prepare`` does) and queue it."""
     thread = ThreadRecord(
-        id=thread_id(n), path=f"/rollouts/{n}.jsonl", project=PROJECT, cwd=PROJECT, source="cli",
-        originator="codex_cli_rs", cli_version="0.77.0", model="gpt-5-codex", title=f"task {n}",
-        created_at=updated_at, updated_at=updated_at, watermark=watermark, user_messages=1,
-        skipped_lines=0, eligible=True, reason=None,
+        id=thread_id(n),
+        path=f"/rollouts/{n}.jsonl",
+        project=PROJECT,
+        cwd=PROJECT,
+        source="cli",
+        originator="codex_cli_rs",
+        cli_version="0.77.0",
+        model="gpt-5-codex",
+        title=f"task {n}",
+        created_at=updated_at,
+        updated_at=updated_at,
+        watermark=watermark,
+        user_messages=1,
+        skipped_lines=0,
+        eligible=True,
+        reason=None,
     )
-    file = FileRecord(path=thread.path, kind="codex", dev=1, inode=1000 + n, size=watermark,
-                      mtime=updated_at, offset=watermark, head_hash="0" * 64, thread_id=thread.id)
+    file = FileRecord(
+        path=thread.path,
+        kind="codex",
+        dev=1,
+        inode=1000 + n,
+        size=watermark,
+        mtime=updated_at,
+        offset=watermark,
+        head_hash="0" * 64,
+        thread_id=thread.id,
+    )
     await store.record_thread(thread, ThreadStats().to_json(), file)
     await store.upsert_extract_job(thread.id, watermark, priority=updated_at)
     return thread
@@ -59,9 +80,17 @@ async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int 
 async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
     text = f"user: {thread.title}\n"
     built = BuiltInput(items=(), text=text, raw_json_bytes=len(text), text_bytes=len(text), est_tokens=1)
-    return ExtractionRequest(thread_id=thread.id, project=thread.project, cwd=thread.cwd,
-                             rollout_path=thread.path, updated_at=thread.updated_at, agent="codex",
-                             model=thread.model, built=built, max_input_tokens=max_input_tokens)
+    return ExtractionRequest(
+        thread_id=thread.id,
+        project=thread.project,
+        cwd=thread.cwd,
+        rollout_path=thread.path,
+        updated_at=thread.updated_at,
+        agent="codex",
+        model=thread.model,
+        built=built,
+        max_input_tokens=max_input_tokens,
+    )
 
 
 class GatedExtractor:
@@ -86,7 +115,9 @@ class GatedExtractor:
         except asyncio.CancelledError:
             self.cancelled.append(request.thread_id)
             raise
-        return ExtractionResult(trace_memory=TRACE + request.thread_id, summary="pinned the toolchain", extractor=self.name)
+        return ExtractionResult(
+            trace_memory=TRACE + request.thread_id, summary="pinned the toolchain", extractor=self.name
+        )
 
     async def aclose(self) -> None:
         return None
@@ -104,10 +135,29 @@ async def store(tmp_path, clock):
     await s.close()
 
 
-def make_pool(store: Store, clock: FakeClock, tmp_path: Path, extractor, *, owner: str = "host:1:a",
-              concurrency: int = 2, lease_s: float = 900.0, retry: RetryPolicy | None = None) -> ExtractionPool:
-    return ExtractionPool(store, clock, extractor=extractor, prepare=prepare, memory_dir=tmp_path / "memory",
-                          owner=owner, concurrency=concurrency, lease_s=lease_s, retry=retry, poll_s=0.05)
+def make_pool(
+    store: Store,
+    clock: FakeClock,
+    tmp_path: Path,
+    extractor,
+    *,
+    owner: str = "host:1:a",
+    concurrency: int = 2,
+    lease_s: float = 900.0,
+    retry: RetryPolicy | None = None,
+) -> ExtractionPool:
+    return ExtractionPool(
+        store,
+        clock,
+        extractor=extractor,
+        prepare=prepare,
+        memory_dir=tmp_path / "memory",
+        owner=owner,
+        concurrency=concurrency,
+        lease_s=lease_s,
+        retry=retry,
+        poll_s=0.05,
+    )
 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:
@@ -263,7 +313,9 @@ async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path,
                 raise ExtractorError("model request failed after 4 attempts (server)")
             return await super().extract(request)
 
-    pool = make_pool(store, clock, tmp_path, FailsOne(gated=False), retry=RetryPolicy(base_s=60, cap_s=3600, max_attempts=5))
+    pool = make_pool(
+        store, clock, tmp_path, FailsOne(gated=False), retry=RetryPolicy(base_s=60, cap_s=3600, max_attempts=5)
+    )
     await pool.run(asyncio.Event(), burst=True)
     assert (pool.stats.done, pool.stats.failed) == (2, 1)
     job = await store.get_job("extract", thread_id(1))
@@ -365,10 +417,21 @@ async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_sa
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = []
     for i in range(2):
-        procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, str(script), str(store.path), str(tmp_path / "memory"), str(log_path), str(go),
-            str(tmp_path / f"ready{i}"), "0.3", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        ))
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(script),
+                str(store.path),
+                str(tmp_path / "memory"),
+                str(log_path),
+                str(go),
+                str(tmp_path / f"ready{i}"),
+                "0.3",
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        )
     await until(lambda: all((tmp_path / f"ready{i}").exists() for i in range(2)), "both workers ready")
     go.touch()
     results = []
@@ -392,3 +455,33 @@ async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_sa
     memories = [await store.get_memory(thread_id(n)) for n in range(n_threads)]
     assert all(m is not None for m in memories)
     assert {j.status for j in await store.list_jobs("extract")} == {"done"}
+
+
+# --------------------------------------------------------------------------- file name and no-ops
+
+
+async def test_the_trace_file_is_named_after_the_extractors_title(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)
+
+    class Titled(GatedExtractor):
+        async def extract(self, request):  # type: ignore[no-untyped-def]
+            result = await super().extract(request)
+            return ExtractionResult(result.trace_memory, result.summary, result.extractor, title="Fix the build!")
+
+    await make_pool(store, clock, tmp_path, Titled(gated=False)).run(asyncio.Event(), burst=True)
+    [trace] = [p for p in trace_files(tmp_path) if p.parent.name == "trace_summaries"]
+    assert trace.name.endswith("_fix_the_build.md")  # the slug of the title, not of the thread's "task 1"
+
+
+async def test_a_no_op_session_makes_no_memory_folder(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)
+
+    class Nothing(GatedExtractor):
+        async def extract(self, request):  # type: ignore[no-untyped-def]
+            return ExtractionResult("", "", "offline")
+
+    pool = make_pool(store, clock, tmp_path, Nothing(gated=False))
+    await pool.run(asyncio.Event(), burst=True)
+    assert (pool.stats.done, pool.stats.noop) == (1, 1)
+    assert not project_root(tmp_path / "memory", PROJECT).exists()
+    assert (await store.get_job("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]

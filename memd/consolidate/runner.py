@@ -30,7 +30,7 @@ import structlog
 
 from memd.clock import Clock
 from memd.errors import LeaseLost, MemdError
-from memd.memory.files import TRACE_DIR, ensure_project_root, safe_target, write_file_atomic
+from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
 from memd.store.records import MemoryRecord, ProjectRecord
 
 log = structlog.get_logger(__name__)
@@ -258,17 +258,17 @@ class ConsolidationRunner:
             if seq is None:
                 record = await self.store.get_project(project)
                 seq = record.memory_seq if record is not None else 0
-            root = ensure_project_root(self.memory_dir, project)
-            memories = await self.store.list_memories(project)
-            kept = self._prune(root, memories, bound)
-            write_file_atomic(root, "memory_summary.md", render_memory_summary(project, kept))
+            root = await self._prepare(project, bound)
         except MemdError as exc:
             error = f"prepare_failed: {exc}"
             bound.error("consolidate_failed", error=error)
             await self._record_failure(project, error, bound)
             return None, error, ""
 
-        exit_code, error, tail = await self._run_command(root, project, lease_name, token, bound)
+        if root is None:  # every session of the project was a no-op: no memory folder (SPEC §19)
+            exit_code, error, tail = None, None, ""
+        else:
+            exit_code, error, tail = await self._run_command(root, project, lease_name, token, bound)
         if error is None:
             try:
                 recorded = await self.store.mark_consolidated(project, seq, lease_name, self.owner, token)
@@ -285,6 +285,23 @@ class ConsolidationRunner:
         bound.warning("consolidate_failed", error=error, exit_code=exit_code)
         await self._record_failure(project, error, bound)
         return exit_code, error, tail
+
+    async def _prepare(self, project: str, bound: Any) -> Path | None:
+        """Prune the trace files and write ``memory_summary.md``; return the memory root, or
+        ``None`` when the project has no trace memory and no memory folder (nothing to do, and
+        nothing is created).
+
+        Raises:
+            MemdError: the folder or a file cannot be written, or the store fails.
+        """
+        memories = await self.store.list_memories(project)
+        if not any(m.path for m in memories) and not project_root(self.memory_dir, project).exists():
+            bound.info("consolidate_nothing_to_do", reason="no trace memories; no memory folder is made")
+            return None
+        root = ensure_project_root(self.memory_dir, project)
+        kept = self._prune(root, memories, bound)
+        write_file_atomic(root, "memory_summary.md", render_memory_summary(project, kept))
+        return root
 
     def _prune(self, root: Path, memories: Sequence[MemoryRecord], bound: Any) -> list[MemoryRecord]:
         """Delete trace files of memories beyond the newest N; return the kept memories.

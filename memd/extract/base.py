@@ -67,7 +67,9 @@ class ExtractionResult:
     """An extractor's answer, before normalisation.
 
     ``trace_memory`` and ``summary`` both empty means "nothing durable" (the no-op).
-    ``extractor`` is ``offline`` or the model name. Token counts are 0 for offline.
+    ``extractor`` is ``offline`` or the model name. Token counts are 0 for offline. ``title`` is
+    the name of the session's main task, what the trace file's slug is made from (``""``: the
+    caller falls back to the thread's title).
     """
 
     trace_memory: str
@@ -77,6 +79,7 @@ class ExtractionResult:
     tokens_out: int = 0
     tokens_cached: int = 0
     notes: dict[str, str] = field(default_factory=dict)
+    title: str = ""
 
 
 class Extractor(Protocol):

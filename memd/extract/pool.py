@@ -424,8 +424,14 @@ class ExtractionPool:
             model=thread.model or "unknown model",
         )
         output = normalise(result.trace_memory, result.summary, context=context)
-        root = await asyncio.to_thread(memory_files.ensure_project_root, self._memory_dir, thread.project)
-        relpath = None if output.noop else memory_files.trace_relpath(thread.id, thread.title or "trace")
+        if output.noop:  # a no-op never creates a memory folder (SPEC §19); an older trace is removed
+            root = memory_files.project_root(self._memory_dir, thread.project)
+        else:
+            root = await asyncio.to_thread(memory_files.ensure_project_root, self._memory_dir, thread.project)
+        # The trace file's slug comes from the extractor's name for the main task (SPEC §8).
+        relpath = (
+            None if output.noop else memory_files.trace_relpath(thread.id, result.title or thread.title or "trace")
+        )
         memory = MemoryRecord(
             thread_id=thread.id,
             project=thread.project,
