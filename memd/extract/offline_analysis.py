@@ -67,8 +67,6 @@ from memd.rollout.records import (
 )
 from memd.rollout.session import CommandRun, commands
 
-#: Words of a final answer that make a request-only task worth keeping (a Q&A session).
-SUBSTANTIVE_ANSWER_WORDS = 40
 #: How many later commands are searched for the working variant of a failed one.
 PIVOT_WINDOW = 4
 
@@ -891,7 +889,7 @@ def _is_trivial(task: _Task, changed: Sequence[tuple[str, int]], failures: Seque
         return False
     if is_trivial_text(task.request) or len(task.request.split()) <= 3:
         return True
-    return not any(len(a.split()) >= SUBSTANTIVE_ANSWER_WORDS for a in task.answers)
+    return not task.answers  # a question that was answered is kept; reads without an answer are not
 
 
 def _delegate_result(step: _Step) -> bool:

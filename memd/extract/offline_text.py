@@ -70,7 +70,9 @@ _REJECTION = re.compile(
 _TRIVIAL = re.compile(
     r"^\W*(?:hi|hello|hey|yo|hiya|good (?:morning|afternoon|evening)|greetings|bye|test|ping|"
     r"(?:show|list|what are) (?:the |your |all )?(?:tools|commands|skills)|help|what can you do|"
-    r"who are you|what do you do)\b[\W\w]{0,40}$",
+    r"who are you|what do you do)\b[\W\w]{0,40}$|"
+    r"^\W*(?:what|which|how many|can|do|are)\b[^?]{0,40}"
+    r"\b(?:can you|do you|are you|you (?:do|know|support))\b[^?]{0,30}\?\s*$",
     re.IGNORECASE,
 )
 # A preference marker anywhere in a sentence ...
