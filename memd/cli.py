@@ -244,7 +244,7 @@ async def _dry_run(daemon: Any) -> int:
     plan = await daemon.scheduler.plan()
     total_tokens = total_bytes = threads = unreadable = 0
     for thread_id in plan.queued_ids:
-        thread = await daemon.store.get_thread(thread_id)
+        thread = await daemon.store.threads.get(thread_id)
         if thread is None:
             continue
         try:
@@ -275,7 +275,7 @@ async def _cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     daemon = await _open_daemon(settings)
     try:
         await daemon.indexer.scan()
-        for thread in await daemon.store.list_threads():
+        for thread in await daemon.store.threads.list_all():
             await daemon.indexer.catch_up(thread.id)
     finally:
         await daemon.close()
@@ -304,9 +304,9 @@ async def _running_extractor(store: Any, settings: Settings) -> tuple[str, str]:
     when this shell's does not), else what this configuration selects."""
     from memd.status import daemon_alive
 
-    recorded = await store.get_meta("extractor")
+    recorded = await store.meta.get("extractor")
     now = SystemClock().now()
-    if recorded and ": " in recorded and any(daemon_alive(d, now) for d in await store.list_daemons()):
+    if recorded and ": " in recorded and any(daemon_alive(d, now) for d in await store.daemons.list_all()):
         name, reason = recorded.split(": ", 1)
         return name, f"{reason} (as chosen by the running daemon)"
     return settings.resolved_extractor()
@@ -373,10 +373,10 @@ async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
         clock = SystemClock()
         store = await Store.open(settings.db_path, clock=clock)
         try:
-            await DailyBudget(settings.daily_token_budget, store, clock).check()
-            estimator = TokenEstimator.from_json(await store.get_meta("token_estimator"))
+            await DailyBudget(settings.daily_token_budget, store.usage, clock).check()
+            estimator = TokenEstimator.from_json(await store.meta.get("token_estimator"))
             model = settings.consolidation.model or settings.llm.model
-            client = LLMClient(llm_config(settings, model=model), usage=store, clock=clock)
+            client = LLMClient(llm_config(settings, model=model), usage=store.usage, clock=clock)
             writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens, estimator=estimator)
             try:
                 loop = asyncio.get_running_loop()
@@ -402,7 +402,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
     store = await Store.open(settings.db_path, clock=SystemClock())
     try:
-        count = await store.retry_jobs(args.thread)
+        count = await store.jobs.retry(args.thread)
     finally:
         await store.close()
     print(f"memd retry: {count} job(s) re-queued")
@@ -415,12 +415,12 @@ async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 
     store = await Store.open(settings.db_path, clock=SystemClock())
     try:
-        memory = await store.get_memory(args.thread)
+        memory = await store.memories.get(args.thread)
         if memory is None:
             print(f"memd forget: no memory for thread {args.thread}", file=sys.stderr)
             return 1
         root = memory_files.project_root(settings.memory_dir, memory.project)
-        await store.delete_memory(args.thread)
+        await store.memories.delete(args.thread)
         memory_files.remove_trace(root, args.thread)
     finally:
         await store.close()

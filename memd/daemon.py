@@ -150,9 +150,9 @@ class Daemon:
     async def _open(self) -> None:
         assert self.store is not None
         s = self.settings
-        await self.store.register_daemon(self.owner, os.getpid(), socket.gethostname())
-        await self.store.set_meta("extractor", f"{self.extractor_name}: {self.extractor_reason}")
-        self.estimator = TokenEstimator.from_json(await self.store.get_meta("token_estimator") or "")
+        await self.store.daemons.register(self.owner, os.getpid(), socket.gethostname())
+        await self.store.meta.set("extractor", f"{self.extractor_name}: {self.extractor_reason}")
+        self.estimator = TokenEstimator.from_json(await self.store.meta.get("token_estimator") or "")
         self.extractor = self._make_extractor()
         self.indexer = Indexer(
             self.store,
@@ -211,13 +211,13 @@ class Daemon:
 
         assert self.store is not None
         # self.estimator holds the calibration persisted by the previous run (meta token_estimator).
-        client = LLMClient(llm_config(self.settings), usage=self.store, clock=self.clock)
-        budget = DailyBudget(self.settings.daily_token_budget, self.store, self.clock)
+        client = LLMClient(llm_config(self.settings), usage=self.store.usage, clock=self.clock)
+        budget = DailyBudget(self.settings.daily_token_budget, self.store.usage, self.clock)
         return OpenAIExtractor(client, estimator=self.estimator, budget=budget, rebuild=self._rebuild)
 
     async def _rebuild(self, request: ExtractionRequest, max_input_tokens: int) -> BuiltInput:
         """Build a thread's input again for a smaller budget (after a context-length error)."""
-        thread = await self.store.get_thread(request.thread_id) if self.store else None
+        thread = await self.store.threads.get(request.thread_id) if self.store else None
         if thread is None:
             return request.built
         return (await self._prepare(thread, max_input_tokens)).built
@@ -238,7 +238,7 @@ class Daemon:
         """Whether another registered daemon is running on this state (it may be writing)."""
         assert self.store is not None
         now = self.clock.now()
-        return any(d.owner != self.owner and daemon_alive(d, now) for d in await self.store.list_daemons())
+        return any(d.owner != self.owner and daemon_alive(d, now) for d in await self.store.daemons.list_all())
 
     async def _recover(self) -> None:
         """Finish what a crash interrupted (SPEC §5 invariant), once at start-up.
@@ -257,12 +257,12 @@ class Daemon:
         s = self.settings
         shared = await self._other_daemon_alive()
         min_age_s = max(s.extract_lease_s, s.consolidation.timeout_s) if shared else 0.0
-        for project in await self.store.list_projects():
+        for project in await self.store.projects.list_all():
             root = Path(project.memory_root)
             if not root.is_dir():
                 continue
             try:
-                memories = await self.store.list_memories(project.project)
+                memories = await self.store.memories.list_for_project(project.project)
                 keep = {m.path for m in memories if m.path}
 
                 def kept(relpath: str, keep: set[str | None] = keep, root: Path = root) -> bool:
@@ -296,13 +296,13 @@ class Daemon:
         assert self.store is not None
         root = Path(project.memory_root)
         if memories is None:
-            memories = await self.store.list_memories(project.project)
+            memories = await self.store.memories.list_for_project(project.project)
         keep_n = self.settings.consolidation.max_traces_per_project
         rewritten = 0
         for memory in [m for m in memories if m.path][:keep_n]:
             if await asyncio.to_thread(memory_files.trace_exists, root, memory.path, memory.trace_memory):
                 continue
-            thread = await self.store.get_thread(memory.thread_id)
+            thread = await self.store.threads.get(memory.thread_id)
             header = memory_files.TraceHeader(
                 thread_id=memory.thread_id,
                 project=memory.project,
@@ -357,10 +357,10 @@ class Daemon:
                 await self._save_fault()
         if self.store is not None and self.estimator.samples:
             with contextlib.suppress(Exception):
-                await self.store.set_meta("token_estimator", self.estimator.to_json())
+                await self.store.meta.set("token_estimator", self.estimator.to_json())
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.unregister_daemon(self.owner)
+                await self.store.daemons.unregister(self.owner)
             await self.store.close()
             self.store = None
 
@@ -374,10 +374,10 @@ class Daemon:
         """
         assert self.store is not None
         ok = failed = 0
-        for due in await self.store.projects_due(delay_s, min_interval_s):
+        for due in await self.store.projects.due(delay_s, min_interval_s):
             if self._stop.is_set():
                 break
-            project = await self.store.get_project(due.project)
+            project = await self.store.projects.get(due.project)
             if project is None or project.consolidated_seq >= project.memory_seq:
                 continue
             try:
@@ -553,7 +553,7 @@ class Daemon:
             return
         newest = max(faults, key=lambda f: f["at"])
         if newest != self._saved_fault:
-            await self.store.set_meta("last_fault", json.dumps(newest))
+            await self.store.meta.set("last_fault", json.dumps(newest))
             self._saved_fault = newest
 
     async def _guard(self, name: str, coro_fn: Callable[[], object], every_s: float) -> None:
@@ -623,7 +623,7 @@ class Daemon:
             wait_s = 60.0
             try:
                 plan = await self.scheduler.plan()
-                self._queue_depth = await self.store.queue_depth() if self.store else 0
+                self._queue_depth = await self.store.jobs.queue_depth() if self.store else 0
                 if plan.queued:
                     self.pool.wake()
                 if plan.next_due_s is not None:
@@ -655,7 +655,7 @@ class Daemon:
     async def _heartbeat_loop(self) -> None:
         async def tick() -> None:
             if self.store is not None:
-                await self.store.heartbeat_daemon(self.owner)
+                await self.store.daemons.heartbeat(self.owner)
                 await self._save_fault()
 
         await self._guard("daemon_heartbeat", tick, 30.0)

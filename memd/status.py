@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memd.clock import Clock, iso_utc
-from memd.store.records import DaemonRecord
+from memd.store.records import DaemonRecord, JobKind, JobStatus
 from memd.store.store import Store
 
 #: A daemon whose heartbeat is older than this is shown as not running (seconds). The daemon
@@ -56,7 +56,7 @@ def _day_start(now_s: float) -> float:
 
 
 def _thread_state(eligible: bool, job: Any, memory_watermark: int | None, watermark: int) -> str:
-    if job is not None and job.status in ("pending", "running", "error", "dead"):
+    if job is not None and job.status in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.ERROR, JobStatus.DEAD):
         return job.status
     if memory_watermark is not None and memory_watermark >= watermark:
         return "done"
@@ -90,16 +90,16 @@ async def collect_status(
         Times are ISO-8601 UTC strings; durations are seconds.
     """
     now = clock.now()
-    threads = await store.list_threads()
-    jobs = await store.list_jobs()
-    extract_jobs = {j.key: j for j in jobs if j.kind == "extract"}
-    memories = await store.memory_watermarks()
-    projects = await store.list_projects()
-    leases = await store.list_leases()
-    daemons = await store.list_daemons()
-    tokens_today = await store.tokens_since(_day_start(now))
-    pause = await store.get_meta("model_pause")
-    fault = await store.get_meta("last_fault")
+    threads = await store.threads.list_all()
+    jobs = await store.jobs.list_all()
+    extract_jobs = {j.key: j for j in jobs if j.kind is JobKind.EXTRACT}
+    memories = await store.memories.watermarks()
+    projects = await store.projects.list_all()
+    leases = await store.leases.list_all()
+    daemons = await store.daemons.list_all()
+    tokens_today = await store.usage.tokens_since(_day_start(now))
+    pause = await store.meta.get("model_pause")
+    fault = await store.meta.get("last_fault")
 
     live = [d for d in daemons if daemon_alive(d, now)]
     daemon = None
@@ -135,7 +135,7 @@ async def collect_status(
                 "source": t.source,
                 "user_messages": t.user_messages,
                 "eligible": bool(t.eligible),
-                "reason": t.reason,
+                "reason": str(t.reason) if t.reason is not None else None,
                 "state": _thread_state(bool(t.eligible), job, memories.get(t.id), t.watermark),
                 "title": t.title,
                 "updated_at": _iso(t.updated_at),
@@ -147,7 +147,7 @@ async def collect_status(
         )
     trace_counts: dict[str, int] = {}
     for project in projects:
-        trace_counts[project.project] = sum(1 for m in await store.list_memories(project.project) if m.path)
+        trace_counts[project.project] = sum(1 for m in await store.memories.list_for_project(project.project) if m.path)
     project_rows = [
         {
             "project": p.project,
@@ -167,7 +167,7 @@ async def collect_status(
             "status": j.status,
             "attempts": j.attempts,
             "owner": j.owner,
-            "age_s": round(now - j.started_at, 1) if j.status == "running" and j.started_at else None,
+            "age_s": round(now - j.started_at, 1) if j.status is JobStatus.RUNNING and j.started_at else None,
             "lease_until": _iso(j.lease_until),
             "retry_at": _iso(j.retry_at),
             "last_error": j.last_error,
@@ -178,7 +178,7 @@ async def collect_status(
         {
             "name": lease.name,
             "owner": lease.owner,
-            "token": lease.token,
+            "fencing_token": lease.fencing_token,
             "expires_at": _iso(lease.expires_at),
             "held": lease.owner is not None and lease.expires_at > now,
         }
@@ -288,6 +288,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("leases:")
         for lease in held:
             lines.append(
-                f"  {lease['name']} held by {lease['owner']} until {lease['expires_at']} (token {lease['token']})"
+                f"  {lease['name']} held by {lease['owner']} until {lease['expires_at']}"
+                f" (fencing token {lease['fencing_token']})"
             )
     return "\n".join(lines) + os.linesep

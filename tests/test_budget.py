@@ -103,8 +103,8 @@ async def test_the_estimator_persists_in_the_store_meta_table(tmp_path):
     try:
         est = TokenEstimator()
         est.observe(27_000, 10_000)
-        await store.set_meta("token_estimator", est.to_json())
-        restored = TokenEstimator.from_json(await store.get_meta("token_estimator"))
+        await store.meta.set("token_estimator", est.to_json())
+        restored = TokenEstimator.from_json(await store.meta.get("token_estimator"))
         assert restored.bytes_per_token == pytest.approx(2.7)
         assert restored.samples == 1
     finally:
@@ -158,14 +158,14 @@ async def test_budget_with_the_real_store_resets_at_the_day_boundary(tmp_path):
     clock = FakeClock()
     store = await Store.open(tmp_path / "memd.sqlite3", clock=clock)
     try:
-        budget = DailyBudget(1000, store, clock)
+        budget = DailyBudget(1000, store.usage, clock)
         clock.advance(23 * 3600)  # 2026-01-01 23:00Z
-        await store.record_usage("extract", "m", 900, 100, 0)
+        await store.usage.record_usage("extract", "m", 900, 100, 0)
         assert await budget.remaining() == 0
         with pytest.raises(BudgetExhausted):
             await budget.check()
         clock.advance(2 * 3600)  # 2026-01-02 01:00Z: a new UTC day
-        await store.record_usage("extract", "m", 40, 10, 0)
+        await store.usage.record_usage("extract", "m", 40, 10, 0)
         assert await budget.remaining() == 950
         await budget.check()
     finally:

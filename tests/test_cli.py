@@ -117,8 +117,8 @@ async def test_show_without_memory_exits_1_with_a_message(env, tmp_path, capsys)
 async def test_forget_removes_the_memory_and_its_trace_and_queues_reconsolidation(env, capsys):
     await offline_once(env)
     async with await Store.open(env.db_path, clock=later()) as store:
-        memory = await store.get_memory(thread_id(0))
-        project = await store.get_project(memory.project)
+        memory = await store.memories.get(thread_id(0))
+        project = await store.projects.get(memory.project)
     root = Path(project.memory_root)
     assert (root / memory.path).is_file()
     assert project.consolidated_seq == project.memory_seq  # consolidated by `once`
@@ -126,10 +126,10 @@ async def test_forget_removes_the_memory_and_its_trace_and_queues_reconsolidatio
     assert await memd("forget", thread_id(0)) == 0
     assert "removed the memory" in capsys.readouterr().out
     async with await Store.open(env.db_path, clock=later()) as store:
-        assert await store.get_memory(thread_id(0)) is None
-        assert await store.get_memory(thread_id(1)) is not None
-        after = await store.get_project(memory.project)
-        due = await store.projects_due(0.0, 0.0)
+        assert await store.memories.get(thread_id(0)) is None
+        assert await store.memories.get(thread_id(1)) is not None
+        after = await store.projects.get(memory.project)
+        due = await store.projects.due(0.0, 0.0)
     assert not (root / memory.path).exists()
     assert after.memory_seq > after.consolidated_seq and [p.project for p in due] == [memory.project]
 
@@ -141,11 +141,11 @@ async def test_retry_requeues_dead_and_failed_jobs(env, capsys):
     await offline_once(env, n_threads=3)
     async with await Store.open(env.db_path, clock=later()) as store:
         for n in range(3):
-            await store.upsert_extract_job(thread_id(n), 10**9, priority=0)  # grown: pending again
+            await store.jobs.upsert_extract(thread_id(n), 10**9, priority=0)  # grown: pending again
         for n, dead in ((0, True), (1, False)):
-            job = await store.claim_job("extract", "host:1:a", 900)
-            await store.fail_job(job, "HTTP 503", None if dead else 10**10, dead)
-        statuses = {j.key: j.status for j in await store.list_jobs("extract")}
+            job = await store.jobs.claim("extract", "host:1:a", 900)
+            await store.jobs.fail(job, "HTTP 503", None if dead else 10**10, dead)
+        statuses = {j.key: j.status for j in await store.jobs.list_all("extract")}
     assert sorted(statuses.values()) == ["dead", "error", "pending"]
     dead_key = next(k for k, v in statuses.items() if v == "dead")
 
@@ -155,7 +155,7 @@ async def test_retry_requeues_dead_and_failed_jobs(env, capsys):
     assert await memd("retry") == 0
     assert capsys.readouterr().out.strip() == "memd retry: 1 job(s) re-queued"
     async with await Store.open(env.db_path, clock=later()) as store:
-        jobs = await store.list_jobs("extract")
+        jobs = await store.jobs.list_all("extract")
     assert {(j.status, j.attempts, j.retry_at) for j in jobs} == {("pending", 0, None)}
 
 
@@ -200,7 +200,7 @@ async def test_once_with_the_daily_budget_spent_sends_nothing_exits_0_and_says_w
     cwd.mkdir()
     write_rollout(env.sessions[0], thread_id(1), cwd, simple_turns("budget"))
     async with await Store.open(env.db_path, clock=FakeClock(time.time())) as store:
-        await store.record_usage("extract", "gpt-5-mini", 1500, 100, 0)
+        await store.usage.record_usage("extract", "gpt-5-mini", 1500, 100, 0)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     monkeypatch.setenv("MEMD_DAILY_TOKEN_BUDGET", "1000")
@@ -209,7 +209,7 @@ async def test_once_with_the_daily_budget_spent_sends_nothing_exits_0_and_says_w
     assert "model work paused: daily token budget reached; resumes at " in err
     assert server.requests == []
     async with await Store.open(env.db_path, clock=later()) as store:
-        [job] = await store.list_jobs("extract")
+        [job] = await store.jobs.list_all("extract")
         assert (job.status, job.attempts) == ("pending", 0)
 
 

@@ -69,9 +69,9 @@ async def _add_memory(store: Store, memory_dir: Path, thread_id: str, updated_at
         skipped_lines=0, eligible=True, reason=None,
     )  # fmt: skip
     file = FileRecord(path, "codex", 1, hash(thread_id) & 0xFFFF, 100, updated_at, 100, "h", thread_id)
-    await store.record_thread(thread, "{}", file)
-    await store.upsert_extract_job(thread_id, 100, updated_at)
-    job = await store.claim_job("extract", "worker", 60)
+    await store.threads.record(thread, "{}", file)
+    await store.jobs.upsert_extract(thread_id, 100, updated_at)
+    job = await store.jobs.claim("extract", "worker", 60)
     assert job is not None and job.key == thread_id
     root = memory_files.ensure_project_root(memory_dir, PROJECT)
     relpath = memory_files.trace_relpath(thread_id, thread.title)
@@ -79,7 +79,7 @@ async def _add_memory(store: Store, memory_dir: Path, thread_id: str, updated_at
     staged = memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, f"# {summary}"))
     memory = MemoryRecord(thread_id, PROJECT, relpath, f"# {summary}", summary, 100, updated_at,
                           "offline", 0, 0)  # fmt: skip
-    assert await store.finish_extract(job, memory)
+    assert await store.jobs.finish_extract(job, memory)
     staged.commit()
     return memory
 
@@ -114,7 +114,7 @@ async def _wait_for(path: Path) -> None:
 
 
 async def _assert_released(store: Store) -> None:
-    lease = await store.get_lease(LEASE)
+    lease = await store.leases.get(LEASE)
     assert lease is not None and lease.owner is None, lease
 
 
@@ -126,7 +126,7 @@ async def test_success_prunes_writes_summary_and_records(
 ) -> None:
     for i in range(3):
         await _add_memory(store, memory_dir, f"t{i}", clock.now() - 1000 + i, f"summary {i}")
-    seq = (await store.get_project(PROJECT)).memory_seq
+    seq = (await store.projects.get(PROJECT)).memory_seq
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-must-not-leak-000000000000")
     code = (
         "import os, sys; open('MEMORY.md', 'w').write('new handbook');"
@@ -150,7 +150,7 @@ async def test_success_prunes_writes_summary_and_records(
         f"- summary 2 (trace: {memory_files.trace_relpath('t2', 'title t2')})\n"
         f"- summary 1 (trace: {memory_files.trace_relpath('t1', 'title t1')})\n"
     )
-    project = await store.get_project(PROJECT)
+    project = await store.projects.get(PROJECT)
     assert project.consolidated_seq == seq and project.failures == 0
     await _assert_released(store)
     events = [e["event"] for e in logs]
@@ -181,7 +181,7 @@ async def test_seq_read_from_store_when_not_given(store: Store, clock: FakeClock
     await _add_memory(store, memory_dir, "t1", clock.now(), "s")
     outcome = await _runner(store, clock, memory_dir, _py("pass")).run(PROJECT)
     assert outcome.ok
-    project = await store.get_project(PROJECT)
+    project = await store.projects.get(PROJECT)
     assert project.consolidated_seq == project.memory_seq == 1
 
 
@@ -194,29 +194,29 @@ async def test_a_project_with_only_no_op_sessions_gets_no_memory_folder(
         cli_version="0.50.0", model="gpt-5", title="hi", created_at=1.0, updated_at=2.0, watermark=100,
         user_messages=1, skipped_lines=0, eligible=True, reason=None,
     )  # fmt: skip
-    await store.record_thread(thread, "{}", FileRecord(path, "codex", 1, 7, 100, 2.0, 100, "h", "noop"))
-    await store.upsert_extract_job("noop", 100, 2.0)
-    job = await store.claim_job("extract", "worker", 60)
+    await store.threads.record(thread, "{}", FileRecord(path, "codex", 1, 7, 100, 2.0, 100, "h", "noop"))
+    await store.jobs.upsert_extract("noop", 100, 2.0)
+    job = await store.jobs.claim("extract", "worker", 60)
     assert job is not None
-    assert await store.finish_extract(job, MemoryRecord("noop", PROJECT, None, "", "", 100, 2.0, "offline", 0, 0))
+    assert await store.jobs.finish_extract(job, MemoryRecord("noop", PROJECT, None, "", "", 100, 2.0, "offline", 0, 0))
     marker = memory_dir / "ran"
     outcome = await _runner(store, clock, memory_dir, _py(f"open({str(marker)!r}, 'w')")).run(PROJECT)
     assert outcome.ok and outcome.exit_code is None, outcome
     assert not marker.exists(), "nothing to consolidate: the command is not run"
     assert not memory_files.project_root(memory_dir, PROJECT).exists()
-    project = await store.get_project(PROJECT)
+    project = await store.projects.get(PROJECT)
     assert project is not None and project.consolidated_seq == project.memory_seq  # not due again
     await _assert_released(store)
 
 
 async def test_skipped_when_lease_held(store: Store, clock: FakeClock, memory_dir: Path) -> None:
-    assert await store.acquire_lease(LEASE, "other", 600) is not None
+    assert await store.leases.acquire(LEASE, "other", 600) is not None
     marker = memory_dir / "ran"
     runner = _runner(store, clock, memory_dir, _py(f"open({str(marker)!r}, 'w')"))
     outcome = await runner.run(PROJECT, 1)
     assert not outcome.ok and outcome.error == SKIPPED_LEASE_HELD and outcome.exit_code is None
     assert not marker.exists()
-    assert (await store.get_lease(LEASE)).owner == "other"
+    assert (await store.leases.get(LEASE)).owner == "other"
 
 
 # --------------------------------------------------------------------------- failures
@@ -233,7 +233,7 @@ async def test_non_zero_exit_keeps_memory_and_records_failure(store: Store, cloc
     assert outcome.error == "exit_code 3: boom: cannot merge"
     assert "working" in outcome.output_tail
     assert (root / "MEMORY.md").read_text() == "previous handbook\n"
-    project = await store.get_project(PROJECT)
+    project = await store.projects.get(PROJECT)
     assert project.failures == 1 and project.last_error == outcome.error
     assert project.consolidated_seq == 0
     await _assert_released(store)
@@ -249,7 +249,7 @@ async def test_missing_command(store: Store, clock: FakeClock, memory_dir: Path)
     assert not outcome.ok and outcome.exit_code is None
     assert outcome.error == f"command_not_found: {argv0}"
     assert all("exc_info" not in e for e in logs), "no traceback for a missing command"
-    assert (await store.get_project(PROJECT)).last_error == outcome.error
+    assert (await store.projects.get(PROJECT)).last_error == outcome.error
     await _assert_released(store)
 
 
@@ -279,7 +279,7 @@ async def test_hang_past_timeout_kills_the_process_group(store: Store, clock: Fa
     assert "hanging" in outcome.output_tail
     events = [e["event"] for e in logs]
     assert "consolidate_timeout" in events and "consolidate_killed" in events
-    assert (await store.get_project(PROJECT)).last_error == TIMEOUT
+    assert (await store.projects.get(PROJECT)).last_error == TIMEOUT
     await _assert_released(store)
 
 
@@ -312,7 +312,7 @@ async def test_lease_lost_mid_run_terminates_command(store: Store, clock: FakeCl
     other = None
     for _ in range(100):  # the lease expires (fake time); another daemon takes it over
         clock.advance(1000)
-        other = await store.acquire_lease(LEASE, "other:2:x", 600)
+        other = await store.leases.acquire(LEASE, "other:2:x", 600)
         if other is not None:
             break
     assert other is not None
@@ -320,9 +320,9 @@ async def test_lease_lost_mid_run_terminates_command(store: Store, clock: FakeCl
     assert not outcome.ok and outcome.error == LEASE_LOST
     assert outcome.exit_code == -15, "terminated with SIGTERM"
     assert await _eventually_gone(int((root / "pid").read_text()))
-    lease = await store.get_lease(LEASE)
-    assert lease.owner == "other:2:x" and lease.token == other, "the new holder keeps the lease"
-    assert (await store.get_project(PROJECT)).consolidated_seq == 0
+    lease = await store.leases.get(LEASE)
+    assert lease.owner == "other:2:x" and lease.fencing_token == other, "the new holder keeps the lease"
+    assert (await store.projects.get(PROJECT)).consolidated_seq == 0
 
 
 async def test_cancellation_terminates_child_and_releases_lease(
@@ -333,7 +333,7 @@ async def test_cancellation_terminates_child_and_releases_lease(
     code = "import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(300)"
     task = asyncio.create_task(_runner(store, clock, memory_dir, _py(code)).run(PROJECT, 1))
     await _wait_for(root / "pid")
-    assert (await store.get_lease(LEASE)).owner == OWNER
+    assert (await store.leases.get(LEASE)).owner == OWNER
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

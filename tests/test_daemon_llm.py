@@ -239,7 +239,7 @@ async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_
     assert loud[0]["extractor"] == "openai"
     assert loud[0]["extractor_reason"] == "extractor = auto and an API key is configured"
     assert isinstance(daemon.extractor, OpenAIExtractor)
-    assert await daemon.store.get_meta("extractor") == "openai: extractor = auto and an API key is configured"
+    assert await daemon.store.meta.get("extractor") == "openai: extractor = auto and an API key is configured"
     assert API_KEY not in json.dumps(logs, default=str)
 
 
@@ -472,7 +472,7 @@ async def test_a_persistent_5xx_is_bounded_per_attempt_backs_off_and_ends_dead(t
 
     # `memd retry` re-queues it; the server has recovered.
     server.default = fk.ok(trace_answer("recovered"))
-    assert await daemon.store.retry_jobs(thread_id(1)) == 1
+    assert await daemon.store.jobs.retry(thread_id(1)) == 1
     await daemon.once()
     assert len(server.requests) == 7
     assert jobs_by_key(settings)[thread_id(1)]["status"] == "done"
@@ -649,7 +649,7 @@ async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_pat
     assert len(server.requests) == 5
     assert len(db_rows(settings, "SELECT * FROM memories")) == 5
     assert daemon.pool.paused_reason is None
-    assert await daemon.store.get_meta("model_pause") is None
+    assert await daemon.store.meta.get("model_pause") is None
 
 
 async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, server, clock, daemons):
@@ -911,7 +911,7 @@ async def test_memd_consolidate_sends_nothing_when_the_daily_budget_is_spent(tmp
     write_traces(root, "/work/demo", ["budget-trace"])
     (root / "MEMORY.md").write_text("# previous handbook\n")
     async with await Store.open(settings.db_path, clock=SystemClock()) as store:
-        await store.record_usage("extract", "gpt-5-mini", 900, 200, 0)
+        await store.usage.record_usage("extract", "gpt-5-mini", 900, 200, 0)
     status_env(monkeypatch, settings)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

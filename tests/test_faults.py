@@ -119,10 +119,10 @@ async def test_disk_full_writing_trace_files_fails_cleanly_then_retries(
         assert sorted(e["thread_id"] for e in failed) == eligible  # one event per thread
         for event in failed:
             assert "disk full (ENOSPC)" in event["error"] and event["dead"] is False and event["retry_at"]
-        jobs = await daemon.store.list_jobs("extract")
+        jobs = await daemon.store.jobs.list_all("extract")
         assert {j.status for j in jobs} == {"error"}
         assert {j.retry_at for j in jobs} == {clock.now() + 60}
-        assert await daemon.store.memory_watermarks() == {}
+        assert await daemon.store.memories.watermarks() == {}
         assert list((tmp_path / "memory").rglob("*.md")) == [] and _leftovers(tmp_path / "memory") == []
         report = await collect_status(daemon.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
         states = {t["id"]: (t["state"], t["last_error"]) for t in report["threads"] if t["eligible"]}
@@ -136,11 +136,11 @@ async def test_disk_full_writing_trace_files_fails_cleanly_then_retries(
         summary = await daemon.once()
         assert (summary.extracted, summary.failed) == (len(eligible), 0)
         assert summary.consolidated >= 1
-        memories = await daemon.store.memory_watermarks()
+        memories = await daemon.store.memories.watermarks()
         assert sorted(memories) == eligible
         traces = list((tmp_path / "memory").glob(f"*/memory/{memory_files.TRACE_DIR}/*.md"))
         assert len(traces) == len(eligible) and _leftovers(tmp_path / "memory") == []
-        assert {j.status for j in await daemon.store.list_jobs("extract")} == {"done"}
+        assert {j.status for j in await daemon.store.jobs.list_all("extract")} == {"done"}
     finally:
         await daemon.close()
 
@@ -157,7 +157,7 @@ async def test_disk_full_before_consolidation_keeps_previous_memory_and_retries_
         first = await daemon.once()
         assert first.consolidated >= 1 and first.consolidation_failed == 0
         target = next(f for f in corpus.files if f.thread_id in _eligible(corpus))
-        project = (await daemon.store.get_thread(target.thread_id)).project  # type: ignore[union-attr]
+        project = (await daemon.store.threads.get(target.thread_id)).project  # type: ignore[union-attr]
         root = memory_files.project_root(tmp_path / "memory", project)
         before = {name: (root / name).read_bytes() for name in ("MEMORY.md", "memory_summary.md")}
 
@@ -173,10 +173,10 @@ async def test_disk_full_before_consolidation_keeps_previous_memory_and_retries_
         assert event["project"] == project and "disk full (ENOSPC)" in event["error"]
         assert {name: (root / name).read_bytes() for name in before} == before
         assert _leftovers(tmp_path / "memory") == []
-        record = await daemon.store.get_project(project)
+        record = await daemon.store.projects.get(project)
         assert record is not None and record.consolidated_seq < record.memory_seq
         assert "disk full" in (record.last_error or "")
-        lease = await daemon.store.get_lease(f"consolidate:{project}")
+        lease = await daemon.store.leases.get(f"consolidate:{project}")
         assert lease is not None and lease.owner is None  # released on the failure path
         report = await collect_status(daemon.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
         [row] = [p for p in report["projects"] if p["project"] == project]
@@ -186,7 +186,7 @@ async def test_disk_full_before_consolidation_keeps_previous_memory_and_retries_
         assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == (0, 0)
         clock.advance(601)
         assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == (1, 0)
-        record = await daemon.store.get_project(project)
+        record = await daemon.store.projects.get(project)
         assert record is not None and record.consolidated_seq == record.memory_seq and record.last_error is None
         assert (root / "memory_summary.md").read_bytes() != before["memory_summary.md"]
     finally:
@@ -231,8 +231,8 @@ async def test_trace_file_missing_after_its_row_committed_is_written_again(
             monkeypatch.setattr(memory_files.StagedFile, "commit", real_commit)
         [event] = [e for e in logs if e["event"] == "trace_file_commit_failed"]
         assert event["thread_id"] == failing and "disk full" in event["error"]
-        assert sorted(await daemon.store.memory_watermarks()) == eligible  # every row committed
-        row = await daemon.store.get_memory(failing)
+        assert sorted(await daemon.store.memories.watermarks()) == eligible  # every row committed
+        row = await daemon.store.memories.get(failing)
         assert row is not None and row.path is not None
         root = memory_files.project_root(tmp_path / "memory", row.project)
         assert not (root / row.path).exists()
@@ -252,7 +252,7 @@ async def test_trace_file_missing_after_its_row_committed_is_written_again(
         monkeypatch.setattr(memory_files.StagedFile, "commit", killed_before_rename)
         await daemon.pool.run(daemon._stop, burst=True)
         monkeypatch.setattr(memory_files.StagedFile, "commit", real_commit)
-        row = await daemon.store.get_memory(crashed)
+        row = await daemon.store.memories.get(crashed)
         assert row is not None and row.path is not None
         root = memory_files.project_root(tmp_path / "memory", row.project)
         assert not memory_files.trace_exists(root, row.path, row.trace_memory)

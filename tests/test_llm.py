@@ -491,7 +491,7 @@ async def test_usage_lands_in_the_real_store(server, tmp_path):
             api_key=API_KEY,
             timeout_s=5.0,
         ),
-        usage=store,
+        usage=store.usage,
         clock=clock,
     )
     try:
@@ -500,8 +500,8 @@ async def test_usage_lands_in_the_real_store(server, tmp_path):
         )
         await ask(client)
         await ask(client, phase="consolidate")
-        assert await store.tokens_since(clock.now() - 1) == 500 + 40 + 300 + 10
-        assert await store.tokens_since(clock.now() + 1) == 0
+        assert await store.usage.tokens_since(clock.now() - 1) == 500 + 40 + 300 + 10
+        assert await store.usage.tokens_since(clock.now() + 1) == 0
     finally:
         await client.aclose()
         await store.close()

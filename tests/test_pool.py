@@ -72,8 +72,8 @@ async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int 
         head_hash="0" * 64,
         thread_id=thread.id,
     )
-    await store.record_thread(thread, ThreadStats().to_json(), file)
-    await store.upsert_extract_job(thread.id, watermark, priority=updated_at)
+    await store.threads.record(thread, ThreadStats().to_json(), file)
+    await store.jobs.upsert_extract(thread.id, watermark, priority=updated_at)
     return thread
 
 
@@ -182,10 +182,10 @@ async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims
     running_at_claim: list[int] = []
     running_seen: list[int] = []
     claimed: list[str] = []
-    real_claim = store.claim_job
+    real_claim = store.jobs.claim
 
     async def running_claims() -> int:
-        return len(await store.list_jobs("extract", "running"))
+        return len(await store.jobs.list_all("extract", "running"))
 
     async def instrumented_claim(*args, **kwargs):  # type: ignore[no-untyped-def]
         running_at_claim.append(await running_claims())
@@ -195,7 +195,7 @@ async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims
             claimed.append(job.key)
         return job
 
-    store.claim_job = instrumented_claim  # type: ignore[method-assign]
+    store.jobs.claim = instrumented_claim  # type: ignore[method-assign]
 
     async def on_start(_thread: str) -> None:
         running_seen.append(await running_claims())
@@ -225,33 +225,33 @@ async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims
 async def test_a_running_job_renews_its_lease_and_cannot_be_taken_over(tmp_path, store, clock):
     await add_thread(store, 1, updated_at=clock.now() - 100)
     renewals: list[float] = []
-    real_renew = store.renew_job
+    real_renew = store.jobs.renew
 
     async def counting_renew(job, lease_s):  # type: ignore[no-untyped-def]
         ok = await real_renew(job, lease_s)
         renewals.append(clock.now())
         return ok
 
-    store.renew_job = counting_renew  # type: ignore[method-assign]
+    store.jobs.renew = counting_renew  # type: ignore[method-assign]
     extractor = GatedExtractor()
     pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)  # renewed every 0.1 s
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
-    claimed = await store.get_job("extract", thread_id(1))
+    claimed = await store.jobs.get("extract", thread_id(1))
     for _ in range(4):  # 0.8 s of store time in all: far past one lease
         clock.advance(0.2)
         seen = len(renewals)
         await until(lambda: len(renewals) > seen, "a renewal")  # noqa: B023
-        lease_until = (await store.get_job("extract", thread_id(1))).lease_until
+        lease_until = (await store.jobs.get("extract", thread_id(1))).lease_until
         assert lease_until == pytest.approx(renewals[-1] + 0.3)
-        assert await store.claim_job("extract", "other:2:b", 0.3) is None  # no takeover
+        assert await store.jobs.claim("extract", "other:2:b", 0.3) is None  # no takeover
     extractor.gate.set()
     await run
 
-    job = await store.get_job("extract", thread_id(1))
-    assert (job.status, job.token, job.attempts) == ("done", claimed.token, 1)
+    job = await store.jobs.get("extract", thread_id(1))
+    assert (job.status, job.fencing_token, job.attempts) == ("done", claimed.fencing_token, 1)
     assert pool.stats.done == 1 and pool.stats.fenced_out == 0
-    assert (await store.get_memory(thread_id(1))) is not None
+    assert (await store.memories.get(thread_id(1))) is not None
 
 
 async def test_a_job_whose_lease_was_taken_over_writes_nothing(tmp_path, store, clock):
@@ -260,44 +260,44 @@ async def test_a_job_whose_lease_was_taken_over_writes_nothing(tmp_path, store, 
     pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=300.0)  # no renewal in this test
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
-    first = await store.get_job("extract", thread_id(1))
+    first = await store.jobs.get("extract", thread_id(1))
 
     clock.advance(301)  # the lease expired: another daemon re-claims the job
-    taken = await store.claim_job("extract", "other:2:b", 300.0)
-    assert taken is not None and taken.token == first.token + 1
+    taken = await store.jobs.claim("extract", "other:2:b", 300.0)
+    assert taken is not None and taken.fencing_token == first.fencing_token + 1
     extractor.gate.set()  # the first worker finishes late and tries to commit
     await run
 
     assert pool.stats.fenced_out == 1 and pool.stats.done == 0
-    assert await store.get_memory(thread_id(1)) is None
+    assert await store.memories.get(thread_id(1)) is None
     assert trace_files(tmp_path) == []  # no trace file, no temp file left behind
-    job = await store.get_job("extract", thread_id(1))
-    assert (job.status, job.owner, job.token) == ("running", "other:2:b", taken.token)
+    job = await store.jobs.get("extract", thread_id(1))
+    assert (job.status, job.owner, job.fencing_token) == ("running", "other:2:b", taken.fencing_token)
 
 
 async def test_a_lost_lease_seen_by_the_heartbeat_stops_the_work(tmp_path, store, clock):
     await add_thread(store, 1, updated_at=clock.now() - 100)
     allow_renew = asyncio.Event()
-    real_renew = store.renew_job
+    real_renew = store.jobs.renew
 
     async def held_renew(job, lease_s):  # type: ignore[no-untyped-def]
         await allow_renew.wait()  # the takeover happens before this renewal reaches the store
         return await real_renew(job, lease_s)
 
-    store.renew_job = held_renew  # type: ignore[method-assign]
+    store.jobs.renew = held_renew  # type: ignore[method-assign]
     extractor = GatedExtractor()  # never released: only the lost lease ends the job
     pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
     clock.advance(1.0)
-    assert await store.claim_job("extract", "other:2:b", 300.0) is not None
+    assert await store.jobs.claim("extract", "other:2:b", 300.0) is not None
     allow_renew.set()
     await run
 
     assert extractor.cancelled == [thread_id(1)]
     assert pool.stats.fenced_out == 1 and pool.stats.done == 0
-    assert await store.get_memory(thread_id(1)) is None
-    assert (await store.get_job("extract", thread_id(1))).owner == "other:2:b"
+    assert await store.memories.get(thread_id(1)) is None
+    assert (await store.jobs.get("extract", thread_id(1))).owner == "other:2:b"
 
 
 # --------------------------------------------------------------------------- failures and pauses
@@ -318,7 +318,7 @@ async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path,
     )
     await pool.run(asyncio.Event(), burst=True)
     assert (pool.stats.done, pool.stats.failed) == (2, 1)
-    job = await store.get_job("extract", thread_id(1))
+    job = await store.jobs.get("extract", thread_id(1))
     assert (job.status, job.attempts, job.owner) == ("error", 1, None)
     assert job.retry_at == pytest.approx(clock.now() + 60)
     assert "server" in job.last_error
@@ -337,17 +337,17 @@ async def test_the_pause_reason_is_recorded_for_memd_status_and_cleared_when_it_
                 raise BudgetExhausted("spent", resume_at=resume_at)
             return await super().extract(request)
 
-    await store.set_meta("model_pause", "left by a previous process")
+    await store.meta.set("model_pause", "left by a previous process")
     pool = make_pool(store, clock, tmp_path, OverBudget(gated=False), concurrency=1)
     await pool.run(asyncio.Event(), burst=True)
-    reason = await store.get_meta("model_pause")
+    reason = await store.meta.get("model_pause")
     assert reason == pool.paused_reason and "daily token budget reached" in reason
-    assert {j.status for j in await store.list_jobs("extract")} == {"pending"}
+    assert {j.status for j in await store.jobs.list_all("extract")} == {"pending"}
 
     clock.advance(501)
     await pool.run(asyncio.Event(), burst=True)
     assert pool.stats.done == 2
-    assert await store.get_meta("model_pause") is None
+    assert await store.meta.get("model_pause") is None
 
 
 # --------------------------------------------------------------------------- two processes
@@ -452,9 +452,9 @@ async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_sa
     assert sum(r["done"] for r in results) == n_threads
     assert all(r["fenced_out"] == 0 for r in results)
     assert len({pid for entries in per_thread.values() for _, pid in entries}) == 2  # both took work
-    memories = [await store.get_memory(thread_id(n)) for n in range(n_threads)]
+    memories = [await store.memories.get(thread_id(n)) for n in range(n_threads)]
     assert all(m is not None for m in memories)
-    assert {j.status for j in await store.list_jobs("extract")} == {"done"}
+    assert {j.status for j in await store.jobs.list_all("extract")} == {"done"}
 
 
 # --------------------------------------------------------------------------- file name and no-ops
@@ -484,4 +484,4 @@ async def test_a_no_op_session_makes_no_memory_folder(tmp_path, store, clock):
     await pool.run(asyncio.Event(), burst=True)
     assert (pool.stats.done, pool.stats.noop) == (1, 1)
     assert not project_root(tmp_path / "memory", PROJECT).exists()
-    assert (await store.get_job("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]
+    assert (await store.jobs.get("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]

@@ -45,17 +45,17 @@ def test_interactive_sources_are_eligible() -> None:
 
 
 def test_excluded_sources_give_a_reason() -> None:
-    assert eligibility(meta(source_kind="exec"), 2, INCLUDE).reason == "source:exec"
-    assert eligibility(meta(source_kind="mcp"), 2, INCLUDE).reason == "source:mcp"
-    assert eligibility(meta(source_kind="subagent", source_detail="review"), 1, INCLUDE).reason == "source:subagent:review"
+    assert str(eligibility(meta(source_kind="exec"), 2, INCLUDE).reason) == "source:exec"
+    assert str(eligibility(meta(source_kind="mcp"), 2, INCLUDE).reason) == "source:mcp"
+    assert str(eligibility(meta(source_kind="subagent", source_detail="review"), 1, INCLUDE).reason) == "source:subagent:review"
     # memd's own consolidation sessions never become memories, even when "internal" is listed
     internal = meta(source_kind="internal", source_detail="memory_consolidation")
     assert not eligibility(internal, 1, (*INCLUDE, "internal")).eligible
-    assert eligibility(meta(source_kind="cli", memory_mode="disabled"), 1, INCLUDE).reason == "memory_mode:disabled"
-    assert eligibility(meta(source_kind="cli", thread_source="subagent"), 1, INCLUDE).reason == "thread_source:subagent"
+    assert str(eligibility(meta(source_kind="cli", memory_mode="disabled"), 1, INCLUDE).reason) == "memory_mode:disabled"
+    assert str(eligibility(meta(source_kind="cli", thread_source="subagent"), 1, INCLUDE).reason) == "thread_source:subagent"
     assert eligibility(meta(source_kind="cli", thread_source="user"), 1, INCLUDE).eligible
-    assert eligibility(meta(source_kind="cli"), 0, INCLUDE).reason == "no_user_messages"
-    assert eligibility(None, 5, INCLUDE).reason == "no_session_meta"
+    assert str(eligibility(meta(source_kind="cli"), 0, INCLUDE).reason) == "no_user_messages"
+    assert str(eligibility(None, 5, INCLUDE).reason) == "no_session_meta"
 
 
 def test_include_sources_is_configurable() -> None:

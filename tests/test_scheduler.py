@@ -81,14 +81,14 @@ async def test_the_idle_gate_holds_a_thread_until_it_has_been_quiet_for_min_idle
     summary = await plan(scheduler)
     assert (summary.queued, summary.idle_wait) == (0, 1)
     assert summary.next_due_s == pytest.approx(50)
-    assert await store.list_jobs("extract") == []
+    assert await store.jobs.list_all("extract") == []
 
     clock.advance(49)
     assert (await scheduler.plan()).queued == 0
     clock.advance(1)
     summary = await scheduler.plan()
     assert summary.queued_ids == [thread_id(1)]
-    [job] = await store.list_jobs("extract")
+    [job] = await store.jobs.list_all("extract")
     assert (job.key, job.status) == (thread_id(1), "pending")
 
 
@@ -109,7 +109,7 @@ async def test_sessions_that_are_not_interactive_or_have_no_user_message_never_g
     summary = await plan(make(store, clock, tmp_path, min_idle_s=0))
     assert summary.queued_ids == [thread_id(3)]
     assert summary.not_eligible == 2
-    reasons = {t.id: t.reason for t in await store.list_threads()}
+    reasons = {t.id: str(t.reason) if t.reason else None for t in await store.threads.list_all()}
     assert reasons[thread_id(1)] == "source:exec" and reasons[thread_id(2)] == "no_user_messages"
 
 
@@ -118,7 +118,7 @@ async def test_candidates_are_claimed_newest_first(tmp_path, store, clock):
         rollout(tmp_path, n, clock, idle_s=idle_s)
     await plan(make(store, clock, tmp_path, min_idle_s=0))
     order = []
-    while (job := await store.claim_job("extract", "host:1:a", 900)) is not None:
+    while (job := await store.jobs.claim("extract", "host:1:a", 900)) is not None:
         order.append(job.key)
     assert order == [thread_id(2), thread_id(3), thread_id(1)]
 
@@ -128,12 +128,12 @@ async def test_a_memory_covering_the_watermark_is_left_alone_and_a_grown_thread_
     scheduler = make(store, clock, tmp_path, min_idle_s=60)
     await plan(scheduler)
     await pool_for(store, clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
-    memory = await store.get_memory(thread_id(1))
+    memory = await store.memories.get(thread_id(1))
     assert memory is not None and memory.source_watermark == path.stat().st_size
 
     summary = await plan(scheduler)
     assert (summary.queued, summary.up_to_date) == (0, 1)
-    assert (await store.get_job("extract", thread_id(1))).status == "done"
+    assert (await store.jobs.get("extract", thread_id(1))).status == "done"
 
     append_turn(path, "Also add the tests to CI")  # the thread grows ...
     touch(path, clock.now() - 10)
@@ -142,7 +142,7 @@ async def test_a_memory_covering_the_watermark_is_left_alone_and_a_grown_thread_
     clock.advance(50)
     summary = await plan(scheduler)
     assert summary.queued_ids == [thread_id(1)]
-    job = await store.get_job("extract", thread_id(1))
+    job = await store.jobs.get("extract", thread_id(1))
     assert (job.status, job.input_watermark) == ("pending", path.stat().st_size)
 
 
@@ -151,10 +151,10 @@ async def test_a_forgotten_memory_is_not_extracted_again_until_the_thread_grows(
     scheduler = make(store, clock, tmp_path, min_idle_s=0)
     await plan(scheduler)
     await pool_for(store, clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
-    await store.delete_memory(thread_id(1))  # `memd forget`
+    await store.memories.delete(thread_id(1))  # `memd forget`
     summary = await plan(scheduler)
     assert (summary.queued, summary.up_to_date) == (0, 1)
-    assert await store.claim_job("extract", "host:1:a", 900) is None
+    assert await store.jobs.claim("extract", "host:1:a", 900) is None
     append_turn(path, "and one more thing")
     touch(path, clock.now() - 10)
     assert (await plan(scheduler)).queued_ids == [thread_id(1)]
@@ -170,7 +170,7 @@ async def test_failures_back_off_exponentially_end_dead_and_a_growing_thread_res
     delays = []
     for attempt in range(1, 4):
         await pool.run(asyncio.Event(), burst=True)
-        job = await store.get_job("extract", thread_id(1))
+        job = await store.jobs.get("extract", thread_id(1))
         assert (job.status, job.attempts) == ("error", attempt)
         delays.append(round(job.retry_at - clock.now()))
         clock.advance(delays[-1] - 1)
@@ -179,7 +179,7 @@ async def test_failures_back_off_exponentially_end_dead_and_a_growing_thread_res
         clock.advance(1)
     assert delays == [60, 120, 200]  # 60 s doubling, capped
     await pool.run(asyncio.Event(), burst=True)
-    job = await store.get_job("extract", thread_id(1))
+    job = await store.jobs.get("extract", thread_id(1))
     assert (job.status, job.attempts, job.retry_at) == ("dead", 4, None)
     assert "HTTP 503" in job.last_error
 
@@ -192,7 +192,7 @@ async def test_failures_back_off_exponentially_end_dead_and_a_growing_thread_res
     append_turn(path, "try again with the new toolchain")
     touch(path, clock.now() - 10)
     assert (await plan(scheduler)).queued_ids == [thread_id(1)]
-    job = await store.get_job("extract", thread_id(1))
+    job = await store.jobs.get("extract", thread_id(1))
     assert (job.status, job.attempts, job.last_error) == ("pending", 0, None)
 
 
@@ -201,12 +201,12 @@ async def test_retry_requeues_a_dead_thread(tmp_path, store, clock):
     await plan(make(store, clock, tmp_path, min_idle_s=0))
     extractor = Failing()
     await pool_for(store, clock, tmp_path, extractor, RetryPolicy(max_attempts=1)).run(asyncio.Event(), burst=True)
-    assert (await store.get_job("extract", thread_id(1))).status == "dead"
-    assert await store.retry_jobs(thread_id(1)) == 1
-    job = await store.get_job("extract", thread_id(1))
+    assert (await store.jobs.get("extract", thread_id(1))).status == "dead"
+    assert await store.jobs.retry(thread_id(1)) == 1
+    job = await store.jobs.get("extract", thread_id(1))
     assert (job.status, job.attempts, job.retry_at) == ("pending", 0, None)
     await pool_for(store, clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
-    assert (await store.get_job("extract", thread_id(1))).status == "done"
+    assert (await store.jobs.get("extract", thread_id(1))).status == "done"
 
 
 def test_retry_policy_delays() -> None:

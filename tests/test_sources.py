@@ -43,7 +43,7 @@ def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 
 def record_for(st: FileStat, *, offset: int, head_hash: str = "") -> FileRecord:
     return FileRecord(path=st.path, kind="codex", dev=st.dev, inode=st.inode, size=st.size,
-                      mtime=st.mtime, offset=offset, head_hash=head_hash, thread_id=None)
+                      mtime=st.mtime, watermark=offset, head_hash=head_hash, thread_id=None)
 
 
 def deny_open(monkeypatch: pytest.MonkeyPatch, victim: Path) -> None:
@@ -240,12 +240,12 @@ def test_zst_is_read_through_the_decompressor(
     path = write(tmp_path / "rollout-a.jsonl.zst", b'{"a":1}\n{"b":2}\n{"c":3}\n')
 
     head = read_head(path, max_line_bytes=MiB)
-    tail = read_new_lines(path, offset=8, max_line_bytes=MiB)
+    tail = read_new_lines(path, watermark=8, max_line_bytes=MiB)
 
     assert isinstance(head, HeadRead) and head.first_line == b'{"a":1}'
     assert isinstance(tail, TailRead) and tail.lines == [b'{"b":2}', b'{"c":3}']
-    assert tail.new_offset == 24
-    beyond = read_new_lines(path, offset=100, max_line_bytes=MiB)
+    assert tail.new_watermark == 24
+    beyond = read_new_lines(path, watermark=100, max_line_bytes=MiB)
     assert isinstance(beyond, TailRead) and beyond.replaced
 
 
@@ -274,7 +274,7 @@ def test_corrupt_zst_is_an_unreadable_failure(
 
     with capture_logs() as logs:
         head = read_head(path, max_line_bytes=MiB)
-        tail = read_new_lines(path, offset=0, max_line_bytes=MiB)
+        tail = read_new_lines(path, watermark=0, max_line_bytes=MiB)
 
     assert isinstance(head, ReadFailure) and head.reason == "unreadable"
     assert isinstance(tail, ReadFailure) and tail.detail == "Unknown frame descriptor"
@@ -395,7 +395,7 @@ def test_a_fifo_named_like_a_rollout_does_not_block(tmp_path: Path) -> None:
 
     assert [f.path for f in scan_roots([tmp_path]).files] == [str(regular)]
     with capture_logs() as logs:
-        result = read_new_lines(fifo, offset=0, max_line_bytes=MiB)
+        result = read_new_lines(fifo, watermark=0, max_line_bytes=MiB)
     assert isinstance(result, ReadFailure) and result.reason == "unreadable"
     assert len(named(logs, "file_unreadable")) == 1
 
@@ -440,7 +440,7 @@ def test_read_head_of_a_real_22_kb_first_line(codex_rollouts: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 BASE = FileRecord(path="/r/rollout-a.jsonl", kind="codex", dev=1, inode=10, size=5000, mtime=100.0,
-                  offset=4990, head_hash="h1", thread_id="t1")
+                  watermark=4990, head_hash="h1", thread_id="t1")
 ST = FileStat(path="/r/rollout-a.jsonl", dev=1, inode=10, size=5000, mtime=100.0)
 
 
@@ -495,25 +495,25 @@ def test_classify_in_place_rewrite_by_head_hash(tmp_path: Path) -> None:
 def test_partial_last_line_is_not_consumed_and_yielded_once_when_complete(tmp_path: Path) -> None:
     path = write(tmp_path / "rollout-a.jsonl", b'{"a":1}\n{"b":2}\n{"c":')
 
-    first = read_new_lines(path, offset=0, max_line_bytes=MiB)
+    first = read_new_lines(path, watermark=0, max_line_bytes=MiB)
     assert isinstance(first, TailRead)
     assert first.lines == [b'{"a":1}', b'{"b":2}']
-    assert first.new_offset == 16 and first.partial_tail
+    assert first.new_watermark == 16 and first.partial_tail
 
-    again = read_new_lines(path, offset=first.new_offset, max_line_bytes=MiB)
-    assert isinstance(again, TailRead) and again.lines == [] and again.new_offset == 16
+    again = read_new_lines(path, watermark=first.new_watermark, max_line_bytes=MiB)
+    assert isinstance(again, TailRead) and again.lines == [] and again.new_watermark == 16
 
     append(path, b'3}\n{"d":4}\n')
-    rest = read_new_lines(path, offset=again.new_offset, max_line_bytes=MiB)
+    rest = read_new_lines(path, watermark=again.new_watermark, max_line_bytes=MiB)
     assert isinstance(rest, TailRead)
     assert rest.lines == [b'{"c":3}', b'{"d":4}']
-    assert rest.new_offset == path.stat().st_size and not rest.partial_tail
+    assert rest.new_watermark == path.stat().st_size and not rest.partial_tail
 
 
 def test_empty_file_reads_nothing(tmp_path: Path) -> None:
-    result = read_new_lines(write(tmp_path / "rollout-e.jsonl", b""), offset=0, max_line_bytes=MiB)
+    result = read_new_lines(write(tmp_path / "rollout-e.jsonl", b""), watermark=0, max_line_bytes=MiB)
     assert isinstance(result, TailRead)
-    assert (result.lines, result.new_offset, result.bytes_read) == ([], 0, 0)
+    assert (result.lines, result.new_watermark, result.bytes_read) == ([], 0, 0)
     assert not result.replaced and not result.partial_tail
 
 
@@ -527,17 +527,17 @@ def test_append_costs_only_the_appended_bytes(tmp_path: Path) -> None:
 
     stream = read_lines_until(path, None, MiB)
     assert sum(1 for _ in stream) == 50 * 1024
-    assert stream.offset == size and stream.bytes_read == size
+    assert stream.watermark == size and stream.bytes_read == size
 
     appended = b'{"type":"event_msg","payload":{"message":"' + b"m" * 978 + b'"}}\n'
     assert len(appended) == 1024
     append(path, appended)
 
-    tail = read_new_lines(path, offset=stream.offset, max_line_bytes=MiB)
+    tail = read_new_lines(path, watermark=stream.watermark, max_line_bytes=MiB)
     assert isinstance(tail, TailRead)
     assert tail.bytes_read == len(appended)
     assert tail.lines == [appended[:-1]]
-    assert tail.new_offset == size + len(appended)
+    assert tail.new_watermark == size + len(appended)
 
 
 def test_100_mb_line_is_skipped_counted_and_not_held(tmp_path: Path) -> None:
@@ -551,7 +551,7 @@ def test_100_mb_line_is_skipped_counted_and_not_held(tmp_path: Path) -> None:
     with capture_logs() as logs:
         tracemalloc.start()
         try:
-            result = read_new_lines(path, offset=0, max_line_bytes=MiB, chunk_bytes=MiB)
+            result = read_new_lines(path, watermark=0, max_line_bytes=MiB, chunk_bytes=MiB)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -559,7 +559,7 @@ def test_100_mb_line_is_skipped_counted_and_not_held(tmp_path: Path) -> None:
     assert isinstance(result, TailRead)
     assert result.lines == [b'{"a":1}', b'{"b":2}']
     assert result.oversized_lines == 1
-    assert result.new_offset == size and result.bytes_read == size
+    assert result.new_watermark == size and result.bytes_read == size
     assert peak < 8 * MiB  # a few chunks, never the 100 MB line
     assert len(named(logs, "line_oversized")) == 1
 
@@ -570,16 +570,16 @@ def test_100_mb_line_is_skipped_counted_and_not_held(tmp_path: Path) -> None:
 def test_oversized_partial_tail_is_counted_once_when_complete(tmp_path: Path) -> None:
     path = write(tmp_path / "rollout-a.jsonl", b'{"a":1}\n' + b"x" * 3000)
 
-    first = read_new_lines(path, offset=0, max_line_bytes=1000, chunk_bytes=512)
+    first = read_new_lines(path, watermark=0, max_line_bytes=1000, chunk_bytes=512)
     assert isinstance(first, TailRead)
     assert first.lines == [b'{"a":1}'] and first.oversized_lines == 0
-    assert first.partial_tail and first.new_offset == 8
+    assert first.partial_tail and first.new_watermark == 8
 
     append(path, b"x" * 10 + b'\n{"b":2}\n')
-    second = read_new_lines(path, offset=first.new_offset, max_line_bytes=1000, chunk_bytes=512)
+    second = read_new_lines(path, watermark=first.new_watermark, max_line_bytes=1000, chunk_bytes=512)
     assert isinstance(second, TailRead)
     assert second.lines == [b'{"b":2}'] and second.oversized_lines == 1
-    assert second.new_offset == path.stat().st_size
+    assert second.new_watermark == path.stat().st_size
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 64, 4096])
@@ -590,12 +590,12 @@ def test_lines_are_split_exactly_at_any_chunk_size(tmp_path: Path, chunk_bytes: 
     path = write(tmp_path / "rollout-r.jsonl", data)
     kept = [line for line in lines if len(line) <= 30]
 
-    result = read_new_lines(path, offset=0, max_line_bytes=30, chunk_bytes=chunk_bytes)
+    result = read_new_lines(path, watermark=0, max_line_bytes=30, chunk_bytes=chunk_bytes)
 
     assert isinstance(result, TailRead)
     assert result.lines == kept
     assert result.oversized_lines == len(lines) - len(kept)
-    assert result.new_offset == len(data) and not result.partial_tail
+    assert result.new_watermark == len(data) and not result.partial_tail
 
 
 def test_file_deleted_between_stat_and_read(tmp_path: Path) -> None:
@@ -605,8 +605,8 @@ def test_file_deleted_between_stat_and_read(tmp_path: Path) -> None:
     path.unlink()
 
     with capture_logs() as logs:
-        gone = read_new_lines(path, offset=0, max_line_bytes=MiB)
-        fine = read_new_lines(other, offset=0, max_line_bytes=MiB)
+        gone = read_new_lines(path, watermark=0, max_line_bytes=MiB)
+        fine = read_new_lines(other, watermark=0, max_line_bytes=MiB)
 
     assert isinstance(gone, ReadFailure) and gone.reason == "vanished"
     assert isinstance(fine, TailRead) and fine.lines == [b"{}"]
@@ -618,16 +618,16 @@ def test_file_deleted_between_stat_and_read(tmp_path: Path) -> None:
 
 def test_file_truncated_between_stat_and_read_is_replaced(tmp_path: Path) -> None:
     path = write(tmp_path / "rollout-a.jsonl", b'{"a":1}\n{"b":2}\n')
-    first = read_new_lines(path, offset=0, max_line_bytes=MiB)
-    assert isinstance(first, TailRead) and first.new_offset == 16
+    first = read_new_lines(path, watermark=0, max_line_bytes=MiB)
+    assert isinstance(first, TailRead) and first.new_watermark == 16
     os.truncate(path, 4)
 
     with capture_logs() as logs:
-        result = read_new_lines(path, offset=first.new_offset, max_line_bytes=MiB)
+        result = read_new_lines(path, watermark=first.new_watermark, max_line_bytes=MiB)
 
     assert isinstance(result, TailRead)
     assert result.replaced and result.lines == [] and result.bytes_read == 0
-    assert result.new_offset == 0
+    assert result.new_watermark == 0
     assert [e["reason"] for e in named(logs, "file_replaced")] == ["truncated"]
     with pytest.raises(RolloutReadError) as info:
         list(read_lines_until(path, 16, MiB))
@@ -639,7 +639,7 @@ def test_inode_mismatch_is_replaced(tmp_path: Path) -> None:
     old_inode = os.stat(path).st_ino
     os.replace(write(tmp_path / "x.tmp", b'{"z":9}\n{"y":8}\n'), path)
 
-    result = read_new_lines(path, offset=8, max_line_bytes=MiB, expect_inode=old_inode)
+    result = read_new_lines(path, watermark=8, max_line_bytes=MiB, expect_inode=old_inode)
 
     assert isinstance(result, TailRead) and result.replaced and result.lines == []
     assert result.stat.inode == os.stat(path).st_ino
@@ -652,7 +652,7 @@ def test_read_new_lines_permission_denied(tmp_path: Path, monkeypatch: pytest.Mo
     deny_open(monkeypatch, path)
 
     with capture_logs() as logs:
-        result = read_new_lines(path, offset=0, max_line_bytes=MiB)
+        result = read_new_lines(path, watermark=0, max_line_bytes=MiB)
 
     assert isinstance(result, ReadFailure) and result.reason == "unreadable"
     assert len(named(logs, "file_unreadable")) == 1
@@ -665,9 +665,9 @@ def test_read_lines_until_stops_at_the_watermark(tmp_path: Path) -> None:
     path = write(tmp_path / "rollout-a.jsonl", b'{"a":1}\n{"b":2}\n{"c":3}\n')
     stream = read_lines_until(path, 16, MiB, chunk_bytes=5)
     assert list(stream) == [b'{"a":1}', b'{"b":2}']
-    assert stream.offset == 16 and stream.bytes_read == 16
+    assert stream.watermark == 16 and stream.bytes_read == 16
     later = read_lines_until(path, None, MiB, start_offset=16)
-    assert list(later) == [b'{"c":3}'] and later.offset == 24
+    assert list(later) == [b'{"c":3}'] and later.watermark == 24
 
 
 def test_read_lines_until_counts_real_rollout_lines(codex_rollouts: Path) -> None:
@@ -675,4 +675,4 @@ def test_read_lines_until_counts_real_rollout_lines(codex_rollouts: Path) -> Non
     size = path.stat().st_size
     stream = read_lines_until(path, size, 64 * MiB, chunk_bytes=64 << 10)
     assert sum(1 for _ in stream) == 2722  # wc -l
-    assert stream.offset == size == 1_041_630 and stream.oversized_lines == 0
+    assert stream.watermark == size == 1_041_630 and stream.oversized_lines == 0

@@ -67,50 +67,51 @@ def _memory(thread_id: str, project: str, watermark: int, now: float) -> MemoryR
 async def _record(store: Store, thread: ThreadRecord) -> None:
     file = FileRecord(
         path=thread.path, kind="codex", dev=1, inode=abs(hash(thread.id)) % 10**9, size=thread.watermark,
-        mtime=thread.updated_at, offset=thread.watermark, head_hash="0" * 64, thread_id=thread.id,
+        mtime=thread.updated_at, watermark=thread.watermark, head_hash="0" * 64, thread_id=thread.id,
     )  # fmt: skip
-    await store.record_thread(thread, "{}", file)
+    await store.threads.record(thread, "{}", file)
 
 
 async def _known_state(db_path: Path, owner: str) -> dict[str, str]:
     """Write the known state; return {label: thread id}."""
     now = time.time()
-    store = await Store.open(db_path, clock=FakeClock(now))
+    clock = FakeClock(now)
+    store = await Store.open(db_path, clock=clock)
     try:
-        await store.register_daemon(owner, os.getpid(), socket.gethostname())
+        await store.daemons.register(owner, os.getpid(), socket.gethostname())
         p1, p2 = "/home/dev/alpha", "/home/dev/beta"
         ids = {label: f"019c0000-0000-7000-8000-00000000000{i}" for i, label in
                enumerate(["done", "error", "dead", "running", "skipped", "stale", "waiting"])}  # fmt: skip
         for label, thread_id in ids.items():
             project = p1 if label in ("done", "stale", "waiting") else p2
             await _record(store, _thread(thread_id, project, now=now, reason="source:exec" if label == "skipped" else None))
-        await store.ensure_project(p1, "/memory/alpha")
-        await store.ensure_project(p2, "/memory/beta")
+        await store.projects.ensure(p1, "/memory/alpha")
+        await store.projects.ensure(p2, "/memory/beta")
         for label in ("done", "stale", "error", "dead", "running"):
-            await store.upsert_extract_job(ids[label], 100 if label != "stale" else 50, priority=now - 3600)
+            await store.jobs.upsert_extract(ids[label], 100 if label != "stale" else 50, priority=now - 3600)
         labels = {thread_id: label for label, thread_id in ids.items()}
         for _ in range(5):
-            job = await store.claim_job("extract", owner, 900)
+            job = await store.jobs.claim("extract", owner, 900)
             assert job is not None
             label = labels[job.key]
             if label in ("done", "stale"):  # stale's memory covers 50 of the thread's 100 bytes
-                assert await store.finish_extract(job, _memory(job.key, p1, job.input_watermark, now))
+                assert await store.jobs.finish_extract(job, _memory(job.key, p1, job.input_watermark, now))
             elif label == "error":
-                assert await store.fail_job(job, "ExtractorError: the model returned malformed JSON", now + 60, dead=False)
+                assert await store.jobs.fail(job, "ExtractorError: the model returned malformed JSON", now + 60, dead=False)
             elif label == "dead":
-                assert await store.fail_job(job, "MemoryWriteError: disk full (ENOSPC)", None, dead=True)
+                assert await store.jobs.fail(job, "MemoryWriteError: disk full (ENOSPC)", None, dead=True)
             # "running" keeps its claim
-        token = await store.acquire_lease(f"consolidate:{p1}", owner, 600)
+        token = await store.leases.acquire(f"consolidate:{p1}", owner, 600)
         assert token is not None
-        assert await store.mark_consolidated(p1, 2, f"consolidate:{p1}", owner, token)
-        assert await store.release_lease(f"consolidate:{p1}", owner, token)
-        await store.mark_consolidation_failed(p2, "exit_code 3: boom")
-        assert await store.acquire_lease(f"consolidate:{p2}", owner, 600) is not None
+        assert await store.projects.mark_consolidated(p1, 2, f"consolidate:{p1}", owner, token)
+        assert await store.leases.release(f"consolidate:{p1}", owner, token)
+        await store.projects.mark_failed(p2, "exit_code 3: boom")
+        assert await store.leases.acquire(f"consolidate:{p2}", owner, 600) is not None
         fault = {"at": "2026-01-02T03:04:05Z", "event": "claim_failed", "error": "database is locked: ..."}
-        await store.set_meta("last_fault", json.dumps(fault))
-        await store.record_usage("extract", "gpt-5", 1000, 200, 0)
-        store._clock.advance(-2 * 86_400)  # type: ignore[attr-defined]
-        await store.record_usage("extract", "gpt-5", 5000, 5000, 0)  # two days ago: not today
+        await store.meta.set("last_fault", json.dumps(fault))
+        await store.usage.record_usage("extract", "gpt-5", 1000, 200, 0)
+        clock.advance(-2 * 86_400)
+        await store.usage.record_usage("extract", "gpt-5", 5000, 5000, 0)  # two days ago: not today
     finally:
         await store.close()
     return ids
@@ -150,7 +151,7 @@ def test_status_json_keys_and_states(capsys: pytest.CaptureFixture[str], monkeyp
     assert running["status"] == "running" and running["owner"] == owner and running["age_s"] >= 0
     leases = {lease["name"]: lease for lease in report["leases"]}
     assert leases["consolidate:/home/dev/beta"]["held"] is True and leases["consolidate:/home/dev/beta"]["owner"] == owner
-    assert leases["consolidate:/home/dev/alpha"]["held"] is False and leases["consolidate:/home/dev/alpha"]["token"] == 1
+    assert leases["consolidate:/home/dev/alpha"]["held"] is False and leases["consolidate:/home/dev/alpha"]["fencing_token"] == 1
 
     assert report["daemon"]["running"] is True and report["daemon"]["pid"] == os.getpid()
     assert report["daemon"]["uptime_s"] >= 0
@@ -178,7 +179,7 @@ def test_status_shows_a_killed_daemon_as_not_running(capsys: pytest.CaptureFixtu
     async def register() -> None:
         store = await Store.open(default_state_dir() / "memd.sqlite3", clock=FakeClock(time.time()))
         try:
-            await store.register_daemon("host:1:dead", gone.pid, socket.gethostname())  # kill -9: never unregistered
+            await store.daemons.register("host:1:dead", gone.pid, socket.gethostname())  # kill -9: never unregistered
         finally:
             await store.close()
 

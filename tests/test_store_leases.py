@@ -28,64 +28,64 @@ def test_make_owner_is_host_pid_random() -> None:
 
 
 async def test_acquire_free_lease_and_refuse_a_held_one(store: Store, clock: FakeClock) -> None:
-    assert await store.acquire_lease(LEASE, "A", 60) == 1
-    assert await store.acquire_lease(LEASE, "B", 60) is None
-    assert await store.acquire_lease(LEASE, "A", 60) is None  # re-acquire is not renewal
-    lease = await store.get_lease(LEASE)
+    assert await store.leases.acquire(LEASE, "A", 60) == 1
+    assert await store.leases.acquire(LEASE, "B", 60) is None
+    assert await store.leases.acquire(LEASE, "A", 60) is None  # re-acquire is not renewal
+    lease = await store.leases.get(LEASE)
     assert lease is not None
-    assert (lease.owner, lease.token, lease.expires_at, lease.heartbeat_at) == (
+    assert (lease.owner, lease.fencing_token, lease.expires_at, lease.heartbeat_at) == (
         "A", 1, clock.now() + 60, clock.now())
-    assert await store.acquire_lease("consolidate:/other", "B", 60) == 1
-    assert [le.name for le in await store.list_leases()] == ["consolidate:/other", LEASE]
+    assert await store.leases.acquire("consolidate:/other", "B", 60) == 1
+    assert [le.name for le in await store.leases.list_all()] == ["consolidate:/other", LEASE]
 
 
 async def test_renew_extends_and_stale_token_fails(store: Store, clock: FakeClock) -> None:
-    token = await store.acquire_lease(LEASE, "A", 60)
+    token = await store.leases.acquire(LEASE, "A", 60)
     assert token == 1
     clock.advance(50)
-    assert await store.renew_lease(LEASE, "A", token, 60) is True
-    assert (await store.get_lease(LEASE)).expires_at == clock.now() + 60  # type: ignore[union-attr]
-    assert await store.renew_lease(LEASE, "A", token - 1, 60) is False
-    assert await store.renew_lease(LEASE, "B", token, 60) is False
+    assert await store.leases.renew(LEASE, "A", token, 60) is True
+    assert (await store.leases.get(LEASE)).expires_at == clock.now() + 60  # type: ignore[union-attr]
+    assert await store.leases.renew(LEASE, "A", token - 1, 60) is False
+    assert await store.leases.renew(LEASE, "B", token, 60) is False
     clock.advance(50)
-    assert await store.acquire_lease(LEASE, "B", 60) is None  # renewal kept it
+    assert await store.leases.acquire(LEASE, "B", 60) is None  # renewal kept it
 
 
 async def test_expired_lease_is_taken_over_and_old_owner_is_fenced(
     store: Store, store2: Store, clock: FakeClock
 ) -> None:
-    await store.ensure_project("/p", "/mem/p")
-    old = await store.acquire_lease(LEASE, "A", 60)
+    await store.projects.ensure("/p", "/mem/p")
+    old = await store.leases.acquire(LEASE, "A", 60)
     assert old == 1
     clock.advance(60)
-    new = await store2.acquire_lease(LEASE, "B", 60)
+    new = await store2.leases.acquire(LEASE, "B", 60)
     assert new == 2
 
-    assert await store.check_lease(LEASE, "A", old) is False
-    assert await store.renew_lease(LEASE, "A", old, 60) is False
-    assert await store.release_lease(LEASE, "A", old) is False
+    assert await store.leases.check(LEASE, "A", old) is False
+    assert await store.leases.renew(LEASE, "A", old, 60) is False
+    assert await store.leases.release(LEASE, "A", old) is False
     with capture_logs() as logs:
-        assert await store.mark_consolidated("/p", 0, LEASE, "A", old) is False
+        assert await store.projects.mark_consolidated("/p", 0, LEASE, "A", old) is False
     assert [e["event"] for e in logs] == ["lease_fence_refused"]
-    assert (await store.get_project("/p")).last_consolidated_at is None  # type: ignore[union-attr]
+    assert (await store.projects.get("/p")).last_consolidated_at is None  # type: ignore[union-attr]
 
-    assert await store2.check_lease(LEASE, "B", new) is True
-    assert await store2.mark_consolidated("/p", 0, LEASE, "B", new) is True
-    project = await store.get_project("/p")
+    assert await store2.leases.check(LEASE, "B", new) is True
+    assert await store2.projects.mark_consolidated("/p", 0, LEASE, "B", new) is True
+    project = await store.projects.get("/p")
     assert project is not None and project.last_consolidated_at == clock.now()
-    lease = await store.get_lease(LEASE)
-    assert lease is not None and (lease.owner, lease.token) == ("B", 2)
+    lease = await store.leases.get(LEASE)
+    assert lease is not None and (lease.owner, lease.fencing_token) == ("B", 2)
 
 
 async def test_expired_but_untaken_lease_can_still_be_renewed(
     store: Store, clock: FakeClock
 ) -> None:
-    token = await store.acquire_lease(LEASE, "A", 60)
+    token = await store.leases.acquire(LEASE, "A", 60)
     assert token is not None
     clock.advance(120)
-    assert await store.check_lease(LEASE, "A", token) is True
-    assert await store.renew_lease(LEASE, "A", token, 60) is True
-    assert await store.acquire_lease(LEASE, "B", 60) is None
+    assert await store.leases.check(LEASE, "A", token) is True
+    assert await store.leases.renew(LEASE, "A", token, 60) is True
+    assert await store.leases.acquire(LEASE, "B", 60) is None
 
 
 async def test_release_keeps_the_row_and_tokens_stay_monotonic(
@@ -93,17 +93,17 @@ async def test_release_keeps_the_row_and_tokens_stay_monotonic(
 ) -> None:
     tokens = []
     for owner, s in [("A", store), ("B", store2), ("A", store), ("B", store2)]:
-        token = await s.acquire_lease(LEASE, owner, 600)
+        token = await s.leases.acquire(LEASE, owner, 600)
         assert token is not None
         tokens.append(token)
         clock.advance(1)
-        assert await s.release_lease(LEASE, owner, token) is True
-        lease = await s.get_lease(LEASE)
+        assert await s.leases.release(LEASE, owner, token) is True
+        lease = await s.leases.get(LEASE)
         assert lease is not None
-        assert (lease.owner, lease.token, lease.expires_at) == (None, token, clock.now())
-        assert await s.check_lease(LEASE, owner, token) is False  # released: fenced off
-        assert await s.release_lease(LEASE, owner, token) is False
-        assert await s.renew_lease(LEASE, owner, token, 600) is False
+        assert (lease.owner, lease.fencing_token, lease.expires_at) == (None, token, clock.now())
+        assert await s.leases.check(LEASE, owner, token) is False  # released: fenced off
+        assert await s.leases.release(LEASE, owner, token) is False
+        assert await s.leases.renew(LEASE, owner, token, 600) is False
     assert tokens == [1, 2, 3, 4]
 
 
@@ -111,11 +111,11 @@ async def test_two_connections_racing_exactly_one_wins(store: Store, store2: Sto
     for i in range(25):
         name = f"race:{i}"
         a, b = await asyncio.gather(
-            store.acquire_lease(name, "A", 60), store2.acquire_lease(name, "B", 60)
+            store.leases.acquire(name, "A", 60), store2.leases.acquire(name, "B", 60)
         )
         assert sorted([a, b], key=lambda t: t is None) == [1, None], (i, a, b)
         winner = "A" if a else "B"
-        lease = await store.get_lease(name)
+        lease = await store.leases.get(name)
         assert lease is not None and lease.owner == winner
 
 
@@ -131,11 +131,11 @@ def _race_worker(db_path: str, barrier, results) -> None:  # runs in a spawned p
         async with await Store.open(Path(db_path), clock=SystemClock()) as s:
             for i in range(_ROUNDS):
                 barrier.wait()
-                token = await s.acquire_lease("race", owner, 300)
+                token = await s.leases.acquire("race", owner, 300)
                 barrier.wait()  # every process has tried before the winner releases
                 if token is not None:
                     won.append((i, token))
-                    assert await s.release_lease("race", owner, token)
+                    assert await s.leases.release("race", owner, token)
         return won
 
     try:

@@ -199,23 +199,23 @@ def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int =
     path = workdir / "append" / "rollout-append.jsonl"
     facts = corpus.generate_rollout(path, target_bytes=rollout_bytes, variant="0.125", seed=seed)
     t0 = time.perf_counter()
-    first = read_new_lines(path, offset=0, max_line_bytes=_MAX_LINE_BYTES)
+    first = read_new_lines(path, watermark=0, max_line_bytes=_MAX_LINE_BYTES)
     catch_up_s = time.perf_counter() - t0
-    if not hasattr(first, "new_offset"):
+    if not hasattr(first, "new_watermark"):
         return _missing(keys, f"read_new_lines failed: {first}")
-    offset = first.new_offset
+    offset = first.new_watermark
     del first  # up to rollout_bytes of lines
     samples_ms: list[float] = []
     for i in range(repeats):
         appended = corpus.append_turn(path, seed=seed * 1_000 + i, target_bytes=1024)
         t0 = time.perf_counter()
-        tail = read_new_lines(path, offset=offset, max_line_bytes=_MAX_LINE_BYTES)
-        if not hasattr(tail, "new_offset"):
+        tail = read_new_lines(path, watermark=offset, max_line_bytes=_MAX_LINE_BYTES)
+        if not hasattr(tail, "new_watermark"):
             return _missing(keys, f"read_new_lines failed: {tail}")
         parser = RolloutParser(path=str(path), first_line_is_head=False)
         parser.feed(tail.lines)
         samples_ms.append((time.perf_counter() - t0) * 1000)
-        offset = tail.new_offset
+        offset = tail.new_watermark
         if parser.result.lines != appended.lines:
             return _missing(keys, f"append read {parser.result.lines} lines, wrote {appended.lines}")
     t0 = time.perf_counter()
@@ -545,9 +545,9 @@ def extraction_pool_fn(workdir: Path) -> PoolFn | None:
                     reason=None,
                 )
                 batch.append((thread, "{}", file))
-            await store.record_threads(batch)
+            await store.threads.record_many(batch)
             for thread, _, _ in batch:
-                await store.upsert_extract_job(thread.id, thread.watermark, thread.updated_at)
+                await store.jobs.upsert_extract(thread.id, thread.watermark, thread.updated_at)
             built = BuiltInput(
                 items=(), text="user: run the benchmark", raw_json_bytes=100, text_bytes=23, est_tokens=6
             )

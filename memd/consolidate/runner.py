@@ -9,7 +9,7 @@ One :meth:`ConsolidationRunner.run` per project and trigger:
    group, with its output streamed to the log and only a bounded tail kept; renew the lease every
    ``lease_s / 3``; a failed renewal or the timeout terminates the whole group (SIGTERM, then
    SIGKILL after ``kill_grace_s``);
-4. record the result (fenced by the lease token) and release the lease on every exit path,
+4. record the result (fenced by the lease fencing_token) and release the lease on every exit path,
    cancellation included.
 
 Timing of the subprocess (heartbeat, timeout, grace) is real time on the event loop: the child
@@ -24,14 +24,15 @@ import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from memd.clock import Clock
 from memd.errors import LeaseLost, MemdError
 from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
-from memd.store.records import MemoryRecord, ProjectRecord
+from memd.store.records import MemoryRecord
+from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -62,18 +63,6 @@ def safe_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     source = os.environ if source is None else source
     return {key: value for key, value in source.items() if key in SAFE_ENV_KEYS or key.startswith("LC_")}
-
-
-class ConsolidationStore(Protocol):
-    """The store operations the runner uses (implemented by :class:`memd.store.store.Store`)."""
-
-    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> Awaitable[int | None]: ...
-    def renew_lease(self, name: str, owner: str, token: int, ttl_s: float) -> Awaitable[bool]: ...
-    def release_lease(self, name: str, owner: str, token: int) -> Awaitable[Any]: ...
-    def get_project(self, project: str) -> Awaitable[ProjectRecord | None]: ...
-    def list_memories(self, project: str) -> Awaitable[list[MemoryRecord]]: ...
-    def mark_consolidated(self, project: str, seq: int, lease_name: str, owner: str, token: int) -> Awaitable[bool]: ...
-    def mark_consolidation_failed(self, project: str, error: str) -> Awaitable[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +162,7 @@ class ConsolidationRunner:
 
     def __init__(
         self,
-        store: ConsolidationStore,
+        store: Store,
         clock: Clock,
         *,
         memory_dir: Path,
@@ -234,29 +223,29 @@ class ConsolidationRunner:
             )
 
         try:
-            token = await self.store.acquire_lease(lease_name, self.owner, self.lease_s)
+            fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
         except MemdError as exc:
             bound.warning("consolidate_lease_error", error=str(exc))
             return outcome(None, f"lease_error: {exc}")
-        if token is None:
+        if fencing_token is None:
             bound.info("consolidate_skipped", reason="lease_held")
             return outcome(None, SKIPPED_LEASE_HELD)
-        bound = bound.bind(token=token)
+        bound = bound.bind(fencing_token=fencing_token)
         bound.info("consolidate_lease_acquired", lease=lease_name)
         try:
-            return outcome(*await self._run_leased(project, seq, lease_name, token, bound))
+            return outcome(*await self._run_leased(project, seq, lease_name, fencing_token, bound))
         finally:
-            await _complete(self._release(lease_name, token, bound))
+            await _complete(self._release(lease_name, fencing_token, bound))
 
     # ------------------------------------------------------------------ steps
 
     async def _run_leased(
-        self, project: str, seq: int | None, lease_name: str, token: int, bound: Any
+        self, project: str, seq: int | None, lease_name: str, fencing_token: int, bound: Any
     ) -> tuple[int | None, str | None, str]:
         """Prepare, run and record under the lease: ``(exit_code, error or None, output tail)``."""
         try:
             if seq is None:
-                record = await self.store.get_project(project)
+                record = await self.store.projects.get(project)
                 seq = record.memory_seq if record is not None else 0
             root = await self._prepare(project, bound)
         except MemdError as exc:
@@ -268,10 +257,12 @@ class ConsolidationRunner:
         if root is None:  # every session of the project was a no-op: no memory folder (SPEC §19)
             exit_code, error, tail = None, None, ""
         else:
-            exit_code, error, tail = await self._run_command(root, project, lease_name, token, bound)
+            exit_code, error, tail = await self._run_command(root, project, lease_name, fencing_token, bound)
         if error is None:
             try:
-                recorded = await self.store.mark_consolidated(project, seq, lease_name, self.owner, token)
+                recorded = await self.store.projects.mark_consolidated(
+                    project, seq, lease_name, self.owner, fencing_token
+                )
             except LeaseLost:
                 recorded = False
             except MemdError as exc:
@@ -294,7 +285,7 @@ class ConsolidationRunner:
         Raises:
             MemdError: the folder or a file cannot be written, or the store fails.
         """
-        memories = await self.store.list_memories(project)
+        memories = await self.store.memories.list_for_project(project)
         if not any(m.path for m in memories) and not project_root(self.memory_dir, project).exists():
             bound.info("consolidate_nothing_to_do", reason="no trace memories; no memory folder is made")
             return None
@@ -333,7 +324,7 @@ class ConsolidationRunner:
         return [part.replace("{memory_root}", str(root)).replace("{project}", project) for part in self.command]
 
     async def _run_command(
-        self, root: Path, project: str, lease_name: str, token: int, bound: Any
+        self, root: Path, project: str, lease_name: str, fencing_token: int, bound: Any
     ) -> tuple[int | None, str | None, str]:
         """Run and supervise the command. Returns ``(exit_code, error or None, output tail)``."""
         argv = self._argv(root, project)
@@ -361,7 +352,7 @@ class ConsolidationRunner:
         pump = asyncio.ensure_future(self._pump(proc.stdout, tail, bound))
         error: str | None = None
         try:
-            error = await self._supervise(proc, lease_name, token, bound)
+            error = await self._supervise(proc, lease_name, fencing_token, bound)
             await self._drain(proc, pump, bound)
         except BaseException:
             await _complete(self._terminate(proc, bound))
@@ -372,7 +363,7 @@ class ConsolidationRunner:
             error = _exit_error(exit_code, tail.text())
         return exit_code, error, tail.text()
 
-    async def _supervise(self, proc: Any, lease_name: str, token: int, bound: Any) -> str | None:
+    async def _supervise(self, proc: Any, lease_name: str, fencing_token: int, bound: Any) -> str | None:
         """Wait for the command, renewing the lease; terminate it on timeout or lease loss."""
         loop = asyncio.get_running_loop()
         interval_s = self.lease_s / 3
@@ -394,7 +385,9 @@ class ConsolidationRunner:
                 if now < next_renew:
                     continue  # woken only to look at the exit status
                 try:
-                    renewed: bool | None = await self.store.renew_lease(lease_name, self.owner, token, self.lease_s)
+                    renewed: bool | None = await self.store.leases.renew(
+                        lease_name, self.owner, fencing_token, self.lease_s
+                    )
                 except LeaseLost:
                     renewed = False
                 except MemdError as exc:
@@ -494,13 +487,13 @@ class ConsolidationRunner:
 
     async def _record_failure(self, project: str, error: str, bound: Any) -> None:
         try:
-            await self.store.mark_consolidation_failed(project, error)
+            await self.store.projects.mark_failed(project, error)
         except MemdError as exc:
             bound.warning("consolidate_record_failed", error=str(exc))
 
-    async def _release(self, lease_name: str, token: int, bound: Any) -> None:
+    async def _release(self, lease_name: str, fencing_token: int, bound: Any) -> None:
         try:
-            released = await self.store.release_lease(lease_name, self.owner, token)
+            released = await self.store.leases.release(lease_name, self.owner, fencing_token)
         except MemdError as exc:
             bound.warning("consolidate_release_failed", error=str(exc))
             return

@@ -40,7 +40,7 @@ from memd.extract.base import ExtractionRequest, Extractor
 from memd.extract.contract import TraceContext, normalise
 from memd.memory import files as memory_files
 from memd.schedule.retry import RetryPolicy
-from memd.store.records import JobRecord, MemoryRecord, ThreadRecord
+from memd.store.records import JobKind, JobRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -174,7 +174,7 @@ class ExtractionPool:
                 continue
             self._wake.clear()  # a wake-up from now on (even during the claim) is not lost
             try:
-                job = await self._store.claim_job("extract", self._owner, self._lease_s)
+                job = await self._store.jobs.claim(JobKind.EXTRACT, self._owner, self._lease_s)
             except asyncio.CancelledError:
                 self._slots.release()
                 raise
@@ -262,7 +262,7 @@ class ExtractionPool:
         while True:
             await asyncio.sleep(min(interval, STORE_RETRY_PAUSE_S) if failing else interval)
             try:
-                renewed = await self._store.renew_job(job, self._lease_s)
+                renewed = await self._store.jobs.renew(job, self._lease_s)
             except Exception as exc:
                 self._note_fault("job_renew_failed", str(exc))
                 if not failing:
@@ -271,7 +271,7 @@ class ExtractionPool:
                 continue
             failing = False
             if not renewed:
-                log.warning("job_lease_lost", thread_id=job.key, token=job.token)
+                log.warning("job_lease_lost", thread_id=job.key, fencing_token=job.fencing_token)
                 lost.set()
                 return
 
@@ -331,7 +331,7 @@ class ExtractionPool:
             await self._record_pause()
         except LeaseLost:
             self.stats.fenced_out += 1
-            bound.warning("extract_fenced_out", token=job.token)
+            bound.warning("extract_fenced_out", fencing_token=job.fencing_token)
         except asyncio.CancelledError:  # the job cancelled itself; give the claim back
             await self._give_back(job, bound, "cancelled")
         except Exception as exc:  # one thread's failure never stops the pool
@@ -350,7 +350,7 @@ class ExtractionPool:
         if reason == self._recorded_pause:
             return
         try:
-            await self._store.set_meta("model_pause", reason)
+            await self._store.meta.set("model_pause", reason)
         except Exception as exc:  # status shows a stale pause at worst
             log.warning("model_pause_record_failed", error=str(exc))
             return
@@ -381,7 +381,7 @@ class ExtractionPool:
 
     async def _give_back(self, job: JobRecord, bound: structlog.BoundLogger, reason: str) -> None:
         """Release the claim (``pending``, the attempt not counted); one attempt, never raises."""
-        released = await self._store_call("release_job", lambda: self._store.release_job(job), bound, attempts=1)
+        released = await self._store_call("release_job", lambda: self._store.jobs.release(job), bound, attempts=1)
         bound.info("extract_released", reason=reason, released=bool(released))
 
     async def _fail(self, job: JobRecord, exc: BaseException, bound: structlog.BoundLogger) -> None:
@@ -403,14 +403,14 @@ class ExtractionPool:
         )
         await self._store_call(
             "fail_job",
-            lambda: self._store.fail_job(job, message, retry_at, dead),
+            lambda: self._store.jobs.fail(job, message, retry_at, dead),
             bound,
             attempts=STORE_RETRY_ATTEMPTS,
         )
 
     async def _extract(self, job: JobRecord, bound: structlog.BoundLogger) -> None:
         started = time.monotonic()
-        thread = await self._store.get_thread(job.key)
+        thread = await self._store.threads.get(job.key)
         if thread is None:
             raise ExtractorError(f"thread {job.key} is no longer indexed")
         bound = bound.bind(project=thread.project)
@@ -512,8 +512,8 @@ class ExtractionPool:
         try:
             for attempt in range(1, STORE_RETRY_ATTEMPTS + 1):
                 try:
-                    await self._store.ensure_project(memory.project, str(root))
-                    committed = await self._store.finish_extract(job, memory)
+                    await self._store.projects.ensure(memory.project, str(root))
+                    committed = await self._store.jobs.finish_extract(job, memory)
                     break
                 except StoreError as exc:
                     if attempt == STORE_RETRY_ATTEMPTS:
@@ -528,7 +528,7 @@ class ExtractionPool:
         if not committed:
             if staged is not None:
                 await asyncio.to_thread(staged.abort)
-            raise LeaseLost(f"extract job for {memory.thread_id} lost its lease (token {job.token})")
+            raise LeaseLost(f"extract job for {memory.thread_id} lost its lease (fencing token {job.fencing_token})")
         if staged is None:
             await asyncio.to_thread(memory_files.remove_trace, root, memory.thread_id)
             return

@@ -19,6 +19,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
 import structlog
@@ -27,13 +28,23 @@ from memd.clock import Clock
 from memd.ingest import files as rollout_files
 from memd.ingest import reader, scan
 from memd.rollout.codex import parse_session_meta
-from memd.rollout.project import eligibility, project_key
+from memd.rollout.project import NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
 from memd.rollout.records import SessionMeta
 from memd.rollout.session import RolloutParser, ThreadStats
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
+
+
+class HeadProblem(StrEnum):
+    """Why a rollout's first line does not identify a session (``files.error`` of the file)."""
+
+    EMPTY_FILE = "empty_file"
+    FIRST_LINE_TOO_LONG = "first_line_too_long"
+    PARTIAL_FIRST_LINE = "partial_first_line"
+    NO_SESSION_META = "no_session_meta"
+
 
 #: Files indexed per worker-thread round trip and per write transaction.
 BATCH_FILES = 500
@@ -50,7 +61,7 @@ class _Head:
     Attributes:
         st: the ``fstat`` taken with the head (the scan's stat when the read failed).
         prev: the stored record of the file (or of the file it was moved from), if any.
-        failure: the read failed (already logged by :mod:`memd.sources`).
+        failure: the read failed (already logged by :mod:`memd.ingest.files`).
         head_hash: sha256 of the first 4 KiB (``""`` while shorter).
         meta: the parsed first line, ``None`` when it is not a session header.
         reason: why ``meta`` is ``None`` (``empty_file``, ``no_session_meta``, ...).
@@ -62,7 +73,7 @@ class _Head:
     failure: rollout_files.ReadFailure | None = None
     head_hash: str = ""
     meta: SessionMeta | None = None
-    reason: str | None = None
+    reason: HeadProblem | None = None
     project: str = ""
 
 
@@ -76,7 +87,7 @@ class _Batch:
 
     async def flush(self, store: Store) -> None:
         if self.files or self.threads:
-            await store.record_threads(self.threads, files=self.files)
+            await store.threads.record_many(self.threads, files=self.files)
         self.files, self.threads, self.thread_ids = [], [], set()
 
 
@@ -144,7 +155,7 @@ class Indexer:
         result = await asyncio.to_thread(scan.scan_roots, self.roots)
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
-            known = await self._store.all_files()
+            known = await self._store.threads.all_files()
             by_inode = {(f.dev, f.inode): f for f in known.values()}
             seen = {st.path for st in result.files}
             changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
@@ -167,7 +178,7 @@ class Indexer:
                 if path not in seen and path.startswith(root_prefixes) and not os.path.exists(path)
             ]
             if gone:
-                summary.removed += await self._store.forget_files(gone)
+                summary.removed += await self._store.threads.forget_files(gone)
         log.info(
             "scan_done",
             files=summary.files_seen,
@@ -188,8 +199,8 @@ class Indexer:
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
             if result.vanished:
-                summary.removed += await self._store.forget_files(result.vanished)
-            known = await self._store.get_files(st.path for st in result.files)
+                summary.removed += await self._store.threads.forget_files(result.vanished)
+            known = await self._store.threads.get_files(st.path for st in result.files)
             changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
             for st in result.files:
                 prev = known.get(st.path)
@@ -219,7 +230,7 @@ class Indexer:
         for start in range(0, len(changed), BATCH_FILES):
             heads = await asyncio.to_thread(self._read_heads, changed[start : start + BATCH_FILES])
             ids = {h.meta.thread_id for h in heads if h.meta is not None}
-            thread_paths = {t.id: t.path for t in (await self._store.get_threads(ids)).values()}
+            thread_paths = {t.id: t.path for t in (await self._store.threads.get_many(ids)).values()}
             batch = _Batch()
             for head in heads:
                 if head.meta is not None and head.meta.thread_id in batch.thread_ids:
@@ -244,13 +255,13 @@ class Indexer:
             reason = None
             if meta is None:
                 if head.stat.size == 0:
-                    reason = "empty_file"
+                    reason = HeadProblem.EMPTY_FILE
                 elif head.oversized:
-                    reason = "first_line_too_long"
+                    reason = HeadProblem.FIRST_LINE_TOO_LONG
                 elif not head.complete:
-                    reason = "partial_first_line"
+                    reason = HeadProblem.PARTIAL_FIRST_LINE
                 else:
-                    reason = "no_session_meta"
+                    reason = HeadProblem.NO_SESSION_META
             project = ""
             if meta is not None:
                 project = projects.get(meta.cwd) or projects.setdefault(
@@ -301,12 +312,12 @@ class Indexer:
         keep = False
         if prev is not None and prev.thread_id == meta.thread_id:
             keep = change == reader.Change.GROWN
-            if prev.path != st.path and st.size >= prev.offset:
+            if prev.path != st.path and st.size >= prev.watermark:
                 keep = True  # moved (archived): same inode, keep the offset and statistics
         if keep:
             assert prev is not None
-            offset = prev.offset
-            stats = ThreadStats.from_json(await self._store.get_thread_stats(meta.thread_id))
+            offset = prev.watermark
+            stats = ThreadStats.from_json(await self._store.threads.stats(meta.thread_id))
         else:
             offset, stats = 0, _FRESH_STATS
             if existing_path is not None and not moved and prev is not None:
@@ -335,7 +346,7 @@ class Indexer:
         project: str,
         file: FileRecord,
         stats: ThreadStats,
-        head_reason: str | None,
+        head_reason: Ineligible | None,
     ) -> ThreadRecord:
         return ThreadRecord(
             id=meta.thread_id,
@@ -349,11 +360,11 @@ class Indexer:
             title=stats.title or "",
             created_at=meta.started_at if meta.started_at is not None else file.mtime,
             updated_at=file.mtime,
-            watermark=file.offset,
+            watermark=file.watermark,
             user_messages=stats.user_messages,
             skipped_lines=stats.skipped_lines,
             eligible=False,
-            reason=head_reason or "not_read_yet",
+            reason=head_reason or NOT_READ_YET,
         )
 
     async def catch_up(self, thread_id: str) -> ThreadRecord | None:
@@ -364,29 +375,29 @@ class Indexer:
             truncated since it was indexed is read again from 0.
         """
         async with self._lock:
-            thread = await self._store.get_thread(thread_id)
+            thread = await self._store.threads.get(thread_id)
             if thread is None:
                 return None
-            file = await self._store.get_file(thread.path)
+            file = await self._store.threads.get_file(thread.path)
             if file is None:
                 return thread
             st = await asyncio.to_thread(scan.stat_path, file.path)
             if st is None:
                 return thread
-            if st.size == file.offset and st.inode == file.inode and thread.reason != "not_read_yet":
+            if st.size == file.watermark and st.inode == file.inode and thread.reason != NOT_READ_YET:
                 return thread
-            stats = ThreadStats.from_json(await self._store.get_thread_stats(thread_id))
-            offset = file.offset
-            if st.inode != file.inode or st.size < file.offset:
+            stats = ThreadStats.from_json(await self._store.threads.stats(thread_id))
+            offset = file.watermark
+            if st.inode != file.inode or st.size < file.watermark:
                 offset, stats = 0, ThreadStats()
             read = await asyncio.to_thread(self._read_forward, file.path, offset, st.inode, stats)
             if read is None:
                 return thread
             offset, bytes_read, last_stat = read
             new_file = _file(last_stat or st, file.head_hash, thread_id, offset)
-            reason = thread.reason if thread.reason not in (None, "not_read_yet", "no_user_messages") else None
+            reason = thread.reason if thread.reason is not None and not thread.reason.provisional else None
             if reason is None and stats.user_messages == 0:
-                reason = "no_user_messages"
+                reason = NO_USER_MESSAGES
             record = replace(
                 thread,
                 model=stats.model or thread.model,
@@ -398,7 +409,7 @@ class Indexer:
                 eligible=reason is None,
                 reason=reason,
             )
-            await self._store.record_thread(record, stats.to_json(), new_file)
+            await self._store.threads.record(record, stats.to_json(), new_file)
             self.last_catch_up_bytes = bytes_read
             log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, offset=offset)
             return record
@@ -430,7 +441,7 @@ class Indexer:
         if stream.oversized_lines:
             parser.feed_malformed(stream.oversized_lines, "line_too_long")
         stats.feed(parser.result)
-        return stream.offset, stream.bytes_read, stream.stat
+        return stream.watermark, stream.bytes_read, stream.stat
 
 
 def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
@@ -453,7 +464,7 @@ def _file(
         inode=st.inode,
         size=st.size,
         mtime=st.mtime,
-        offset=offset,
+        watermark=offset,
         head_hash=head_hash,
         thread_id=thread_id,
         error=error,

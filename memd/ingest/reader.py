@@ -66,20 +66,20 @@ class TailRead:
 
     Attributes:
         lines: complete lines read, each without its trailing ``\\n`` (possibly empty lines).
-        new_offset: byte offset just past the last complete line consumed (the new watermark of
+        new_watermark: byte offset just past the last complete line consumed (the new watermark of
             the file); a partial last line is not consumed. ``0`` when ``replaced``.
         bytes_read: bytes read from the file in this call (for a plain file: exactly the bytes
             from ``offset`` to the size seen by ``fstat``).
         oversized_lines: complete lines longer than ``max_line_bytes``, skipped and not held in
-            memory; they are consumed (``new_offset`` is past them).
+            memory; they are consumed (``new_watermark`` is past them).
         partial_tail: the read ended inside a line that has no ``\\n`` yet.
         replaced: the file is shorter than ``offset`` or its inode is not ``expect_inode``; nothing
             was read and the caller re-reads from 0.
-        stat: ``fstat`` of the open file (store it with ``new_offset``).
+        stat: ``fstat`` of the open file (store it with ``new_watermark``).
     """
 
     lines: list[bytes]
-    new_offset: int
+    new_watermark: int
     bytes_read: int
     oversized_lines: int
     partial_tail: bool
@@ -200,7 +200,7 @@ def classify_change(prev: FileRecord | None, st: FileStat, head_hash: str | None
         return Change.UNCHANGED
     if st.compressed:
         return Change.REPLACED
-    if st.size < prev.size or st.size < prev.offset:
+    if st.size < prev.size or st.size < prev.watermark:
         return Change.TRUNCATED
     if head_hash and prev.head_hash and head_hash != prev.head_hash:
         return Change.REPLACED
@@ -285,31 +285,31 @@ def _skip_decompressed(stream: BinaryIO, count: int, chunk_bytes: int) -> int:
 def read_new_lines(
     path: str | Path,
     *,
-    offset: int,
+    watermark: int,
     max_line_bytes: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     expect_inode: int | None = None,
 ) -> TailRead | ReadFailure:
-    """Read the complete lines appended since ``offset`` (incremental tail read, SPEC §3.3).
+    """Read the complete lines appended since ``watermark`` (incremental tail read, SPEC §3.3).
 
-    Opens the file once, ``fstat``-s the descriptor, seeks to ``offset`` and reads up to the size
+    Opens the file once, ``fstat``-s the descriptor, seeks to ``watermark`` and reads up to the size
     ``fstat`` reported in ``chunk_bytes`` reads: the cost is proportional to the appended bytes,
     never to the file size. A partial last line is not consumed. Lines over ``max_line_bytes``
     are skipped, counted, and never held in memory.
 
     For ``*.jsonl.zst`` (immutable archives) offsets count decompressed bytes and the stream is
-    decompressed from the start up to ``offset`` first.
+    decompressed from the start up to ``watermark`` first.
 
     Args:
         path: the rollout file.
-        offset: byte offset to resume from (the stored watermark; 0 for a new file).
+        watermark: byte watermark to resume from (the stored watermark; 0 for a new file).
         max_line_bytes: longest line kept, in bytes without the ``\\n`` (config default 64 MiB).
         chunk_bytes: size of one read, in bytes.
         expect_inode: the stored inode; when the open file has another, it was replaced.
 
     Returns:
         A :class:`TailRead` (``replaced=True`` and nothing read when the file is shorter than
-        ``offset`` or is another inode: re-read from 0), or a :class:`ReadFailure`
+        ``watermark`` or is another inode: re-read from 0), or a :class:`ReadFailure`
         (``vanished`` / ``unreadable`` / ``unsupported``, logged once). Never raises
         :class:`OSError`.
     """
@@ -320,25 +320,25 @@ def read_new_lines(
     stream, st = opened
 
     def replaced(reason: str) -> TailRead:
-        log.info("file_replaced", path=path_s, reason=reason, offset=offset, action="re-read from offset 0")
+        log.info("file_replaced", path=path_s, reason=reason, watermark=watermark, action="re-read from watermark 0")
         return TailRead(
-            lines=[], new_offset=0, bytes_read=0, oversized_lines=0, partial_tail=False, replaced=True, stat=st
+            lines=[], new_watermark=0, bytes_read=0, oversized_lines=0, partial_tail=False, replaced=True, stat=st
         )
 
-    progress = _Progress(offset=offset)
+    progress = _Progress(offset=watermark)
     try:
         with stream:
             if expect_inode is not None and st.inode != expect_inode:
                 return replaced("inode_changed")
             if st.compressed:
-                progress.bytes_read = _skip_decompressed(stream, offset, chunk_bytes)
-                if progress.bytes_read < offset:
+                progress.bytes_read = _skip_decompressed(stream, watermark, chunk_bytes)
+                if progress.bytes_read < watermark:
                     return replaced("truncated")
                 end = None
             else:
-                if st.size < offset:
+                if st.size < watermark:
                     return replaced("truncated")
-                stream.seek(offset)
+                stream.seek(watermark)
                 end = st.size
             lines = list(
                 _split_lines(stream, end=end, max_line_bytes=max_line_bytes, chunk_bytes=chunk_bytes, progress=progress)
@@ -355,7 +355,7 @@ def read_new_lines(
         )
     return TailRead(
         lines=lines,
-        new_offset=progress.offset,
+        new_watermark=progress.offset,
         bytes_read=progress.bytes_read,
         oversized_lines=progress.oversized_lines,
         partial_tail=progress.partial_tail,
@@ -379,7 +379,7 @@ class LineStream:
         max_line_bytes: longest line yielded; longer lines are skipped and counted.
         chunk_bytes: size of one read.
         expect_inode: when set, a file with another inode raises ``RolloutReadError("replaced")``.
-        offset: after iteration, the offset just past the last complete line consumed.
+        watermark: after iteration, the offset just past the last complete line consumed.
         bytes_read: bytes read so far.
         oversized_lines: lines skipped for being longer than ``max_line_bytes``.
         partial_tail: iteration ended inside a line without ``\\n`` (not yielded).
@@ -392,7 +392,7 @@ class LineStream:
     max_line_bytes: int
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     expect_inode: int | None = None
-    offset: int = 0
+    watermark: int = 0
     bytes_read: int = 0
     oversized_lines: int = 0
     partial_tail: bool = False
@@ -455,7 +455,7 @@ class LineStream:
             raise RolloutReadError(self.path, "replaced", reason)
 
     def _sync(self, progress: _Progress) -> None:
-        self.offset = progress.offset
+        self.watermark = progress.offset
         self.bytes_read = progress.bytes_read
         self.oversized_lines = progress.oversized_lines
         self.partial_tail = progress.partial_tail
@@ -497,5 +497,5 @@ def read_lines_until(
         max_line_bytes=max_line_bytes,
         chunk_bytes=chunk_bytes,
         expect_inode=expect_inode,
-        offset=start_offset,
+        watermark=start_offset,
     )

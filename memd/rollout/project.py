@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 from memd.rollout.records import SessionMeta
@@ -106,19 +107,74 @@ def project_key(cwd: str | None, *, rule: str = "git") -> str:
     return _git_toplevel(normalised) or normalised
 
 
+class ReasonKind(StrEnum):
+    """Why a thread is not a phase-1 candidate (SPEC §4, conditions 1 and 2).
+
+    ``NOT_READ_YET`` and ``NO_USER_MESSAGES`` are provisional: they can change as more of the
+    rollout is read. The others are decided by the session's head and never change.
+    """
+
+    SOURCE = "source"
+    THREAD_SOURCE = "thread_source"
+    MEMORY_MODE = "memory_mode"
+    NO_USER_MESSAGES = "no_user_messages"
+    NO_SESSION_META = "no_session_meta"
+    NOT_READ_YET = "not_read_yet"
+
+
+#: Reasons that more bytes of the rollout may lift.
+PROVISIONAL_REASONS = frozenset({ReasonKind.NOT_READ_YET, ReasonKind.NO_USER_MESSAGES})
+
+
+@dataclass(frozen=True, slots=True)
+class Ineligible:
+    """A reason a thread is not eligible: a :class:`ReasonKind` and, for sources, what it was.
+
+    Its text (``str()``) is what the database, ``memd status`` and scripts see: ``source:exec``,
+    ``source:subagent:review``, ``thread_source:subagent``, ``memory_mode:disabled``,
+    ``no_user_messages``, ``no_session_meta``, ``not_read_yet``.
+
+    Attributes:
+        kind: the reason.
+        detail: the source label, thread source or memory mode concerned, else ``None``.
+    """
+
+    kind: ReasonKind
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.detail}" if self.detail else str(self.kind)
+
+    @property
+    def provisional(self) -> bool:
+        """Whether reading more of the rollout may make the thread eligible."""
+        return self.kind in PROVISIONAL_REASONS
+
+    @classmethod
+    def parse(cls, text: str) -> Ineligible:
+        """Read a reason back from its text.
+
+        Raises:
+            ValueError: ``text`` names no :class:`ReasonKind`.
+        """
+        kind, _, detail = text.partition(":")
+        return cls(ReasonKind(kind), detail or None)
+
+
+NOT_READ_YET = Ineligible(ReasonKind.NOT_READ_YET)
+NO_USER_MESSAGES = Ineligible(ReasonKind.NO_USER_MESSAGES)
+
+
 @dataclass(frozen=True, slots=True)
 class Eligibility:
     """Whether a thread may become a phase-1 candidate (conditions 1 and 2 of SPEC §4).
 
-    ``reason`` is a short machine-readable word when not eligible: ``source:exec``,
-    ``source:subagent:review``, ``thread_source:subagent`` (a ``thread_source`` other than
-    ``user`` or an allowed source kind — real 0.146 files write ``cli`` there), ``memory_mode:disabled``,
-    ``no_user_messages``, ``no_session_meta``. Idle gate, age and watermark (conditions 3–5) are
-    the scheduler's, because they change with time.
+    ``reason`` says why not (see :class:`Ineligible`). Idle gate, age and watermark (conditions
+    3–5) are the scheduler's, because they change with time.
     """
 
     eligible: bool
-    reason: str | None = None
+    reason: Ineligible | None = None
 
 
 def eligibility(meta: SessionMeta | None, user_messages: int, include_sources: Iterable[str]) -> Eligibility:
@@ -130,16 +186,18 @@ def eligibility(meta: SessionMeta | None, user_messages: int, include_sources: I
         include_sources: source kinds allowed (default ``cli``, ``vscode``, ``unknown``,
             ``custom``); ``exec``, ``mcp``, ``subagent`` and ``internal`` are excluded unless
             listed. ``internal`` (memd's own and Codex's consolidation sessions) is never allowed.
+            A ``thread_source`` other than ``user`` or an allowed source kind (real 0.146 files
+            write ``cli`` there) excludes the thread too.
     """
     if meta is None:
-        return Eligibility(False, "no_session_meta")
+        return Eligibility(False, Ineligible(ReasonKind.NO_SESSION_META))
     allowed = set(include_sources)
     if meta.source_kind == "internal" or meta.source_kind not in allowed:
-        return Eligibility(False, f"source:{meta.source_label}")
+        return Eligibility(False, Ineligible(ReasonKind.SOURCE, meta.source_label))
     if meta.thread_source and meta.thread_source != "user" and meta.thread_source not in allowed:
-        return Eligibility(False, f"thread_source:{meta.thread_source}")
+        return Eligibility(False, Ineligible(ReasonKind.THREAD_SOURCE, meta.thread_source))
     if (meta.memory_mode or "").lower() == "disabled":
-        return Eligibility(False, "memory_mode:disabled")
+        return Eligibility(False, Ineligible(ReasonKind.MEMORY_MODE, "disabled"))
     if user_messages <= 0:
-        return Eligibility(False, "no_user_messages")
+        return Eligibility(False, NO_USER_MESSAGES)
     return Eligibility(True, None)

@@ -19,6 +19,7 @@ import structlog
 from memd.clock import Clock
 from memd.errors import StoreError
 from memd.ingest.indexer import Indexer
+from memd.store.records import JobStatus
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -81,12 +82,12 @@ class Scheduler:
         """
         now = self._clock.now()
         summary = PlanSummary()
-        memories = await self._store.memory_watermarks()
-        for thread in await self._store.list_threads():
+        memories = await self._store.memories.watermarks()
+        for thread in await self._store.threads.list_all():
             if self.max_age_days > 0 and now - thread.updated_at > self.max_age_days * DAY_S:
                 summary.too_old += 1
                 continue
-            if thread.reason and not thread.reason == "not_read_yet" and not thread.reason == "no_user_messages":
+            if thread.reason is not None and not thread.reason.provisional:
                 summary.not_eligible += 1
                 continue
             idle_for = now - thread.updated_at
@@ -113,10 +114,10 @@ class Scheduler:
             if done_watermark is not None and done_watermark >= current.watermark:
                 summary.up_to_date += 1
                 continue
-            job = await self._store.upsert_extract_job(current.id, current.watermark, priority=current.updated_at)
-            if job.status == "dead":
+            job = await self._store.jobs.upsert_extract(current.id, current.watermark, priority=current.updated_at)
+            if job.status is JobStatus.DEAD:
                 summary.dead += 1
-            elif job.status in ("done", "running"):
+            elif job.status in (JobStatus.DONE, JobStatus.RUNNING):
                 summary.up_to_date += 1
             else:
                 summary.queued += 1

@@ -8,9 +8,13 @@ timeout. Every :class:`sqlite3.Error` leaves this package as :class:`memd.errors
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import structlog
@@ -114,7 +118,7 @@ async def connect(path: Path, *, busy_timeout_s: float) -> aiosqlite.Connection:
     try:
         conn.row_factory = sqlite3.Row
         await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        rows = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
         mode = rows[0][0] if rows else None
         if mode != "wal":
             log.warning("store_wal_unavailable", path=str(path), journal_mode=mode)
@@ -131,7 +135,7 @@ async def connect(path: Path, *, busy_timeout_s: float) -> aiosqlite.Connection:
 
 async def user_version(conn: aiosqlite.Connection) -> int:
     """Return ``PRAGMA user_version`` (the schema version; 0 for a new file)."""
-    rows = await conn.execute_fetchall("PRAGMA user_version")
+    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
     return int(rows[0][0])
 
 
@@ -207,3 +211,132 @@ async def open_db(path: Path, *, busy_timeout_s: float) -> aiosqlite.Connection:
         await conn.close()
         raise
     return conn
+
+
+#: SQL parameters: a mapping for ``:name`` placeholders or a sequence for ``?`` placeholders.
+Params = Mapping[str, Any] | Iterable[Any]
+
+
+class Database:
+    """Raw access to the state database: one aiosqlite connection, serialised by a lock.
+
+    The repositories of :mod:`memd.store` run their statements through :meth:`write` (one
+    ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error) and :meth:`read` (autocommit: each
+    statement sees a consistent snapshot). No transaction is ever held across a caller's ``await``.
+
+    Errors: every :class:`sqlite3.Error` is raised as :class:`~memd.errors.StoreError` (a database
+    locked past the busy timeout gives ``"database is locked ..."``), with one log event. If the
+    awaiting task is cancelled, the operation may or may not have committed; the cancellation
+    completes once the statement in flight ends (at most the busy timeout) and the connection is
+    always left clean.
+
+    Args:
+        conn: an open, migrated connection (from :func:`open_db`).
+        path: the database file, for messages.
+        busy_timeout_s: the busy timeout in force, seconds, for messages.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, *, path: Path, busy_timeout_s: float) -> None:
+        self._conn: aiosqlite.Connection | None = conn
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._conn is None
+
+    async def close(self) -> None:
+        """Close the connection (idempotent); an open aiosqlite connection hangs interpreter exit."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            async with self._lock:
+                await conn.close()
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise StoreError(f"the store {self.path} is closed")
+        return self._conn
+
+    async def _rollback_quietly(self, conn: aiosqlite.Connection) -> None:
+        # Queued after whatever is still in flight on the connection's thread (FIFO), so it also
+        # undoes a BEGIN whose await was cancelled. "no transaction is active" is fine.
+        try:
+            await conn.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError):
+            pass
+
+    def error(self, exc: BaseException, op: str) -> StoreError:
+        """The :class:`StoreError` for an SQLite error during ``op`` (see :func:`store_error`)."""
+        return store_error(exc, path=self.path, op=op, busy_timeout_s=self.busy_timeout_s)
+
+    @asynccontextmanager
+    async def write(self, op: str) -> AsyncIterator[Transaction]:
+        """Run the body inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any error).
+
+        Args:
+            op: the domain operation, named in errors and log events (e.g. ``claim_job``).
+
+        Raises:
+            StoreError: an SQLite error, or the database stayed locked past the busy timeout.
+        """
+        async with self._lock:
+            conn = self._connection()
+            try:
+                try:
+                    await conn.execute("BEGIN IMMEDIATE")
+                    yield Transaction(conn)
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await self._rollback_quietly(conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise self.error(exc, op) from exc
+
+    @asynccontextmanager
+    async def read(self, op: str) -> AsyncIterator[Transaction]:
+        """Run autocommit reads (each statement sees a consistent snapshot).
+
+        Raises:
+            StoreError: an SQLite error.
+        """
+        async with self._lock:
+            conn = self._connection()
+            try:
+                yield Transaction(conn)
+            except sqlite3.Error as exc:
+                raise self.error(exc, op) from exc
+
+
+class Transaction:
+    """The statements a repository runs inside :meth:`Database.write` or :meth:`Database.read`.
+
+    Rows come back as :class:`sqlite3.Row`; repositories turn them into frozen records with the
+    row mappers of :mod:`memd.store.records` and never hand rows to their callers.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Params = ()) -> None:
+        """Run one statement, discarding any rows."""
+        await self._conn.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        """Run one statement once per parameter set."""
+        await self._conn.executemany(sql, rows)
+
+    async def rows(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Run one statement and return all its rows."""
+        return list(await self._conn.execute_fetchall(sql, params))
+
+    async def one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        """Run one statement and return its first row, or ``None``."""
+        rows = await self.rows(sql, params)
+        return rows[0] if rows else None
+
+    async def scalar(self, sql: str, params: Params = ()) -> int:
+        """Run a one-value query (``COUNT(*)``, ``SUM(...)``) and return it as an int (0 when NULL)."""
+        row = await self.one(sql, params)
+        return int(row[0] or 0) if row is not None else 0

@@ -1,30 +1,79 @@
-"""Frozen records that cross the store boundary (SPEC §5). Rows never leave the store as dicts.
+"""Vocabularies and frozen records that cross the store boundary (SPEC §5).
 
-Times are epoch seconds (float, UTC). Each record has ``from_row(row)`` for an
-:class:`sqlite3.Row` (or any mapping with the same keys).
+Rows never leave the store as dicts: every repository turns a :class:`sqlite3.Row` into one of
+these records with the record's own ``from_row`` (the one row mapper per record), and records
+that are written turn themselves into SQL parameters with ``params()``. Kinds and statuses are
+:class:`~enum.StrEnum` members (their values are what the database holds).
+
+Times are epoch seconds (float, UTC). Byte offsets consumed from a rollout are *watermarks*; the
+number a claim or lease bumps on every takeover is its *fencing token*.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any, Self
 
+from memd.rollout.project import Ineligible
 
-class _FromRow:
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Build the record from a row whose keys include every field name."""
-        keys = row.keys() if hasattr(row, "keys") else row
-        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in keys})  # type: ignore[arg-type, misc]
+#: A row as the repositories read it (``sqlite3.Row`` or any mapping with the same keys).
+Row = sqlite3.Row | Mapping[str, Any]
+
+
+class JobKind(StrEnum):
+    """What a job does; its key is a thread id (``EXTRACT``) or a project key (``CONSOLIDATE``)."""
+
+    EXTRACT = "extract"
+    CONSOLIDATE = "consolidate"
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life (SPEC §5 ``jobs.status``)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    DEAD = "dead"
+
+
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    """The dataclass field names of ``cls`` (cached: looked up once per record type)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _values(cls: type, row: Row) -> dict[str, Any]:
+    """The row's values for every field of ``cls`` (the row must have them all)."""
+    return {name: row[name] for name in _names(cls)}
+
+
+def _params(record: object) -> dict[str, Any]:
+    """A record's fields as SQL parameters (shallow: ``dataclasses.asdict`` deep-copies and is
+    several times slower, which matters when indexing thousands of files)."""
+    return {name: getattr(record, name) for name in _names(type(record))}
 
 
 @dataclass(frozen=True, slots=True)
-class FileRecord(_FromRow):
+class FileRecord:
     """A rollout file as last seen by the reader (table ``files``).
 
-    ``offset`` is the byte offset just past the last complete line consumed (the watermark);
-    ``head_hash`` is the sha256 hex of the first 4 KiB (detects replacement).
+    Attributes:
+        path: the absolute path the file was found at.
+        kind: the agent that writes it (``codex``).
+        dev, inode, size, mtime: its last ``stat`` (mtime in epoch seconds).
+        watermark: byte offset just past the last complete line consumed.
+        head_hash: sha256 hex of the first 4 KiB (detects replacement), ``""`` while shorter.
+        thread_id: the thread it holds, ``None`` for a file that is not a session.
+        error: why it is not indexed (``unreadable: ...``, ``no_session_meta``), else ``None``.
     """
 
     path: str
@@ -33,14 +82,23 @@ class FileRecord(_FromRow):
     inode: int
     size: int
     mtime: float
-    offset: int
+    watermark: int
     head_hash: str
     thread_id: str | None
     error: str | None = None
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``files`` row."""
+        return cls(**_values(cls, row))
+
+    def params(self) -> dict[str, Any]:
+        """The record as named SQL parameters."""
+        return _params(self)
+
 
 @dataclass(frozen=True, slots=True)
-class ThreadRecord(_FromRow):
+class ThreadRecord:
     """A session (table ``threads``).
 
     Attributes:
@@ -54,7 +112,7 @@ class ThreadRecord(_FromRow):
         user_messages: real user messages (injected context excluded, counted once).
         skipped_lines: malformed lines skipped so far.
         eligible: computed eligibility (SPEC §4, conditions 1, 2 and memory_mode).
-        reason: why not eligible (``source:exec``, ``no_user_messages``, ...) else ``None``.
+        reason: why not eligible, else ``None``.
     """
 
     id: str
@@ -72,25 +130,51 @@ class ThreadRecord(_FromRow):
     user_messages: int
     skipped_lines: int
     eligible: bool
-    reason: str | None
+    reason: Ineligible | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``threads`` row (``eligible`` is stored 0/1, ``reason`` as text)."""
+        values = _values(cls, row)
+        values["eligible"] = bool(values["eligible"])
+        values["reason"] = Ineligible.parse(values["reason"]) if values["reason"] else None
+        return cls(**values)
+
+    def params(self, stats_json: str) -> dict[str, Any]:
+        """The record as named SQL parameters, with the indexer's opaque ``stats`` JSON."""
+        params = _params(self)
+        params["eligible"] = int(self.eligible)
+        params["reason"] = str(self.reason) if self.reason is not None else None
+        params["stats"] = stats_json
+        return params
 
 
 @dataclass(frozen=True, slots=True)
-class JobRecord(_FromRow):
+class JobRecord:
     """A unit of work (table ``jobs``), keyed by (kind, key).
 
-    ``kind`` is ``extract`` (key = thread id) or ``consolidate`` (key = project key);
-    ``status`` ∈ pending|running|done|error|dead; ``token`` is the fencing token of the claim;
-    ``input_watermark`` is what the job must cover, ``success_watermark`` what the last success
-    covered; ``priority`` orders claims, highest first (for ``extract``: the thread's
-    ``updated_at``, so the newest thread is claimed first).
+    Attributes:
+        kind: ``extract`` (key = thread id) or ``consolidate`` (key = project key).
+        key: the thread id or project key.
+        status: see :class:`JobStatus`.
+        owner: the claimant (``host:pid:random``) while ``running``.
+        fencing_token: bumped by every claim; the claim is ``(owner, fencing_token)``.
+        lease_until: when the claim may be taken over (epoch s).
+        attempts: attempts counted for the current input.
+        retry_at: when a failed job may be claimed again (epoch s).
+        last_error: the last failure, one line.
+        input_watermark: the watermark the job must cover.
+        success_watermark: the watermark the last success covered.
+        created_at, updated_at, started_at: epoch s.
+        priority: claim order, highest first (for ``extract``: the thread's ``updated_at``, so
+            the newest thread is claimed first).
     """
 
-    kind: str
+    kind: JobKind
     key: str
-    status: str
+    status: JobStatus
     owner: str | None
-    token: int
+    fencing_token: int
     lease_until: float | None
     attempts: int
     retry_at: float | None
@@ -102,24 +186,46 @@ class JobRecord(_FromRow):
     started_at: float | None = None
     priority: float = 0.0
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``jobs`` row."""
+        values = _values(cls, row)
+        values["kind"] = JobKind(values["kind"])
+        values["status"] = JobStatus(values["status"])
+        return cls(**values)
+
 
 @dataclass(frozen=True, slots=True)
-class LeaseRecord(_FromRow):
-    """A named lease (table ``leases``). ``token`` is monotonic and never reset."""
+class LeaseRecord:
+    """A named lease (table ``leases``), e.g. ``consolidate:<project>``.
+
+    Attributes:
+        name: the lease name.
+        owner: the holder, ``None`` once released.
+        fencing_token: monotonic, never reset; bumped by every acquisition.
+        expires_at: when it may be taken over (epoch s).
+        heartbeat_at: the last renewal (epoch s).
+    """
 
     name: str
     owner: str | None
-    token: int
+    fencing_token: int
     expires_at: float
     heartbeat_at: float | None
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``leases`` row."""
+        return cls(**_values(cls, row))
+
 
 @dataclass(frozen=True, slots=True)
-class MemoryRecord(_FromRow):
+class MemoryRecord:
     """A thread's trace memory (table ``memories``).
 
     ``path`` is the trace file relative to the project's memory root (``None`` for a no-op);
-    ``extractor`` is ``offline`` or the model name; tokens are 0 for offline.
+    ``source_watermark`` is the thread watermark it was built from; ``extractor`` is ``offline``
+    or the model name; tokens are 0 for offline.
     """
 
     thread_id: str
@@ -133,9 +239,18 @@ class MemoryRecord(_FromRow):
     tokens_in: int
     tokens_out: int
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``memories`` row."""
+        return cls(**_values(cls, row))
+
+    def params(self) -> dict[str, Any]:
+        """The record as named SQL parameters."""
+        return _params(self)
+
 
 @dataclass(frozen=True, slots=True)
-class ProjectRecord(_FromRow):
+class ProjectRecord:
     """A project's memory freshness (table ``projects``), keyed by the project key (SPEC §4).
 
     Attributes:
@@ -160,12 +275,17 @@ class ProjectRecord(_FromRow):
     failures: int
     last_error: str | None
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``projects`` row."""
+        return cls(**_values(cls, row))
+
 
 @dataclass(frozen=True, slots=True)
-class DaemonRecord(_FromRow):
+class DaemonRecord:
     """A daemon process that used the state (table ``daemons``), shown by ``memd status``.
 
-    ``owner`` is the ``host:pid:random`` owner string the daemon also uses for leases;
+    ``owner`` is the ``host:pid:random`` owner string the daemon also uses for claims and leases;
     ``stopped_at`` is ``None`` while it runs (or if it died without unregistering — compare
     ``heartbeat_at`` with the time to tell).
     """
@@ -177,9 +297,14 @@ class DaemonRecord(_FromRow):
     heartbeat_at: float
     stopped_at: float | None
 
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``daemons`` row."""
+        return cls(**_values(cls, row))
+
 
 @dataclass(frozen=True, slots=True)
-class StoreCounts(_FromRow):
+class StoreCounts:
     """Totals for ``memd status``: threads, eligible threads, memories, projects, and jobs of every
     kind by status."""
 
@@ -192,3 +317,8 @@ class StoreCounts(_FromRow):
     jobs_done: int
     jobs_error: int
     jobs_dead: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of the one-row totals query."""
+        return cls(**_values(cls, row))

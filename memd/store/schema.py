@@ -136,6 +136,13 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 );
 """,
+    2: """
+-- One name per concept (SPEC §17): the consumed byte offset is the watermark, and the number a
+-- claim or lease bumps is its fencing token.
+ALTER TABLE files RENAME COLUMN offset TO watermark;
+ALTER TABLE jobs RENAME COLUMN token TO fencing_token;
+ALTER TABLE leases RENAME COLUMN token TO fencing_token;
+""",
 }
 
 #: The schema version this code writes and understands.

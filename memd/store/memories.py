@@ -1,0 +1,71 @@
+"""The memories repository: one trace memory per thread (table ``memories``, SPEC §5, §6.3).
+
+A memory row is written by the fenced commit of its extract job
+(:meth:`~memd.store.jobs.JobRepository.finish_extract`); this repository reads and deletes them.
+"""
+
+from __future__ import annotations
+
+from memd.clock import Clock
+from memd.store.db import Database
+from memd.store.projects import bump_project
+from memd.store.records import MemoryRecord
+
+
+class MemoryRepository:
+    """Memories. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
+
+    Args:
+        db: the database.
+        clock: the time source for every timestamp written.
+    """
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def get(self, thread_id: str) -> MemoryRecord | None:
+        """Return the thread's memory, or ``None``."""
+        async with self._db.read("get_memory") as tx:
+            row = await tx.one("SELECT * FROM memories WHERE thread_id = ?", (thread_id,))
+        return MemoryRecord.from_row(row) if row else None
+
+    async def list_for_project(self, project: str) -> list[MemoryRecord]:
+        """Return the project's memories, newest source first.
+
+        Ordered by the thread's last activity (``threads.updated_at``), then ``generated_at``.
+        """
+        async with self._db.read("list_memories") as tx:
+            rows = await tx.rows(
+                """
+                SELECT m.* FROM memories AS m LEFT JOIN threads AS t ON t.id = m.thread_id
+                WHERE m.project = ?
+                ORDER BY COALESCE(t.updated_at, m.generated_at) DESC, m.generated_at DESC,
+                         m.thread_id
+                """,
+                (project,),
+            )
+        return [MemoryRecord.from_row(row) for row in rows]
+
+    async def watermarks(self) -> dict[str, int]:
+        """Return ``{thread id: source_watermark}`` for every memory (scheduler, status)."""
+        async with self._db.read("memory_watermarks") as tx:
+            rows = await tx.rows("SELECT thread_id, source_watermark FROM memories")
+        return {row["thread_id"]: int(row["source_watermark"]) for row in rows}
+
+    async def delete(self, thread_id: str) -> MemoryRecord | None:
+        """Delete the thread's memory row (``memd forget``) and bump its project's ``memory_seq``.
+
+        The extract job is left as is (a ``done`` job is not re-extracted until the thread
+        grows). The caller removes the trace file named by the returned record's ``path``.
+
+        Returns:
+            The deleted memory, or ``None`` if there was none.
+        """
+        now = self._clock.now()
+        async with self._db.write("delete_memory") as tx:
+            row = await tx.one("SELECT * FROM memories WHERE thread_id = ?", (thread_id,))
+            if row is not None:
+                await tx.execute("DELETE FROM memories WHERE thread_id = ?", (thread_id,))
+                await bump_project(tx, row["project"], now)
+        return MemoryRecord.from_row(row) if row else None

@@ -1,0 +1,164 @@
+"""The threads repository: rollout files and the sessions they hold (tables ``files``, ``threads``).
+
+The indexer's aggregate (SPEC §3.3, §5): a file record carries the watermark the reader reached,
+and a thread is written together with the file it was read from, in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+from memd.store.db import Database
+from memd.store.records import FileRecord, ThreadRecord
+
+_UPSERT_FILE = """
+    INSERT INTO files (path, kind, dev, inode, size, mtime, watermark, head_hash, thread_id, error)
+    VALUES (:path, :kind, :dev, :inode, :size, :mtime, :watermark, :head_hash, :thread_id, :error)
+    ON CONFLICT(path) DO UPDATE SET
+        kind = excluded.kind, dev = excluded.dev, inode = excluded.inode,
+        size = excluded.size, mtime = excluded.mtime, watermark = excluded.watermark,
+        head_hash = excluded.head_hash, thread_id = excluded.thread_id, error = excluded.error
+"""
+
+_UPSERT_THREAD = """
+    INSERT INTO threads (id, path, project, cwd, source, originator, cli_version,
+        model, title, created_at, updated_at, watermark, user_messages,
+        skipped_lines, eligible, reason, stats)
+    VALUES (:id, :path, :project, :cwd, :source, :originator, :cli_version,
+        :model, :title, :created_at, :updated_at, :watermark, :user_messages,
+        :skipped_lines, :eligible, :reason, :stats)
+    ON CONFLICT(id) DO UPDATE SET
+        path = excluded.path, project = excluded.project, cwd = excluded.cwd,
+        source = excluded.source, originator = excluded.originator,
+        cli_version = excluded.cli_version, model = excluded.model,
+        title = excluded.title, created_at = excluded.created_at,
+        updated_at = excluded.updated_at, watermark = excluded.watermark,
+        user_messages = excluded.user_messages,
+        skipped_lines = excluded.skipped_lines, eligible = excluded.eligible,
+        reason = excluded.reason, stats = excluded.stats
+"""
+
+#: A thread as the indexer writes it: the record, its opaque stats JSON, and its file.
+ThreadWrite = tuple[ThreadRecord, str, FileRecord]
+
+
+def _json_list(values: Iterable[str]) -> str:
+    """A JSON array of the distinct values, for ``IN (SELECT value FROM json_each(?))``."""
+    return json.dumps(sorted(set(values)))
+
+
+class ThreadRepository:
+    """Files and threads. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
+
+    Args:
+        db: the database.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------------ files
+
+    async def get_file(self, path: str) -> FileRecord | None:
+        """Return the file record for ``path`` (absolute path string), or ``None``."""
+        async with self._db.read("get_file") as tx:
+            row = await tx.one("SELECT * FROM files WHERE path = ?", (path,))
+        return FileRecord.from_row(row) if row else None
+
+    async def get_files(self, paths: Iterable[str]) -> dict[str, FileRecord]:
+        """Return the records of those ``paths`` that are known, keyed by path (one query)."""
+        async with self._db.read("get_files") as tx:
+            rows = await tx.rows(
+                "SELECT * FROM files WHERE path IN (SELECT value FROM json_each(?))", (_json_list(paths),)
+            )
+        return {row["path"]: FileRecord.from_row(row) for row in rows}
+
+    async def all_files(self) -> dict[str, FileRecord]:
+        """Return every known file, keyed by path."""
+        async with self._db.read("all_files") as tx:
+            rows = await tx.rows("SELECT * FROM files ORDER BY path")
+        return {row["path"]: FileRecord.from_row(row) for row in rows}
+
+    async def record_file(self, file: FileRecord) -> None:
+        """Insert or replace the record of one file (keyed by ``file.path``)."""
+        async with self._db.write("record_file") as tx:
+            await tx.execute(_UPSERT_FILE, file.params())
+
+    async def forget_file(self, path: str) -> bool:
+        """Delete the record of ``path`` (its thread is kept). Returns whether it existed."""
+        return await self.forget_files([path]) == 1
+
+    async def forget_files(self, paths: Iterable[str]) -> int:
+        """Delete the records of ``paths`` in one transaction (their threads are kept).
+
+        Returns:
+            How many of them existed.
+        """
+        async with self._db.write("forget_files") as tx:
+            rows = await tx.rows(
+                "DELETE FROM files WHERE path IN (SELECT value FROM json_each(?)) RETURNING 1", (_json_list(paths),)
+            )
+        return len(rows)
+
+    # ------------------------------------------------------------------ threads
+
+    async def record(self, thread: ThreadRecord, stats_json: str, file: FileRecord) -> None:
+        """Upsert a thread and the file it was read from, in one transaction.
+
+        A thread seen at a new path (archived: moved to ``archived_sessions``) keeps its id and
+        gets the new ``path``; the old path's file record is left to the reader
+        (:meth:`forget_file`).
+
+        Args:
+            thread: the thread's metadata and watermark.
+            stats_json: an opaque JSON string the indexer persists with the thread.
+            file: the rollout file's record (its ``watermark`` is normally ``thread.watermark``).
+        """
+        await self.record_many([(thread, stats_json, file)])
+
+    async def record_many(self, threads: Sequence[ThreadWrite], *, files: Sequence[FileRecord] = ()) -> None:
+        """Upsert many threads with their files, and files without a thread, in one transaction.
+
+        The batch form of :meth:`record` and :meth:`record_file` for the indexer: one
+        ``BEGIN IMMEDIATE`` for the whole batch instead of one per file. Rows are written in
+        order (``files`` first), so a later entry for the same path or thread id wins.
+
+        Args:
+            threads: ``(thread, stats_json, file)`` triples as for :meth:`record`.
+            files: file records without a thread (unreadable or not a session, with ``error``).
+        """
+        if not threads and not files:
+            return
+        file_rows = [f.params() for f in files] + [f.params() for _, _, f in threads]
+        thread_rows = [t.params(stats) for t, stats, _ in threads]
+        async with self._db.write("record_threads") as tx:
+            await tx.executemany(_UPSERT_FILE, file_rows)
+            if thread_rows:
+                await tx.executemany(_UPSERT_THREAD, thread_rows)
+
+    async def get(self, thread_id: str) -> ThreadRecord | None:
+        """Return the thread with id ``thread_id``, or ``None``."""
+        async with self._db.read("get_thread") as tx:
+            row = await tx.one("SELECT * FROM threads WHERE id = ?", (thread_id,))
+        return ThreadRecord.from_row(row) if row else None
+
+    async def get_many(self, thread_ids: Iterable[str]) -> dict[str, ThreadRecord]:
+        """Return those of ``thread_ids`` that are known, keyed by id (one query)."""
+        async with self._db.read("get_threads") as tx:
+            rows = await tx.rows(
+                "SELECT * FROM threads WHERE id IN (SELECT value FROM json_each(?))", (_json_list(thread_ids),)
+            )
+        return {row["id"]: ThreadRecord.from_row(row) for row in rows}
+
+    async def stats(self, thread_id: str) -> str | None:
+        """Return the opaque stats JSON string stored with the thread, or ``None``."""
+        async with self._db.read("get_thread_stats") as tx:
+            row = await tx.one("SELECT stats FROM threads WHERE id = ?", (thread_id,))
+        return str(row["stats"]) if row else None
+
+    async def list_all(self) -> list[ThreadRecord]:
+        """Return every thread, most recent activity (``updated_at``) first."""
+        async with self._db.read("list_threads") as tx:
+            rows = await tx.rows("SELECT * FROM threads ORDER BY updated_at DESC, id")
+        return [ThreadRecord.from_row(row) for row in rows]
