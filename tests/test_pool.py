@@ -68,7 +68,7 @@ async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int 
         inode=1000 + n,
         size=watermark,
         mtime=updated_at,
-        offset=watermark,
+        watermark=watermark,
         head_hash="0" * 64,
         thread_id=thread.id,
     )

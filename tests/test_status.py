@@ -20,6 +20,7 @@ import pytest
 from memd.cli import main
 from memd.clock import FakeClock
 from memd.config import default_state_dir
+from memd.rollout.project import Ineligible
 from memd.status import daemon_alive, pid_alive
 from memd.store.records import DaemonRecord, FileRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store, make_owner
@@ -45,7 +46,7 @@ def _thread(thread_id: str, project: str, *, now: float, watermark: int = 100, r
         user_messages=0 if reason == "no_user_messages" else 2,
         skipped_lines=0,
         eligible=reason is None,
-        reason=reason,
+        reason=Ineligible.parse(reason) if reason else None,
     )
 
 
