@@ -32,6 +32,7 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
   a naive Python loop that re-scans the sessions tree every second, measured in the same window.
 * ``quality_fact_recall`` / ``quality_filler_ratio`` — memory quality of ``memd once`` (offline)
   over the real rollouts against hand-read facts; see :mod:`memd.bench.quality`.
+* ``redaction_recall`` / ``redaction_false_positive_rate`` — see :mod:`memd.bench.redaction`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import structlog
 
 from memd.bench import corpus
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
+from memd.bench.redaction import REDACTION_TARGETS, bench_redaction
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +79,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "idle_cpu_s_per_10min": ("<=", 0.5),
     "rss_mb": ("<=", 100.0),
     **QUALITY_TARGETS,
+    **REDACTION_TARGETS,
 }
 
 #: The figure keys, in table order.
@@ -928,6 +931,7 @@ def run_bench(
                 latency_s=sizes.pool_latency_s,
             ),
         )
+        step(list(REDACTION_TARGETS), "secret redaction corpus", bench_redaction)
         step(
             ["idle_cpu_s_per_10min", "rss_mb"],
             f"idle daemon ({sizes.idle_window_s:g}s window)",
