@@ -1,1 +1,1 @@
-"""The read path (SPEC §18): what goes back to the agents (context, hooks, MCP server, usage signal)."""
+"""The read path (SPEC §18): what goes back to the agents — context, hooks, the MCP server, usage."""
