@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from memd.clock import parse_iso
-
 #: The schema version that created the tables below (``memd.store.schema``).
 SEARCH_SCHEMA_VERSION = 2
 
@@ -202,12 +200,15 @@ def entry_key(text: str) -> str:
 
 
 def _epoch(date: str) -> float:
+    """``YYYY-MM-DD`` or an ISO-8601 time (``Z`` or offset) to epoch seconds; 0.0 when unparseable."""
     from datetime import UTC, datetime
 
+    text = date.strip()
     try:
-        return datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
         return 0.0
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _citations(text: str) -> tuple[tuple[str, ...], float]:
@@ -339,8 +340,7 @@ def _header_date(values: dict[str, str], mtime_s: float) -> float:
     for key in ("session_date", "started_at", "updated_at"):
         match = _DATE.search(values.get(key, ""))
         if match:
-            parsed = parse_iso(values[key].strip())
-            return parsed if parsed is not None else _epoch(match.group(0))
+            return _epoch(values[key]) or _epoch(match.group(0))
     return mtime_s
 
 
