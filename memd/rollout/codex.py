@@ -26,6 +26,12 @@ text, after leading whitespace, starts (case-insensitively, as Codex itself comp
   codex-rs itself (``model_visible_context.rs``), which excludes them from real user intent;
 * :data:`MEMD_MEMORY_MARKER` — memory that memd itself produced.
 
+Feedback-loop guard (SPEC §18): every ``<memd-context ...>...</memd-context>`` block is removed from
+user, developer and assistant text, tool outputs and compaction summaries
+(:func:`memd.rollout.guard.strip_memd_context`); a user message that held only such blocks is injected.
+MCP tools recorded as ``{"namespace": "mcp__memd", "name": "memory_search"}`` (Codex 0.17x) are named
+``mcp__memd__memory_search``, as older releases wrote them.
+
 Not injected, on purpose: ``# Context from my IDE setup:`` (the VS Code extension prefixes the
 user's own typed request with it — the real request follows under ``## My request for Codex:``).
 ``<permissions instructions>``, ``<collaboration_mode>``, ``<skills_instructions>`` and
@@ -46,6 +52,7 @@ from typing import Any, Literal
 import orjson
 
 from memd.clock import parse_iso
+from memd.rollout.guard import strip_memd_context
 from memd.rollout.records import (
     AssistantMessage,
     CommandEnd,
@@ -374,6 +381,9 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
         name = _str(p.get("name"))
         if not name:
             return _UNKNOWN
+        namespace = _str(p.get("namespace"))
+        if namespace and not name.startswith(namespace + "__"):  # Codex 0.17x: MCP tools as a namespace tool
+            name = f"{namespace}__{name}"
         return _one(_tool_call(name, _call_id(p), _arguments_text(p.get("arguments")), ts))
     if kind == "custom_tool_call":
         name = _str(p.get("name"))
@@ -411,7 +421,7 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
         )
     if kind in ("function_call_output", "custom_tool_call_output", "tool_search_output"):
         output, exit_code = _tool_output(p.get("output"))
-        return _one(ToolOutput(call_id=_call_id(p), output=output, exit_code=exit_code, ts=ts))
+        return _one(ToolOutput(call_id=_call_id(p), output=strip_memd_context(output), exit_code=exit_code, ts=ts))
     if kind in _DROPPED_RESPONSE_TYPES:
         return _EMPTY
     return _UNKNOWN
@@ -419,8 +429,11 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
 
 def _message(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     role = p.get("role")
-    text, images = _content_text(p.get("content"))
+    raw, images = _content_text(p.get("content"))
+    text = strip_memd_context(raw)
     if role == "user":
+        if text != raw and not text:  # only memd's own injected memory: not the user speaking
+            return _one(UserMessage(text="", origin="response", injected=True, images=images, ts=ts))
         return _one(UserMessage(text=text, origin="response", injected=is_injected_text(text), images=images, ts=ts))
     if role == "assistant":
         return _one(AssistantMessage(text=text, phase=_str(p.get("phase")), origin="response", ts=ts))
@@ -565,13 +578,16 @@ def _text_exit_code(text: str) -> int | None:
 def _event(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     kind = _str(p.get("type"))
     if kind == "user_message":
-        text = _str(p.get("message")) or ""
+        raw = _str(p.get("message")) or ""
+        text = strip_memd_context(raw)
         images = _len(p.get("images")) + _len(p.get("local_images"))
-        injected = is_injected_text(text) or _str(p.get("kind")) in _INJECTED_EVENT_KINDS
+        injected = (text != raw and not text) or is_injected_text(text) or _str(p.get("kind")) in _INJECTED_EVENT_KINDS
         return _one(UserMessage(text=text, origin="event", injected=injected, images=images, ts=ts))
     if kind == "agent_message":
         return _one(
-            AssistantMessage(text=_str(p.get("message")) or "", phase=_str(p.get("phase")), origin="event", ts=ts)
+            AssistantMessage(
+                text=strip_memd_context(_str(p.get("message")) or ""), phase=_str(p.get("phase")), origin="event", ts=ts
+            )
         )
     if kind == "exec_command_end":
         output = next(
@@ -583,7 +599,7 @@ def _event(p: dict[str, Any], ts: float | None) -> LineResult | Item:
                 call_id=_call_id(p),
                 command=_command_text(p.get("command")) or "",
                 exit_code=_int(p.get("exit_code")),
-                output=output,
+                output=strip_memd_context(output),
                 ts=ts,
             )
         )
@@ -612,9 +628,9 @@ def _compaction(p: dict[str, Any], ts: float | None) -> Compaction:
     if isinstance(history, list):
         for entry in history:
             if isinstance(entry, dict) and entry.get("type") == "message" and entry.get("role") == "user":
-                text, _ = _content_text(entry.get("content"))
-                replaced += not is_injected_text(text)
-    return Compaction(message=_str(p.get("message")) or "", replaced_user_messages=replaced, ts=ts)
+                text = strip_memd_context(_content_text(entry.get("content"))[0])
+                replaced += bool(text.strip()) and not is_injected_text(text)
+    return Compaction(message=strip_memd_context(_str(p.get("message")) or ""), replaced_user_messages=replaced, ts=ts)
 
 
 # --- small coercions (rollouts carry wrong types: never trust a field) ----------------------
