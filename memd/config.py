@@ -111,6 +111,21 @@ class ConsolidationSettings(BaseModel):
     kill_grace_s: float = Field(default=10.0, ge=0)
     max_traces_per_project: int = Field(default=10, ge=1)
     model: str | None = None
+    #: MEMORY.md entries unused for this many days (on the project's own timeline) may fall out (SPEC §18).
+    max_unused_days: float = Field(default=90.0, gt=0)
+
+
+class ContextSettings(BaseModel):
+    """``[context]``: what ``memd context`` gives a new session (SPEC §18).
+
+    ``memd context`` reads these two keys without pydantic (``memd.read.context.load_context_settings``,
+    held equal to this model by a test) to start fast.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    budget_tokens: int = Field(default=1_500, ge=200, le=2_000)
 
 
 class Settings(BaseSettings):
@@ -147,6 +162,7 @@ class Settings(BaseSettings):
 
     llm: LLMSettings = Field(default_factory=LLMSettings)
     consolidation: ConsolidationSettings = Field(default_factory=ConsolidationSettings)
+    context: ContextSettings = Field(default_factory=ContextSettings)
 
     @field_validator("sessions", mode="before")
     @classmethod

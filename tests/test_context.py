@@ -138,7 +138,7 @@ def test_sections_rank_by_usage_then_recency(repo: Path) -> None:
     conn = sqlite3.connect(s.db_path)
     conn.executescript(
         "CREATE TABLE threads (id TEXT PRIMARY KEY, updated_at REAL);"
-        "CREATE TABLE memories (thread_id TEXT, project TEXT);" + SCHEMA_SQL + "PRAGMA user_version = 2;"
+        "CREATE TABLE memories (thread_id TEXT, project TEXT);" + SCHEMA_SQL
     )
     key = entry_key("- Keep it pure HTML, CSS and JS: no frameworks. [019a085e 2025-10-21]")
     conn.execute("INSERT INTO memory_use VALUES (?, 'MEMORY.md', ?, 't9', 'call-1', 1.0)", (str(repo), key))
@@ -239,3 +239,37 @@ def test_a_git_worktree_shares_its_main_repositorys_memory(tmp_path: Path) -> No
     make_memory(s.memory_dir, str(main.resolve()))
     code, out, _ = call(ContextRequest(str(tmp_path / "wt"), None, ContextFormat.TEXT, None))
     assert code == 0 and f'project="{main.resolve()}"' in out
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ("", {}),
+        ("[context]\nenabled = false\nbudget_tokens = 700\n", {}),
+        (
+            'memory_dir = "~/mem"\nstate_dir = "/tmp/st"\nproject_key = "cwd"\n[context]\nbudget_tokens = 900\n',
+            {"MEMD_CONTEXT__BUDGET_TOKENS": "1200", "MEMD_MEMORY_DIR": "/tmp/m2"},
+        ),
+        ("[context]\nenabled = true\n", {"MEMD_CONTEXT__ENABLED": "false", "MEMD_STATE_DIR": "~/s"}),
+        (None, {"XDG_DATA_HOME": "/tmp/xd", "XDG_STATE_HOME": "/tmp/xs"}),
+    ],
+)
+def test_the_light_reader_agrees_with_memds_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str | None, env: dict[str, str]
+) -> None:
+    from memd.config import load_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = None
+    if toml is not None:
+        path = tmp_path / "memd.toml"
+        path.write_text(toml)
+    full = load_settings(path)
+    light = load_context_settings(path)
+    assert (light.memory_dir, light.state_dir, light.project_key_rule) == (
+        full.memory_dir,
+        full.state_dir,
+        full.project_key,
+    )
+    assert (light.enabled, light.budget_tokens) == (full.context.enabled, full.context.budget_tokens)

@@ -176,6 +176,30 @@ def test_open_never_creates_or_migrates_a_database(tmp_path: Path) -> None:
     assert SearchIndex.open(missing) is None
     assert not missing.exists()
     conn = sqlite3.connect(missing)
+    conn.execute("CREATE TABLE threads (id TEXT)")
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     assert SearchIndex.open(missing) is None  # an older schema: the daemon migrates, readers never do
+
+
+async def test_the_state_database_migration_creates_the_same_tables(db_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    from memd.store.store import Store
+
+    store = await Store.open(db_path, clock=clock)
+    await store.close()
+    index = SearchIndex.open(db_path)
+    assert index is not None
+
+    def shape(conn: sqlite3.Connection) -> dict[str, list[str]]:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE name IN ('search_files', 'search_chunks', 'memory_use')"
+            )
+        ]
+        return {n: [c[1] for c in conn.execute(f"PRAGMA table_info({n})")] for n in sorted(names)}
+
+    assert shape(index._conn) == shape(SearchIndex.scratch()._conn)
+    index.record_uses([UseEvent("p", "MEMORY.md", "e", "t", "c", 1.0)])
+    assert index.usage_counts() == {"p": 1}
+    index.close()

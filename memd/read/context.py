@@ -341,9 +341,9 @@ def _facts(settings: ContextSettings, project: str, root: Path) -> _Facts:
                     (project,),
                 ).fetchone()
                 sessions, newest = int(row[0] or 0), float(row[1] or 0.0)
-                if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= 2:
-                    from memd.store.search import SearchIndex
+                from memd.store.search import SearchIndex, has_search_tables
 
+                if has_search_tables(conn):
                     usage = SearchIndex(conn).usage(project)
             finally:
                 conn.close()
@@ -512,7 +512,7 @@ def parse_args(argv: Sequence[str]) -> ContextRequest:
     while index < len(args):
         arg = args[index]
         name, eq, inline = arg.partition("=")
-        if name in ("--cwd", "--budget", "--format", "--config"):
+        if name in ("--cwd", "--budget", "--format", "--config", "--log-level"):
             if eq:
                 value = inline
             elif index + 1 < len(args):
@@ -520,7 +520,9 @@ def parse_args(argv: Sequence[str]) -> ContextRequest:
                 value = args[index]
             else:
                 raise ValueError(f"{name}: expected one argument")
-            if name == "--cwd":
+            if name == "--log-level":
+                pass  # a global option of memd; context logs nothing
+            elif name == "--cwd":
                 cwd = value
             elif name == "--config":
                 config = Path(value)

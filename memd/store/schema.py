@@ -143,6 +143,33 @@ ALTER TABLE files RENAME COLUMN offset TO watermark;
 ALTER TABLE jobs RENAME COLUMN token TO fencing_token;
 ALTER TABLE leases RENAME COLUMN token TO fencing_token;
 """,
+    3: """
+-- The read path (SPEC §18): the full-text index over memory files (memd.store.search) ...
+CREATE TABLE search_files (
+    project   TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    size      INTEGER NOT NULL,
+    PRIMARY KEY (project, path)
+);
+CREATE VIRTUAL TABLE search_chunks USING fts5(
+    heading, body,
+    project UNINDEXED, path UNINDEXED, kind UNINDEXED, line_start UNINDEXED, line_end UNINDEXED,
+    entry UNINDEXED, session_ids UNINDEXED, date_s UNINDEXED,
+    tokenize = 'porter unicode61'
+);
+-- ... and the memory-use ledger: one row per use of a memory piece seen in a later transcript.
+CREATE TABLE memory_use (
+    project   TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    entry     TEXT NOT NULL DEFAULT '',
+    thread_id TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    used_at   REAL NOT NULL,
+    PRIMARY KEY (thread_id, event_id, project, path, entry)
+);
+CREATE INDEX memory_use_project ON memory_use(project, path, entry);
+""",
 }
 
 #: The schema version this code writes and understands.

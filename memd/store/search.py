@@ -1,6 +1,7 @@
 """The full-text search index over memory files, and the memory-use ledger (SPEC §18).
 
-A repository on the state database (``state_dir/memd.sqlite3``, schema version 2) driven through the
+A repository on the state database (``state_dir/memd.sqlite3``, tables from the schema migration that
+holds :data:`SCHEMA_SQL`) driven through the
 stdlib :mod:`sqlite3` module, so that the short-lived readers — ``memd mcp`` and ``memd context`` — need
 neither the daemon nor aiosqlite. The daemon calls :meth:`SearchIndex.refresh` (in a thread) after an
 extraction commits and after a consolidation; the MCP server calls it before each search, which costs
@@ -35,9 +36,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-
-#: The schema version that created the tables below (``memd.store.schema``).
-SEARCH_SCHEMA_VERSION = 2
 
 #: bm25 weight of the heading column against the body (1.0).
 HEADING_WEIGHT = 4.0
@@ -455,6 +453,14 @@ def fts_query(query: str) -> str:
 # --------------------------------------------------------------------------- the repository
 
 
+def has_search_tables(conn: sqlite3.Connection) -> bool:
+    """Whether the database holds the search and usage tables (schema migration applied)."""
+    rows = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name IN ('search_chunks', 'search_files', 'memory_use')"
+    ).fetchone()
+    return int(rows[0]) == 3
+
+
 def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the search and usage tables on a scratch connection (a real database gets migration 2)."""
     conn.executescript(SCHEMA_SQL)
@@ -477,8 +483,8 @@ class SearchIndex:
     def open(cls, db_path: Path, *, busy_timeout_s: float = 5.0) -> SearchIndex | None:
         """Open the state database's index, or return ``None`` when it cannot serve.
 
-        ``None`` when the file is missing or its schema is older than :data:`SEARCH_SCHEMA_VERSION`
-        (the daemon migrates it; readers never do). Never creates the database.
+        ``None`` when the file is missing or its schema predates the search tables (the daemon
+        migrates it; readers never do). Never creates the database.
 
         Raises:
             sqlite3.Error: the file exists but is not a readable SQLite database.
@@ -489,8 +495,7 @@ class SearchIndex:
             f"file:{db_path}?mode=rw", uri=True, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False
         )
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SEARCH_SCHEMA_VERSION:
+            if not has_search_tables(conn):
                 conn.close()
                 return None
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
