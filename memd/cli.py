@@ -2,7 +2,8 @@
 
 Commands: ``run`` (the daemon), ``once``, ``scan``, ``status [--json]``, ``show [PATH]``,
 ``consolidate --root DIR``, ``retry [THREAD]``, ``forget THREAD``, ``backfill --since DATE``,
-``doctor``, ``service install`` and ``bench``.
+``doctor``, ``service install``, ``bench``, and the read path (SPEC §18): ``context``,
+``hooks install|uninstall claude|codex``, ``mcp`` and ``mcp install|uninstall claude|codex``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = svc.add_parser("install", help="write the user unit and print the systemctl lines")
     q.add_argument("--hardening", action="store_true", help="also install the hardening drop-in")
     q.add_argument("--force", action="store_true", help="overwrite an existing unit")
+    p = sub.add_parser("context", help="print this project's memory for a new agent session (SessionStart hook)")
+    p.add_argument("--cwd", metavar="DIR", help="a directory in the project (default: the current one)")
+    p.add_argument("--budget", type=int, metavar="TOKENS", help="size limit (default [context] budget_tokens)")
+    p.add_argument("--format", choices=["text", "json", "claude-hook", "codex-hook"], default="text")
+    p = sub.add_parser("hooks", help="install or remove memd's SessionStart hook in Claude Code or Codex")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("agent", choices=["claude", "codex"])
+    p.add_argument("--project", type=Path, metavar="DIR", help="this project only (its .claude/ or .codex/)")
+    p = sub.add_parser("mcp", help="run the read-only MCP server on stdio, or register it with an agent")
+    p.add_argument("action", nargs="?", choices=["install", "uninstall"], help="register / unregister it")
+    p.add_argument("agent", nargs="?", choices=["claude", "codex"])
+    p.add_argument("--project", type=Path, metavar="DIR", help="Codex: this project's .codex/config.toml")
     p = sub.add_parser("bench", help="measure memd against SPEC §15 (synthetic corpus)")
     p.add_argument("--quick", action="store_true", help="smaller corpus, scaled figures (< 4 min on 2 cores)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
@@ -128,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "service" and args.service_command is None:
         print("memd service: choose an action (install)", file=sys.stderr)
         return 2
+    if args.command in ("hooks", "mcp") and args.action is not None and args.agent is None:
+        print(f"memd {args.command} {args.action}: choose an agent (claude or codex)", file=sys.stderr)
+        return 2
+    if args.command == "context":
+        return _cmd_context(args)
+    if args.command == "mcp" and args.action is None:
+        return _cmd_mcp_serve(args)
     if args.config is not None:  # child processes (the consolidation command) read the same file
         os.environ["MEMD_CONFIG"] = str(args.config.expanduser().absolute())
     try:
@@ -153,6 +173,88 @@ def entry() -> None:
     sys.exit(main())
 
 
+def _cmd_context(args: argparse.Namespace) -> int:
+    """``memd context``: no daemon, no pydantic settings, fail open in hook formats (memd.read.context)."""
+    from memd.read.context import ContextFormat, ContextRequest, run
+
+    request = ContextRequest(args.cwd, args.budget, ContextFormat(args.format), args.config)
+    return run(request, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def _cmd_mcp_serve(args: argparse.Namespace) -> int:
+    """``memd mcp``: the stdio MCP server (stdout is the protocol: every log goes to stderr)."""
+    from memd.read.context import ContextConfigError, load_context_settings
+
+    try:
+        settings = load_context_settings(args.config)
+    except ContextConfigError as exc:
+        print(f"memd mcp: configuration error: {exc}", file=sys.stderr)
+        return 78
+    from memd.read.mcp import serve
+
+    return serve(settings)
+
+
+def _installation(args: argparse.Namespace, settings: Settings) -> Any:
+    from memd.read.context import config_file
+    from memd.read.hooks import Installation, find_memd
+
+    config_path, _ = config_file(args.config, os.environ)
+    return Installation(
+        memd_path=find_memd(),
+        config_path=config_path.absolute() if config_path is not None else None,
+        state_dir=settings.state_dir.absolute(),
+        memory_dir=settings.memory_dir.absolute(),
+    )
+
+
+def _print_changes(changes: Sequence[Any]) -> None:
+    for change in changes:
+        backup = f" (previous file kept as {change.backup})" if change.backup else ""
+        print(f"{change.detail}{backup}")
+
+
+async def _cmd_hooks(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.read.hooks import Agent, install_hook, uninstall_hook
+
+    agent = Agent(args.agent)
+    project = args.project.expanduser().absolute() if args.project else None
+    if args.action == "uninstall":
+        _print_changes(uninstall_hook(agent, os.environ, project))
+        return 0
+    _print_changes(install_hook(agent, _installation(args, settings), os.environ, project))
+    if agent is Agent.CODEX:
+        print(
+            'Codex asks you to review and trust this new hook the next time it starts (choose "Review hooks" or '
+            '"Trust all and continue"; later: /hooks). memd never records that trust itself.'
+        )
+    else:
+        print("Claude Code runs it at the start of its next session (startup, /clear and after compaction).")
+    return 0
+
+
+async def _cmd_mcp_install(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.read.hooks import (
+        install_claude_mcp,
+        install_codex_mcp,
+        uninstall_claude_mcp,
+        uninstall_codex_mcp,
+    )
+
+    project = args.project.expanduser().absolute() if args.project else None
+    if args.agent == "codex":
+        if args.action == "uninstall":
+            _print_changes([uninstall_codex_mcp(os.environ, project)])
+        else:
+            _print_changes([install_codex_mcp(_installation(args, settings), os.environ, project)])
+        return 0
+    if args.action == "uninstall":
+        _print_changes([uninstall_claude_mcp()])
+    else:
+        _print_changes([install_claude_mcp(_installation(args, settings))])
+    return 0
+
+
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     handler = {
         "run": _cmd_run,
@@ -167,6 +269,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "doctor": _cmd_doctor,
         "service": _cmd_service,
         "bench": _cmd_bench,
+        "hooks": _cmd_hooks,
+        "mcp": _cmd_mcp_install,
     }[args.command]
     return await handler(args, settings)
 

@@ -21,7 +21,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +41,7 @@ from memd.ingest.indexer import Indexer
 from memd.llm.budget import TokenEstimator
 from memd.memory import files as memory_files
 from memd.memory import recover as memory_recover
+from memd.read.usage import citation_uses, tool_uses
 from memd.rollout.session import RolloutParser
 from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import Scheduler
@@ -48,6 +49,7 @@ from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_
 from memd.service.signals import ShutdownSignals
 from memd.status import daemon_alive
 from memd.store.records import ProjectRecord, ThreadRecord
+from memd.store.search import SearchIndex
 from memd.store.store import Store, make_owner
 
 if TYPE_CHECKING:
@@ -326,6 +328,7 @@ class Daemon:
 
         def work() -> ExtractionRequest:
             parser = load_rollout(thread.path, thread.watermark, s.max_line_bytes)
+            self._record_uses(thread, parser.result.items)
             built = build_input(
                 parser.result,
                 tool_output_cap_bytes=s.tool_output_cap_bytes,
@@ -346,6 +349,58 @@ class Daemon:
             )
 
         return await asyncio.to_thread(work)
+
+    # -- the read path (SPEC §18): search index and usage signal ------------------------------------
+    def _record_uses(self, thread: ThreadRecord, items: Sequence[object]) -> None:
+        """Record the memd memory this session used (memd MCP calls, Codex citations); blocking, idempotent."""
+        s = self.settings
+        root = memory_files.project_root(s.memory_dir, thread.project)
+        events = tool_uses(items, thread_id=thread.id, default_ts=thread.updated_at)
+        events += citation_uses(
+            items,
+            thread_id=thread.id,
+            memory_dir=s.memory_dir,
+            project_root=root,
+            project=thread.project,
+            default_ts=thread.updated_at,
+        )
+        if not events:
+            return
+        try:
+            index = SearchIndex.open(s.db_path)
+            if index is None:
+                return
+            try:
+                new = index.record_uses(events)
+            finally:
+                index.close()
+        except Exception as exc:  # the usage signal must never fail an extraction
+            log.warning("usage_record_failed", thread_id=thread.id, error=str(exc))
+            return
+        log.info("memory_used", thread_id=thread.id, uses=len(events), new=new)
+
+    def _refresh_index(self, projects: set[str]) -> None:
+        """Bring the search index in line with these projects' memory files (blocking; a few stats each)."""
+        s = self.settings
+        try:
+            index = SearchIndex.open(s.db_path)
+            if index is None:
+                return
+            try:
+                for project in sorted(projects):
+                    report = index.refresh(project, memory_files.project_root(s.memory_dir, project))
+                    if report.indexed or report.removed:
+                        log.debug("search_indexed", project=project, indexed=report.indexed, removed=report.removed)
+            finally:
+                index.close()
+        except Exception as exc:  # a stale index is served until the next refresh; MCP refreshes on demand
+            log.warning("search_index_failed", error=str(exc))
+
+    async def refresh_search_index(self) -> None:
+        """Refresh the index for every project whose memory files changed since the last call."""
+        projects, self._dirty_projects = self._dirty_projects, set()
+        if projects:
+            await asyncio.to_thread(self._refresh_index, projects)
 
     async def close(self) -> None:
         """Release everything: extractor clients, daemon registration, the database."""
@@ -386,6 +441,8 @@ class Daemon:
                 self._note_fault("trace_repair_failed", exc)
                 log.warning("trace_repair_failed", project=project.project, error=str(exc))
             outcome = await self.runner.run(project.project, project.memory_seq)
+            self._dirty_projects.add(project.project)
+            await self.refresh_search_index()
             if outcome.error and outcome.error.startswith("lease_error"):
                 self._note_fault("consolidate_lease_error", outcome.error)
             if outcome.ok:
@@ -417,6 +474,7 @@ class Daemon:
         if progress is not None:
             await reporter
         ok, failed = await self.consolidate_due(delay_s=0.0, min_interval_s=0.0)
+        await self.refresh_search_index()
         stats = self.pool.stats
         return OnceSummary(
             extracted=stats.done - base_done,
@@ -648,6 +706,7 @@ class Daemon:
         c = self.settings.consolidation
 
         async def tick() -> None:
+            await self.refresh_search_index()  # new trace files are searchable before consolidation
             await self.consolidate_due(delay_s=c.delay_s, min_interval_s=c.min_interval_s)
 
         await self._guard("consolidate", tick, max(1.0, min(30.0, c.delay_s / 4 or 1.0)))

@@ -1,4 +1,5 @@
-"""``memd doctor``: check the configuration, the paths, the inotify limits and the model endpoint.
+"""``memd doctor``: check the configuration, the paths, the inotify limits, the model endpoint, and what
+is installed in the agents (hooks, MCP servers).
 
 Each check gives a verdict (``ok``, ``warn`` or ``fail``) and one line of detail; the command
 exits 1 when any check fails.
@@ -12,7 +13,7 @@ import sqlite3
 import stat
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -163,6 +164,27 @@ async def collect_checks(settings: Settings, *, config_path: Path | None = None)
     checks += check_inotify(settings)
     checks += check_consolidation(settings)
     checks += await check_model(settings)
+    checks += check_connections(os.environ)
+    return checks
+
+
+def check_connections(environ: Mapping[str, str]) -> list[Check]:
+    """What of memd is installed in the agents' own files (hooks, MCP servers): read only (SPEC §18)."""
+    from memd.read.hooks import installed_report
+
+    checks = []
+    hint = {
+        "claude hook": "memd hooks install claude",
+        "codex hook": "memd hooks install codex",
+        "claude mcp": "memd mcp install claude",
+        "codex mcp": "memd mcp install codex",
+    }
+    for item in installed_report(environ):
+        if not item.installed:
+            checks.append(Check(item.what, "ok", f"not installed ({hint[item.what]} connects it)"))
+        else:
+            verdict = "warn" if "will not run" in item.detail else "ok"
+            checks.append(Check(item.what, verdict, f"{item.where}: {item.detail}"))
     return checks
 
 

@@ -6,10 +6,12 @@ documented in the README (scripts depend on them); :func:`render_status` turns i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from memd.clock import Clock, iso_utc
@@ -75,6 +77,26 @@ def _fault(raw: str | None) -> dict[str, str] | None:
 
 def _iso(ts: float | None) -> str | None:
     return iso_utc(ts) if ts else None
+
+
+def _usage_counts(db_path: Path) -> dict[str, int]:
+    """Uses of each project's memory by later sessions (memd MCP calls, Codex citations; SPEC §18)."""
+    import sqlite3
+
+    from memd.store.search import SearchIndex
+
+    try:
+        index = SearchIndex.open(db_path)
+    except sqlite3.Error:
+        return {}
+    if index is None:
+        return {}
+    try:
+        return index.usage_counts()
+    except sqlite3.Error:
+        return {}
+    finally:
+        index.close()
 
 
 async def collect_status(
@@ -145,6 +167,7 @@ async def collect_status(
                 "last_error": job.last_error if job else None,
             }
         )
+    usage_counts = await asyncio.to_thread(_usage_counts, store.path)
     trace_counts: dict[str, int] = {}
     for project in projects:
         trace_counts[project.project] = sum(1 for m in await store.memories.list_for_project(project.project) if m.path)
@@ -153,6 +176,7 @@ async def collect_status(
             "project": p.project,
             "memory_root": p.memory_root,
             "traces": trace_counts.get(p.project, 0),
+            "usage_count": usage_counts.get(p.project, 0),
             "last_consolidated_at": _iso(p.last_consolidated_at),
             "last_memory_at": _iso(p.last_memory_at),
             "fresh": p.consolidated_seq >= p.memory_seq,
@@ -278,7 +302,8 @@ def render_status(report: dict[str, Any]) -> str:
         for p in report["projects"]:
             fresh = "fresh" if p["fresh"] else "pending consolidation"
             last = p["last_consolidated_at"] or "never"
-            lines.append(f"  {p['project']}: {p['traces']} traces, last consolidated {last} ({fresh})")
+            used = f", used {p['usage_count']} times" if p.get("usage_count") else ""
+            lines.append(f"  {p['project']}: {p['traces']} traces{used}, last consolidated {last} ({fresh})")
             lines.append(f"    {p['memory_root']}")
             if p.get("last_error"):
                 lines.append(f"    last consolidation failed: {p['last_error']}")

@@ -453,6 +453,23 @@ def install_claude_mcp(installation: Installation, *, run: bool = True, timeout_
     return Change(claude_user_config(os.environ), True, None, f"ran: {printable}")
 
 
+def uninstall_claude_mcp(*, run: bool = True, timeout_s: float = 60.0) -> Change:
+    """``claude mcp remove -s user memd`` when ``claude`` is on PATH (else say what to run)."""
+    claude = shutil.which("claude") if run else None
+    argv = [claude or "claude", "mcp", "remove", "-s", "user", SERVER_NAME]
+    if claude is None:
+        return Change(
+            claude_user_config(os.environ), False, None, f"run this to remove the MCP server: {shlex.join(argv)}"
+        )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    detail = (
+        f"ran: {shlex.join(argv)}"
+        if done.returncode == 0
+        else f"no user-scope memd server to remove ({shlex.join(argv)})"
+    )
+    return Change(claude_user_config(os.environ), done.returncode == 0, None, detail)
+
+
 # --------------------------------------------------------------------------- doctor
 
 
