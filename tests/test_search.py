@@ -203,3 +203,20 @@ async def test_the_state_database_migration_creates_the_same_tables(db_path: Pat
     index.record_uses([UseEvent("p", "MEMORY.md", "e", "t", "c", 1.0)])
     assert index.usage_counts() == {"p": 1}
     index.close()
+
+
+def test_a_quick_refresh_trusts_the_trace_folder_and_a_full_one_does_not(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    index = SearchIndex.scratch()
+    index.refresh("p", root)
+    trace = root / "trace_summaries" / "019b7f94-51b4-7593-922e-ba12b5b73b52_build.md"
+    folder_mtime = os.stat(root / "trace_summaries").st_mtime_ns
+    trace.write_text(TRACE.replace("pause button", "quokka button"))  # edited in place: the folder keeps its mtime
+    os.utime(root / "trace_summaries", ns=(folder_mtime, folder_mtime))
+    assert index.refresh("p", root).indexed == 0 and not index.search("p", "quokka")
+    assert index.refresh("p", root, full=True).indexed == 1 and index.search("p", "quokka")
+    new = root / "trace_summaries" / ".tmp-memd-x"
+    new.write_text(TRACE.replace("pause button", "wombat button"))
+    new.rename(root / "trace_summaries" / "019c0000-0000-7000-8000-000000000001_w.md")  # how memd writes traces
+    report = index.refresh("p", root)
+    assert (report.indexed, report.unchanged) == (1, 3) and index.search("p", "wombat")

@@ -27,10 +27,10 @@ transcript (an ``mcp__memd__*`` tool call, a Codex ``<oai-mem-citation>``); ``us
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +44,23 @@ MAX_FILE_BYTES = 2 * 1024 * 1024
 #: Body of one chunk kept in the index (characters).
 MAX_CHUNK_CHARS = 8_000
 
+try:  # the builtin module: hashlib would load OpenSSL, a cost every `memd context` start pays (SPEC §15)
+    from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # CPython >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]  # CPython 3.11
+    except ImportError:
+        from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data`` (the builtin implementation when available; see above)."""
+    return str(sha256(data).hexdigest())
+
+
+#: ``search_files`` row holding the ``trace_summaries/`` folder's mtime (see :meth:`SearchIndex.refresh`).
+_FOLDER_KEY = "trace_summaries/"
+_FOLDER_END = "trace_summaries0"  # "0" follows "/": every trace path sorts between the two
 MEMORY_FILE = "MEMORY.md"
 SUMMARY_FILE = "memory_summary.md"
 TRACE_DIR = "trace_summaries"
@@ -194,7 +211,7 @@ def entry_key(text: str) -> str:
     core = _SPACES.sub(" ", core).strip().lower().rstrip(".;: ")
     if not core:
         return ""
-    return hashlib.sha256(core[:300].encode("utf-8", "replace")).hexdigest()[:16]
+    return sha256_hex(core[:300].encode("utf-8", "replace"))[:16]
 
 
 def _epoch(date: str) -> float:
@@ -405,35 +422,39 @@ def chunk_file(relpath: str, text: str, *, mtime_s: float = 0.0) -> list[Chunk]:
     return []
 
 
-def memory_files(root: Path) -> dict[str, os.stat_result]:
+def memory_files(root: Path, *, traces: bool = True) -> dict[str, os.stat_result]:
     """The indexable files of a memory root and their stats (``{relpath: stat}``); missing root: ``{}``.
 
     Temporary and staging files (names starting with ``.`` or holding ``.tmp-memd-``) are skipped.
+    ``traces=False`` leaves ``trace_summaries/`` out (one ``scandir`` + ``stat`` per file saved).
     """
     found: dict[str, os.stat_result] = {}
 
-    def add(relpath: str) -> None:
+    def add(relpath: str, path: str) -> None:
         try:
-            st = os.stat(root / relpath)
+            st = os.stat(path)
         except OSError:
             return
-        if not os.path.isfile(root / relpath):
-            return
-        found[relpath] = st
+        if stat.S_ISREG(st.st_mode):
+            found[relpath] = st
 
-    add(MEMORY_FILE)
+    base = os.fspath(root)
+    add(MEMORY_FILE, os.path.join(base, MEMORY_FILE))
     for directory, pattern in ((TRACE_DIR, None), (SKILLS_DIR, SKILL_FILE)):
+        if directory == TRACE_DIR and not traces:
+            continue
         try:
-            entries = sorted(os.scandir(root / directory), key=lambda e: e.name)
+            with os.scandir(os.path.join(base, directory)) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
         except OSError:
             continue
         for entry in entries:
             if entry.name.startswith(".") or ".tmp-memd-" in entry.name:
                 continue
             if pattern is None and entry.name.endswith(".md"):
-                add(f"{directory}/{entry.name}")
+                add(f"{directory}/{entry.name}", entry.path)
             elif pattern is not None and entry.is_dir(follow_symlinks=False):
-                add(f"{directory}/{entry.name}/{pattern}")
+                add(f"{directory}/{entry.name}/{pattern}", os.path.join(entry.path, pattern))
     return found
 
 
@@ -528,12 +549,17 @@ class SearchIndex:
 
     # -- index maintenance
 
-    def refresh(self, project: str, root: Path) -> RefreshReport:
+    def refresh(self, project: str, root: Path, *, full: bool = False) -> RefreshReport:
         """Bring one project's chunks in line with its memory files (stat, then read what changed).
+
+        memd writes trace files by rename, which changes the ``trace_summaries/`` folder's mtime; so
+        unless ``full``, an unchanged folder mtime skips the per-file stats of the traces (a search over
+        1,000 traces then costs a few stats, not a thousand). The daemon refreshes with ``full=True``.
 
         Args:
             project: the project key.
             root: its memory root; a missing root removes every chunk of the project.
+            full: stat every trace file even when their folder did not change.
 
         Returns:
             Counts of files indexed, removed and unchanged.
@@ -541,20 +567,46 @@ class SearchIndex:
         Raises:
             sqlite3.Error: the database failed (locked past the busy timeout, ...); nothing changed.
         """
-        on_disk = memory_files(root)
+        try:
+            folder: tuple[int, int] | None = (os.stat(root / TRACE_DIR).st_mtime_ns, 0)
+        except OSError:
+            folder = None
+        row = self._conn.execute(
+            "SELECT mtime_ns, size FROM search_files WHERE project = ? AND path = ?", (project, _FOLDER_KEY)
+        ).fetchone()
+        skip_traces = not full and folder is not None and row is not None and tuple(row) == folder
+        # Trace rows are the key range ["trace_summaries/", "trace_summaries0"): skipped without being read.
+        where = "WHERE project = ? AND path != ?" + (" AND NOT (path >= ? AND path < ?)" if skip_traces else "")
+        params: tuple[str, ...] = (project, _FOLDER_KEY) + ((_FOLDER_KEY, _FOLDER_END) if skip_traces else ())
         known = {
             path: (mtime_ns, size)
             for path, mtime_ns, size in self._conn.execute(
-                "SELECT path, mtime_ns, size FROM search_files WHERE project = ?", (project,)
+                f"SELECT path, mtime_ns, size FROM search_files {where}", params
             )
         }
+        skipped = 0
+        if skip_traces:
+            skipped = int(
+                self._conn.execute(
+                    "SELECT count(*) FROM search_files WHERE project = ? AND path > ? AND path < ?",
+                    (project, _FOLDER_KEY, _FOLDER_END),
+                ).fetchone()[0]
+            )
+        on_disk = memory_files(root, traces=not skip_traces)
         changed = {p: st for p, st in on_disk.items() if known.get(p) != (st.st_mtime_ns, st.st_size)}
         gone = [p for p in known if p not in on_disk]
-        if not changed and not gone:
-            return RefreshReport(0, 0, len(on_disk))
+        folder_moved = (tuple(row) if row is not None else None) != folder
+        if not changed and not gone and not folder_moved:
+            return RefreshReport(0, 0, len(on_disk) + skipped)
         texts = {p: self._read(root / p) for p in changed}
         with self._write() as conn:
-            for path in [*gone, *changed]:
+            conn.execute("DELETE FROM search_files WHERE project = ? AND path = ?", (project, _FOLDER_KEY))
+            if folder is not None:
+                conn.execute(
+                    "INSERT INTO search_files (project, path, mtime_ns, size) VALUES (?, ?, ?, ?)",
+                    (project, _FOLDER_KEY, *folder),
+                )
+            for path in [*gone, *(p for p in changed if p in known)]:  # a new file has no rows to delete
                 conn.execute("DELETE FROM search_chunks WHERE project = ? AND path = ?", (project, path))
                 conn.execute("DELETE FROM search_files WHERE project = ? AND path = ?", (project, path))
             for path, st in changed.items():
@@ -586,7 +638,7 @@ class SearchIndex:
                     (project, path, st.st_mtime_ns, st.st_size),
                 )
         indexed = sum(1 for p in changed if texts[p] is not None)
-        return RefreshReport(indexed, len(gone), len(on_disk) - len(changed))
+        return RefreshReport(indexed, len(gone), len(on_disk) - len(changed) + skipped)
 
     @staticmethod
     def _read(path: Path) -> str | None:
