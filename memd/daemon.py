@@ -388,7 +388,7 @@ class Daemon:
                 return
             try:
                 for project in sorted(projects):
-                    report = index.refresh(project, memory_files.project_root(s.memory_dir, project))
+                    report = index.refresh(project, memory_files.project_root(s.memory_dir, project), full=True)
                     if report.indexed or report.removed:
                         log.debug("search_indexed", project=project, indexed=report.indexed, removed=report.removed)
             finally:

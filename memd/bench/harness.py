@@ -58,6 +58,7 @@ import structlog
 
 from memd.bench import corpus
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
+from memd.bench.read import READ_TARGETS, bench_context, bench_search
 from memd.bench.redaction import REDACTION_TARGETS, bench_redaction
 
 log = structlog.get_logger(__name__)
@@ -80,6 +81,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rss_mb": ("<=", 100.0),
     **QUALITY_TARGETS,
     **REDACTION_TARGETS,
+    **READ_TARGETS,
 }
 
 #: The figure keys, in table order.
@@ -766,10 +768,14 @@ def bench_idle(daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: fl
 # --- the run -------------------------------------------------------------------------------------
 
 
-def _verdict(key: str, value: float | None) -> str:
+def _verdict(key: str, value: float | None, baseline: float | None = None) -> str:
     if value is None:
         return "n/a"
     op, threshold = TARGETS[key]
+    if op == "<=x":  # relative to the baseline measured in the same run
+        if baseline is None:
+            return "n/a"
+        return "pass" if value <= threshold * baseline else "miss"
     ok = value <= threshold if op == "<=" else value >= threshold
     return "pass" if ok else "miss"
 
@@ -788,13 +794,15 @@ def format_table(figures: Sequence[Figure]) -> str:
     for fig in figures:
         op, threshold = TARGETS.get(fig.key, ("", math.nan))
         target = f"{op} {_fmt(threshold)}" if op else ""
+        if op == "<=x":
+            target = f"<= {_fmt(threshold)}x base"
         rows.append(
             (
                 fig.key,
                 _fmt(fig.value),
                 _fmt(fig.baseline),
                 target,
-                _verdict(fig.key, fig.value),
+                _verdict(fig.key, fig.value, fig.baseline),
                 fig.note,
             )
         )
@@ -932,6 +940,17 @@ def run_bench(
             ),
         )
         step(list(REDACTION_TARGETS), "secret redaction corpus", bench_redaction)
+
+        def context() -> list[Figure]:
+            value, baseline, note = bench_context(workdir)
+            return [Figure("context_ms", value, baseline, note)]
+
+        def search() -> list[Figure]:
+            value, note = bench_search(workdir)
+            return [Figure("search_ms", value, None, note)]
+
+        step(["context_ms"], "memd context as a fresh process (SessionStart hook)", context)
+        step(["search_ms"], "memory_search over 1,000 trace memories", search)
         step(
             ["idle_cpu_s_per_10min", "rss_mb"],
             f"idle daemon ({sizes.idle_window_s:g}s window)",

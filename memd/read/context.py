@@ -28,13 +28,11 @@ SessionStart hook stdin (``session_id``, ``transcript_path``, ``cwd``, ``hook_ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -171,6 +169,8 @@ def load_context_settings(config_path: Path | None = None, environ: Mapping[str,
     path, named = config_file(config_path, env)
     data: dict[str, Any] = {}
     if path is not None:
+        import tomllib
+
         try:
             with path.open("rb") as handle:
                 data = tomllib.load(handle)
@@ -219,7 +219,9 @@ def load_context_settings(config_path: Path | None = None, environ: Mapping[str,
 
 def memory_root_of(memory_dir: Path, project: str) -> Path:
     """``<memory_dir>/<sha256(project key)>/memory`` (SPEC §8; the same rule as memd.memory's project_root)."""
-    digest = hashlib.sha256(project.encode("utf-8", "surrogatepass")).hexdigest()
+    from memd.store.search import sha256_hex
+
+    digest = sha256_hex(project.encode("utf-8", "surrogatepass"))
     return memory_dir / digest / "memory"
 
 

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from memd.rollout.records import SessionMeta
+if TYPE_CHECKING:  # a type only: `memd context` needs project_key, not the records module (SPEC §15 start-up)
+    from memd.rollout.records import SessionMeta
 
 #: Project key of a thread whose rollout records no cwd.
 UNKNOWN_PROJECT = "(unknown)"
