@@ -457,16 +457,39 @@ async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
+def _retention_policy(root: Path, settings: Settings) -> Any:
+    """Usage of this memory root's project (from the state database, when there is one) and max_unused_days."""
+    import sqlite3
+
+    from memd.consolidate.retention import RetentionPolicy
+    from memd.store.search import SearchIndex
+
+    usage: dict[Any, Any] = {}
+    try:
+        project = (root / "PROJECT").read_text(encoding="utf-8").strip()
+        index = SearchIndex.open(settings.db_path)
+        if index is not None and project:
+            try:
+                usage = dict(index.usage(project))
+            finally:
+                index.close()
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("usage_unavailable", root=str(root), error=str(exc))
+    return RetentionPolicy(usage=usage, max_unused_days=settings.consolidation.max_unused_days)
+
+
 async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
     """The built-in consolidator for one memory root (SPEC §7): one model request when the
     model extractor is configured (refused, sending nothing, when today's token budget is
     spent), else the deterministic merge; outputs staged and swapped in."""
-    from memd.consolidate.builtin import consolidate_root
+    from memd.consolidate.builtin import consolidate_root, offline_writer
+    from memd.consolidate.retention import retaining
 
     root = args.root.expanduser()
     if not root.is_dir():
         print(f"memd consolidate: {root} is not a directory", file=sys.stderr)
         return 1
+    policy = _retention_policy(root, settings)
     if settings.resolved_extractor()[0] == "openai":
         from memd.consolidate.model import ModelWriter
         from memd.daemon import llm_config
@@ -484,13 +507,15 @@ async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
             writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens, estimator=estimator)
             try:
                 loop = asyncio.get_running_loop()
-                result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop))
+                result = await asyncio.to_thread(
+                    consolidate_root, root, writer=retaining(writer.sync_writer(loop), policy)
+                )
             finally:
                 await client.aclose()
         finally:
             await store.close()
     else:
-        result = await asyncio.to_thread(consolidate_root, root)
+        result = await asyncio.to_thread(consolidate_root, root, writer=retaining(offline_writer, policy))
     log.info(
         "consolidate_done",
         root=str(root),
