@@ -194,6 +194,9 @@ class Daemon:
             env=self._consolidation_env(),
         )
         await self._recover()
+        # The search index follows the memory files: checked once per project at start (a stat per file),
+        # then after each extraction and consolidation (SPEC §18).
+        self._dirty_projects.update(p.project for p in await self.store.projects.list_all())
         log.info(
             "daemon_started",
             owner=self.owner,
