@@ -273,3 +273,15 @@ def test_the_light_reader_agrees_with_memds_settings(
         full.project_key,
     )
     assert (light.enabled, light.budget_tokens) == (full.context.enabled, full.context.budget_tokens)
+
+
+def test_an_empty_memory_prints_nothing(repo: Path) -> None:
+    s = settings()
+    root = memory_root_of(s.memory_dir, str(repo))
+    (root / "trace_summaries").mkdir(parents=True)
+    (root / "MEMORY.md").write_text("")
+    (root / "memory_summary.md").write_text("\n\n")
+    assert build_context(s, str(repo)) is None
+    assert call(ContextRequest(str(repo), None, ContextFormat.TEXT, None)) == (0, "", "")
+    code, out, _ = call(ContextRequest(str(repo), None, ContextFormat.CLAUDE_HOOK, None))
+    assert code == 0 and json.loads(out) == EMPTY_HOOK_ANSWER
