@@ -539,6 +539,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.consolidate.builtin import forget_thread
     from memd.memory import files as memory_files
     from memd.store.store import Store
 
@@ -551,6 +552,7 @@ async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
         root = memory_files.project_root(settings.memory_dir, memory.project)
         await store.memories.delete(args.thread)
         memory_files.remove_trace(root, args.thread)
+        forget_thread(root, args.thread)  # MEMORY.md is incremental: the session leaves it too
     finally:
         await store.close()
     print(f"memd forget: removed the memory of {args.thread}; {memory.project} will be reconsolidated")

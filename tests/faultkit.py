@@ -128,7 +128,13 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, *, procs: Iterable[subprocess.Popen[bytes]] = (), poll_s: float = 0.2) -> bool:
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    *,
+    procs: Iterable[subprocess.Popen[bytes]] = (),
+    poll_s: float = 0.2,
+) -> bool:
     """Poll ``predicate`` until true or ``timeout_s``; fail at once if one of ``procs`` exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -184,7 +190,10 @@ def all_done(home: MemdHome) -> bool:
     eligible = count(home, "SELECT COUNT(*) FROM threads WHERE eligible = 1")
     if not eligible:
         return False
-    memories = count(home, "SELECT COUNT(*) FROM memories m JOIN threads t ON t.id = m.thread_id AND m.source_watermark >= t.watermark")
+    memories = count(
+        home,
+        "SELECT COUNT(*) FROM memories m JOIN threads t ON t.id = m.thread_id AND m.source_watermark >= t.watermark",
+    )
     stale = count(home, "SELECT COUNT(*) FROM projects WHERE consolidated_seq < memory_seq")
     held = count(home, "SELECT COUNT(*) FROM leases WHERE owner IS NOT NULL AND expires_at > ?", (time.time(),))
     return memories == eligible and stale == 0 and held == 0
@@ -223,7 +232,9 @@ def check_invariants(home: MemdHome) -> Figures:
         rows = {r["thread_id"]: r for r in conn.execute("SELECT * FROM memories")}
         projects = {r["project"]: r for r in conn.execute("SELECT * FROM projects")}
         jobs = conn.execute("SELECT kind, key, status, last_error FROM jobs WHERE status != 'done'").fetchall()
-        held = conn.execute("SELECT name, owner FROM leases WHERE owner IS NOT NULL AND expires_at > ?", (time.time(),)).fetchall()
+        held = conn.execute(
+            "SELECT name, owner FROM leases WHERE owner IS NOT NULL AND expires_at > ?", (time.time(),)
+        ).fetchall()
     finally:
         conn.close()
     lost = sorted(set(threads) - set(rows))
@@ -262,13 +273,15 @@ def check_invariants(home: MemdHome) -> Figures:
         traces = sorted(r["path"] for r in rows.values() if r["project"] == project and r["path"])
         memory_md = (root / MEMORY_FILE).read_text("utf-8")
         assert memory_md.startswith(f"# Project memory: {project}\n") and memory_md.endswith("\n"), project
-        for section in ("## User preferences", "## Reusable knowledge", "## Failures to avoid", "## Recent tasks"):
-            assert f"\n{section}\n" in memory_md, (project, section)
-        assert f"Merged offline by memd from {len(traces)} trace memories" in memory_md, project
-        for ref in _trace_refs(memory_md):
-            assert (root / ref).is_file(), (project, ref)
+        for section in ("Start here", "User preferences", "Pitfalls and pivots", "Verification", "Open follow-ups",
+                        "Recent tasks"):  # fmt: skip
+            assert f"\n## {section}\n" in memory_md, (project, section)
+        ids = sorted(r["thread_id"] for r in rows.values() if r["project"] == project and r["path"])
+        merged = _merged_ids(memory_md)
+        assert merged == ids, (project, "every trace on disk is merged into MEMORY.md, once", merged, ids)
         summary = (root / "memory_summary.md").read_text("utf-8")
-        assert all(f"(trace: {t})" in summary for t in traces), project
+        assert all(f"[{i[:8]} " in summary for i in ids), project
+        assert len(traces) == len(ids), project
     return Figures(
         eligible=len(threads),
         memories=len(rows),
@@ -279,5 +292,7 @@ def check_invariants(home: MemdHome) -> Figures:
     )
 
 
-def _trace_refs(markdown: str) -> set[str]:
-    return set(re.findall(r"trace: (trace_summaries/[^)\s]+)\)", markdown))
+def _merged_ids(markdown: str) -> list[str]:
+    """Session ids in MEMORY.md's merged-traces comment (``<!-- memd merged: id:hash ... -->``)."""
+    match = re.search(r"<!-- memd merged: ([^>]*) -->", markdown)
+    return sorted(item.split(":")[0] for item in match.group(1).split()) if match else []

@@ -70,9 +70,7 @@ NEW_SKILL = {
 @pytest.fixture
 async def client(server):
     sink = MemorySink()
-    cfg = LLMConfig(
-        api="chat", base_url=server.base_url, model="fake-model", api_key="sk-local", timeout_s=5.0
-    )
+    cfg = LLMConfig(api="chat", base_url=server.base_url, model="fake-model", api_key="sk-local", timeout_s=5.0)
     llm = LLMClient(cfg, usage=sink, clock=FakeClock(), rng=random.Random(3))
     llm.sink = sink  # type: ignore[attr-defined]
     yield llm
@@ -130,13 +128,17 @@ async def test_write_sends_traces_and_returns_the_models_handbook(server, client
         "strict": True,
     }
     user = user_text(server)
-    assert '<trace file="trace_summaries/a.md" updated_at="2026-01-02T17:00:00Z">' in user
+    # The session's short id and date, and whether the trace is new to the handbook.
+    assert '<trace file="trace_summaries/a.md" session="t" date="2026-01-02" new="true">' in user
     assert TRACE_NEW.strip() in user and TRACE_OLD.strip() in user
     assert user.index("trace_summaries/a.md") < user.index("trace_summaries/b.md")  # newest first
     assert "# Project memory: old handbook" in user
     system = next(m["content"] for m in body["messages"] if m["role"] == "system")
     assert "newer guidance wins" in system.lower()
-    assert "## Failures to avoid" in system
+    for section in ("Start here", "User preferences", "Pitfalls and pivots", "Verification", "Open follow-ups",
+                    "Recent tasks"):  # fmt: skip
+        assert f"## {section}" in system
+    assert "[019a085e 2025-10-21]" in system and "24 KB" in system
 
 
 async def test_through_consolidate_root_new_skills_join_the_existing_ones(server, client, root):
@@ -148,16 +150,16 @@ async def test_through_consolidate_root_new_skills_join_the_existing_ones(server
     writer = ModelWriter(client, root=root)
     loop = asyncio.get_running_loop()
 
-    result = await asyncio.to_thread(
-        consolidate_root, root, writer=writer.sync_writer(loop), git=False
-    )
+    result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop), git=False)
 
     assert result.memory_changed and result.skills_changed
-    assert (root / "MEMORY.md").read_text() == MEMORY_MD
+    # consolidate_root keeps the merged-traces comment whatever the writer returns.
+    assert (root / "MEMORY.md").read_text().startswith(MEMORY_MD)
+    assert (root / "MEMORY.md").read_text().endswith("-->\n") and "memd merged: t-new:" in (
+        root / "MEMORY.md"
+    ).read_text()
     assert (root / "skills" / "deploy" / "SKILL.md").read_bytes() == before
-    assert (root / "skills" / "run_tests" / "SKILL.md").read_text() == render_skill(
-        Skill(**NEW_SKILL)
-    )
+    assert (root / "skills" / "run_tests" / "SKILL.md").read_text() == render_skill(Skill(**NEW_SKILL))
     user = user_text(server)
     assert '<skill name="deploy">' in user and "make deploy ENV=staging" in user
     assert "Fixed checkout rounding" in user and "createuser -s $USER" in user
@@ -165,14 +167,10 @@ async def test_through_consolidate_root_new_skills_join_the_existing_ones(server
 
 async def test_an_updated_skill_replaces_the_old_one(server, client, root):
     (root / "skills" / "run_tests").mkdir(parents=True)
-    (root / "skills" / "run_tests" / "SKILL.md").write_text(
-        render_skill(Skill("run_tests", "old", "1. `pytest`"))
-    )
+    (root / "skills" / "run_tests" / "SKILL.md").write_text(render_skill(Skill("run_tests", "old", "1. `pytest`")))
     server.enqueue(fk.ok({"memory_md": MEMORY_MD, "skills": [NEW_SKILL]}))
     writer = ModelWriter(client, root=root)
-    await asyncio.to_thread(
-        consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
-    )
+    await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False)
     assert sorted(p.name for p in (root / "skills").iterdir()) == ["run_tests"]
     assert "make test" in (root / "skills" / "run_tests" / "SKILL.md").read_text()
 
@@ -247,13 +245,9 @@ async def test_skills_with_empty_body_are_dropped_with_one_event(server, client)
 async def test_without_root_existing_skills_are_not_dropped(server, client):
     server.enqueue(fk.ok({"memory_md": MEMORY_MD, "skills": [NEW_SKILL]}))
     with capture_logs() as logs:
-        result = await ModelWriter(client).write(
-            data(doc("trace_summaries/a.md", TRACE_NEW), skills=("deploy",))
-        )
+        result = await ModelWriter(client).write(data(doc("trace_summaries/a.md", TRACE_NEW), skills=("deploy",)))
     assert result.skills is None  # writing only run_tests would delete skills/deploy
-    assert [e["event"] for e in logs if e["event"] == "skills_not_written"] == [
-        "skills_not_written"
-    ]
+    assert [e["event"] for e in logs if e["event"] == "skills_not_written"] == ["skills_not_written"]
 
 
 async def test_a_trace_cannot_close_its_frame(server, client):

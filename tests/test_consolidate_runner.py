@@ -146,10 +146,8 @@ async def test_success_prunes_writes_summary_and_records(
     traces = sorted(p.name for p in (root / "trace_summaries").iterdir())
     assert traces == sorted(Path(memory_files.trace_relpath(t, f"title {t}")).name for t in ("t1", "t2"))
     assert (root / "memory_summary.md").read_text() == (
-        f"# Memory summary: {PROJECT}\n\n"
-        f"- summary 2 (trace: {memory_files.trace_relpath('t2', 'title t2')})\n"
-        f"- summary 1 (trace: {memory_files.trace_relpath('t1', 'title t1')})\n"
-    )
+        f"# Memory summary: {PROJECT}\n\n- summary 2 [t2 2025-12-31]\n- summary 1 [t1 2025-12-31]\n"
+    )  # short provenance: the session's id and date
     project = await store.projects.get(PROJECT)
     assert project.consolidated_seq == seq and project.failures == 0
     await _assert_released(store)
@@ -371,12 +369,20 @@ async def test_megabytes_of_output_keep_a_bounded_tail(store: Store, clock: Fake
 # --------------------------------------------------------------------------- summary rendering
 
 
-def test_render_memory_summary_folds_lines() -> None:
+def test_render_memory_summary_folds_lines_and_stays_small() -> None:
     memory = MemoryRecord("t", PROJECT, "trace_summaries/t_x.md", "m", "two\nlines  here", 1, 0.0,
                           "offline", 0, 0)  # fmt: skip
     empty = MemoryRecord("u", PROJECT, "trace_summaries/u_y.md", "m", "", 1, 0.0, "offline", 0, 0)
-    assert render_memory_summary(PROJECT, [memory, empty]).splitlines()[2:] == [
-        "- two lines here (trace: trace_summaries/t_x.md)",
-        "- (no summary) (trace: trace_summaries/u_y.md)",
+    dated = MemoryRecord("019a085e-04c1", PROJECT, "trace_summaries/v.md",
+                         "# x\nTrace context: p, 2025-10-21, codex, gpt-5\n", "s", 1, 0.0, "offline", 0, 0)  # fmt: skip
+    assert render_memory_summary(PROJECT, [memory, empty, dated]).splitlines()[2:] == [
+        "- two lines here [t undated]",
+        "- (no summary) [u undated]",
+        "- s [019a085e 2025-10-21]",
     ]
     assert "No trace memories yet." in render_memory_summary(PROJECT, [])
+    many = [MemoryRecord(f"t{n}", PROJECT, f"trace_summaries/t{n}.md", "m", "word " * 120, 1, 0.0, "offline", 0, 0)
+            for n in range(40)]  # fmt: skip
+    text = render_memory_summary(PROJECT, many)
+    assert len(text.encode()) <= 7_200  # about 1,800 tokens at 4 bytes a token
+    assert text.rstrip().endswith("older sessions: see `trace_summaries/` and MEMORY.md")

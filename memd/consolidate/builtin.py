@@ -1,48 +1,61 @@
-"""The built-in consolidator behind ``memd consolidate --root DIR`` (SPEC §7).
+"""The built-in consolidator behind ``memd consolidate --root DIR`` (SPEC §7, §19).
 
-:func:`consolidate_root` reads a memory root's trace files, asks a *writer* for the new
-``MEMORY.md`` (and optionally ``skills/``), stages the outputs in ``<root>/.staging-<random>/``
-and swaps them in only when everything was written; on any failure the previous ``MEMORY.md``
-and ``skills/`` stay untouched. Unchanged outputs are not rewritten. Each successful run is
-committed to the memory root's git history when git is available.
+:func:`consolidate_root` reads a memory root's trace files and its previous ``MEMORY.md``, asks a
+*writer* for the new ``MEMORY.md`` (and optionally ``skills/``), stages the outputs in
+``<root>/.staging-<random>/`` and swaps them in only when everything was written; on any failure
+the previous ``MEMORY.md`` and ``skills/`` stay untouched. Unchanged outputs are not rewritten.
+Each successful run is committed to the memory root's git history when git is available. A root
+with no trace memory and no previous ``MEMORY.md`` gets no ``MEMORY.md``.
 
-The default writer, :func:`offline_writer`, is a deterministic merge (no network, no clock): the
-same traces give a byte-identical ``MEMORY.md``. A model-backed writer plugs in through the
-:class:`MemoryWriter` seam.
+The default writer, :func:`offline_writer`, is deterministic (no network, no clock) and
+**incremental**: its input is the previous handbook's entries — each with its date and provenance
+(:mod:`memd.consolidate.entries`) — plus the trace memories not merged yet, so what a session
+taught outlives the pruning of its trace file. A trailing ``<!-- memd merged: <id>:<hash> ... -->``
+comment names the trace files already merged (those still on disk), so a trace is counted once.
 
-Offline merge rules (documented here because ``MEMORY.md`` readers rely on them):
+* each new trace is read as the SPEC §6.3 skeleton and turned into candidate entries
+  (:mod:`memd.consolidate.harvest`) for the sections *Start here*, *User preferences*, *Pitfalls
+  and pivots*, *Verification*, *Open follow-ups* and *Recent tasks*;
+* they are merged into the previous entries oldest session first (:mod:`memd.consolidate.merge`):
+  the same entry from another session counts one more session and takes the newer provenance;
+  conflicting preferences resolve newer-wins, or both stay with a note when the older one has
+  stronger evidence (more sessions); a successful task closes its open follow-up;
+* provenance is short: ``[019a085e 2025-10-21]`` (the newest session that said it; ``; 3 sessions``
+  when more did); no line repeats another; each section is capped and the file stays under
+  24 KB;
+* a procedure repeated across two or more sessions becomes ``skills/<name>/SKILL.md``
+  (:mod:`memd.consolidate.skills`); skills written by a model or a person are kept.
 
-* traces are ordered newest first by their header's ``updated_at`` (ties: thread id, file);
-* each trace body is read as the SPEC §6.3 skeleton: ``User preferences``, and per
-  ``## Task:`` section ``Outcome``, ``Things that did not work ...`` and ``Reusable knowledge``
-  (labels are matched leniently: ``Label: value``, ``**Label:**``, ``## Label``);
-* items are deduplicated on normalised text (case, spacing, markdown emphasis, trailing
-  punctuation and a trailing parenthesised evidence note are ignored); the newest wording and
-  trace are kept and ``seen in N sessions`` counts the traces that stated it;
-* conflicting preferences — ``always X`` against ``never X`` / ``don't X`` / ``do not X`` — are
-  resolved for the newer statement, annotated with the older one it supersedes; except when the
-  older statement has stronger evidence (stated in more sessions), then both are kept and the
-  older one carries a note asking to confirm with the user;
-* ``Recent tasks`` lists every task, newest trace first: date, name, outcome, trace file.
-
-The offline writer leaves ``skills/`` alone (it returns ``skills=None``).
+A model-backed writer plugs in through the :class:`MemoryWriter` seam and gets the same input
+(the previous ``MEMORY.md`` included); :func:`consolidate_root` keeps the merged-traces comment
+whatever the writer returns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from memd.clock import iso_utc
+from memd.consolidate.entries import (
+    Provenance,
+    parse_memory,
+    render_memory,
+    short_id,
+    with_marker,
+)
 from memd.consolidate.gitlog import commit_memory_root
+from memd.consolidate.harvest import harvest, read_trace, task_names
+from memd.consolidate.merge import SessionEntries, merge
+from memd.consolidate.skills import OFFLINE_MARK, offline_skills
 from memd.errors import ConsolidationError, MemoryWriteError
 from memd.memory.files import DIR_MODE, FILE_MODE, STAGING_PREFIX, TRACE_DIR, TraceHeader, parse_trace_file, slugify
 from memd.memory.recover import remove_stale_staging
@@ -53,10 +66,8 @@ MEMORY_FILE = "MEMORY.md"
 SKILLS_DIR = "skills"
 SKILL_FILE = "SKILL.md"
 TRACE_READ_MAX_BYTES = 1024 * 1024
-MAX_ITEMS_PER_SECTION = 40
-MAX_TASK_LINES = 30
-MAX_ITEM_CHARS = 2_000
-OUTCOMES = ("success", "partial", "fail", "uncertain")
+#: Bytes read of one existing ``SKILL.md``.
+SKILL_READ_MAX_BYTES = 64 * 1024
 
 
 # --------------------------------------------------------------------------- records
@@ -96,6 +107,7 @@ class ConsolidationInput:
         previous_memory_md: the current ``MEMORY.md`` (``""`` when there is none).
         existing_skills: names of the directories under ``skills/``, sorted.
         now_s: the time to print in the output, or ``None`` (deterministic output).
+        skills: the existing skills read from ``skills/<name>/SKILL.md`` (name = directory).
     """
 
     project: str
@@ -103,6 +115,11 @@ class ConsolidationInput:
     previous_memory_md: str
     existing_skills: tuple[str, ...]
     now_s: float | None = None
+    skills: tuple[Skill, ...] = ()
+
+    def is_new(self, doc: TraceDoc) -> bool:
+        """Whether ``doc`` was not merged into the previous ``MEMORY.md`` yet (or changed since)."""
+        return trace_marker(doc) not in parse_memory(self.previous_memory_md).merged
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,299 +190,144 @@ def read_traces(root: Path, *, max_traces: int | None = None) -> list[TraceDoc]:
     return docs[:max_traces] if max_traces is not None else docs
 
 
-# --------------------------------------------------------------------------- parsing a trace
+def trace_marker(doc: TraceDoc) -> str:
+    """``<thread id>:<hash of the body>``: names a trace in the merged-traces comment (the full id:
+    the short ids of provenance can repeat for sessions started within the same minute)."""
+    digest = hashlib.sha256(doc.body.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    thread = "".join((doc.header.thread_id or doc.relpath).split()).replace(":", "_")
+    return f"{thread}:{digest}"
 
 
-@dataclass(slots=True)
-class TaskDigest:
-    """One ``## Task:`` section: name, outcome, and its items (each item a list of lines)."""
-
-    name: str
-    outcome: str = "uncertain"
-    failures: list[list[str]] = field(default_factory=list)
-    knowledge: list[list[str]] = field(default_factory=list)
+def session_date(doc: TraceDoc) -> str:
+    """The session's date: the ``Trace context`` line's, else the header's ``updated_at`` date."""
+    return read_trace(doc.body).date or (iso_utc(doc.header.updated_at)[:10] if doc.header.updated_at > 0 else "")
 
 
-@dataclass(slots=True)
-class TraceDigest:
-    """What the offline merge reads from one trace body (see :func:`parse_trace`)."""
-
-    title: str = ""
-    preferences: list[list[str]] = field(default_factory=list)
-    tasks: list[TaskDigest] = field(default_factory=list)
+# --------------------------------------------------------------------------- reading skills
 
 
-_BULLET = re.compile(r"^\s*(?:[-*+]|\d{1,3}[.)])\s+")
-_LABEL = re.compile(
-    r"^\s{0,3}(?:#{1,6}\s+)?(?:\*\*|__)?(?P<label>[A-Za-z][A-Za-z /&()'-]{0,80}?)"
-    r"\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(?P<rest>.*)$"
-)
-_HEADING = re.compile(r"^\s{0,3}(?P<hashes>#{1,6})\s+(?P<text>.*?)\s*#*\s*$")
-_EMPTY_VALUES = {"", "none", "none observed", "none yet", "n/a", "na", "-", "nothing", "unknown"}
-
-
-def _section_of(label: str) -> str | None:
-    label = " ".join(label.lower().split())
-    if label.startswith(("user preference", "preferences")):
-        return "preferences"
-    if label.startswith(("things that did not work", "what did not work", "did not work",
-                         "things that can be improved", "failures")):  # fmt: skip
-        return "failures"
-    if label.startswith("reusable knowledge"):
-        return "knowledge"
-    if label.startswith("outcome"):
-        return "outcome"
-    if label.startswith(("trace context", "key steps", "pointers", "raw notes", "summary")):
-        return "other"
-    return None
-
-
-def _outcome(text: str) -> str:
-    for word in re.findall(r"[a-z]+", text.lower()):
-        if word in OUTCOMES:
-            return word
-        if word in ("failed", "failure"):
-            return "fail"
-        if word in ("succeeded", "successful"):
-            return "success"
-    return "uncertain"
-
-
-def parse_trace(body: str) -> TraceDigest:
-    """Read a trace body (SPEC §6.3 skeleton) into title, preferences and tasks.
-
-    Failures or knowledge found before any ``## Task:`` heading go to one task named after the
-    title (a trace without the skeleton still contributes). Unknown labels and headings end the
-    current section; lines inside fenced code blocks are kept verbatim in the current item.
-    """
-    digest = TraceDigest()
-    section = "other"
-    task: TaskDigest | None = None
-    in_fence = False
-
-    def ensure_task() -> TaskDigest:
-        nonlocal task
-        if task is None:  # failures or knowledge before any "## Task:": a task-less trace
-            task = TaskDigest(name=digest.title or "session")
-            digest.tasks.append(task)
-        return task
-
-    def target() -> list[list[str]] | None:
-        if section == "preferences":
-            return digest.preferences
-        if section == "failures":
-            return ensure_task().failures
-        if section == "knowledge":
-            return ensure_task().knowledge
-        return None
-
-    def add(text: str, *, new_item: bool) -> None:
-        items = target()
-        if items is None:
-            return
-        if new_item or not items:
-            items.append([text])
-        else:
-            items[-1].append(text)
-
-    for line in body.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("```", "~~~")):
-            in_fence = not in_fence
-            add(line.rstrip(), new_item=False)
-            continue
-        if in_fence:
-            add(line.rstrip(), new_item=False)
-            continue
-        if not stripped:
-            continue
-        heading = _HEADING.match(line)
-        if heading:
-            text = heading.group("text").strip().strip("*_").strip()
-            if len(heading.group("hashes")) == 1 and not digest.title and task is None:
-                digest.title = text
-                section = "other"
-                continue
-            name, sep, rest = text.partition(":")
-            if sep and name.strip().lower() == "task":
-                task = TaskDigest(name=" ".join(rest.split()) or "unnamed task")
-                digest.tasks.append(task)
-                section = "other"
-                continue
-            kind = _section_of(text.rstrip(":"))
-            if kind and kind != "outcome" and not sep:  # "## Reusable knowledge"
-                section = kind
-                continue
-        if not _BULLET.match(line):
-            label = _LABEL.match(line)
-            kind = _section_of(label.group("label")) if label else None
-            if label and kind:
-                rest = label.group("rest").strip()
-                if kind == "outcome":
-                    ensure_task().outcome = _outcome(rest)
-                    section = "other"
+def parse_skill_file(name: str, text: str) -> Skill:
+    """Read a ``SKILL.md`` written by :func:`render_skill` (YAML front matter with double-quoted
+    ``name`` and ``description``, then the body). A file without front matter becomes a skill named
+    ``name`` whose body is the whole text."""
+    lines = text.split("\n")
+    if lines and lines[0].strip() == "---":
+        end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), -1)
+        if end > 0:
+            meta: dict[str, str] = {}
+            for line in lines[1:end]:
+                key, sep, value = line.partition(":")
+                if not sep:
                     continue
-                section = kind
-                if rest and rest.lower().rstrip(".") not in _EMPTY_VALUES:
-                    add(rest, new_item=True)
-                continue
-            if heading:  # an unknown heading ends the current section
-                section = "other"
-                continue
-        bullet = _BULLET.match(line)
-        if bullet and len(line) - len(line.lstrip()) < 2:
-            add(line[bullet.end() :].strip(), new_item=True)
-        else:
-            add(stripped if not bullet else "  " + stripped, new_item=False)
-    return digest
+                value = value.strip()
+                try:
+                    parsed = json.loads(value) if value.startswith('"') else value
+                except ValueError:
+                    parsed = value.strip('"')
+                meta[key.strip()] = str(parsed)
+            body = "\n".join(lines[end + 1 :]).strip()
+            return Skill(meta.get("name") or name, meta.get("description", ""), body)
+    return Skill(name, "", text.strip())
 
 
-# --------------------------------------------------------------------------- merging
-
-
-def _normalise(text: str) -> str:
-    text = text.replace("\u2019", "'").lower()
-    text = re.sub(r"[`*_]", "", text)
-    while True:
-        shorter = re.sub(r"\s*\([^()]*\)\s*$", "", text)
-        if shorter == text:
-            break
-        text = shorter
-    return " ".join(text.split()).rstrip(".;:!,")
-
-
-_POLARITY = re.compile(r"^(?:please\s+)?(always|never|do not|don't|dont)\s+(?P<subject>.+)$")
-
-
-def _polarity(key: str) -> tuple[str, str]:
-    """Return ``("+"|"-", subject)`` for ``always X`` / ``never X``, else ``("", key)``."""
-    match = _POLARITY.match(key)
-    if not match:
-        return "", key
-    return ("+" if match.group(1) == "always" else "-"), match.group("subject")
-
-
-@dataclass(slots=True)
-class _Entry:
-    lines: list[str]
-    relpath: str
-    traces: set[str] = field(default_factory=set)
-    note: str = ""
-    polarity: str = ""
-    subject: str = ""
-
-
-_FILLER = re.compile(r"^(?:none|nothing)\b")
-
-
-def _is_empty(lines: list[str]) -> bool:
-    """Placeholders carry no knowledge: ``none``, ``n/a``, short ``nothing beyond ...``."""
-    text = _normalise(" ".join(lines))
-    return text in _EMPTY_VALUES or (len(text) < 60 and bool(_FILLER.match(text)))
-
-
-def _collect(items: Sequence[tuple[list[str], str]]) -> list[_Entry]:
-    """Deduplicate ``(item lines, trace relpath)`` pairs given newest first."""
-    entries: dict[tuple[str, str], _Entry] = {}
-    for lines, relpath in items:
-        if _is_empty(lines):
+def read_skills(root: Path) -> tuple[Skill, ...]:
+    """The skills under ``<root>/skills/`` (unreadable ones skipped with ``skill_unreadable``)."""
+    directory = Path(root) / SKILLS_DIR
+    if not directory.is_dir():
+        return ()
+    skills = []
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        try:
+            with open(sub / SKILL_FILE, "rb") as handle:
+                text = handle.read(SKILL_READ_MAX_BYTES).decode("utf-8", "replace")
+        except OSError as exc:
+            log.warning("skill_unreadable", path=str(sub / SKILL_FILE), error=type(exc).__name__)
             continue
-        polarity, subject = _polarity(_normalise(" ".join(lines)))
-        key = (polarity, subject)
-        entry = entries.get(key)
-        if entry is None:
-            entry = entries[key] = _Entry(lines, relpath, polarity=polarity, subject=subject)
-        entry.traces.add(relpath)
-    return list(entries.values())
+        skills.append(parse_skill_file(sub.name, text))
+    return tuple(skills)
 
 
-def _resolve_conflicts(entries: list[_Entry]) -> list[_Entry]:
-    """Apply the preference conflict rule (see the module docstring); keeps the order."""
-    by_subject: dict[str, list[_Entry]] = {}
-    for entry in entries:
-        if entry.polarity:
-            by_subject.setdefault(entry.subject, []).append(entry)
-    dropped: set[int] = set()
-    for group in by_subject.values():
-        if len(group) < 2:
-            continue
-        newer, older = group[0], group[1]  # entries are newest first
-        older_text = " ".join(older.lines)
-        if len(older.traces) > len(newer.traces):
-            older.note = (
-                f"older guidance, stated in {len(older.traces)} sessions; contradicted by newer "
-                f"guidance stated in {len(newer.traces)} — confirm with the user"
-            )
-            newer.note = "newer guidance; contradicts an older, better-supported preference below"
-        else:
-            newer.note = f'supersedes older guidance: "{older_text}"'
-            dropped.add(id(older))
-    return [e for e in entries if id(e) not in dropped]
+# --------------------------------------------------------------------------- the offline writer
 
 
-def _cap(text: str) -> str:
-    return text if len(text) <= MAX_ITEM_CHARS else text[: MAX_ITEM_CHARS - 1] + "…"
+def _oldest_first(traces: Sequence[TraceDoc]) -> list[tuple[TraceDoc, str]]:
+    dated = [(doc, session_date(doc)) for doc in traces]
+    return sorted(dated, key=lambda d: (d[1], d[0].header.updated_at, d[0].header.thread_id, d[0].relpath))
 
 
-def _render_entries(entries: list[_Entry]) -> list[str]:
-    if not entries:
-        return ["none yet"]
-    out = []
-    for entry in entries[:MAX_ITEMS_PER_SECTION]:
-        notes = [entry.note] if entry.note else []
-        if len(entry.traces) > 1:
-            notes.append(f"seen in {len(entry.traces)} sessions")
-        notes.append(f"trace: {entry.relpath}")
-        first, *rest = [_cap(line) for line in entry.lines]
-        out.append(f"- {first}")
-        out.extend(line if line.startswith("  ") else "  " + line for line in rest)
-        out[-1] += f" ({'; '.join(notes)})"
-    if len(entries) > MAX_ITEMS_PER_SECTION:
-        out.append(f"- … {len(entries) - MAX_ITEMS_PER_SECTION} more in the trace files")
-    return out
-
-
-def _date(ts_s: float) -> str:
-    return iso_utc(ts_s)[:10] if ts_s > 0 else "undated"
+#: The lines under the title of an offline ``MEMORY.md``.
+HEADER = (
+    "Kept by memd, merged incrementally: newer guidance wins; `[019a085e 2025-10-21]` names the newest",
+    "session that said it. Guidance, not truth: the repository and the user win.",
+)
 
 
 def offline_writer(data: ConsolidationInput) -> Consolidated:
-    """The deterministic offline merge (rules in the module docstring). Leaves skills alone."""
-    prefs: list[tuple[list[str], str]] = []
-    knowledge: list[tuple[list[str], str]] = []
-    failures: list[tuple[list[str], str]] = []
-    tasks: list[str] = []
-    for doc in data.traces:
-        digest = parse_trace(doc.body)
-        prefs.extend((item, doc.relpath) for item in digest.preferences)
-        date = _date(doc.header.updated_at)
-        for task in digest.tasks:
-            knowledge.extend((item, doc.relpath) for item in task.knowledge)
-            failures.extend((item, doc.relpath) for item in task.failures)
-            tasks.append(f"- {date} {task.name} — {task.outcome} (trace: {doc.relpath})")
-        if not digest.tasks:
-            name = digest.title or doc.header.thread_id or "session"
-            tasks.append(f"- {date} {' '.join(name.split())} — uncertain (trace: {doc.relpath})")
-
-    project = " ".join(data.project.split())
-    lines = [f"# Project memory: {project}", ""]
-    if data.traces:
-        dates = [d.header.updated_at for d in data.traces]
-        lines.append(
-            f"Merged offline by memd from {len(data.traces)} trace memories "
-            f"({_date(min(dates))} to {_date(max(dates))}); newer guidance wins."
-        )
-    else:
-        lines.append("No trace memories yet.")
+    """The deterministic, incremental merge (rules in the module docstring)."""
+    previous = parse_memory(data.previous_memory_md, live=frozenset(d.relpath for d in data.traces))
+    sessions: list[SessionEntries] = []
+    seen: dict[str, list[Provenance]] = {}
+    for doc, date in _oldest_first(data.traces):
+        facts = read_trace(doc.body)
+        source = Provenance.of(doc.header.thread_id or doc.relpath, date)
+        entries = harvest(facts, source)
+        for entry in entries:
+            seen.setdefault(entry.key, []).append(source)
+        if trace_marker(doc) not in previous.merged:
+            sessions.append(SessionEntries(source, tuple(entries), tuple(task_names(facts))))
+    merged = merge(previous.entries, sessions)
+    header = list(HEADER)
     if data.now_s is not None:
-        lines.append(f"Generated: {iso_utc(data.now_s)}")
-    lines += ["", "## User preferences", *_render_entries(_resolve_conflicts(_collect(prefs)))]
-    lines += ["", "## Reusable knowledge", *_render_entries(_collect(knowledge))]
-    lines += ["", "## Failures to avoid", *_render_entries(_collect(failures))]
-    lines += ["", "## Recent tasks", *(tasks[:MAX_TASK_LINES] or ["none yet"])]
-    if len(tasks) > MAX_TASK_LINES:
-        lines.append(f"- … {len(tasks) - MAX_TASK_LINES} older tasks in the trace files")
-    return Consolidated(memory_md="\n".join(lines) + "\n", skills=None)
+        header.append(f"Generated: {iso_utc(data.now_s)}")
+    memory_md = render_memory(data.project, merged, header=header)
+    derived = [Skill(n, d, b) for n, d, b in offline_skills(merged, seen)]
+    kept = [s for s in data.skills if OFFLINE_MARK not in s.body]
+    if not derived and len(kept) == len(data.skills):
+        return Consolidated(memory_md=memory_md, skills=None)
+    names = {slugify(s.name) for s in derived}
+    return Consolidated(memory_md=memory_md, skills=tuple(kept + [s for s in derived if slugify(s.name) in names]))
+
+
+def forget_thread(root: Path, thread_id: str) -> bool:
+    """Take a forgotten session out of ``<root>/MEMORY.md`` (``memd forget``).
+
+    Entries only that session stated are dropped; entries more sessions stated count one session
+    less; its trace leaves the merged-traces comment. Written atomically (temp file + rename).
+
+    Returns:
+        Whether ``MEMORY.md`` changed.
+
+    Raises:
+        MemoryWriteError: the file cannot be written (the previous one stays).
+    """
+    path = Path(root) / MEMORY_FILE
+    try:
+        text = path.read_text("utf-8", "replace")
+    except FileNotFoundError:
+        return False
+    short = short_id(thread_id)
+    parsed = parse_memory(text)
+    kept = [
+        e if e.source.thread != short else replace(e, sessions=e.sessions - 1)
+        for e in parsed.entries
+        if not (e.source.thread == short and e.sessions <= 1)
+    ]
+    header = [line for line in text.split("## ", 1)[0].splitlines()[1:] if line.strip()]
+    project = text.splitlines()[0].removeprefix("# Project memory:").strip() if text else ""
+    merged = [m for m in parsed.merged if not m.startswith((f"{thread_id}:", f"{short}:"))]
+    new = render_memory(project, kept, header=header, merged=merged)
+    if new == text:
+        return False
+    staging = Path(root) / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    try:
+        os.mkdir(staging, DIR_MODE)
+        _write_file(staging / MEMORY_FILE, new.encode("utf-8", "surrogatepass"))
+        _replace_memory(staging / MEMORY_FILE, path)
+    except OSError as exc:
+        raise MemoryWriteError(f"cannot rewrite {path}: {exc.strerror or exc}; it is unchanged") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 # --------------------------------------------------------------------------- staging and swap
@@ -534,43 +396,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _stage_skills(root: Path, staging: Path, result: Consolidated) -> bool:
+    """Write the wanted ``skills/`` into the staging directory; whether it differs from the current one."""
+    if result.skills is None:
+        return False
+    wanted = _skill_files(result.skills)
+    for relpath, data in wanted.items():
+        _write_file(staging / SKILLS_DIR / relpath, data)
+    return wanted != _tree(root / SKILLS_DIR)
+
+
+def _swap_skills(root: Path, staging: Path) -> None:
+    """Rename the staged ``skills/`` into place, keeping the old one in the staging directory."""
+    skills_dir, old_skills = root / SKILLS_DIR, staging / "skills.old"
+    staged_skills = staging / SKILLS_DIR
+    if not staged_skills.exists():
+        os.mkdir(staged_skills, DIR_MODE)
+    had_skills = skills_dir.exists()
+    if had_skills:
+        os.rename(skills_dir, old_skills)
+    try:
+        os.rename(staged_skills, skills_dir)
+    except OSError:
+        if had_skills:
+            os.rename(old_skills, skills_dir)
+        raise
+
+
 def _swap(root: Path, staging: Path, result: Consolidated) -> tuple[bool, bool]:
     """Stage the outputs, move the changed ones into place; return (memory, skills) changed."""
     memory_bytes = result.memory_md.encode("utf-8", "surrogatepass")
     _write_file(staging / MEMORY_FILE, memory_bytes)
-    skills_changed = False
-    if result.skills is not None:
-        wanted = _skill_files(result.skills)
-        for relpath, data in wanted.items():
-            _write_file(staging / SKILLS_DIR / relpath, data)
-        skills_changed = wanted != _tree(root / SKILLS_DIR)
+    skills_changed = _stage_skills(root, staging, result)
     try:
         memory_changed = (root / MEMORY_FILE).read_bytes() != memory_bytes
     except FileNotFoundError:
         memory_changed = True
     # Every output is fully written: only renames from here on, undone on failure.
-    skills_dir, old_skills = root / SKILLS_DIR, staging / "skills.old"
     if skills_changed:
-        staged_skills = staging / SKILLS_DIR
-        if not staged_skills.exists():
-            os.mkdir(staged_skills, DIR_MODE)
-        had_skills = skills_dir.exists()
-        if had_skills:
-            os.rename(skills_dir, old_skills)
-        try:
-            os.rename(staged_skills, skills_dir)
-        except OSError:
-            if had_skills:
-                os.rename(old_skills, skills_dir)
-            raise
+        _swap_skills(root, staging)
     if memory_changed:
         try:
             _replace_memory(staging / MEMORY_FILE, root / MEMORY_FILE)
         except OSError:
             if skills_changed:
-                os.rename(skills_dir, staging / "skills.new")
-                if old_skills.exists():
-                    os.rename(old_skills, skills_dir)
+                os.rename(root / SKILLS_DIR, staging / "skills.new")
+                if (staging / "skills.old").exists():
+                    os.rename(staging / "skills.old", root / SKILLS_DIR)
             raise
     if memory_changed or skills_changed:
         _fsync_dir(root)
@@ -616,6 +488,8 @@ def consolidate_root(
         MemoryWriteError: staging or swapping failed (disk full, permissions); the previous
             ``MEMORY.md`` and ``skills/`` are untouched and the staging directory is removed.
         MemdError: whatever the writer raises (same guarantees).
+
+    A root without trace memories and without a ``MEMORY.md`` is left as it is (nothing written).
     """
     root = Path(root)
     if not root.is_dir():
@@ -630,12 +504,18 @@ def consolidate_root(
         previous = ""
     except OSError as exc:
         raise ConsolidationError(f"cannot read {root / MEMORY_FILE}: {exc}") from exc
+    if not traces and not previous.strip():
+        log.info("consolidate_root_nothing", root=str(root), reason="no trace memory and no MEMORY.md")
+        return BuiltinResult(root, 0, False, False, False)
     skills_dir = root / SKILLS_DIR
     existing: tuple[str, ...] = ()
     if skills_dir.is_dir():
         existing = tuple(sorted(p.name for p in skills_dir.iterdir() if p.is_dir()))
-    data = ConsolidationInput(_project_of(root, traces), tuple(traces), previous, existing, now_s)
+    data = ConsolidationInput(
+        _project_of(root, traces), tuple(traces), previous, existing, now_s, skills=read_skills(root)
+    )
     result = (writer or offline_writer)(data)
+    result = replace(result, memory_md=with_marker(result.memory_md, [trace_marker(d) for d in traces]))
 
     staging = root / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
     try:

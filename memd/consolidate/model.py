@@ -21,7 +21,6 @@ Usage from the CLI (the seam is synchronous; the client is asynchronous)::
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from typing import Any
 import pydantic
 import structlog
 
-from memd.clock import iso_utc
 from memd.consolidate.builtin import (
     SKILL_FILE,
     SKILLS_DIR,
@@ -38,7 +36,10 @@ from memd.consolidate.builtin import (
     MemoryWriter,
     Skill,
     offline_writer,
+    parse_skill_file,
+    session_date,
 )
+from memd.consolidate.entries import short_id, strip_marker
 from memd.errors import ConsolidationError, ContextLengthError
 from memd.extract.contract import cut_middle
 from memd.extract.prompts import render
@@ -107,33 +108,6 @@ def unframe(text: str) -> str:
         if tag in text:
             text = text.replace(tag, "</ " + tag[2:])
     return text
-
-
-def parse_skill_file(name: str, text: str) -> Skill:
-    """Read a ``SKILL.md`` written by :func:`memd.consolidate.builtin.render_skill` (YAML front
-    matter with double-quoted ``name`` and ``description``, then the body). A file without front
-    matter becomes a skill named ``name`` whose body is the whole text."""
-    lines = text.split("\n")
-    if lines and lines[0].strip() == "---":
-        try:
-            end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
-        except StopIteration:
-            end = -1
-        if end > 0:
-            meta: dict[str, str] = {}
-            for line in lines[1:end]:
-                key, sep, value = line.partition(":")
-                if not sep:
-                    continue
-                value = value.strip()
-                try:
-                    parsed = json.loads(value) if value.startswith('"') else value
-                except ValueError:
-                    parsed = value.strip('"')
-                meta[key.strip()] = str(parsed)
-            body = "\n".join(lines[end + 1 :]).strip()
-            return Skill(meta.get("name") or name, meta.get("description", ""), body)
-    return Skill(name, "", text.strip())
 
 
 class ModelWriter:
@@ -220,13 +194,15 @@ class ModelWriter:
             }
             for slug, s in existing.items()
         ] or [{"name": name, "text": "(content not available)"} for name in data.existing_skills]
-        previous = unframe(cut_middle(data.previous_memory_md, max(MIN_TRACE_BYTES, budget_bytes // 4)))
+        previous = unframe(cut_middle(strip_marker(data.previous_memory_md), max(MIN_TRACE_BYTES, budget_bytes // 4)))
         fixed = len(system.encode()) + len(previous.encode()) + sum(len(s["text"].encode()) for s in skills_view)
         per_trace = max(MIN_TRACE_BYTES, (budget_bytes - fixed) // max(1, len(data.traces)))
         traces = [
             {
                 "file": doc.relpath,
-                "updated_at": iso_utc(doc.header.updated_at),
+                "session": short_id(doc.header.thread_id),
+                "date": session_date(doc) or "undated",
+                "new": "true" if data.is_new(doc) else "false",
                 "text": unframe(cut_middle(doc.body, per_trace)),
             }
             for doc in data.traces

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from memd.clock import Clock
+from memd.clock import Clock, iso_utc
 from memd.errors import LeaseLost, MemdError
 from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
 from memd.store.records import MemoryRecord
@@ -249,14 +250,15 @@ class ConsolidationRunner:
                 seq = record.memory_seq if record is not None else 0
             root = await self._prepare(project, bound)
         except MemdError as exc:
-            error = f"prepare_failed: {exc}"
-            bound.error("consolidate_failed", error=error)
-            await self._record_failure(project, error, bound)
-            return None, error, ""
+            failure = f"prepare_failed: {exc}"
+            bound.error("consolidate_failed", error=failure)
+            await self._record_failure(project, failure, bound)
+            return None, failure, ""
 
-        if root is None:  # every session of the project was a no-op: no memory folder (SPEC §19)
-            exit_code, error, tail = None, None, ""
-        else:
+        exit_code: int | None = None
+        error: str | None = None
+        tail = ""
+        if root is not None:  # None: every session of the project was a no-op, no memory folder (SPEC §19)
             exit_code, error, tail = await self._run_command(root, project, lease_name, fencing_token, bound)
         if error is None:
             try:
@@ -500,17 +502,34 @@ class ConsolidationRunner:
         bound.info("consolidate_lease_released", lease=lease_name, held=released is not False)
 
 
-def render_memory_summary(project: str, memories: Sequence[MemoryRecord]) -> str:
-    """Render ``memory_summary.md``: one ``- <summary> (trace: <file>)`` line per memory.
+#: ``memory_summary.md`` stays under about this many bytes (≈ 1,800 tokens at 4 bytes a token).
+SUMMARY_MAX_BYTES = 7_000
+_CONTEXT_DATE = re.compile(r"^Trace context:.*?\b(\d{4}-\d{2}-\d{2})\b", re.MULTILINE)
 
-    ``memories`` newest first; a summary is folded to one line (``(no summary)`` when empty).
+
+def render_memory_summary(project: str, memories: Sequence[MemoryRecord]) -> str:
+    """Render ``memory_summary.md``: the routing map, one ``- <summary> [<id> <date>]`` line per
+    memory, newest first (SPEC §7, §19).
+
+    The provenance is the session's short id and date (the trace's ``Trace context`` date, else the
+    memory's generation date); the trace file is ``trace_summaries/<id>…``. A summary is folded to one
+    line (``(no summary)`` when empty). Lines past :data:`SUMMARY_MAX_BYTES` are left out and
+    counted in a last line.
     """
     lines = [f"# Memory summary: {' '.join(project.split())}", ""]
     if not memories:
         lines.append("No trace memories yet.")
-    for memory in memories:
+    size = sum(len(line) + 1 for line in lines)
+    for n, memory in enumerate(memories):
         summary = " ".join(memory.summary.split()) or "(no summary)"
-        lines.append(f"- {summary} (trace: {memory.path})")
+        match = _CONTEXT_DATE.search(memory.trace_memory)
+        date = match.group(1) if match else (iso_utc(memory.generated_at)[:10] if memory.generated_at else "undated")
+        line = f"- {summary} [{memory.thread_id[:8]} {date}]"
+        if size + len(line.encode()) + 1 > SUMMARY_MAX_BYTES:
+            lines.append(f"- … {len(memories) - n} older sessions: see `trace_summaries/` and MEMORY.md")
+            break
+        lines.append(line)
+        size += len(line.encode()) + 1
     return "\n".join(lines) + "\n"
 
 

@@ -237,6 +237,8 @@ def _failure_line(f: Failure) -> str:
         return f"{head}; {f.pivot}"
     if f.resolved:
         return f"{head}; resolved later in the task"
+    if f.minor:
+        return f"{head} (a helper tool; the task went on)"
     return f"{head} — not resolved"
 
 
@@ -291,6 +293,6 @@ def _task_sentence(task: TaskDigest) -> str:
     for f in task.failures[:2]:
         if f.pivot:
             sentence += f" `{one_line(f.what, 60)}` failed; {f.pivot}."
-        elif not f.resolved:
+        elif not f.resolved and not f.minor:
             sentence += f" Left failing: `{one_line(f.what, 60)}`" + (f" ({f.detail[:80]})." if f.detail else ".")
     return sentence

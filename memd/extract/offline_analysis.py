@@ -105,6 +105,7 @@ class Failure:
         pivot: the working variant (``npx jest``) or the fix before a retry (``after mix format``);
             ``""`` when none was identified.
         count: how many times the same command failed the same way in a row.
+        minor: a helper tool's hiccup (``write_stdin``, a plan update) that did not decide the outcome.
     """
 
     kind: FailureKind
@@ -114,6 +115,7 @@ class Failure:
     resolved: bool
     pivot: str = ""
     count: int = 1
+    minor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -999,7 +1001,7 @@ def _failure(s: _Step) -> Failure:
         kind = FailureKind.TOOL
     else:
         kind = FailureKind.COMMAND
-    return Failure(kind, _short(s.text, 160), _error_line(s.output), s.exit_code, s.resolved, s.pivot)
+    return Failure(kind, _short(s.text, 160), _error_line(s.output), s.exit_code, s.resolved, s.pivot, minor=s.minor)
 
 
 def _mcp(steps: Sequence[_Step]) -> tuple[tuple[str, int], ...]:
