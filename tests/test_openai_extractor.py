@@ -398,13 +398,9 @@ def test_templates_come_from_the_checkout_and_all_render():
         project="p",
         previous_memory_md="",
         existing_skills=[],
-        traces=[
-            {"file": "trace_summaries/a.md", "updated_at": "2026-01-01T00:00:00Z", "text": "T"}
-        ],
+        traces=[{"file": "trace_summaries/a.md", "session": "019a085e", "date": "2026-01-01", "new": "true", "text": "T"}],
     )
-    assert (
-        '<trace file="trace_summaries/a.md" updated_at="2026-01-01T00:00:00Z">\nT\n</trace>' in text
-    )
+    assert '<trace file="trace_summaries/a.md" session="019a085e" date="2026-01-01" new="true">\nT\n</trace>' in text
     assert render(
         "extract_input.md.j2",
         project="p",

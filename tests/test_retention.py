@@ -80,11 +80,16 @@ def test_consolidation_with_the_policy(tmp_path: Path) -> None:
     for tid, at, fact in (("t-old", NEWEST - 400 * DAY, "staging needs the VPN"), ("t-new", NEWEST, "lint needs ruff")):
         header = TraceHeader(thread_id=tid, project="/p", cwd="/p", rollout_path="/r", updated_at=at)
         body = (
-            f"# work\nUser preferences: none observed\n## Task: work\nOutcome: success\nReusable knowledge:\n- {fact}\n"
+            # A pitfall: Start here (and User preferences) never age out, other sections do.
+            f"# work\nUser preferences: none observed\n## Task: work\nOutcome: success\n"
+            f"Things that did not work / things that can be improved:\n- {fact}\n"
         )
         (root / "trace_summaries" / f"{tid}_work.md").write_text(render_trace_file(header, body))
     consolidate_root(root, writer=retaining(offline_writer, policy()), git=False)
     text = (root / "MEMORY.md").read_text()
     assert "lint needs ruff" in text and "staging needs the VPN" not in text
+    consolidate_root(root, writer=offline_writer, git=False)
+    assert "staging needs the VPN" not in (root / "MEMORY.md").read_text()  # MEMORY.md is incremental: it stays out
+    (root / "MEMORY.md").unlink()
     consolidate_root(root, writer=offline_writer, git=False)
     assert "staging needs the VPN" in (root / "MEMORY.md").read_text()  # without the policy it stays
