@@ -102,8 +102,8 @@ none yet (how changes were checked)
 - Create the virtualenv — left partial [t-old 2026-01-01]
 
 ## Recent tasks
-- Fix flaky test — success [t-new 2026-01-02]
 - Update the README — uncertain [t-new 2026-01-02]
+- Fix flaky test — success [t-new 2026-01-02]
 - Create the virtualenv — partial [t-old 2026-01-01]
 """
 

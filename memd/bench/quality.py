@@ -362,7 +362,8 @@ class QualityReport:
 
 def score(sessions: Sequence[SessionFacts], view: MemoryView) -> QualityReport:
     """Score ``view`` (what memd wrote) against the hand-read ``sessions``."""
-    read_agents = set(view.threads.values())
+    # An agent is read when memd indexed any of its sessions as a thread.
+    read_agents = {s.agent for s in sessions if s.thread and s.thread in view.threads}
     unread = tuple(sorted({s.agent for s in sessions} - read_agents))
     rows: list[SessionScore] = []
     project_facts: dict[str, list[Fact]] = {}

@@ -238,11 +238,12 @@ def _parse_bullet(section: Section, text: str) -> Entry | None:
 # --------------------------------------------------------------------------- rendering
 
 
-def _rank(entry: Entry) -> tuple[int, str, int, str]:
-    """Sort key: recent tasks and follow-ups newest first; other sections best-supported first."""
+def _rank(entry: Entry, order: int) -> tuple[int, str, int]:
+    """Sort key: recent tasks and follow-ups newest first; other sections best-supported first,
+    then newest; ties keep the order the entries came in (a trace's own order)."""
     if entry.section in (Section.RECENT_TASKS, Section.FOLLOW_UPS):
-        return (0, _desc(entry.source.date), 0, entry.key)
-    return (-entry.sessions, _desc(entry.source.date), 0, entry.key)
+        return (0, _desc(entry.source.date), order)
+    return (-entry.sessions, _desc(entry.source.date), order)
 
 
 def _desc(date: str) -> str:
@@ -256,7 +257,8 @@ def arrange(entries: Iterable[Entry]) -> dict[Section, list[Entry]]:
     """Entries per section, ranked, without repeats (across sections too), capped per section."""
     seen: set[str] = set()
     out: dict[Section, list[Entry]] = {section: [] for section in Section}
-    for entry in sorted(entries, key=lambda e: (list(Section).index(e.section), _rank(e))):
+    ranked = sorted(enumerate(entries), key=lambda ne: (list(Section).index(ne[1].section), _rank(ne[1], ne[0])))
+    for _, entry in ranked:
         key = entry.key
         if key in seen or len(out[entry.section]) >= SECTION_CAPS[entry.section]:
             continue

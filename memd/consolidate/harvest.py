@@ -198,6 +198,7 @@ def harvest(facts: TraceFacts, source: Provenance) -> list[Entry]:
         out += [Entry(Section.PITFALLS, one_line(_strip_status(p)), source) for p in task.problems if _pitfall(p)]
         out += _verification(task, source)
         out += _follow_up(task, source)
+    for task in reversed(facts.tasks):  # recent tasks newest first: the session's last task first
         out.append(Entry(Section.RECENT_TASKS, one_line(f"{task.name} — {task.outcome}", 200), source))
     if not facts.tasks:  # a trace without the skeleton still shows up as a task
         name = facts.title or next((ln.strip("# ") for ln in facts.raw.splitlines() if ln.strip()), "session")

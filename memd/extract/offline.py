@@ -292,7 +292,8 @@ def _task_sentence(task: TaskDigest) -> str:
         )
     for f in task.failures[:2]:
         if f.pivot:
-            sentence += f" `{one_line(f.what, 60)}` failed; {f.pivot}."
+            what = f"Editing `{one_line(f.what, 60)}`" if f.kind == FailureKind.PATCH else f"`{one_line(f.what, 60)}`"
+            sentence += f" {what} failed; {f.pivot}."
         elif not f.resolved and not f.minor:
             sentence += f" Left failing: `{one_line(f.what, 60)}`" + (f" ({f.detail[:80]})." if f.detail else ".")
     return sentence
