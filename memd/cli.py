@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,6 +25,9 @@ from memd.clock import SystemClock
 from memd.config import Settings, load_settings
 from memd.errors import ConfigError, MemdError, UsageError
 from memd.logging import configure_logging
+
+if TYPE_CHECKING:
+    from memd.daemon import Daemon
 
 log = structlog.get_logger(__name__)
 
@@ -275,12 +278,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return await handler(args, settings)
 
 
-async def _open_daemon(settings: Settings):  # type: ignore[no-untyped-def]
+async def _open_daemon(settings: Settings) -> Daemon:
     from memd.daemon import Daemon
 
-    daemon = Daemon(settings)
-    await daemon.open()
-    return daemon
+    return await Daemon.open(settings)
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -325,7 +326,7 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
             f" in {summary.duration_s:.1f} s"
         )
         print(f"memory: {settings.memory_dir}")
-        paused = daemon.pool.paused_reason
+        paused = daemon.components.pool.paused_reason
         if paused:
             print(f"memd once: model work paused: {paused}; the remaining threads stay queued", file=sys.stderr)
         auth_failed = bool(paused) and paused.startswith("model authentication failed")
@@ -334,7 +335,7 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
         await daemon.close()
 
 
-async def _dry_run(daemon: Any) -> int:
+async def _dry_run(daemon: Daemon) -> int:
     """Estimate the model input a run (or a backfill) would send; send nothing.
 
     Every eligible thread's input is built exactly as for the model (filter, redact, fit
@@ -344,43 +345,42 @@ async def _dry_run(daemon: Any) -> int:
     from memd.errors import RolloutError
     from memd.extract.openai_extractor import render_prompt
 
-    await daemon.indexer.scan()
-    plan = await daemon.scheduler.plan()
+    c = daemon.components
+    await c.indexer.scan()
+    plan = await c.scheduler.plan()
     total_tokens = total_bytes = threads = unreadable = 0
     for thread_id in plan.queued_ids:
-        thread = await daemon.store.threads.get(thread_id)
+        thread = await c.store.threads.get(thread_id)
         if thread is None:
             continue
         try:
-            request = await daemon._prepare(thread, daemon.settings.llm.max_input_tokens)
+            request = await c.requests.build(thread, c.settings.llm.max_input_tokens)
         except (RolloutError, OSError):
             unreadable += 1
             continue
         system, user = render_prompt(request, request.built)
         size = len(system.encode()) + len(user.encode())
         total_bytes += size
-        total_tokens += daemon.estimator.estimate(size)
+        total_tokens += c.estimator.estimate(size)
         threads += 1
     skipped = f" ({unreadable} unreadable, skipped)" if unreadable else ""
     print(
         f"memd once --dry-run: {threads} threads would be extracted{skipped}; about {total_tokens} input "
-        f"tokens ({total_bytes} bytes, prompts included, {daemon.estimator.bytes_per_token:.2f} bytes per token) "
+        f"tokens ({total_bytes} bytes, prompts included, {c.estimator.bytes_per_token:.2f} bytes per token) "
         f"would be sent to the model, plus the answers. Nothing was sent."
     )
-    if daemon.extractor_name != "openai":
-        print(
-            f"note: the extractor is {daemon.extractor_name} ({daemon.extractor_reason}): "
-            "a real run sends nothing either"
-        )
+    if c.extractor_name != "openai":
+        print(f"note: the extractor is {c.extractor_name} ({c.extractor_reason}): a real run sends nothing either")
     return 0
 
 
 async def _cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     daemon = await _open_daemon(settings)
     try:
-        await daemon.indexer.scan()
-        for thread in await daemon.store.threads.list_all():
-            await daemon.indexer.catch_up(thread.id)
+        indexer = daemon.components.indexer
+        await indexer.scan()
+        for thread in await daemon.components.store.threads.list_all():
+            await indexer.catch_up(thread.id)
     finally:
         await daemon.close()
     return await _cmd_status(argparse.Namespace(json=False), settings)  # after this process unregistered
@@ -406,7 +406,7 @@ async def _print_status(store: Any, settings: Settings, extractor: str, reason: 
 async def _running_extractor(store: Any, settings: Settings) -> tuple[str, str]:
     """The extractor a running daemon recorded at start (its environment may hold the API key
     when this shell's does not), else what this configuration selects."""
-    from memd.status import daemon_alive
+    from memd.store.daemons import daemon_alive
 
     recorded = await store.meta.get("extractor")
     now = SystemClock().now()
@@ -593,6 +593,9 @@ async def _cmd_service(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from memd.bench.harness import run_bench
+    from memd.daemon import build_components
 
-    await asyncio.to_thread(run_bench, quick=args.quick, json_path=args.json, workdir=None)
+    await asyncio.to_thread(
+        run_bench, quick=args.quick, json_path=args.json, workdir=None, settings=settings, factory=build_components
+    )
     return 0

@@ -111,6 +111,7 @@ class ConsolidationSettings(BaseModel):
     kill_grace_s: float = Field(default=10.0, ge=0)
     max_traces_per_project: int = Field(default=10, ge=1)
     model: str | None = None
+    env: list[str] = Field(default_factory=list)
     #: MEMORY.md entries unused for this many days (on the project's own timeline) may fall out (SPEC §18).
     max_unused_days: float = Field(default=90.0, gt=0)
 

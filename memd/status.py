@@ -9,47 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from memd.clock import Clock, iso_utc
-from memd.store.records import DaemonRecord, JobKind, JobStatus
+from memd.store.daemons import daemon_alive
+from memd.store.records import JobKind, JobStatus
 from memd.store.store import Store
-
-#: A daemon whose heartbeat is older than this is shown as not running (seconds). The daemon
-#: beats every 30 s.
-DAEMON_STALE_S = 120.0
-
-
-def pid_alive(pid: int) -> bool:
-    """Return whether a process ``pid`` exists on this host (signal 0; a zombie counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def daemon_alive(record: DaemonRecord, now_s: float, *, host: str | None = None) -> bool:
-    """Return whether a registered daemon is running.
-
-    Running: not unregistered, a heartbeat within :data:`DAEMON_STALE_S` of ``now_s``, and — when
-    it ran on this host (``host``, default :func:`socket.gethostname`) — its process still exists.
-    A daemon killed with ``kill -9`` never unregisters; the process check tells at once.
-    """
-    if record.stopped_at is not None or now_s - (record.heartbeat_at or 0) > DAEMON_STALE_S:
-        return False
-    if record.host == (host if host is not None else socket.gethostname()):
-        return pid_alive(record.pid)
-    return True
 
 
 def _day_start(now_s: float) -> float:

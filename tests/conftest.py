@@ -7,6 +7,7 @@ when the folder is absent (a user's clone has no ``../shared``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -87,6 +88,27 @@ def clock():  # type: ignore[no-untyped-def]
     from memd.clock import FakeClock
 
     return FakeClock()
+
+
+@pytest.fixture
+async def jumping_clock():  # type: ignore[no-untyped-def]
+    """Makes :class:`memd.clock.ManualClock` objects (``jumping_clock(start_s)``) on which timers
+    of up to 10 s (model backoff, ``Retry-After``, retry pauses) pass at once and longer ones (job
+    heartbeats, idle polls) wait for the test's ``advance``: for daemon tests whose components
+    sleep while a local server or a subprocess takes real time."""
+    from memd.clock import ManualClock
+
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(start_s: float) -> ManualClock:
+        clock = ManualClock(start_s)
+        tasks.append(asyncio.create_task(clock.autojump(horizon_s=10.0)))
+        return clock
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture

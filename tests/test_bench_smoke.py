@@ -16,6 +16,8 @@ from structlog.testing import capture_logs
 
 from memd.bench import harness
 from memd.bench.harness import FIGURE_KEYS, BenchSizes, Figure
+from memd.config import Settings, load_settings
+from memd.daemon import build_components
 
 TINY = BenchSizes(
     append_rollout_bytes=1_000_000,
@@ -45,6 +47,11 @@ async def gather_pool(n_jobs: int, concurrency: int, latency_s: float) -> float:
     return time.perf_counter() - t0
 
 
+def bench_settings(tmp_path: Path) -> Settings:
+    """Settings the bench overrides per figure (paths and limits); here in a scratch folder."""
+    return load_settings(None, {"state_dir": tmp_path / "state", "memory_dir": tmp_path / "memory"})
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -57,6 +64,8 @@ def test_run_bench_writes_every_key(tmp_path: Path) -> None:
         json_path=json_path,
         workdir=tmp_path / "work",
         out=lines.append,
+        settings=bench_settings(tmp_path),
+        factory=build_components,
         run_pool=gather_pool,
         daemon_argv=SLEEPER,
         sizes=TINY,
@@ -186,8 +195,7 @@ def test_table_marks_pass_and_miss() -> None:
 
 
 def test_real_pool_runs_every_job(tmp_path: Path) -> None:
-    run_pool = harness.extraction_pool_fn(tmp_path)
-    assert run_pool is not None
+    run_pool = harness.component_pool_fn(tmp_path, bench_settings(tmp_path), build_components)
     wall = asyncio.run(run_pool(6, 3, 0.01))
     assert _is_number(wall) and wall >= 2 * 0.01  # two rounds of sleeps at least
     (fig,) = harness.bench_pool(run_pool, n_jobs=6, concurrency=3, latency_s=0.01)

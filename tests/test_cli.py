@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memd.cli import main
-from memd.clock import FakeClock
+from memd.clock import FakeClock, ManualClock
 from memd.config import Settings, load_settings
 from memd.daemon import Daemon
 from memd.memory import files as memory_files
@@ -57,13 +57,15 @@ async def offline_once(settings: Settings, n_threads: int = 2) -> None:
     cwd.mkdir(exist_ok=True)
     for n in range(n_threads):
         write_rollout(settings.sessions[0], thread_id(n), cwd, simple_turns(f"cli-{n}"))
-    daemon = Daemon(settings, clock=FakeClock(time.time() + 60))
-    await daemon.open()
+    clock = ManualClock(time.time() + 60)
+    jumper = asyncio.create_task(clock.autojump(horizon_s=10.0))  # retry pauses pass, heartbeats wait
+    daemon = await Daemon.open(settings, clock=clock)
     try:
         summary = await daemon.once()
         assert summary.extracted == n_threads
     finally:
         await daemon.close()
+        jumper.cancel()
 
 
 # --------------------------------------------------------------------------- show

@@ -76,8 +76,8 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
-NEW_TRACE = "trace_summaries/t_new_fixed_the_flaky_ci_test_by_pinning_pytest_asyncio.md"
-OLD_TRACE = "trace_summaries/t_old_set_up_the_development_environment.md"
+NEW_TRACE = "trace_summaries/t-new_fixed_the_flaky_ci_test_by_pinning_pytest_asyncio.md"
+OLD_TRACE = "trace_summaries/t-old_set_up_the_development_environment.md"
 
 EXPECTED = f"""# Project memory: {PROJECT}
 

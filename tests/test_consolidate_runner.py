@@ -13,13 +13,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from memd.clock import FakeClock
+from memd.consolidate.env import consolidation_env
 from memd.consolidate.runner import (
     LEASE_LOST,
     SKIPPED_LEASE_HELD,
     TIMEOUT,
     ConsolidationRunner,
+    ConsolidationStatus,
     render_memory_summary,
-    safe_env,
 )
 from memd.memory import files as memory_files
 from memd.store.records import FileRecord, MemoryRecord, ThreadRecord
@@ -140,6 +141,7 @@ async def test_success_prunes_writes_summary_and_records(
 
     root = memory_files.project_root(memory_dir, PROJECT)
     assert outcome.ok and outcome.error is None and outcome.exit_code == 0, outcome
+    assert outcome.status is ConsolidationStatus.DONE
     assert f"root True project p={PROJECT}" in outcome.output_tail
     assert "key None" in outcome.output_tail, "the API key must not reach the command"
     assert (root / "MEMORY.md").read_text() == "new handbook"
@@ -166,7 +168,7 @@ async def test_runs_the_builtin_consolidator_end_to_end(store: Store, clock: Fak
     await _add_memory(store, memory_dir, "t1", clock.now() - 10, "older")
     await _add_memory(store, memory_dir, "t2", clock.now(), "newer")
     repo = Path(__file__).resolve().parents[1]
-    env = {**safe_env(), "PYTHONPATH": str(repo)}
+    env = {**consolidation_env([sys.executable, "-m", "memd"], uses_model=False), "PYTHONPATH": str(repo)}
     runner = _runner(store, clock, memory_dir, _py(BUILTIN, "{memory_root}"), env=env)
     outcome = await runner.run(PROJECT, 2)
     assert outcome.ok, outcome
@@ -200,6 +202,7 @@ async def test_a_project_with_only_no_op_sessions_gets_no_memory_folder(
     marker = memory_dir / "ran"
     outcome = await _runner(store, clock, memory_dir, _py(f"open({str(marker)!r}, 'w')")).run(PROJECT)
     assert outcome.ok and outcome.exit_code is None, outcome
+    assert outcome.status is ConsolidationStatus.NOTHING_TO_DO
     assert not marker.exists(), "nothing to consolidate: the command is not run"
     assert not memory_files.project_root(memory_dir, PROJECT).exists()
     project = await store.projects.get(PROJECT)
@@ -213,6 +216,7 @@ async def test_skipped_when_lease_held(store: Store, clock: FakeClock, memory_di
     runner = _runner(store, clock, memory_dir, _py(f"open({str(marker)!r}, 'w')"))
     outcome = await runner.run(PROJECT, 1)
     assert not outcome.ok and outcome.error == SKIPPED_LEASE_HELD and outcome.exit_code is None
+    assert outcome.status is ConsolidationStatus.SKIPPED and not outcome.failed
     assert not marker.exists()
     assert (await store.leases.get(LEASE)).owner == "other"
 
@@ -229,6 +233,7 @@ async def test_non_zero_exit_keeps_memory_and_records_failure(store: Store, cloc
         outcome = await _runner(store, clock, memory_dir, _py(code)).run(PROJECT, 1)
     assert not outcome.ok and outcome.exit_code == 3
     assert outcome.error == "exit_code 3: boom: cannot merge"
+    assert outcome.status is ConsolidationStatus.FAILED and outcome.failed
     assert "working" in outcome.output_tail
     assert (root / "MEMORY.md").read_text() == "previous handbook\n"
     project = await store.projects.get(PROJECT)
@@ -270,6 +275,7 @@ async def test_hang_past_timeout_kills_the_process_group(store: Store, clock: Fa
     with capture_logs() as logs:
         outcome = await runner.run(PROJECT, 1)
     assert not outcome.ok and outcome.error == TIMEOUT
+    assert outcome.status is ConsolidationStatus.TIMEOUT and outcome.failed
     assert outcome.exit_code == -9, "SIGTERM is ignored, so SIGKILL after the grace period"
     leader, grandchild = map(int, (root / "pids").read_text().split())
     assert await _eventually_gone(leader)
@@ -316,6 +322,7 @@ async def test_lease_lost_mid_run_terminates_command(store: Store, clock: FakeCl
     assert other is not None
     outcome = await asyncio.wait_for(task, 30)
     assert not outcome.ok and outcome.error == LEASE_LOST
+    assert outcome.status is ConsolidationStatus.LEASE_LOST
     assert outcome.exit_code == -15, "terminated with SIGTERM"
     assert await _eventually_gone(int((root / "pid").read_text()))
     lease = await store.leases.get(LEASE)

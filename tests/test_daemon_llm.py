@@ -2,7 +2,7 @@
 OpenAI server on 127.0.0.1 (``tests/fake_openai.py``), driven by the real ``openai`` client.
 
 Every test counts the requests the server received: the number stays bounded under every fault.
-In-process tests use :class:`memd.daemon.Daemon` with a :class:`~memd.clock.FakeClock` (backoff
+In-process tests use :class:`memd.daemon.Daemon` with a :class:`~memd.clock.ManualClock` that jumps to its next timer when idle (backoff
 and ``Retry-After`` waits pass instantly); a few run ``memd`` as a subprocess, as a user does.
 """
 
@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from memd.cli import main
-from memd.clock import FakeClock, iso_utc
+from memd.clock import ManualClock, iso_utc
 from memd.config import Settings, load_settings
 from memd.daemon import Daemon
 from memd.extract.offline import OfflineExtractor
@@ -189,9 +189,9 @@ def settings_for(tmp_path: Path, base_url: str | None, *, key: str | None = API_
 
 
 @pytest.fixture
-def clock() -> FakeClock:
+async def clock(jumping_clock) -> ManualClock:
     # Ahead of the rollouts' mtimes, so that the idle gate (min_idle_s = 0) is passed.
-    return FakeClock(time.time() + 60.0)
+    return jumping_clock(time.time() + 60.0)
 
 
 @pytest.fixture
@@ -199,9 +199,8 @@ async def daemons():
     """Opens daemons and closes them at teardown: ``await daemons(settings, clock)``."""
     opened: list[Daemon] = []
 
-    async def factory(settings: Settings, clock: FakeClock) -> Daemon:
-        daemon = Daemon(settings, clock=clock)
-        await daemon.open()
+    async def factory(settings: Settings, clock: ManualClock) -> Daemon:
+        daemon = await Daemon.open(settings, clock=clock)
         opened.append(daemon)
         return daemon
 
@@ -238,8 +237,8 @@ async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_
     assert loud[0]["event"] == "daemon_started"
     assert loud[0]["extractor"] == "openai"
     assert loud[0]["extractor_reason"] == "extractor = auto and an API key is configured"
-    assert isinstance(daemon.extractor, OpenAIExtractor)
-    assert await daemon.store.meta.get("extractor") == "openai: extractor = auto and an API key is configured"
+    assert isinstance(daemon.components.extractor, OpenAIExtractor)
+    assert await daemon.components.store.meta.get("extractor") == "openai: extractor = auto and an API key is configured"
     assert API_KEY not in json.dumps(logs, default=str)
 
 
@@ -249,7 +248,7 @@ async def test_auto_without_a_key_is_offline_and_says_why(tmp_path, clock, daemo
     started = events(logs, "daemon_started")
     assert started[0]["extractor"] == "offline"
     assert started[0]["extractor_reason"] == "extractor = auto and no API key is configured"
-    assert isinstance(daemon.extractor, OfflineExtractor)
+    assert isinstance(daemon.components.extractor, OfflineExtractor)
 
 
 def status_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
@@ -344,7 +343,7 @@ async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration
         settings = settings_for(tmp_path, server.base_url, llm={"max_input_tokens": 1000})
 
         first = await daemons(settings, clock)
-        assert first.estimator.bytes_per_token == 4.0
+        assert first.components.estimator.bytes_per_token == 4.0
         await first.once()
         await first.close()
         [body] = extraction_bodies(server)
@@ -362,7 +361,7 @@ async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration
         clock.advance(60)
         os.utime(path, (clock.now() - 30, clock.now() - 30))
         second = await daemons(settings, clock)
-        assert second.estimator.bytes_per_token == pytest.approx(2.5, abs=0.02)
+        assert second.components.estimator.bytes_per_token == pytest.approx(2.5, abs=0.02)
         await second.once()
         body = extraction_bodies(server)[1]
         sent = session_text(body)
@@ -472,7 +471,7 @@ async def test_a_persistent_5xx_is_bounded_per_attempt_backs_off_and_ends_dead(t
 
     # `memd retry` re-queues it; the server has recovered.
     server.default = fk.ok(trace_answer("recovered"))
-    assert await daemon.store.jobs.retry(thread_id(1)) == 1
+    assert await daemon.components.store.jobs.retry(thread_id(1)) == 1
     await daemon.once()
     assert len(server.requests) == 7
     assert jobs_by_key(settings)[thread_id(1)]["status"] == "done"
@@ -567,7 +566,7 @@ async def test_an_auth_failure_pauses_all_model_work_with_one_clear_error_and_bu
     jobs = jobs_by_key(settings)
     assert len(jobs) == 5
     assert {(j["status"], j["attempts"]) for j in jobs.values()} == {("pending", 0)}  # released, not failed
-    assert "authentication" in (daemon.pool.paused_reason or "")
+    assert "authentication" in (daemon.components.pool.paused_reason or "")
     clear = [e for e in logs if e["log_level"] == "error"]
     assert [e["event"] for e in clear] == ["model_auth_failed"]
     assert API_KEY not in json.dumps(logs, default=str)
@@ -588,24 +587,24 @@ async def test_memd_run_pool_stays_paused_after_an_auth_failure(tmp_path, server
     server.default = fk.unauthorized()
     settings = settings_for(tmp_path, server.base_url, extract_concurrency=1)
     daemon = await daemons(settings, clock)
-    await daemon.indexer.scan()
-    await daemon.scheduler.plan()
+    await daemon.components.indexer.scan()
+    await daemon.components.scheduler.plan()
     stop = asyncio.Event()
-    pool = asyncio.create_task(daemon.pool.run(stop))
+    pool = asyncio.create_task(daemon.components.pool.run(stop))
     try:
         for _ in range(200):
-            if daemon.pool.paused_reason:
+            if daemon.components.pool.paused_reason:
                 break
             await asyncio.sleep(0.02)
-        assert daemon.pool.paused_reason
+        assert daemon.components.pool.paused_reason
         for _ in range(20):  # wake the idle workers again and again: still nothing is sent
-            daemon.pool.wake()
+            daemon.components.pool.wake()
             await asyncio.sleep(0.01)
         assert len(server.requests) == 1
-        assert daemon.pool.running == 0
+        assert daemon.components.pool.running == 0
     finally:
         stop.set()
-        daemon.pool.wake()
+        daemon.components.pool.wake()
         await pool
 
 
@@ -629,7 +628,7 @@ async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_pat
     midnight = next_utc_midnight(clock.now())
     [exhausted] = events(logs, "budget_exhausted")
     assert exhausted["resume_at"] == iso_utc(midnight)
-    assert f"daily token budget reached; resumes at {iso_utc(midnight)}" == daemon.pool.paused_reason
+    assert f"daily token budget reached; resumes at {iso_utc(midnight)}" == daemon.components.pool.paused_reason
     statuses = sorted(j["status"] for j in jobs_by_key(settings).values())
     assert statuses == ["done", "done", "done", "pending", "pending"]
 
@@ -648,8 +647,8 @@ async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_pat
     await daemon.once()
     assert len(server.requests) == 5
     assert len(db_rows(settings, "SELECT * FROM memories")) == 5
-    assert daemon.pool.paused_reason is None
-    assert await daemon.store.meta.get("model_pause") is None
+    assert daemon.components.pool.paused_reason is None
+    assert await daemon.components.store.meta.get("model_pause") is None
 
 
 async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, server, clock, daemons):
@@ -660,10 +659,10 @@ async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, serv
     server.default = fk.ok(trace_answer("day"), usage=(900, 200, 0))
     settings = settings_for(tmp_path, server.base_url, extract_concurrency=1, daily_token_budget=1000)
     daemon = await daemons(settings, clock)
-    await daemon.indexer.scan()
-    await daemon.scheduler.plan()
+    await daemon.components.indexer.scan()
+    await daemon.components.scheduler.plan()
     stop = asyncio.Event()
-    pool = asyncio.create_task(daemon.pool.run(stop))
+    pool = asyncio.create_task(daemon.components.pool.run(stop))
 
     async def until(predicate: Callable[[], bool]) -> None:
         for _ in range(500):
@@ -673,21 +672,21 @@ async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, serv
         raise AssertionError("condition not reached")
 
     try:
-        await until(lambda: daemon.pool.paused_reason is not None)
+        await until(lambda: daemon.components.pool.paused_reason is not None)
         assert len(server.requests) == 1
         for _ in range(10):
-            daemon.pool.wake()
+            daemon.components.pool.wake()
             await asyncio.sleep(0.01)
         assert len(server.requests) == 1  # waiting, not polling the server
         clock.advance(next_utc_midnight(clock.now()) - clock.now() + 1)
-        daemon.pool.wake()
-        await until(lambda: len(server.requests) == 2 and daemon.pool.paused_reason is not None)
+        daemon.components.pool.wake()
+        await until(lambda: len(server.requests) == 2 and daemon.components.pool.paused_reason is not None)
         clock.advance(86_400)
-        daemon.pool.wake()
-        await until(lambda: daemon.pool.stats.done == 3)
+        daemon.components.pool.wake()
+        await until(lambda: daemon.components.pool.stats.done == 3)
     finally:
         stop.set()
-        daemon.pool.wake()
+        daemon.components.pool.wake()
         await pool
     assert len(server.requests) == 3
 
@@ -896,7 +895,7 @@ async def test_the_key_reaches_the_consolidation_subprocess_only_when_memd_conso
     monkeypatch.setenv("ANTHROPIC_API_KEY", "another-provider-key")
     settings = settings_for(tmp_path, server.base_url, key=key, consolidation={"command": command})
     daemon = await daemons(settings, clock)
-    env = daemon._consolidation_env()
+    env = daemon.components.runner.env
     assert ("OPENAI_API_KEY" in env) is passed
     assert "ANTHROPIC_API_KEY" not in env
     assert env["HOME"] == os.environ["HOME"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memd.memory.files import slugify
+from memd.memory.files import file_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_memd_once_end_to_end(codex_rollouts: Path, tmp_path: Path) -> None:
     for thread_id in eligible:
         rows = conn.execute("SELECT * FROM memories WHERE thread_id = ?", (thread_id,)).fetchall()
         assert len(rows) == 1, thread_id
-        files = list(memory_dir.glob(f"*/memory/trace_summaries/{slugify(thread_id)}_*.md"))
+        files = list(memory_dir.glob(f"*/memory/trace_summaries/{file_id(thread_id)}_*.md"))
         if rows[0]["path"] is None:
             assert files == [] and rows[0]["trace_memory"] == ""
         else:
@@ -180,7 +180,7 @@ def test_memd_run_picks_up_new_rollout_and_stops_cleanly_on_sigterm(tmp_path: Pa
                 return False
 
         assert _wait_for(memory_written, 60), "the new rollout's memory did not appear"
-        traces = list((home / "data" / "memd" / "projects").glob(f"*/memory/trace_summaries/{slugify(thread_id)}_*.md"))
+        traces = list((home / "data" / "memd" / "projects").glob(f"*/memory/trace_summaries/{file_id(thread_id)}_*.md"))
         assert len(traces) == 1
         assert _wait_for(lambda: any((home / "data" / "memd" / "projects").glob("*/memory/MEMORY.md")), 30)
         started = time.monotonic()

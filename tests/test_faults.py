@@ -34,9 +34,11 @@ from structlog.testing import capture_logs
 from memd.bench.corpus import SMALL_SIZE_MIX, CorpusManifest, append_turn, generate_corpus
 from memd.clock import FakeClock
 from memd.config import ConsolidationSettings, Settings
+from memd.consolidate.trigger import TriggerSummary
 from memd.daemon import Daemon
 from memd.memory import files as memory_files
-from memd.status import collect_status, pid_alive
+from memd.status import collect_status
+from memd.store.daemons import pid_alive
 from tests import faultkit as fk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +106,11 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CorpusManifest:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to aim the injected error")
 async def test_disk_full_writing_trace_files_fails_cleanly_then_retries(
-    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch, jumping_clock
 ) -> None:
-    clock = FakeClock(time.time() + 3600)
-    daemon = Daemon(_settings(tmp_path, retry_base_s=60), clock=clock)
-    await daemon.open()
-    assert daemon.store is not None
+    clock = jumping_clock(time.time() + 3600)
+    daemon = await Daemon.open(_settings(tmp_path, retry_base_s=60), clock=clock)
+    assert daemon.components.store is not None
     eligible = _eligible(corpus)
     try:
         with _failing_writes(monkeypatch, f"/{memory_files.TRACE_DIR}/"), capture_logs() as logs:
@@ -119,12 +120,12 @@ async def test_disk_full_writing_trace_files_fails_cleanly_then_retries(
         assert sorted(e["thread_id"] for e in failed) == eligible  # one event per thread
         for event in failed:
             assert "disk full (ENOSPC)" in event["error"] and event["dead"] is False and event["retry_at"]
-        jobs = await daemon.store.jobs.list_all("extract")
+        jobs = await daemon.components.store.jobs.list_all("extract")
         assert {j.status for j in jobs} == {"error"}
         assert {j.retry_at for j in jobs} == {clock.now() + 60}
-        assert await daemon.store.memories.watermarks() == {}
+        assert await daemon.components.store.memories.watermarks() == {}
         assert list((tmp_path / "memory").rglob("*.md")) == [] and _leftovers(tmp_path / "memory") == []
-        report = await collect_status(daemon.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
+        report = await collect_status(daemon.components.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
         states = {t["id"]: (t["state"], t["last_error"]) for t in report["threads"] if t["eligible"]}
         assert all(state == "error" and "disk full" in error for state, error in states.values())
         assert report["totals"]["error"] == len(eligible)
@@ -136,57 +137,57 @@ async def test_disk_full_writing_trace_files_fails_cleanly_then_retries(
         summary = await daemon.once()
         assert (summary.extracted, summary.failed) == (len(eligible), 0)
         assert summary.consolidated >= 1
-        memories = await daemon.store.memories.watermarks()
+        memories = await daemon.components.store.memories.watermarks()
         assert sorted(memories) == eligible
         traces = list((tmp_path / "memory").glob(f"*/memory/{memory_files.TRACE_DIR}/*.md"))
         assert len(traces) == len(eligible) and _leftovers(tmp_path / "memory") == []
-        assert {j.status for j in await daemon.store.jobs.list_all("extract")} == {"done"}
+        assert {j.status for j in await daemon.components.store.jobs.list_all("extract")} == {"done"}
     finally:
         await daemon.close()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to aim the injected error")
 async def test_disk_full_before_consolidation_keeps_previous_memory_and_retries_later(
-    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch, jumping_clock
 ) -> None:
-    clock = FakeClock(time.time() + 3600)
-    daemon = Daemon(_settings(tmp_path, consolidation={"min_interval_s": 600}), clock=clock)
-    await daemon.open()
-    assert daemon.store is not None
+    clock = jumping_clock(time.time() + 3600)
+    daemon = await Daemon.open(_settings(tmp_path, consolidation={"min_interval_s": 600}), clock=clock)
+    assert daemon.components.store is not None
     try:
         first = await daemon.once()
         assert first.consolidated >= 1 and first.consolidation_failed == 0
         target = next(f for f in corpus.files if f.thread_id in _eligible(corpus))
-        project = (await daemon.store.threads.get(target.thread_id)).project  # type: ignore[union-attr]
+        project = (await daemon.components.store.threads.get(target.thread_id)).project  # type: ignore[union-attr]
         root = memory_files.project_root(tmp_path / "memory", project)
         before = {name: (root / name).read_bytes() for name in ("MEMORY.md", "memory_summary.md")}
 
         append_turn(target.path, seed=5)  # the thread grows: a new memory, the project is due
         clock.advance(700)
-        await daemon.indexer.scan()
-        await daemon.scheduler.plan()
-        await daemon.pool.run(daemon._stop, burst=True)
+        await daemon.components.indexer.scan()
+        await daemon.components.scheduler.plan()
+        await daemon.components.pool.run(asyncio.Event(), burst=True)
         with _failing_writes(monkeypatch, "memory_summary.md"), capture_logs() as logs:
-            ok, failed = await daemon.consolidate_due(delay_s=0, min_interval_s=600)
+            summary = await daemon.consolidate_due(delay_s=0, min_interval_s=600)
+            ok, failed = summary.consolidated, summary.failed
         assert (ok, failed) == (0, 1)
         [event] = [e for e in logs if e["event"] == "consolidate_failed"]
         assert event["project"] == project and "disk full (ENOSPC)" in event["error"]
         assert {name: (root / name).read_bytes() for name in before} == before
         assert _leftovers(tmp_path / "memory") == []
-        record = await daemon.store.projects.get(project)
+        record = await daemon.components.store.projects.get(project)
         assert record is not None and record.consolidated_seq < record.memory_seq
         assert "disk full" in (record.last_error or "")
-        lease = await daemon.store.leases.get(f"consolidate:{project}")
+        lease = await daemon.components.store.leases.get(f"consolidate:{project}")
         assert lease is not None and lease.owner is None  # released on the failure path
-        report = await collect_status(daemon.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
+        report = await collect_status(daemon.components.store, clock, extractor="offline", extractor_reason="", daily_token_budget=0)
         [row] = [p for p in report["projects"] if p["project"] == project]
         assert "disk full" in row["last_error"] and row["fresh"] is False
 
         # Retried only after min_interval_s (bounded, no spin), then it succeeds.
-        assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == (0, 0)
+        assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == TriggerSummary(0, 0)
         clock.advance(601)
-        assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == (1, 0)
-        record = await daemon.store.projects.get(project)
+        assert await daemon.consolidate_due(delay_s=0, min_interval_s=600) == TriggerSummary(1, 0)
+        record = await daemon.components.store.projects.get(project)
         assert record is not None and record.consolidated_seq == record.memory_seq and record.last_error is None
         assert (root / "memory_summary.md").read_bytes() != before["memory_summary.md"]
     finally:
@@ -197,12 +198,12 @@ async def test_disk_full_before_consolidation_keeps_previous_memory_and_retries_
 
 
 async def test_trace_file_missing_after_its_row_committed_is_written_again(
-    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, corpus: CorpusManifest, monkeypatch: pytest.MonkeyPatch, jumping_clock
 ) -> None:
     """Two ways a committed row can lack its file: the rename failed (the daemon goes on; the
     repair before the project's next consolidation writes it), or memd died between the commit
     and the rename (the temp file is left; start-up recovery writes it). The row is the truth."""
-    clock = FakeClock(time.time() + 3600)
+    clock = jumping_clock(time.time() + 3600)
     settings = _settings(tmp_path)
     eligible = _eligible(corpus)
     failing, crashed = eligible[0], eligible[1]
@@ -219,20 +220,19 @@ async def test_trace_file_missing_after_its_row_committed_is_written_again(
             return []  # the row committed, the rename never happens: the temp file stays
         return real_commit(self)
 
-    daemon = Daemon(settings, clock=clock)
-    await daemon.open()
-    assert daemon.store is not None
+    daemon = await Daemon.open(settings, clock=clock)
+    assert daemon.components.store is not None
     try:
-        await daemon.indexer.scan()
-        await daemon.scheduler.plan()
+        await daemon.components.indexer.scan()
+        await daemon.components.scheduler.plan()
         with capture_logs() as logs:
             monkeypatch.setattr(memory_files.StagedFile, "commit", rename_fails)
-            await daemon.pool.run(daemon._stop, burst=True)
+            await daemon.components.pool.run(asyncio.Event(), burst=True)
             monkeypatch.setattr(memory_files.StagedFile, "commit", real_commit)
         [event] = [e for e in logs if e["event"] == "trace_file_commit_failed"]
         assert event["thread_id"] == failing and "disk full" in event["error"]
-        assert sorted(await daemon.store.memories.watermarks()) == eligible  # every row committed
-        row = await daemon.store.memories.get(failing)
+        assert sorted(await daemon.components.store.memories.watermarks()) == eligible  # every row committed
+        row = await daemon.components.store.memories.get(failing)
         assert row is not None and row.path is not None
         root = memory_files.project_root(tmp_path / "memory", row.project)
         assert not (root / row.path).exists()
@@ -247,12 +247,12 @@ async def test_trace_file_missing_after_its_row_committed_is_written_again(
         target = next(f for f in corpus.files if f.thread_id == crashed)
         append_turn(target.path, seed=8)
         clock.advance(60)
-        await daemon.indexer.scan()
-        await daemon.scheduler.plan()
+        await daemon.components.indexer.scan()
+        await daemon.components.scheduler.plan()
         monkeypatch.setattr(memory_files.StagedFile, "commit", killed_before_rename)
-        await daemon.pool.run(daemon._stop, burst=True)
+        await daemon.components.pool.run(asyncio.Event(), burst=True)
         monkeypatch.setattr(memory_files.StagedFile, "commit", real_commit)
-        row = await daemon.store.memories.get(crashed)
+        row = await daemon.components.store.memories.get(crashed)
         assert row is not None and row.path is not None
         root = memory_files.project_root(tmp_path / "memory", row.project)
         assert not memory_files.trace_exists(root, row.path, row.trace_memory)
@@ -260,9 +260,8 @@ async def test_trace_file_missing_after_its_row_committed_is_written_again(
     finally:
         await daemon.close()
 
-    restarted = Daemon(settings, clock=clock)
     with capture_logs() as logs:
-        await restarted.open()
+        restarted = await Daemon.open(settings, clock=clock)
     try:
         assert memory_files.trace_exists(root, row.path, row.trace_memory)
         assert _leftovers(tmp_path / "memory") == []
@@ -279,13 +278,12 @@ async def test_a_loop_that_crashes_stops_the_daemon_with_exit_1(
 ) -> None:
     """A bug that ends one of the service's loops is not silent: one event, a clean stop and
     exit status 1, so that ``Restart=on-failure`` starts memd again."""
-    daemon = Daemon(_settings(tmp_path), clock=FakeClock(time.time() + 3600))
-    await daemon.open()
+    daemon = await Daemon.open(_settings(tmp_path), clock=FakeClock(time.time() + 3600))
 
     async def broken(stop: asyncio.Event, *, burst: bool = False) -> None:
         raise RuntimeError("a bug in the pool")
 
-    monkeypatch.setattr(daemon.pool, "run", broken)
+    monkeypatch.setattr(daemon.components.pool, "run", broken)
     try:
         with capture_logs() as logs:
             code = await asyncio.wait_for(daemon.serve(), 60)

@@ -28,6 +28,9 @@ def _header(thread_id: str = "019a0000-aaaa-bbbb-cccc-000000000001") -> TraceHea
         cwd="/home/u/proj/sub",
         rollout_path="/home/u/.codex/sessions/2026/01/02/rollout-x.jsonl",
         updated_at=1_767_373_200.0,
+        agent="claude",
+        started_at=1_767_369_600.0,
+        source_watermark=4096,
     )
 
 
@@ -108,12 +111,15 @@ def test_render_and_parse_round_trip() -> None:
     header = _header()
     body = "# Fixed the build\nTrace context: x\n\n## Task: build\nOutcome: success"
     text = memory_files.render_trace_file(header, body)
-    assert text.splitlines()[:6] == [
+    assert text.splitlines()[:9] == [
         f"thread_id: {header.thread_id}",
+        "agent: claude",
         "project: /home/u/proj",
         "cwd: /home/u/proj/sub",
         f"rollout_path: {header.rollout_path}",
+        "session_date: 2026-01-02T16:00:00Z",
         "updated_at: 2026-01-02T17:00:00Z",
+        "source_watermark: 4096",
         "",
     ]
     parsed, parsed_body = memory_files.parse_trace_file(text)
@@ -127,6 +133,24 @@ def test_render_folds_header_injection() -> None:
     assert parsed.thread_id == "t1"
     assert parsed.cwd == "/evil thread_id: other"
     assert body == "body"
+
+
+def test_a_header_written_before_agent_date_and_watermark_existed_still_parses() -> None:
+    old = "thread_id: t1\nproject: /p\ncwd: /p\nrollout_path: /r.jsonl\nupdated_at: 2026-01-02T17:00:00Z\n\n# Body\n"
+    header, body = memory_files.parse_trace_file(old)
+    assert header == TraceHeader("t1", "/p", "/p", "/r.jsonl", 1_767_373_200.0, "codex", 0.0, 0)
+    assert body == "# Body"
+
+
+def test_trace_names_keep_safe_ids_verbatim_and_slug_the_rest() -> None:
+    codex = "019a085e-04c1-7f81-a09e-9555f6a1fb40"
+    assert memory_files.trace_relpath(codex, "Build a Pomodoro timer!") == (
+        f"trace_summaries/{codex}_build_a_pomodoro_timer.md"
+    )
+    claude = "4c2ddfdc-b619-4525-8d03-1950fb1b0257"
+    assert memory_files.trace_relpath(claude, "").startswith(f"trace_summaries/{claude}_trace")
+    assert memory_files.trace_relpath("../x y", "t") == "trace_summaries/x_y_t.md"
+    assert memory_files.trace_relpath("a" * 65, "t") == f"trace_summaries/{'a' * 64}_t.md"
 
 
 def test_parse_tolerates_missing_header() -> None:

@@ -2,7 +2,7 @@
 the claim, leases renewed while a job runs, fenced commits, and two processes on one state never
 extracting the same thread at the same time.
 
-Store time is a :class:`~memd.clock.FakeClock` (lease expiry is driven, not waited for); the
+Store time is a :class:`~memd.clock.ManualClock` (lease expiry is driven, not waited for); the
 heartbeat runs on real time every ``lease_s / 3``.
 """
 
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from memd.clock import FakeClock
+from memd.clock import ManualClock
 from memd.errors import ExtractorError
 from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
-from memd.extract.pool import ExtractionPool
+from memd.extract.pool import JobPool
 from memd.memory.files import project_root
 from memd.rollout.session import ThreadStats
 from memd.schedule.retry import RetryPolicy
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
+from tests.fakes import extraction_pool
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "/work/demo"
@@ -124,8 +125,8 @@ class GatedExtractor:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_767_225_600.0)
+def clock() -> ManualClock:
+    return ManualClock(1_767_225_600.0)
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ async def store(tmp_path, clock):
 
 def make_pool(
     store: Store,
-    clock: FakeClock,
+    clock: ManualClock,
     tmp_path: Path,
     extractor,
     *,
@@ -145,8 +146,8 @@ def make_pool(
     concurrency: int = 2,
     lease_s: float = 900.0,
     retry: RetryPolicy | None = None,
-) -> ExtractionPool:
-    return ExtractionPool(
+) -> JobPool:
+    return extraction_pool(
         store,
         clock,
         extractor=extractor,
@@ -359,7 +360,7 @@ WORKER = textwrap.dedent(
 
     from memd.clock import SystemClock
     from memd.extract.base import ExtractionResult
-    from memd.extract.pool import ExtractionPool
+    from tests.fakes import extraction_pool
     from memd.store.store import Store, make_owner
     from tests.test_pool import TRACE, prepare
 
@@ -392,7 +393,7 @@ WORKER = textwrap.dedent(
         Path(ready).touch()
         while not os.path.exists(go):
             await asyncio.sleep(0.01)
-        pool = ExtractionPool(store, SystemClock(), extractor=Slow(), prepare=prepare,
+        pool = extraction_pool(store, SystemClock(), extractor=Slow(), prepare=prepare,
                               memory_dir=Path(memory_dir), owner=make_owner(), concurrency=2,
                               lease_s=60.0, poll_s=0.05)
         await pool.run(asyncio.Event(), burst=True)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from memd.clock import FakeClock
+from memd.clock import FakeClock, ManualClock
 from memd.errors import ExtractorError
-from memd.extract.pool import ExtractionPool
+from memd.extract.pool import JobPool
 from memd.ingest.indexer import Indexer
 from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import Scheduler
 from memd.store.store import Store
+from tests.fakes import extraction_pool
 from tests.test_daemon_llm import append_turn, simple_turns, thread_id, write_rollout
 from tests.test_pool import GatedExtractor, prepare
 
@@ -28,8 +29,8 @@ DAY_S = 86_400.0
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_767_225_600.0)
+def clock() -> ManualClock:
+    return ManualClock(1_767_225_600.0)
 
 
 @pytest.fixture
@@ -61,8 +62,8 @@ async def plan(scheduler: Scheduler):  # type: ignore[no-untyped-def]
     return await scheduler.plan()
 
 
-def pool_for(store: Store, clock: FakeClock, tmp_path: Path, extractor, retry: RetryPolicy | None = None) -> ExtractionPool:
-    return ExtractionPool(store, clock, extractor=extractor, prepare=prepare, memory_dir=tmp_path / "memory",
+def pool_for(store: Store, clock: FakeClock, tmp_path: Path, extractor, retry: RetryPolicy | None = None) -> JobPool:
+    return extraction_pool(store, clock, extractor=extractor, prepare=prepare, memory_dir=tmp_path / "memory",
                           owner="host:1:a", concurrency=1, retry=retry or RetryPolicy(), poll_s=0.05)
 
 

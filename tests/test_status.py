@@ -21,7 +21,7 @@ from memd.cli import main
 from memd.clock import FakeClock
 from memd.config import default_state_dir
 from memd.rollout.project import Ineligible
-from memd.status import daemon_alive, pid_alive
+from memd.store.daemons import daemon_alive, pid_alive
 from memd.store.records import DaemonRecord, FileRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store, make_owner
 

@@ -52,14 +52,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
+
+if TYPE_CHECKING:
+    from memd.daemon import Components
 
 from memd.bench import corpus
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
 from memd.bench.read import READ_TARGETS, bench_context, bench_search
 from memd.bench.redaction import REDACTION_TARGETS, bench_redaction
+from memd.clock import Clock
+from memd.config import Settings
+from memd.extract.base import ExtractionRequest, ExtractionResult, Extractor
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +73,16 @@ log = structlog.get_logger(__name__)
 IndexFn = Callable[[list[Path], Path], Awaitable[None]]
 #: ``run_pool(n_jobs, concurrency, latency_s) -> wall_s`` (may be a coroutine function).
 PoolFn = Callable[[int, int, float], "float | Awaitable[float]"]
+
+
+class ComponentsFactory(Protocol):
+    """Builds the daemon's components (:func:`memd.daemon.build_components`); ``memd bench`` is
+    handed the same factory ``memd run`` uses."""
+
+    def __call__(
+        self, settings: Settings, *, clock: Clock | None = None, extractor: Extractor | None = None
+    ) -> Awaitable[Components]: ...
+
 
 #: SPEC §15 targets: key -> (comparison, threshold).
 TARGETS: dict[str, tuple[str, float]] = {
@@ -378,31 +394,18 @@ def bench_input_ratio_real(real_dir: Path | None) -> list[Figure]:
 # --- indexing ------------------------------------------------------------------------------------
 
 
-def indexer_index_fn() -> IndexFn | None:
-    """An ``index_fn`` built on :class:`memd.indexer.Indexer` (one scan per call), or ``None``
-    when the indexer or the store cannot be imported."""
-    try:
-        from memd.clock import SystemClock
-        from memd.ingest.indexer import Indexer
-        from memd.store.store import Store
-    except ImportError:
-        return None
+def component_index_fn(settings: Settings, factory: ComponentsFactory) -> IndexFn:
+    """An ``index_fn`` on the daemon's own components: each call builds them with ``factory``
+    over a fresh state (``state_dir``) and runs one :meth:`~memd.ingest.indexer.Indexer.scan`."""
 
     async def index(roots: list[Path], state_dir: Path) -> None:
-        clock = SystemClock()
         state_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(state_dir / "memd.sqlite3", clock=clock)
+        config = settings.model_copy(update={"sessions": roots, "state_dir": state_dir})
+        components = await factory(config)
         try:
-            indexer = Indexer(
-                store,
-                clock,
-                roots=roots,
-                max_line_bytes=_MAX_LINE_BYTES,
-                include_sources=("cli", "vscode", "unknown", "custom"),
-            )
-            await indexer.scan()
+            await components.indexer.scan()
         finally:
-            await store.close()
+            await components.aclose()
 
     return index
 
@@ -474,119 +477,83 @@ async def _await(value: Any) -> Any:
 # --- pool ----------------------------------------------------------------------------------------
 
 
-def extraction_pool_fn(workdir: Path) -> PoolFn | None:
-    """A ``run_pool`` built on the real :class:`memd.extract.pool.ExtractionPool` and a real
-    :class:`memd.store.store.Store`, or ``None`` when they cannot be imported.
+class _SleepExtractor:
+    """An extractor with a fixed latency (a model server that always takes ``latency_s``)."""
 
-    Each call makes a fresh state under ``workdir`` with ``n_jobs`` indexed threads and their
-    pending extract jobs, then times ``ExtractionPool.run(burst=True)`` at ``concurrency``
-    workers against an in-process extractor whose ``extract`` sleeps ``latency_s`` (a server
-    with fixed latency L) and returns a short trace memory: claims, lease renewals, fenced
-    commits and trace files are all real. Input building is not part of it (its own figure).
+    name = "bench"
+
+    def __init__(self, latency_s: float) -> None:
+        self.latency_s = latency_s
+
+    async def extract(self, request: ExtractionRequest) -> ExtractionResult:
+        await asyncio.sleep(self.latency_s)
+        trace = (
+            f"# Benchmark session {request.thread_id}\n\n## Task: answer the benchmark\n\n"
+            "Outcome: success\n\n- Nothing else happened.\n"
+        )
+        return ExtractionResult(trace, "A benchmark session.", extractor="bench", title="answer the benchmark")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _write_small_rollouts(sessions: Path, project: Path, n_jobs: int) -> None:
+    """``n_jobs`` one-question Codex rollouts (0.77 envelope format) under ``sessions``."""
+    sessions.mkdir(parents=True, exist_ok=True)
+    project.mkdir(parents=True, exist_ok=True)
+    for i in range(n_jobs):
+        thread_id = f"019b0000-0000-7000-8000-{i:012d}"
+        meta = {"id": thread_id, "timestamp": "2026-01-02T10:00:00Z", "cwd": str(project), "source": "cli"}
+        lines = [
+            {"timestamp": "2026-01-02T10:00:00Z", "type": "session_meta", "payload": meta},
+            {"timestamp": "2026-01-02T10:00:01Z", "type": "event_msg",
+             "payload": {"type": "user_message", "message": f"run benchmark {i}"}},
+        ]  # fmt: skip
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        (sessions / f"rollout-2026-01-02T10-00-00-{thread_id}.jsonl").write_text(text)
+
+
+def component_pool_fn(workdir: Path, settings: Settings, factory: ComponentsFactory) -> PoolFn:
+    """A ``run_pool`` on the daemon's own components (the same factory ``memd run`` uses).
+
+    Each call makes a fresh state under ``workdir`` with ``n_jobs`` small real rollouts, indexes
+    and plans them (idle gate and age limit off), then times the worker pool's
+    ``run(burst=True)`` at ``concurrency`` workers against an extractor whose ``extract`` sleeps
+    ``latency_s`` (a server with fixed latency L): claims, lease renewals, input building,
+    fenced commits and trace files are all real.
 
     Raises (from the returned function):
         RuntimeError: not every job was extracted.
     """
-    try:
-        from memd.clock import SystemClock
-        from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
-        from memd.extract.pool import ExtractionPool
-        from memd.store.records import FileRecord, ThreadRecord
-        from memd.store.store import Store, make_owner
-    except ImportError:
-        return None
-
-    class SleepExtractor:
-        """An extractor with a fixed latency (a model server that always takes L seconds)."""
-
-        name = "bench"
-
-        def __init__(self, latency_s: float) -> None:
-            self.latency_s = latency_s
-
-        async def extract(self, request: ExtractionRequest) -> ExtractionResult:
-            await asyncio.sleep(self.latency_s)
-            trace = (
-                f"# Benchmark session {request.thread_id}\n\n## Task: answer the benchmark\n\n"
-                "Outcome: success\n\n- Nothing else happened.\n"
-            )
-            return ExtractionResult(trace, "A benchmark session.", extractor="bench")
-
-        async def aclose(self) -> None:
-            return None
-
     calls = 0
 
     async def run_pool(n_jobs: int, concurrency: int, latency_s: float) -> float:
         nonlocal calls
         calls += 1
         root = workdir / f"pool-{calls}"
-        root.mkdir(parents=True, exist_ok=True)
-        clock = SystemClock()
-        store = await Store.open(root / "memd.sqlite3", clock=clock)
+        _write_small_rollouts(root / "sessions", root / "project", n_jobs)
+        config = settings.model_copy(
+            update={
+                "sessions": [root / "sessions"],
+                "state_dir": root / "state",
+                "memory_dir": root / "memory",
+                "min_idle_s": 0.0,
+                "max_age_days": 0.0,
+                "extract_concurrency": concurrency,
+            }
+        )
+        components = await factory(config, extractor=_SleepExtractor(latency_s))
         try:
-            now = clock.now()
-            batch = []
-            for i in range(n_jobs):
-                thread_id = f"019b0000-0000-7000-8000-{i:012d}"
-                path = str(root / "sessions" / f"rollout-{thread_id}.jsonl")
-                file = FileRecord(path, "codex", 0, i, 4096, now, 4096, "", thread_id)
-                thread = ThreadRecord(
-                    id=thread_id,
-                    path=path,
-                    project=str(root / "project"),
-                    cwd=str(root / "project"),
-                    source="cli",
-                    originator="codex_cli_rs",
-                    cli_version="0.77.0",
-                    model="bench",
-                    title=f"benchmark session {i}",
-                    created_at=now - 7200,
-                    updated_at=now - 3600,
-                    watermark=4096,
-                    user_messages=1,
-                    skipped_lines=0,
-                    eligible=True,
-                    reason=None,
-                )
-                batch.append((thread, "{}", file))
-            await store.threads.record_many(batch)
-            for thread, _, _ in batch:
-                await store.jobs.upsert_extract(thread.id, thread.watermark, thread.updated_at)
-            built = BuiltInput(
-                items=(), text="user: run the benchmark", raw_json_bytes=100, text_bytes=23, est_tokens=6
-            )
-
-            async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
-                return ExtractionRequest(
-                    thread_id=thread.id,
-                    project=thread.project,
-                    cwd=thread.cwd,
-                    rollout_path=thread.path,
-                    updated_at=thread.updated_at,
-                    agent="codex",
-                    model=thread.model,
-                    built=built,
-                    max_input_tokens=max_input_tokens,
-                )
-
-            pool = ExtractionPool(
-                store,
-                clock,
-                extractor=SleepExtractor(latency_s),
-                prepare=prepare,
-                memory_dir=root / "memory",
-                owner=make_owner(),
-                concurrency=concurrency,
-            )
+            await components.indexer.scan()
+            await components.scheduler.plan()
             t0 = time.perf_counter()
-            await pool.run(asyncio.Event(), burst=True)
+            await components.pool.run(asyncio.Event(), burst=True)
             wall = time.perf_counter() - t0
-            if pool.stats.done != n_jobs:
-                raise RuntimeError(f"the pool extracted {pool.stats.done} of {n_jobs} jobs")
+            if components.pool.stats.done != n_jobs:
+                raise RuntimeError(f"the pool extracted {components.pool.stats.done} of {n_jobs} jobs")
             return wall
         finally:
-            await store.close()
+            await components.aclose()
 
     return run_pool
 
@@ -826,6 +793,8 @@ def run_bench(
     json_path: Path | None,
     workdir: Path | None = None,
     out: Callable[[str], Any] = print,
+    settings: Settings | None = None,
+    factory: ComponentsFactory | None = None,
     index_fn: IndexFn | None = _DEFAULT,
     run_pool: PoolFn | None = _DEFAULT,
     daemon_argv: Sequence[str] | None = _DEFAULT,
@@ -843,8 +812,12 @@ def run_bench(
         workdir: where the corpus and temporary state go (kept); default a temporary
             directory removed afterwards.
         out: receives progress lines and the table.
-        index_fn: indexer under test; default :func:`indexer_index_fn` (``None`` skips).
-        run_pool: worker pool under test; default :func:`extraction_pool_fn` (the real pool
+        settings: the configuration the components are built from (each figure overrides the
+            paths and limits it controls).
+        factory: builds the components (:func:`memd.daemon.build_components`, handed in by the
+            CLI); without it (or ``settings``) the index and pool figures are skipped.
+        index_fn: indexer under test; default :func:`component_index_fn` (``None`` skips).
+        run_pool: worker pool under test; default :func:`component_pool_fn` (the real pool
             in ``workdir``); ``None`` skips ``pool_efficiency``.
         daemon_argv: daemon command for the idle figures; default
             ``[sys.executable, "-m", "memd", "run"]``; ``None`` skips.
@@ -858,7 +831,7 @@ def run_bench(
     """
     sizes = sizes or (BenchSizes.quick() if quick else BenchSizes.full())
     if index_fn is _DEFAULT:
-        index_fn = indexer_index_fn()
+        index_fn = component_index_fn(settings, factory) if settings is not None and factory is not None else None
     if daemon_argv is _DEFAULT:
         daemon_argv = [sys.executable, "-m", "memd", "run"]
     if real_dir is _DEFAULT:
@@ -869,7 +842,9 @@ def run_bench(
         workdir = Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     if run_pool is _DEFAULT:
-        run_pool = extraction_pool_fn(workdir)
+        run_pool = (
+            component_pool_fn(workdir, settings, factory) if settings is not None and factory is not None else None
+        )
     figures: list[Figure] = []
 
     def step(keys: list[str], label: str, fn: Callable[[], list[Figure]]) -> None:

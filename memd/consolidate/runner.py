@@ -24,12 +24,14 @@ import re
 import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from memd.clock import Clock, iso_utc
+from memd.consolidate.env import consolidation_env
 from memd.errors import LeaseLost, MemdError
 from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
 from memd.store.records import MemoryRecord
@@ -37,9 +39,23 @@ from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
 
+#: Error texts of the outcomes that have no other detail (``memd status`` shows them).
 SKIPPED_LEASE_HELD = "skipped: lease held"
 LEASE_LOST = "lease_lost"
 TIMEOUT = "timeout"
+
+
+class ConsolidationStatus(StrEnum):
+    """How one consolidation run ended."""
+
+    DONE = "done"
+    NOTHING_TO_DO = "nothing_to_do"  # no trace memory and no memory folder: nothing is created
+    SKIPPED = "skipped"  # another holder has the project's lease
+    LEASE_ERROR = "lease_error"  # the lease could not be taken (database unavailable)
+    LEASE_LOST = "lease_lost"
+    TIMEOUT = "timeout"
+    FAILED = "failed"  # preparation failed, the command failed to start or exited non-zero, ...
+
 
 _READ_CHUNK_BYTES = 64 * 1024
 _LOG_LINE_MAX_CHARS = 1_000
@@ -49,22 +65,6 @@ _GROUP_POLL_S = 0.05
 #: also waits for the output pipe to close, which a leftover background process can hold open.
 _EXIT_POLL_S = 1.0
 
-#: Variables passed to the command when no ``env`` is given (nothing secret).
-SAFE_ENV_KEYS = (
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
-    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR",
-    "VIRTUAL_ENV", "PYTHONPATH", "CODEX_HOME",
-)  # fmt: skip
-
-
-def safe_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return the allow-listed subset of ``source`` (default ``os.environ``) plus ``LC_*``.
-
-    No API key or other secret is ever part of it (SPEC §14).
-    """
-    source = os.environ if source is None else source
-    return {key: value for key, value in source.items() if key in SAFE_ENV_KEYS or key.startswith("LC_")}
-
 
 @dataclass(frozen=True, slots=True)
 class ConsolidationOutcome:
@@ -72,7 +72,7 @@ class ConsolidationOutcome:
 
     Attributes:
         project: the project key.
-        ok: the command exited 0 and the success was recorded under the lease.
+        status: how the run ended.
         exit_code: the command's exit status (negative: killed by that signal); ``None`` when it
             never ran.
         duration_s: real seconds from lease acquisition to the end.
@@ -84,12 +84,23 @@ class ConsolidationOutcome:
     """
 
     project: str
-    ok: bool
+    status: ConsolidationStatus
     exit_code: int | None
     duration_s: float
     error: str | None
     output_tail: str
     started_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """The project's memory is consolidated: the command succeeded and it was recorded under
+        the lease, or there was nothing to consolidate."""
+        return self.status in (ConsolidationStatus.DONE, ConsolidationStatus.NOTHING_TO_DO)
+
+    @property
+    def failed(self) -> bool:
+        """The run failed (a skipped run, whose lease another holder has, did not)."""
+        return not self.ok and self.status is not ConsolidationStatus.SKIPPED
 
 
 class _Tail:
@@ -157,7 +168,8 @@ class ConsolidationRunner:
         kill_grace_s: seconds between SIGTERM and SIGKILL of the process group.
         max_traces_per_project: trace files kept by the prune step.
         owner: this daemon's lease owner (``host:pid:random``).
-        env: the command's environment; ``None`` ⇒ :func:`safe_env` of this process.
+        env: the command's environment; ``None`` ⇒ the allow-list of :mod:`memd.consolidate.env`
+            applied to this process's environment.
         output_cap_bytes: bytes of output kept as the tail.
     """
 
@@ -185,7 +197,7 @@ class ConsolidationRunner:
         self.kill_grace_s = float(kill_grace_s)
         self.max_traces_per_project = int(max_traces_per_project)
         self.owner = owner
-        self.env = dict(env) if env is not None else safe_env()
+        self.env = dict(env) if env is not None else consolidation_env(self.command, uses_model=False)
         self.output_cap_bytes = int(output_cap_bytes)
 
     # ------------------------------------------------------------------ public
@@ -212,10 +224,12 @@ class ConsolidationRunner:
         lease_name = f"consolidate:{project}"
         bound = log.bind(project=project)
 
-        def outcome(exit_code: int | None, error: str | None, tail: str = "") -> ConsolidationOutcome:
+        def outcome(
+            status: ConsolidationStatus, exit_code: int | None, error: str | None, tail: str = ""
+        ) -> ConsolidationOutcome:
             return ConsolidationOutcome(
                 project=project,
-                ok=error is None,
+                status=status,
                 exit_code=exit_code,
                 duration_s=loop.time() - started,
                 error=error,
@@ -227,10 +241,10 @@ class ConsolidationRunner:
             fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
         except MemdError as exc:
             bound.warning("consolidate_lease_error", error=str(exc))
-            return outcome(None, f"lease_error: {exc}")
+            return outcome(ConsolidationStatus.LEASE_ERROR, None, f"lease_error: {exc}")
         if fencing_token is None:
             bound.info("consolidate_skipped", reason="lease_held")
-            return outcome(None, SKIPPED_LEASE_HELD)
+            return outcome(ConsolidationStatus.SKIPPED, None, SKIPPED_LEASE_HELD)
         bound = bound.bind(fencing_token=fencing_token)
         bound.info("consolidate_lease_acquired", lease=lease_name)
         try:
@@ -242,8 +256,8 @@ class ConsolidationRunner:
 
     async def _run_leased(
         self, project: str, seq: int | None, lease_name: str, fencing_token: int, bound: Any
-    ) -> tuple[int | None, str | None, str]:
-        """Prepare, run and record under the lease: ``(exit_code, error or None, output tail)``."""
+    ) -> tuple[ConsolidationStatus, int | None, str | None, str]:
+        """Prepare, run and record under the lease: ``(status, exit_code, error or None, output tail)``."""
         try:
             if seq is None:
                 record = await self.store.projects.get(project)
@@ -253,7 +267,7 @@ class ConsolidationRunner:
             failure = f"prepare_failed: {exc}"
             bound.error("consolidate_failed", error=failure)
             await self._record_failure(project, failure, bound)
-            return None, failure, ""
+            return ConsolidationStatus.FAILED, None, failure, ""
 
         exit_code: int | None = None
         error: str | None = None
@@ -274,10 +288,11 @@ class ConsolidationRunner:
                 error = LEASE_LOST
         if error is None:
             bound.info("consolidate_done", exit_code=exit_code, seq=seq)
-            return exit_code, None, tail
+            return (ConsolidationStatus.DONE if root else ConsolidationStatus.NOTHING_TO_DO), exit_code, None, tail
         bound.warning("consolidate_failed", error=error, exit_code=exit_code)
         await self._record_failure(project, error, bound)
-        return exit_code, error, tail
+        status = {TIMEOUT: ConsolidationStatus.TIMEOUT, LEASE_LOST: ConsolidationStatus.LEASE_LOST}
+        return status.get(error, ConsolidationStatus.FAILED), exit_code, error, tail
 
     async def _prepare(self, project: str, bound: Any) -> Path | None:
         """Prune the trace files and write ``memory_summary.md``; return the memory root, or
@@ -288,6 +303,10 @@ class ConsolidationRunner:
             MemdError: the folder or a file cannot be written, or the store fails.
         """
         memories = await self.store.memories.list_for_project(project)
+        return await asyncio.to_thread(self._prepare_files, project, memories, bound)
+
+    def _prepare_files(self, project: str, memories: Sequence[MemoryRecord], bound: Any) -> Path | None:
+        """The file-system part of :meth:`_prepare` (runs in a worker thread)."""
         if not any(m.path for m in memories) and not project_root(self.memory_dir, project).exists():
             bound.info("consolidate_nothing_to_do", reason="no trace memories; no memory folder is made")
             return None

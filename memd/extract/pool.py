@@ -1,46 +1,36 @@
-"""The extraction worker pool (SPEC §6.1).
+"""The worker pool: a generic runner of fenced jobs (SPEC §6.1).
 
 A fixed number of workers. Like arq's worker, a worker takes a concurrency slot *before* it claims
 a job, so a daemon never holds a claimed job it has no capacity for. A claim is a lease in the
-``jobs`` table with a fencing token; it is renewed every ``lease_s / 3`` while the extractor runs,
-and the result is committed only if the token still matches (a worker whose lease was taken over
-writes nothing). Trace files follow the SPEC §5 invariant: the file is staged under a temporary
-name, the ``memories`` row commits, then the file is renamed into place; if the commit is refused
-the temporary file is removed. That step finishes even when the job is cancelled (shutdown).
+``jobs`` table with a fencing token; it is renewed every ``lease_s / 3`` while the handler runs,
+and whatever the handler commits is fenced by the token (a worker whose claim was taken over
+writes nothing). The pool knows nothing of what a job does: it hands each claimed job to its
+handler (for extraction, :class:`memd.extract.job.ExtractJob`) and records the outcome.
 
-Faults (SPEC §13): one thread's failure becomes ``error`` with an exponential backoff, ``dead``
+Faults (SPEC §13): one job's failure becomes ``error`` with an exponential backoff, ``dead``
 after ``max_attempts``; a store that fails (the database locked past its busy timeout) is retried
-a bounded number of times — a failed claim every ``poll_s``, a commit ``STORE_RETRY_ATTEMPTS``
+a bounded number of times — a failed claim every ``poll_s``, a job update ``STORE_RETRY_ATTEMPTS``
 times — and a job update that still fails leaves the claim to expire, so that the job is claimed
 again after its lease. No worker ever dies with an exception: the slot is always given back.
-On shutdown a cancelled job gives its claim back (``pending``, the attempt not counted).
+A model authentication failure or a spent daily budget pauses the pool (the job is given back,
+its attempt not counted). On shutdown a cancelled job gives its claim back (``pending``, the
+attempt not counted). Every pause and sleep runs on the injected clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import structlog
 
-from memd.clock import Clock, iso_utc
-from memd.errors import (
-    BudgetExhausted,
-    ExtractorError,
-    LeaseLost,
-    MemoryWriteError,
-    ModelAuthError,
-    StoreError,
-)
-from memd.extract.base import ExtractionRequest, Extractor
-from memd.extract.contract import TraceContext, normalise
-from memd.memory import files as memory_files
+from memd.clock import Clock, iso_utc, wait_any
+from memd.errors import BudgetExhausted, ExtractorError, LeaseLost, MemoryWriteError, ModelAuthError, StoreError
+from memd.faults import FaultLog
 from memd.schedule.retry import RetryPolicy
-from memd.store.records import JobKind, JobRecord, MemoryRecord, ThreadRecord
+from memd.store.records import JobKind, JobRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -51,16 +41,39 @@ _UNKNOWN = object()
 #: Attempts at recording a failure or a release when the database is locked (each attempt
 #: already waits up to the store's busy timeout).
 STORE_RETRY_ATTEMPTS = 3
-#: Pause between those attempts, seconds (real time).
+#: Pause between those attempts, seconds (on the injected clock).
 STORE_RETRY_PAUSE_S = 1.0
+#: How long model work pauses after the endpoint rejected the credentials, seconds.
+AUTH_PAUSE_S = 3600.0
 
-#: Builds the extractor request for a thread at a token budget (reads and parses the rollout).
-PrepareFn = Callable[[ThreadRecord, int], Awaitable[ExtractionRequest]]
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What a finished job did, for the pool's counters and its ``on_done`` callback.
+
+    Attributes:
+        project: the project whose memory changed (``None`` when nothing was written).
+        noop: the job found nothing durable (for extraction: no trace file).
+        tokens_in, tokens_out: model tokens spent (0 offline).
+    """
+
+    project: str | None
+    noop: bool = False
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+#: Runs one claimed job: ``handler(job, bound_logger) -> JobResult``. Whatever it writes must be
+#: fenced by the job's claim; it raises to fail the attempt.
+JobHandler = Callable[[JobRecord, Any], Awaitable[JobResult]]
 
 
 @dataclass(slots=True)
 class PoolStats:
-    """Counters since the pool started: jobs done, no-ops, failures, refused commits, tokens."""
+    """Counters since the pool started: jobs done, no-ops, failures, refused commits, tokens.
+
+    ``running`` maps each running job's key to the time it started (epoch s).
+    """
 
     done: int = 0
     noop: int = 0
@@ -72,23 +85,22 @@ class PoolStats:
     running: dict[str, float] = field(default_factory=dict)
 
 
-class ExtractionPool:
-    """Runs phase-1 jobs with bounded concurrency.
+class JobPool:
+    """Claims jobs of one kind and runs them with bounded concurrency.
 
     Args:
-        store: the state store (job claims, fenced commits).
-        clock: time source (lease expiry, backoff).
-        extractor: the offline or model extractor.
-        prepare: builds the :class:`ExtractionRequest` for a thread (``PrepareFn``).
-        memory_dir: root of per-project memory folders (SPEC §8).
+        store: the state store (job claims, fenced updates).
+        clock: time source (lease expiry, backoff, pauses and polls).
+        kind: the jobs this pool runs.
+        handler: runs one claimed job (:data:`JobHandler`).
         owner: this daemon's owner string ``host:pid:random``.
         concurrency: number of workers (``extract_concurrency``).
         lease_s: job lease length in seconds (``extract_lease_s``); renewed every third.
         retry: backoff policy for failures.
-        max_input_tokens: the budget requests are built for.
         poll_s: how long an idle worker waits before looking for work again (seconds); a
             :meth:`wake` call ends the wait early.
-        on_done: called with the project key after a memory was written or removed.
+        on_done: called with each finished job's :class:`JobResult`.
+        faults: where survived infrastructure faults are noted (default: a log of its own).
     """
 
     def __init__(
@@ -96,27 +108,23 @@ class ExtractionPool:
         store: Store,
         clock: Clock,
         *,
-        extractor: Extractor,
-        prepare: PrepareFn,
-        memory_dir: Path,
+        kind: JobKind,
+        handler: JobHandler,
         owner: str,
         concurrency: int = 4,
         lease_s: float = 900.0,
         retry: RetryPolicy | None = None,
-        max_input_tokens: int = 120_000,
         poll_s: float = 5.0,
-        on_done: Callable[[str], None] | None = None,
+        on_done: Callable[[JobResult], None] | None = None,
+        faults: FaultLog | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
-        self._extractor = extractor
-        self._prepare = prepare
-        self._memory_dir = Path(memory_dir)
+        self._kind = kind
+        self._handler = handler
         self._owner = owner
-        self._concurrency = concurrency
         self._lease_s = lease_s
         self._retry = retry or RetryPolicy()
-        self._max_input_tokens = max_input_tokens
         self._poll_s = poll_s
         self._on_done = on_done
         self._slots = asyncio.Semaphore(concurrency)
@@ -126,12 +134,11 @@ class ExtractionPool:
         self._pause_reason: str | None = None
         self._recorded_pause: object = _UNKNOWN  # what the store meta ``model_pause`` holds
         self.stats = PoolStats()
-        #: The newest infrastructure fault the pool survived (store unavailable, ...):
-        #: ``{"at": ISO time, "event": name, "error": text}``, for ``memd status``.
-        self.last_fault: dict[str, str] | None = None
+        #: The newest infrastructure fault the pool survived (store unavailable, ...).
+        self.faults = faults or FaultLog()
 
-    def _note_fault(self, event: str, error: str) -> None:
-        self.last_fault = {"at": iso_utc(self._clock.now()), "event": event, "error": error[:500]}
+    def _note_fault(self, event: str, error: BaseException | str) -> None:
+        self.faults.note(event, error, now_s=self._clock.now())
 
     @property
     def paused_reason(self) -> str | None:
@@ -174,14 +181,14 @@ class ExtractionPool:
                 continue
             self._wake.clear()  # a wake-up from now on (even during the claim) is not lost
             try:
-                job = await self._store.jobs.claim(JobKind.EXTRACT, self._owner, self._lease_s)
+                job = await self._store.jobs.claim(self._kind, self._owner, self._lease_s)
             except asyncio.CancelledError:
                 self._slots.release()
                 raise
             except Exception as exc:  # the store logged the details; keep serving
                 self._slots.release()
                 claim_failures += 1
-                self._note_fault("claim_failed", str(exc))
+                self._note_fault("claim_failed", exc)
                 if claim_failures == 1:
                     log.warning("claim_failed", error=str(exc), action=f"retrying every {self._poll_s:g} s")
                 else:
@@ -204,22 +211,22 @@ class ExtractionPool:
                 await self._wait(stop, self._poll_s)
                 continue
             if stop.is_set():  # stopped while the claim was in flight: give it back
-                await self._give_back(job, log.bind(thread_id=job.key, job="extract"), "shutdown")
+                await self._give_back(job, self._bind(job), "shutdown")
                 self._slots.release()
                 break
-            task = asyncio.create_task(self._run_job(job), name=f"extract:{job.key}")
+            task = asyncio.create_task(self._run_job(job), name=f"{self._kind}:{job.key}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if burst and self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=max(0.01, timeout_s), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await wait_any(self._clock, (stop, self._wake), max(0.01, timeout_s))
+
+    def _bind(self, job: JobRecord, **context: Any) -> Any:
+        """A logger bound to the job: its kind, and its key as ``thread_id`` or ``project``."""
+        key = "thread_id" if self._kind is JobKind.EXTRACT else "project"
+        return log.bind(job=str(self._kind), **{key: job.key}, **context)
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` seconds for running jobs, then cancel the rest.
@@ -227,14 +234,18 @@ class ExtractionPool:
         A cancelled job's claim is released (back to ``pending``, the attempt not counted). If
         this call is itself cancelled, the jobs keep running: call :meth:`cancel_all`.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self._tasks:
-            remaining_s = deadline - loop.time()
-            if remaining_s <= 0:
-                break
-            await asyncio.wait(set(self._tasks), timeout=remaining_s)
+        done = asyncio.Event()
+        waiter = asyncio.ensure_future(self._all_done(done))
+        try:
+            await wait_any(self._clock, (done,), grace_s)
+        finally:
+            waiter.cancel()
         await self.cancel_all()
+
+    async def _all_done(self, done: asyncio.Event) -> None:
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+        done.set()
 
     async def cancel_all(self) -> None:
         """Cancel every running job and wait until each has given its claim back."""
@@ -260,36 +271,36 @@ class ExtractionPool:
         interval = max(0.05, self._lease_s / 3)
         failing = False
         while True:
-            await asyncio.sleep(min(interval, STORE_RETRY_PAUSE_S) if failing else interval)
+            await self._clock.sleep(min(interval, STORE_RETRY_PAUSE_S) if failing else interval)
             try:
                 renewed = await self._store.jobs.renew(job, self._lease_s)
             except Exception as exc:
-                self._note_fault("job_renew_failed", str(exc))
+                self._note_fault("job_renew_failed", exc)
                 if not failing:
-                    log.warning("job_renew_failed", thread_id=job.key, error=str(exc), action="retrying every second")
+                    self._bind(job).warning("job_renew_failed", error=str(exc), action="retrying every second")
                 failing = True
                 continue
             failing = False
             if not renewed:
-                log.warning("job_lease_lost", thread_id=job.key, fencing_token=job.fencing_token)
+                self._bind(job).warning("job_lease_lost", fencing_token=job.fencing_token)
                 lost.set()
                 return
 
     async def _run_job(self, job: JobRecord) -> None:
         """Run one claimed job to its end. Never raises, except ``CancelledError``."""
-        started = time.monotonic()
-        bound = log.bind(thread_id=job.key, job="extract", attempt=job.attempts)
-        self.stats.running[job.key] = self._clock.now()
+        started = self._clock.now()
+        bound = self._bind(job, attempt=job.attempts)
+        self.stats.running[job.key] = started
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job, lost))
-        work = asyncio.create_task(self._extract(job, bound))
+        work: asyncio.Task[JobResult] = asyncio.create_task(self._handler(job, bound))
         lost_wait = asyncio.ensure_future(lost.wait())
         try:
             try:
                 await asyncio.wait({work, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
                 work.cancel()
-                await asyncio.wait({work})  # its commit step finishes first (see _extract)
+                await asyncio.wait({work})  # its commit step finishes first (see the handler)
                 if work.cancelled() or work.exception() is not None:
                     await self._give_back(job, bound, "shutdown")
                 raise
@@ -304,15 +315,15 @@ class ExtractionPool:
             heartbeat.cancel()
             self.stats.running.pop(job.key, None)
             self._slots.release()
-            bound.debug("extract_slot_released", duration_s=round(time.monotonic() - started, 3))
+            bound.debug(f"{self._kind}_slot_released", duration_s=round(self._clock.now() - started, 3))
 
-    async def _settle(self, job: JobRecord, work: asyncio.Task[None], bound: structlog.BoundLogger) -> None:
-        """Record the outcome of a finished job (failures, pauses); never raises."""
+    async def _settle(self, job: JobRecord, work: asyncio.Task[JobResult], bound: Any) -> None:
+        """Record the outcome of a finished job (counters, failures, pauses); never raises."""
         try:
-            work.result()
+            result = work.result()
         except ModelAuthError as exc:
             first = self.paused_reason is None  # jobs already in flight fail the same way
-            self._pause(3600.0, f"model authentication failed: {exc}")
+            self._pause(AUTH_PAUSE_S, f"model authentication failed: {exc}")
             await self._give_back(job, bound, "model_auth_failed")
             if first:
                 bound.error(
@@ -321,7 +332,7 @@ class ExtractionPool:
             await self._record_pause()
         except BudgetExhausted as exc:
             first = self.paused_reason is None
-            resume_at = getattr(exc, "resume_at", None) or self._clock.now() + 3600.0
+            resume_at = exc.resume_at or self._clock.now() + AUTH_PAUSE_S
             self._pause(resume_at - self._clock.now(), f"daily token budget reached; resumes at {iso_utc(resume_at)}")
             await self._give_back(job, bound, "budget_exhausted")
             if first:
@@ -331,13 +342,23 @@ class ExtractionPool:
             await self._record_pause()
         except LeaseLost:
             self.stats.fenced_out += 1
-            bound.warning("extract_fenced_out", fencing_token=job.fencing_token)
+            bound.warning(f"{self._kind}_fenced_out", fencing_token=job.fencing_token)
         except asyncio.CancelledError:  # the job cancelled itself; give the claim back
             await self._give_back(job, bound, "cancelled")
-        except Exception as exc:  # one thread's failure never stops the pool
+        except Exception as exc:  # one job's failure never stops the pool
             await self._fail(job, exc, bound)
         else:
-            self.stats.last_activity_at = self._clock.now()
+            self._count(result)
+
+    def _count(self, result: JobResult) -> None:
+        """Add a finished job to the counters and tell ``on_done``."""
+        self.stats.done += 1
+        self.stats.noop += int(result.noop)
+        self.stats.tokens_in += result.tokens_in
+        self.stats.tokens_out += result.tokens_out
+        self.stats.last_activity_at = self._clock.now()
+        if self._on_done is not None:
+            self._on_done(result)
 
     def _pause(self, duration_s: float, reason: str) -> None:
         self._paused_until = self._clock.now() + max(1.0, duration_s)
@@ -357,7 +378,7 @@ class ExtractionPool:
         self._recorded_pause = reason
 
     async def _store_call(
-        self, op: str, call: Callable[[], Awaitable[bool]], bound: structlog.BoundLogger, *, attempts: int
+        self, op: str, call: Callable[[], Awaitable[bool]], bound: Any, *, attempts: int
     ) -> bool | None:
         """Run a fenced job update, retrying a store failure; ``None`` when every attempt failed.
 
@@ -368,7 +389,7 @@ class ExtractionPool:
                 return await asyncio.shield(call())
             except StoreError as exc:
                 if attempt == attempts:
-                    self._note_fault("job_update_failed", str(exc))
+                    self._note_fault("job_update_failed", exc)
                     bound.error(
                         "job_update_failed",
                         op=op,
@@ -376,15 +397,15 @@ class ExtractionPool:
                         action="the claim is left to expire; the job is claimed again after its lease",
                     )
                     return None
-                await asyncio.sleep(STORE_RETRY_PAUSE_S)
+                await self._clock.sleep(STORE_RETRY_PAUSE_S)
         return None
 
-    async def _give_back(self, job: JobRecord, bound: structlog.BoundLogger, reason: str) -> None:
+    async def _give_back(self, job: JobRecord, bound: Any, reason: str) -> None:
         """Release the claim (``pending``, the attempt not counted); one attempt, never raises."""
         released = await self._store_call("release_job", lambda: self._store.jobs.release(job), bound, attempts=1)
-        bound.info("extract_released", reason=reason, released=bool(released))
+        bound.info(f"{self._kind}_released", reason=reason, released=bool(released))
 
-    async def _fail(self, job: JobRecord, exc: BaseException, bound: structlog.BoundLogger) -> None:
+    async def _fail(self, job: JobRecord, exc: BaseException, bound: Any) -> None:
         """Record a failed attempt: ``error`` with a backoff ``retry_at``, or ``dead``. Never raises."""
         self.stats.failed += 1
         message = f"{type(exc).__name__}: {exc}"[:500]
@@ -392,10 +413,10 @@ class ExtractionPool:
         retry_at = None if dead else self._clock.now() + self._retry.delay_s(job.attempts)
         expected = isinstance(exc, (ExtractorError, MemoryWriteError, StoreError))
         if isinstance(exc, StoreError):
-            self._note_fault("extract_failed", message)
+            self._note_fault(f"{self._kind}_failed", message)
         level = bound.error if dead or not expected else bound.warning
         level(
-            "extract_failed",
+            f"{self._kind}_failed",
             error=message,
             dead=dead,
             retry_at=iso_utc(retry_at) if retry_at else None,
@@ -407,137 +428,3 @@ class ExtractionPool:
             bound,
             attempts=STORE_RETRY_ATTEMPTS,
         )
-
-    async def _extract(self, job: JobRecord, bound: structlog.BoundLogger) -> None:
-        started = time.monotonic()
-        thread = await self._store.threads.get(job.key)
-        if thread is None:
-            raise ExtractorError(f"thread {job.key} is no longer indexed")
-        bound = bound.bind(project=thread.project)
-        bound.info("extract_started", watermark=thread.watermark)
-        request = await self._prepare(thread, self._max_input_tokens)
-        result = await self._extractor.extract(request)
-        context = TraceContext(
-            project=thread.project,
-            date=iso_utc(thread.created_at)[:10],  # the session's date, not the file's mtime
-            agent="codex",
-            model=thread.model or "unknown model",
-        )
-        output = normalise(result.trace_memory, result.summary, context=context)
-        if output.noop:  # a no-op never creates a memory folder (SPEC §19); an older trace is removed
-            root = memory_files.project_root(self._memory_dir, thread.project)
-        else:
-            root = await asyncio.to_thread(memory_files.ensure_project_root, self._memory_dir, thread.project)
-        # The trace file's slug comes from the extractor's name for the main task (SPEC §8).
-        relpath = (
-            None if output.noop else memory_files.trace_relpath(thread.id, result.title or thread.title or "trace")
-        )
-        memory = MemoryRecord(
-            thread_id=thread.id,
-            project=thread.project,
-            path=relpath,
-            trace_memory=output.trace_memory,
-            summary=output.summary,
-            source_watermark=thread.watermark,
-            generated_at=self._clock.now(),
-            extractor=result.extractor,
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-        )
-        content = None
-        if relpath is not None:
-            header = memory_files.TraceHeader(
-                thread_id=thread.id,
-                project=thread.project,
-                cwd=thread.cwd,
-                rollout_path=thread.path,
-                updated_at=thread.updated_at,
-            )
-            content = memory_files.render_trace_file(header, output.trace_memory)
-        # From here the row and the file change together: a cancellation (shutdown) waits for
-        # this step to end instead of leaving a temp file or a committed row without its file.
-        commit = asyncio.ensure_future(self._commit(job, memory, content, root, bound))
-        while not commit.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(commit)
-        commit.result()
-        self.stats.done += 1
-        self.stats.noop += int(output.noop)
-        self.stats.tokens_in += result.tokens_in
-        self.stats.tokens_out += result.tokens_out
-        bound.info(
-            "extract_done",
-            extractor=result.extractor,
-            noop=output.noop,
-            trace=relpath,
-            duration_s=round(time.monotonic() - started, 3),
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            input_bytes=request.built.text_bytes,
-            omitted_items=request.built.omitted_items,
-        )
-        if self._on_done is not None:
-            self._on_done(thread.project)
-
-    async def _commit(
-        self,
-        job: JobRecord,
-        memory: MemoryRecord,
-        content: str | None,
-        root: Path,
-        bound: structlog.BoundLogger,
-    ) -> None:
-        """Stage the trace file, commit the ``memories`` row (fenced), rename the file into place.
-
-        The project's row (with its memory root) is made sure of first, under the same retry.
-
-        ``content`` ``None`` is a no-op memory: the thread's trace files are removed after the
-        commit. A store failure is retried (``STORE_RETRY_ATTEMPTS``, event
-        ``extract_commit_retry``) while the staged file waits; a final failure or a refused
-        commit removes the temp file. If the rename fails after the row committed, the row stays
-        the truth: event ``trace_file_commit_failed``, and the file is written again from the row
-        before the project's next consolidation (and at start-up).
-
-        Raises:
-            MemoryWriteError: the temp file could not be written (disk full); nothing changed.
-            LeaseLost: the claim was taken over; nothing was written.
-            StoreError: the database stayed unavailable; nothing was written.
-        """
-        staged = None
-        if content is not None:
-            assert memory.path is not None
-            staged = await asyncio.to_thread(
-                memory_files.stage_file, root, memory.path, content, thread_id=memory.thread_id
-            )
-        try:
-            for attempt in range(1, STORE_RETRY_ATTEMPTS + 1):
-                try:
-                    await self._store.projects.ensure(memory.project, str(root))
-                    committed = await self._store.jobs.finish_extract(job, memory)
-                    break
-                except StoreError as exc:
-                    if attempt == STORE_RETRY_ATTEMPTS:
-                        raise
-                    self._note_fault("extract_commit_retry", str(exc))
-                    bound.warning("extract_commit_retry", error=str(exc), attempt=attempt)
-                    await asyncio.sleep(STORE_RETRY_PAUSE_S)
-        except BaseException:
-            if staged is not None:
-                await asyncio.to_thread(staged.abort)
-            raise
-        if not committed:
-            if staged is not None:
-                await asyncio.to_thread(staged.abort)
-            raise LeaseLost(f"extract job for {memory.thread_id} lost its lease (fencing token {job.fencing_token})")
-        if staged is None:
-            await asyncio.to_thread(memory_files.remove_trace, root, memory.thread_id)
-            return
-        try:
-            await asyncio.to_thread(staged.commit)
-        except MemoryWriteError as exc:
-            bound.error(
-                "trace_file_commit_failed",
-                error=str(exc),
-                action="the memory is saved in the database; "
-                "its trace file is written again before the next consolidation",
-            )

@@ -4,7 +4,7 @@ Layout of one project (SPEC §8)::
 
     <memory_dir>/<sha256(project key)>/memory/
         PROJECT                                  the project key
-        trace_summaries/<thread slug>_<title slug>.md
+        trace_summaries/<thread id>_<main task slug>.md
         memory_summary.md                        routing map (SPEC §7)
         MEMORY.md                                consolidated handbook
         skills/<name>/SKILL.md                   optional procedures
@@ -57,7 +57,18 @@ STAGING_PREFIX = ".staging-"
 SLUG_MAX_CHARS = 64
 
 _SLUG_RUN = re.compile(r"[^a-z0-9]+")
-_HEADER_KEYS = ("thread_id", "project", "cwd", "rollout_path", "updated_at")
+_HEADER_KEYS = (
+    "thread_id",
+    "agent",
+    "project",
+    "cwd",
+    "rollout_path",
+    "session_date",
+    "updated_at",
+    "source_watermark",
+)
+#: A thread id kept verbatim in a trace file name (Codex and Claude ids match it).
+SAFE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _HEADER_READ_BYTES = 16 * 1024
 
 
@@ -113,13 +124,26 @@ def slugify(text: str) -> str:
     return slug or "trace"
 
 
-def trace_relpath(thread_id: str, title: str) -> str:
-    """Return the path of a thread's trace file relative to the memory root.
+def file_id(thread_id: str) -> str:
+    """The thread id as it appears in a trace file name: verbatim when it matches
+    :data:`SAFE_ID` (hyphens kept, as Codex and Claude ids are), else slugged (an id comes from
+    an untrusted rollout and could name a path)."""
+    return thread_id if SAFE_ID.fullmatch(thread_id) else slugify(thread_id)
 
-    ``trace_summaries/<slugify(thread_id)>_<slugify(title)>.md``. The thread id is slugged too:
-    it comes from an untrusted rollout file.
+
+def trace_relpath(thread_id: str, title: str) -> str:
+    """Return the path of a thread's trace file relative to the memory root (SPEC §8).
+
+    ``trace_summaries/<thread id>_<slugify(title)>.md``, the id as :func:`file_id` gives it;
+    ``title`` is the name of the trace's main task.
     """
-    return f"{TRACE_DIR}/{slugify(thread_id)}_{slugify(title)}.md"
+    return f"{TRACE_DIR}/{file_id(thread_id)}_{slugify(title)}.md"
+
+
+def legacy_trace_prefix(thread_id: str) -> str:
+    """The file-name prefix trace files had before ids were kept verbatim (the slugged id and
+    ``_``): such files are renamed once at start-up (:mod:`memd.memory.recover`)."""
+    return slugify(thread_id) + "_"
 
 
 # --------------------------------------------------------------------------- trace file format
@@ -127,7 +151,7 @@ def trace_relpath(thread_id: str, title: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TraceHeader:
-    """The header lines of a trace file (SPEC §8).
+    """The header lines of a trace file (SPEC §8): enough to rebuild the state from the files.
 
     Attributes:
         thread_id: the session id.
@@ -135,6 +159,9 @@ class TraceHeader:
         cwd: the session's working directory as recorded.
         rollout_path: the rollout file the trace was built from.
         updated_at: the thread's last activity, epoch seconds (0.0 when unknown).
+        agent: the agent that wrote the session (``codex``, ``claude``).
+        started_at: when the session started (its session date), epoch seconds (0.0 when unknown).
+        source_watermark: the bytes of the rollout the trace was built from.
     """
 
     thread_id: str
@@ -142,6 +169,9 @@ class TraceHeader:
     cwd: str
     rollout_path: str
     updated_at: float
+    agent: str = "codex"
+    started_at: float = 0.0
+    source_watermark: int = 0
 
 
 def _one_line(value: str) -> str:
@@ -149,17 +179,22 @@ def _one_line(value: str) -> str:
 
 
 def render_trace_file(header: TraceHeader, trace_memory: str) -> str:
-    """Render a trace file: five ``key: value`` header lines, a blank line, the trace memory.
+    """Render a trace file: the ``key: value`` header lines, a blank line, the trace memory.
 
-    Header values are folded to one line (a crafted cwd cannot inject header lines);
-    ``updated_at`` is ISO-8601 UTC (``2026-01-02T17:00:00Z``). The text ends with a newline.
+    Keys, in order: ``thread_id``, ``agent``, ``project``, ``cwd``, ``rollout_path``,
+    ``session_date``, ``updated_at``, ``source_watermark``. Values are folded to one line (a
+    crafted cwd cannot inject header lines); times are ISO-8601 UTC (``2026-01-02T17:00:00Z``).
+    The text ends with a newline.
     """
     lines = [
         f"thread_id: {_one_line(header.thread_id)}",
+        f"agent: {_one_line(header.agent)}",
         f"project: {_one_line(header.project)}",
         f"cwd: {_one_line(header.cwd)}",
         f"rollout_path: {_one_line(header.rollout_path)}",
+        f"session_date: {iso_utc(header.started_at)}",
         f"updated_at: {iso_utc(header.updated_at)}",
+        f"source_watermark: {int(header.source_watermark)}",
     ]
     body = trace_memory.rstrip("\n")
     return "\n".join(lines) + "\n\n" + body + "\n"
@@ -170,7 +205,8 @@ def parse_trace_file(text: str) -> tuple[TraceHeader, str]:
 
     Leniently: header lines are the leading ``key: value`` lines with a known key; the header
     ends at the first blank line (consumed) or at the first other line (kept in the body).
-    Missing keys are ``""`` (``updated_at`` 0.0 when missing or unparseable).
+    Missing keys are ``""`` (times 0.0, the watermark 0, the agent ``codex``: files written
+    before those keys existed are Codex traces).
 
     Returns:
         ``(header, body)`` where ``body`` is the trace memory without its final newline.
@@ -189,12 +225,16 @@ def parse_trace_file(text: str) -> tuple[TraceHeader, str]:
         values[key.strip()] = value.strip()
         index += 1
     body = "\n".join(lines[index:]).rstrip("\n")
+    watermark = values.get("source_watermark", "")
     header = TraceHeader(
         thread_id=values.get("thread_id", ""),
         project=values.get("project", ""),
         cwd=values.get("cwd", ""),
         rollout_path=values.get("rollout_path", ""),
         updated_at=parse_iso(values.get("updated_at")) or 0.0,
+        agent=values.get("agent") or "codex",
+        started_at=parse_iso(values.get("session_date")) or 0.0,
+        source_watermark=int(watermark) if watermark.isdigit() else 0,
     )
     return header, body
 
@@ -414,16 +454,17 @@ def write_file_atomic(root: Path, relpath: str, content: str) -> bool:
 
 
 def _thread_files(root: Path, thread_id: str) -> list[Path]:
-    """Trace files whose header names ``thread_id`` (slug prefix narrows, the header decides)."""
+    """Trace files whose header names ``thread_id`` (the name's prefix narrows — the current
+    one or the legacy slugged one — and the header decides)."""
     directory = Path(root) / TRACE_DIR
-    prefix = slugify(thread_id) + "_"
+    prefixes = (file_id(thread_id) + "_", legacy_trace_prefix(thread_id))
     try:
         names = sorted(os.listdir(directory))
     except OSError:
         return []
     found = []
     for name in names:
-        if not name.startswith(prefix) or not name.endswith(".md"):
+        if not name.startswith(prefixes) or not name.endswith(".md"):
             continue
         path = directory / name
         if path.is_symlink() or not path.is_file():

@@ -1,9 +1,15 @@
-"""Repairing memory roots after a crash (SPEC §5 invariant): temp files, stale staging directories and orphan
-trace files of interrupted writes are removed. See :mod:`memd.memory.files` for the write protocol.
+"""Repairing memory roots after a crash (SPEC §5 invariant), and renaming legacy trace files.
+
+:func:`recover` removes what interrupted writes left in one memory root: temp files, stale staging
+directories and orphan trace files. :class:`MemoryRepair` does it for every project of a store at
+start-up, writes again from their ``memories`` rows the trace files a crash lost (before each
+consolidation too), and renames trace files written before thread ids were kept verbatim in file
+names (SPEC §8), once, leaving no duplicate. See :mod:`memd.memory.files` for the write protocol.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -13,7 +19,13 @@ from pathlib import Path
 
 import structlog
 
+from memd.clock import Clock
+from memd.errors import MemdError
+from memd.faults import FaultLog
+from memd.memory import files as memory_files
 from memd.memory.files import STAGING_PREFIX, TEMP_MARKER, TRACE_DIR
+from memd.store.records import MemoryRecord, ProjectRecord, ThreadRecord
+from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -137,3 +149,166 @@ def recover(root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_
             orphan_traces=len(orphans),
         )
     return report
+
+
+def trace_header(thread: ThreadRecord | None, memory: MemoryRecord) -> memory_files.TraceHeader:
+    """The header of ``memory``'s trace file, from its thread when it is still indexed."""
+    return memory_files.TraceHeader(
+        thread_id=memory.thread_id,
+        project=memory.project,
+        cwd=thread.cwd if thread else "",
+        rollout_path=thread.path if thread else "",
+        updated_at=thread.updated_at if thread else memory.generated_at,
+        agent=str(getattr(thread, "agent", "codex")),  # threads of older states have no agent: Codex
+        started_at=thread.created_at if thread else 0.0,
+        source_watermark=memory.source_watermark,
+    )
+
+
+def _legacy_relpath(memory: MemoryRecord) -> str | None:
+    """The current name of a trace file that still has a legacy (slugged-id) name, else ``None``."""
+    if not memory.path or not memory.path.startswith(TRACE_DIR + "/"):
+        return None
+    name = memory.path[len(TRACE_DIR) + 1 :]
+    current = memory_files.file_id(memory.thread_id) + "_"
+    legacy = memory_files.legacy_trace_prefix(memory.thread_id)
+    if name.startswith(current) or not name.startswith(legacy) or not name.endswith(".md"):
+        return None
+    return f"{TRACE_DIR}/{current}{name[len(legacy) : -len('.md')]}.md"
+
+
+class MemoryRepair:
+    """Keeps every project's memory root consistent with the store (SPEC §5 invariant).
+
+    Args:
+        store: the state store (the ``memories`` rows are the truth).
+        clock: time source (whether another daemon is alive).
+        memory_dir: the configured ``memory_dir``.
+        max_traces_per_project: how many of a project's newest traces must have their file.
+        faults: where failures are noted for ``memd status``.
+    """
+
+    def __init__(
+        self, store: Store, clock: Clock, *, memory_dir: Path, max_traces_per_project: int, faults: FaultLog
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._memory_dir = Path(memory_dir)
+        self._keep_n = max_traces_per_project
+        self._faults = faults
+
+    async def recover_all(self, *, min_age_s: float) -> None:
+        """Finish what a crash interrupted, in every project's memory root, once at start-up.
+
+        Temporary files of interrupted writes, stale consolidation staging directories and
+        trace files no ``memories`` row names are removed; legacy trace names are migrated; a
+        trace among the project's newest ``max_traces_per_project`` whose file is missing or
+        differs (a crash between the row's commit and the rename) is written again from the row.
+
+        Args:
+            min_age_s: when another daemon runs on the same state, only leftovers older than the
+                longest write it may have in flight are removed (its temp files and fresh traces
+                are not leftovers); 0 otherwise. A failure is logged per project
+                (``memory_recover_failed``) and the others go on.
+        """
+        for project in await self._store.projects.list_all():
+            if project.memory_root is None or not Path(project.memory_root).is_dir():
+                continue
+            try:
+                await self._recover_project(project, min_age_s)
+            except (MemdError, OSError) as exc:
+                self._faults.note("memory_recover_failed", exc, now_s=self._clock.now())
+                log.error("memory_recover_failed", project=project.project, error=str(exc))
+
+    async def _recover_project(self, project: ProjectRecord, min_age_s: float) -> None:
+        root = Path(str(project.memory_root))
+        migrated = await self.migrate_names(project)
+        memories = await self._store.memories.list_for_project(project.project)
+        keep = {m.path for m in memories if m.path}
+
+        def kept(relpath: str) -> bool:
+            if relpath in keep:
+                return True
+            if not min_age_s:
+                return False
+            try:  # another daemon may have committed it after we listed the rows (file times are real time)
+                return time.time() - (root / relpath).lstat().st_mtime < min_age_s
+            except OSError:
+                return False
+
+        report = await asyncio.to_thread(recover, root, kept, min_age_s=min_age_s)
+        rewritten = await self.repair_traces(project, memories)
+        if report.removed or rewritten or migrated:
+            log.info(
+                "memory_recovered",
+                project=project.project,
+                removed=report.removed,
+                rewritten=rewritten,
+                renamed=migrated,
+            )
+
+    async def repair_traces(self, project: ProjectRecord, memories: list[MemoryRecord] | None = None) -> int:
+        """Write again, from their rows, the project's newest trace files that are missing.
+
+        Returns:
+            How many files were written.
+
+        Raises:
+            MemoryWriteError: a file could not be written (disk full); the row stays the truth.
+        """
+        if project.memory_root is None:
+            return 0
+        root = Path(project.memory_root)
+        if memories is None:
+            memories = await self._store.memories.list_for_project(project.project)
+        rewritten = 0
+        for memory in [m for m in memories if m.path][: self._keep_n]:
+            assert memory.path is not None
+            if await asyncio.to_thread(memory_files.trace_exists, root, memory.path, memory.trace_memory):
+                continue
+            thread = await self._store.threads.get(memory.thread_id)
+            content = memory_files.render_trace_file(trace_header(thread, memory), memory.trace_memory)
+            await asyncio.to_thread(_write_trace, root, memory.path, content, memory.thread_id)
+            rewritten += 1
+        if rewritten:
+            log.info("trace_files_rewritten", project=project.project, count=rewritten)
+        return rewritten
+
+    async def migrate_names(self, project: ProjectRecord) -> int:
+        """Rename the project's trace files that still have a legacy (slugged-id) name (SPEC §8).
+
+        Per file: the trace is written under its new name with the full header (agent, session
+        date, source watermark), the row is moved to it, and committing the new file removes the
+        old one. A crash at any point leaves either name, never both (an unnamed file is an
+        orphan that :func:`recover` removes), so the migration simply runs again.
+
+        Returns:
+            How many files were renamed.
+        """
+        if project.memory_root is None:
+            return 0
+        root = Path(project.memory_root)
+        renamed = 0
+        for memory in await self._store.memories.list_for_project(project.project):
+            new_path = _legacy_relpath(memory)
+            if new_path is None or memory.path is None:
+                continue
+            thread = await self._store.threads.get(memory.thread_id)
+            content = memory_files.render_trace_file(trace_header(thread, memory), memory.trace_memory)
+            staged = await asyncio.to_thread(
+                memory_files.stage_file, root, new_path, content, thread_id=memory.thread_id
+            )
+            try:
+                moved = await self._store.memories.move(memory.thread_id, memory.path, new_path)
+            except BaseException:
+                await asyncio.to_thread(staged.abort)
+                raise
+            await asyncio.to_thread(staged.commit if moved else staged.abort)
+            renamed += int(moved)
+        if renamed:
+            log.info("trace_files_renamed", project=project.project, count=renamed)
+        return renamed
+
+
+def _write_trace(root: Path, relpath: str, content: str, thread_id: str) -> None:
+    memory_files.stage_file(root, relpath, content, thread_id=thread_id).commit()

@@ -3,9 +3,46 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from memd.clock import Clock
 from memd.store.db import Database
 from memd.store.records import DaemonRecord
+
+#: A daemon whose heartbeat is older than this is shown as not running (seconds). The daemon
+#: beats every 30 s.
+DAEMON_STALE_S = 120.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Return whether a process ``pid`` exists on this host (signal 0; a zombie counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def daemon_alive(record: DaemonRecord, now_s: float, *, host: str | None = None) -> bool:
+    """Return whether a registered daemon is running.
+
+    Running: not unregistered, a heartbeat within :data:`DAEMON_STALE_S` of ``now_s``, and — when
+    it ran on this host (``host``, default :func:`socket.gethostname`) — its process still exists.
+    A daemon killed with ``kill -9`` never unregisters; the process check tells at once.
+    """
+    if record.stopped_at is not None or now_s - (record.heartbeat_at or 0) > DAEMON_STALE_S:
+        return False
+    if record.host == (host if host is not None else socket.gethostname()):
+        return pid_alive(record.pid)
+    return True
+
 
 #: Rows of daemons whose last heartbeat is older than this are pruned at the next start, seconds.
 DAEMON_KEEP_S = 7 * 24 * 3600.0

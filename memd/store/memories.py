@@ -69,3 +69,22 @@ class MemoryRepository:
                 await tx.execute("DELETE FROM memories WHERE thread_id = ?", (thread_id,))
                 await bump_project(tx, row["project"], now)
         return MemoryRecord.from_row(row) if row else None
+
+    async def move(self, thread_id: str, old_path: str, new_path: str) -> bool:
+        """Point the thread's memory at a renamed trace file (the legacy-name migration).
+
+        Changes nothing unless the row still names ``old_path`` (a newer extraction wins); bumps
+        the project's ``memory_seq`` (``memory_summary.md`` names the files).
+
+        Returns:
+            Whether the row was moved.
+        """
+        now = self._clock.now()
+        async with self._db.write("move_memory") as tx:
+            row = await tx.one(
+                "UPDATE memories SET path = ? WHERE thread_id = ? AND path = ? RETURNING project",
+                (new_path, thread_id, old_path),
+            )
+            if row is not None:
+                await bump_project(tx, row["project"], now)
+        return row is not None

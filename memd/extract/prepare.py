@@ -1,0 +1,157 @@
+"""Preparing one thread's extraction request: read the rollout, build the input (SPEC §6.2).
+
+:func:`build_request` is the single way a thread becomes an
+:class:`~memd.extract.base.ExtractionRequest`: the extraction job, ``memd once --dry-run`` and
+``memd bench`` all call it. It does blocking file I/O; async callers run it with
+:func:`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from memd.extract.base import BuiltInput, ExtractionRequest
+from memd.extract.input_builder import build_input
+from memd.ingest.reader import read_lines_until
+from memd.llm.budget import TokenEstimator
+from memd.rollout.records import Item, ParsedRollout
+from memd.rollout.session import RolloutParser
+from memd.store.records import ThreadRecord
+from memd.store.threads import ThreadRepository
+
+#: Lines handed to the parser at a time while a rollout is streamed.
+PARSE_BATCH_LINES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """How a thread's input is built (from :class:`~memd.config.Settings`).
+
+    Attributes:
+        max_line_bytes: longest rollout line parsed; longer ones are skipped and counted.
+        tool_output_cap_bytes: head+tail kept of each tool output.
+    """
+
+    max_line_bytes: int
+    tool_output_cap_bytes: int
+
+
+def load_rollout(path: str, watermark: int, max_line_bytes: int) -> ParsedRollout:
+    """Parse a rollout from byte 0 up to ``watermark`` (complete lines only, bounded memory).
+
+    Raises:
+        RolloutReadError: the file vanished, became unreadable or was replaced.
+    """
+    parser = RolloutParser(path=path)
+    stream = read_lines_until(path, watermark, max_line_bytes)
+    batch: list[bytes] = []
+    for line in stream:
+        batch.append(line)
+        if len(batch) >= PARSE_BATCH_LINES:
+            parser.feed(batch)
+            batch.clear()
+    parser.feed(batch)
+    if stream.oversized_lines:
+        parser.feed_malformed(stream.oversized_lines, "line_too_long")
+    return parser.result
+
+
+#: Sees every rollout a request is built from (the usage signal of the read path): blocking.
+RolloutObserver = Callable[[ThreadRecord, Sequence[Item]], None]
+
+
+def build_request(
+    thread: ThreadRecord,
+    limits: InputLimits,
+    *,
+    max_input_tokens: int,
+    bytes_per_token: float,
+    observe: RolloutObserver | None = None,
+) -> ExtractionRequest:
+    """Read ``thread``'s rollout up to its watermark and build the extractor's request.
+
+    Args:
+        thread: the thread as indexed (path, watermark, project, ...).
+        limits: line and tool-output caps.
+        max_input_tokens: the token budget the input must fit.
+        bytes_per_token: the calibrated estimate used to convert the budget to bytes.
+        observe: called with the parsed items before the input is built.
+
+    Returns:
+        The request: the filtered, redacted, budgeted input and the thread's context.
+
+    Raises:
+        RolloutReadError: the rollout vanished, became unreadable or was replaced.
+    """
+    parsed = load_rollout(thread.path, thread.watermark, limits.max_line_bytes)
+    if observe is not None:
+        observe(thread, parsed.items)
+    built = build_input(
+        parsed,
+        tool_output_cap_bytes=limits.tool_output_cap_bytes,
+        max_input_tokens=max_input_tokens,
+        bytes_per_token=bytes_per_token,
+    )
+    return ExtractionRequest(
+        thread_id=thread.id,
+        project=thread.project,
+        cwd=thread.cwd,
+        rollout_path=thread.path,
+        updated_at=thread.updated_at,
+        started_at=thread.created_at,
+        agent="codex",
+        model=thread.model,
+        built=built,
+        max_input_tokens=max_input_tokens,
+    )
+
+
+class RequestBuilder:
+    """Builds requests for the threads of one store, with the daemon's limits and calibration.
+
+    Args:
+        threads: the store's thread repository (a rebuild looks the thread up again).
+        limits: line and tool-output caps.
+        estimator: the calibrated bytes-per-token estimate (read at each build).
+        observe: sees every parsed rollout (see :data:`RolloutObserver`).
+    """
+
+    def __init__(
+        self,
+        threads: ThreadRepository,
+        limits: InputLimits,
+        estimator: TokenEstimator,
+        *,
+        observe: RolloutObserver | None = None,
+    ) -> None:
+        self._threads = threads
+        self._limits = limits
+        self._estimator = estimator
+        self._observe = observe
+
+    async def build(self, thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
+        """:func:`build_request` in a worker thread (the event loop never reads the rollout).
+
+        Raises:
+            RolloutReadError: the rollout vanished, became unreadable or was replaced.
+        """
+        return await asyncio.to_thread(
+            build_request,
+            thread,
+            self._limits,
+            max_input_tokens=max_input_tokens,
+            bytes_per_token=self._estimator.bytes_per_token,
+            observe=self._observe,
+        )
+
+    async def rebuild(self, request: ExtractionRequest, max_input_tokens: int) -> BuiltInput:
+        """Build a request's input again for a smaller budget (after a context-length error).
+
+        Returns the old input when the thread is no longer indexed.
+        """
+        thread = await self._threads.get(request.thread_id)
+        if thread is None:
+            return request.built
+        return (await self.build(thread, max_input_tokens)).built
