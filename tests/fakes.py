@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from memd.clock import Clock
+from memd.clock import Clock, ManualClock
+from memd.config import Settings
+from memd.daemon import Daemon, OnceSummary
 from memd.extract.base import ExtractionRequest, Extractor
 from memd.extract.job import ExtractJob
 from memd.extract.pool import JobPool, JobResult
@@ -68,3 +72,16 @@ def extraction_pool(
         on_done=on_done,
         faults=faults,
     )
+
+
+async def run_once(settings: Settings, *, start_s: float | None = None) -> OnceSummary:
+    """``memd once`` in process on a :class:`ManualClock` (ahead of the rollouts' mtimes by 60 s)
+    whose short timers (retry pauses, backoff) pass at once and long ones (heartbeats) wait."""
+    clock = ManualClock(time.time() + 60 if start_s is None else start_s)
+    jumper = asyncio.create_task(clock.autojump(horizon_s=10.0))
+    daemon = await Daemon.open(settings, clock=clock)
+    try:
+        return await daemon.once()
+    finally:
+        await daemon.close()
+        jumper.cancel()

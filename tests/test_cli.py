@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from memd.cli import main
-from memd.clock import FakeClock, ManualClock
+from memd.clock import FakeClock
 from memd.config import Settings, load_settings
-from memd.daemon import Daemon
 from memd.memory import files as memory_files
 from memd.store.store import Store
 from tests import fake_openai as fk
+from tests.fakes import run_once
 from tests.test_daemon_llm import simple_turns, thread_id, write_rollout
 
 KEY = "cli-test-key-0123456789"
@@ -57,15 +57,8 @@ async def offline_once(settings: Settings, n_threads: int = 2) -> None:
     cwd.mkdir(exist_ok=True)
     for n in range(n_threads):
         write_rollout(settings.sessions[0], thread_id(n), cwd, simple_turns(f"cli-{n}"))
-    clock = ManualClock(time.time() + 60)
-    jumper = asyncio.create_task(clock.autojump(horizon_s=10.0))  # retry pauses pass, heartbeats wait
-    daemon = await Daemon.open(settings, clock=clock)
-    try:
-        summary = await daemon.once()
-        assert summary.extracted == n_threads
-    finally:
-        await daemon.close()
-        jumper.cancel()
+    summary = await run_once(settings)
+    assert summary.extracted == n_threads
 
 
 # --------------------------------------------------------------------------- show

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,10 @@ from mcp import Client, StdioServerParameters
 
 from memd.__main__ import _command
 from memd.cli import main
-from memd.clock import FakeClock
 from memd.config import Settings, load_settings
-from memd.daemon import Daemon
 from memd.memory import files as memory_files
 from memd.store.search import SearchIndex
+from tests.fakes import run_once
 from tests.test_daemon_llm import simple_turns, thread_id, write_rollout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +36,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 async def once(settings: Settings) -> None:
-    daemon = Daemon(settings, clock=FakeClock(time.time() + 60))
-    await daemon.open()
-    try:
-        await daemon.once()
-    finally:
-        await daemon.close()
+    await run_once(settings)
 
 
 def project_dir(settings: Settings) -> Path:
