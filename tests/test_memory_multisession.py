@@ -94,8 +94,7 @@ async def test_memory_outlives_pruning_resolves_conflicts_and_grows_skills(tmp_p
         (COMPACTION, "", 1),
         (COMPACTION, "\nAlways use tabs for indentation.", 1),
     ]
-    daemon = Daemon(settings)
-    await daemon.open()
+    daemon = await Daemon.open(settings)
     ids = []
     try:
         for n, (source, extra, request) in enumerate(plan):
@@ -107,7 +106,7 @@ async def test_memory_outlives_pruning_resolves_conflicts_and_grows_skills(tmp_p
 
     root = memory_files.project_root(settings.memory_dir, str(project))
     traces = sorted(p.name for p in (root / "trace_summaries").iterdir())
-    assert len(traces) == 2 and not any(t.startswith(ids[0].replace("-", "_")) for t in traces), "pruned"
+    assert len(traces) == 2 and not any(t.startswith(ids[0]) for t in traces), "pruned"
     memory = (root / "MEMORY.md").read_text()
     prefs = memory.split("## User preferences\n")[1].split("\n\n")[0].splitlines()
     # Stated only in the first session, whose trace is gone: still there, with its provenance.
