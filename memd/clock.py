@@ -131,7 +131,7 @@ async def wait_any(clock: Clock, events: Sequence[asyncio.Event], timeout_s: flo
     """
     if any(event.is_set() for event in events):
         return
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(event.wait()) for event in events]
     waiters.append(asyncio.ensure_future(clock.sleep(max(0.0, timeout_s))))
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -454,7 +455,7 @@ class Daemon:
             self._stop.set()
 
         for name, task in tasks.items():
-            task.add_done_callback(lambda t, n=name: watch(n, t))
+            task.add_done_callback(functools.partial(watch, name))
         return tasks, crashed
 
     async def _wind_down(self, tasks: dict[str, asyncio.Task[None]], force: asyncio.Event) -> None:

@@ -49,7 +49,7 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None, json
     if use_json:
         renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
         no_locals = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        final = [structlog.processors.ExceptionRenderer(no_locals), renderer]
+        final: list[structlog.types.Processor] = [structlog.processors.ExceptionRenderer(no_locals), renderer]
     else:
         final = [structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
 

@@ -13,7 +13,7 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
   corpus of small (5–20 KB) rollouts, on an empty state dir and again on the same state dir
   (restart, nothing changed); seconds scaled to 10 000 files. Baseline: read every file and
   ``json.loads`` every line. "Cold" means empty state; the OS page cache is warm.
-* ``append_1k_ms`` — a large rollout read to its end with :func:`memd.sources.read_new_lines`,
+* ``append_1k_ms`` — a large rollout read to its end with :func:`memd.ingest.reader.read_new_lines`,
   then 1 KiB turns appended; the time to read the appended bytes from the stored offset and
   parse them (median). Baseline: re-read and parse the whole file.
 * ``input_build_mb_s`` — rollout MB per second through parse + ``build_input`` (read from the
@@ -24,7 +24,7 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
   Baseline 1.0 (raw JSON).
 * ``pool_efficiency`` — ``run_pool(n_jobs, concurrency, latency_s)`` wall time divided by the
   ideal ``ceil(N/C)·L``; by default the real extraction pool and store against an extractor
-  with a fixed latency (:func:`extraction_pool_fn`). Baseline: the same jobs at concurrency 1,
+  with a fixed latency (:func:`component_pool_fn`). Baseline: the same jobs at concurrency 1,
   divided by the same ideal.
 * ``idle_cpu_s_per_10min`` / ``rss_mb`` — a daemon started with ``daemon_argv`` over an empty
   sessions tree (temporary HOME/CODEX_HOME/XDG dirs): CPU seconds (utime+stime of it and its
@@ -38,6 +38,7 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import math
@@ -66,6 +67,9 @@ from memd.bench.redaction import REDACTION_TARGETS, bench_redaction
 from memd.clock import Clock
 from memd.config import Settings
 from memd.extract.base import ExtractionRequest, ExtractionResult, Extractor
+from memd.extract.input_builder import build_input
+from memd.ingest.reader import TailRead, read_new_lines
+from memd.rollout.session import RolloutParser, parse_rollout_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -205,24 +209,19 @@ def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int =
     """``append_1k_ms``: process a 1 KiB append to a large rollout (SPEC §15: ≤ 10 ms).
 
     Writes a ``rollout_bytes`` rollout (0.125 variant) under ``workdir``, reads it to its end
-    with :func:`memd.sources.read_new_lines`, then ``repeats`` times appends a 1 KiB turn and
+    with :func:`memd.ingest.reader.read_new_lines`, then ``repeats`` times appends a 1 KiB turn and
     times ``read_new_lines`` from the stored offset plus ``RolloutParser.feed`` of the new lines.
 
     Returns:
         One :class:`Figure` (median ms; baseline: whole-file re-read + parse, ms).
     """
     keys = ["append_1k_ms"]
-    try:
-        from memd.ingest.reader import read_new_lines
-        from memd.rollout.session import RolloutParser, parse_rollout_bytes
-    except ImportError as exc:
-        return _missing(keys, f"component missing: {exc}")
     path = workdir / "append" / "rollout-append.jsonl"
     facts = corpus.generate_rollout(path, target_bytes=rollout_bytes, variant="0.125", seed=seed)
     t0 = time.perf_counter()
     first = read_new_lines(path, watermark=0, max_line_bytes=_MAX_LINE_BYTES)
     catch_up_s = time.perf_counter() - t0
-    if not hasattr(first, "new_watermark"):
+    if not isinstance(first, TailRead):
         return _missing(keys, f"read_new_lines failed: {first}")
     offset = first.new_watermark
     del first  # up to rollout_bytes of lines
@@ -231,7 +230,7 @@ def bench_append(workdir: Path, *, rollout_bytes: int, repeats: int, seed: int =
         appended = corpus.append_turn(path, seed=seed * 1_000 + i, target_bytes=1024)
         t0 = time.perf_counter()
         tail = read_new_lines(path, watermark=offset, max_line_bytes=_MAX_LINE_BYTES)
-        if not hasattr(tail, "new_watermark"):
+        if not isinstance(tail, TailRead):
             return _missing(keys, f"read_new_lines failed: {tail}")
         parser = RolloutParser(path=str(path), first_line_is_head=False)
         parser.feed(tail.lines)
@@ -290,9 +289,6 @@ def _naive_build(data: bytes) -> int:
 
 def _build_over(paths: Sequence[Path]) -> tuple[float, int, int, int, int]:
     """Parse + build every file: ``(seconds, rollout bytes, text bytes, raw JSON bytes, files)``."""
-    from memd.extract.input_builder import build_input
-    from memd.rollout.session import parse_rollout_bytes
-
     elapsed = 0.0
     total = text = raw = files = 0
     for path in paths:
@@ -332,11 +328,6 @@ def bench_input_build(paths: Sequence[Path], *, repeats: int = 3) -> list[Figure
         with baseline 1.0).
     """
     keys = ["input_build_mb_s", "input_ratio_synthetic"]
-    try:
-        import memd.extract.input_builder  # noqa: F401
-        import memd.rollout.session  # noqa: F401
-    except ImportError as exc:
-        return _missing(keys, f"component missing: {exc}")
     if not paths:
         return _missing(keys, "empty corpus")
     # Best of a few passes, memd and baseline alike: the first pass over a corpus also pays
@@ -460,14 +451,18 @@ def bench_index(
     if index_fn is None:
         return [Figure(k, None, baseline, "index_fn not provided (indexer not wired)") for k in keys]
     states = [state_dir / f"cold-{i + 1}" for i in range(repeats)]
-    cold = min(timed(lambda s=s: asyncio.run(_await(index_fn(list(roots), s)))) for s in states)
-    warm = min(timed(lambda: asyncio.run(_await(index_fn(list(roots), states[-1])))) for _ in range(repeats))
+    cold = min(timed(functools.partial(_index_once, index_fn, roots, s)) for s in states)
+    warm = min(timed(functools.partial(_index_once, index_fn, roots, states[-1])) for _ in range(repeats))
     note = f"{n} files of 5–20 KB" + (f", scaled ×{scale:g}" if scale != 1 else "")
     note += f", best of {repeats}"
     return [
         Figure("index_cold_s_per_10k", cold, baseline, note + "; empty state, page cache warm"),
         Figure("index_warm_s_per_10k", warm, baseline, note + "; restart, nothing changed"),
     ]
+
+
+def _index_once(index_fn: IndexFn, roots: Sequence[Path], state_dir: Path) -> None:
+    asyncio.run(_await(index_fn(list(roots), state_dir)))
 
 
 async def _await(value: Any) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import Enum, auto
 from typing import Any
 
 import structlog
@@ -61,6 +62,17 @@ class JobResult:
     noop: bool = False
     tokens_in: int = 0
     tokens_out: int = 0
+
+
+class _Next(Enum):
+    """What :meth:`JobPool.run` does after one step."""
+
+    CONTINUE = auto()
+    STOP = auto()
+
+
+class _ClaimFailed(Exception):
+    """A claim failed in the store (already logged and noted)."""
 
 
 #: Runs one claimed job: ``handler(job, bound_logger) -> JobResult``. Whatever it writes must be
@@ -128,6 +140,7 @@ class JobPool:
         self._poll_s = poll_s
         self._on_done = on_done
         self._slots = asyncio.Semaphore(concurrency)
+        self._claim_failures = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused_until: float | None = None
@@ -163,62 +176,81 @@ class JobPool:
             burst: return as soon as no job is claimable and none is running (``memd once``
                 and tests).
         """
-        claim_failures = 0
+        self._claim_failures = 0
         while not stop.is_set():
-            await self._record_pause()
-            if self.paused_reason is not None:
-                if burst:
-                    break
-                self._wake.clear()
-                await self._wait(stop, min(self._poll_s, max(0.0, (self._paused_until or 0) - self._clock.now())))
-                continue
-            await self._slots.acquire()  # the slot comes before the claim
-            if stop.is_set():
-                self._slots.release()
+            if await self._step(stop, burst) is _Next.STOP:
                 break
-            if self.paused_reason is not None:  # paused while this worker waited for its slot
-                self._slots.release()
-                continue
-            self._wake.clear()  # a wake-up from now on (even during the claim) is not lost
-            try:
-                job = await self._store.jobs.claim(self._kind, self._owner, self._lease_s)
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            except Exception as exc:  # the store logged the details; keep serving
-                self._slots.release()
-                claim_failures += 1
-                self._note_fault("claim_failed", exc)
-                if claim_failures == 1:
-                    log.warning("claim_failed", error=str(exc), action=f"retrying every {self._poll_s:g} s")
-                else:
-                    log.debug("claim_failed_again", error=str(exc), failures=claim_failures)
-                if burst and not self._tasks and claim_failures >= STORE_RETRY_ATTEMPTS:
-                    log.error("claim_gave_up", error=str(exc), failures=claim_failures)
-                    break
-                await self._wait(stop, self._poll_s)
-                continue
-            if claim_failures:
-                log.info("claim_recovered", failures=claim_failures)
-                claim_failures = 0
-            if job is None:
-                self._slots.release()
-                if burst:
-                    if not self._tasks:
-                        break
-                    await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                await self._wait(stop, self._poll_s)
-                continue
-            if stop.is_set():  # stopped while the claim was in flight: give it back
-                await self._give_back(job, self._bind(job), "shutdown")
-                self._slots.release()
-                break
-            task = asyncio.create_task(self._run_job(job), name=f"{self._kind}:{job.key}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         if burst and self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _step(self, stop: asyncio.Event, burst: bool) -> _Next:
+        """One turn of :meth:`run`: wait out a pause, take a slot, claim, start the job."""
+        await self._record_pause()
+        if self.paused_reason is not None:
+            if burst:
+                return _Next.STOP
+            self._wake.clear()
+            await self._wait(stop, min(self._poll_s, max(0.0, (self._paused_until or 0) - self._clock.now())))
+            return _Next.CONTINUE
+        await self._slots.acquire()  # the slot comes before the claim
+        if stop.is_set() or self.paused_reason is not None:  # paused while waiting for the slot
+            self._slots.release()
+            return _Next.STOP if stop.is_set() else _Next.CONTINUE
+        self._wake.clear()  # a wake-up from now on (even during the claim) is not lost
+        try:
+            job = await self._claim()
+        except _ClaimFailed:
+            self._slots.release()
+            if burst and not self._tasks and self._claim_failures >= STORE_RETRY_ATTEMPTS:
+                log.error("claim_gave_up", failures=self._claim_failures)
+                return _Next.STOP
+            await self._wait(stop, self._poll_s)
+            return _Next.CONTINUE
+        if job is None:
+            self._slots.release()
+            return await self._idle(stop, burst)
+        if stop.is_set():  # stopped while the claim was in flight: give it back
+            await self._give_back(job, self._bind(job), "shutdown")
+            self._slots.release()
+            return _Next.STOP
+        task = asyncio.create_task(self._run_job(job), name=f"{self._kind}:{job.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _Next.CONTINUE
+
+    async def _claim(self) -> JobRecord | None:
+        """Claim the next due job; a store failure is logged once per run of failures.
+
+        Raises:
+            _ClaimFailed: the claim failed (the store logged the details); try again later.
+        """
+        try:
+            job = await self._store.jobs.claim(self._kind, self._owner, self._lease_s)
+        except asyncio.CancelledError:
+            self._slots.release()
+            raise
+        except Exception as exc:  # keep serving
+            self._claim_failures += 1
+            self._note_fault("claim_failed", exc)
+            if self._claim_failures == 1:
+                log.warning("claim_failed", error=str(exc), action=f"retrying every {self._poll_s:g} s")
+            else:
+                log.debug("claim_failed_again", error=str(exc), failures=self._claim_failures)
+            raise _ClaimFailed from exc
+        if self._claim_failures:
+            log.info("claim_recovered", failures=self._claim_failures)
+            self._claim_failures = 0
+        return job
+
+    async def _idle(self, stop: asyncio.Event, burst: bool) -> _Next:
+        """Nothing is due: in burst mode, wait for a running job (stop when none); else poll."""
+        if burst:
+            if not self._tasks:
+                return _Next.STOP
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            return _Next.CONTINUE
+        await self._wait(stop, self._poll_s)
+        return _Next.CONTINUE
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
         await wait_any(self._clock, (stop, self._wake), max(0.01, timeout_s))
@@ -293,7 +325,7 @@ class JobPool:
         self.stats.running[job.key] = started
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job, lost))
-        work: asyncio.Task[JobResult] = asyncio.create_task(self._handler(job, bound))
+        work: asyncio.Task[JobResult] = asyncio.ensure_future(self._handler(job, bound))
         lost_wait = asyncio.ensure_future(lost.wait())
         try:
             try:
@@ -317,7 +349,7 @@ class JobPool:
             self._slots.release()
             bound.debug(f"{self._kind}_slot_released", duration_s=round(self._clock.now() - started, 3))
 
-    async def _settle(self, job: JobRecord, work: asyncio.Task[JobResult], bound: Any) -> None:
+    async def _settle(self, job: JobRecord, work: asyncio.Future[JobResult], bound: Any) -> None:
         """Record the outcome of a finished job (counters, failures, pauses); never raises."""
         try:
             result = work.result()

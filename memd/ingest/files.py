@@ -131,10 +131,11 @@ _zstd_warned = False
 def load_zstandard() -> ModuleType | None:
     """Import ``zstandard`` once; ``None`` when it is not installed."""
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard
     except ImportError:
         return None
-    return zstandard
+    module: ModuleType = zstandard
+    return module
 
 
 def zstd_available() -> bool:

@@ -346,7 +346,7 @@ class LLMClient:
             hinted = retry_after_s(getattr(response, "headers", None), self._clock.now())
             if hinted is not None:
                 return min(hinted, cfg.backoff_cap_s)
-        delay = min(cfg.backoff_cap_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
+        delay = float(min(cfg.backoff_cap_s, cfg.backoff_base_s * 2.0 ** (attempt - 1)))
         # Equal jitter: at least half the delay, so retries never bunch up at zero.
         return delay / 2 + self._rng.uniform(0, delay / 2)
 

@@ -102,30 +102,13 @@ def classify_error(exc: BaseException) -> ErrorKind:
     if isinstance(exc, InvalidOutput):
         return ErrorKind.INVALID_OUTPUT
     if isinstance(exc, ResponseFailed):
-        if _is_context_error(exc.code, None, exc.message):
-            return ErrorKind.CONTEXT_LENGTH
-        if exc.code == "rate_limit_exceeded":
-            return ErrorKind.RATE_LIMITED
-        if exc.code in (None, "", "server_error", "internal_error"):
-            return ErrorKind.SERVER
-        return ErrorKind.REJECTED
+        return _classify_failed_response(exc)
     if isinstance(exc, openai.APITimeoutError):
         return ErrorKind.TIMEOUT
     if isinstance(exc, openai.APIConnectionError):
         return ErrorKind.CONNECTION
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = _status_message(exc)
-        if status in (401, 403):
-            return ErrorKind.AUTH
-        if status == 429:
-            # A spent quota does not come back by waiting a minute.
-            return ErrorKind.REJECTED if exc.code == "insufficient_quota" else ErrorKind.RATE_LIMITED
-        if status >= 500 or status in (408, 409):
-            return ErrorKind.SERVER
-        if _is_context_error(exc.code, exc.type, message):
-            return ErrorKind.CONTEXT_LENGTH
-        return ErrorKind.REJECTED
+        return _classify_status(exc)
     if isinstance(exc, openai.APIError):
         # An error object inside an SSE stream (no HTTP status): transient unless it says otherwise.
         if _is_context_error(exc.code, exc.type, exc.message):
@@ -134,10 +117,37 @@ def classify_error(exc: BaseException) -> ErrorKind:
     return ErrorKind.UNKNOWN
 
 
+def _classify_failed_response(exc: ResponseFailed) -> ErrorKind:
+    """A Responses API ``response.failed`` / ``error`` event, by its code."""
+    if _is_context_error(exc.code, None, exc.message):
+        return ErrorKind.CONTEXT_LENGTH
+    if exc.code == "rate_limit_exceeded":
+        return ErrorKind.RATE_LIMITED
+    if exc.code in (None, "", "server_error", "internal_error"):
+        return ErrorKind.SERVER
+    return ErrorKind.REJECTED
+
+
+def _classify_status(exc: openai.APIStatusError) -> ErrorKind:
+    """An HTTP error status, by its code (and the body's code, type and message)."""
+    status = exc.status_code
+    if status in (401, 403):
+        return ErrorKind.AUTH
+    if status == 429:
+        # A spent quota does not come back by waiting a minute.
+        return ErrorKind.REJECTED if exc.code == "insufficient_quota" else ErrorKind.RATE_LIMITED
+    if status >= 500 or status in (408, 409):
+        return ErrorKind.SERVER
+    if _is_context_error(exc.code, exc.type, _status_message(exc)):
+        return ErrorKind.CONTEXT_LENGTH
+    return ErrorKind.REJECTED
+
+
 def _status_message(exc: openai.APIStatusError) -> str:
     body = exc.body
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, str):
+        return message
     return exc.message or ""
 
 

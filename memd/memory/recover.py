@@ -80,6 +80,52 @@ def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
     return removed
 
 
+def _remove_temp_files(root: Path, min_age_s: float) -> list[str]:
+    """Remove ``*.tmp-memd-*`` files under ``root`` at least ``min_age_s`` old; return their relpaths."""
+    now = time.time()  # compared with file mtimes, which are real time
+    temps: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != ".git" and not d.startswith(STAGING_PREFIX))
+        for name in sorted(filenames):
+            if TEMP_MARKER not in name:
+                continue
+            path = Path(dirpath) / name
+            try:
+                if now - path.lstat().st_mtime < min_age_s:
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("memory_temp_remove_failed", path=str(path), error=str(exc))
+                continue
+            temps.append(path.relative_to(root).as_posix())
+    return temps
+
+
+def _remove_orphan_traces(root: Path, kept: Callable[[str], bool]) -> list[str]:
+    """Remove ``trace_summaries/*.md`` files whose relpath is not kept; return their relpaths."""
+    trace_dir = root / TRACE_DIR
+    try:
+        names = sorted(os.listdir(trace_dir))
+    except OSError:
+        names = []
+    orphans: list[str] = []
+    for name in names:
+        relpath = f"{TRACE_DIR}/{name}"
+        if not name.endswith(".md") or kept(relpath):
+            continue
+        try:
+            os.unlink(trace_dir / name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("trace_remove_failed", path=str(trace_dir / name), error=str(exc))
+            continue
+        orphans.append(relpath)
+    return orphans
+
+
 def recover(root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_s: float = 0.0) -> RecoveryReport:
     """Clean a memory root at start-up after a possible crash (see the module docstring).
 
@@ -102,43 +148,9 @@ def recover(root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_
     if not root.is_dir():
         return RecoveryReport()
     kept = keep if callable(keep) else set(keep).__contains__
-    now = time.time()
-    temps: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git" and not d.startswith(STAGING_PREFIX))
-        for name in sorted(filenames):
-            if TEMP_MARKER not in name:
-                continue
-            path = Path(dirpath) / name
-            try:
-                if now - path.lstat().st_mtime < min_age_s:
-                    continue
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("memory_temp_remove_failed", path=str(path), error=str(exc))
-                continue
-            temps.append(path.relative_to(root).as_posix())
+    temps = _remove_temp_files(root, min_age_s)
     staging = remove_stale_staging(root, min_age_s=min_age_s)
-    orphans: list[str] = []
-    trace_dir = root / TRACE_DIR
-    try:
-        names = sorted(os.listdir(trace_dir))
-    except OSError:
-        names = []
-    for name in names:
-        relpath = f"{TRACE_DIR}/{name}"
-        if not name.endswith(".md") or kept(relpath):
-            continue
-        try:
-            os.unlink(trace_dir / name)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("trace_remove_failed", path=str(trace_dir / name), error=str(exc))
-            continue
-        orphans.append(relpath)
+    orphans = _remove_orphan_traces(root, kept)
     report = RecoveryReport(tuple(temps), tuple(staging), tuple(orphans))
     if temps or staging or orphans:
         log.info(

@@ -27,7 +27,7 @@ class RetryPolicy:
 
     def delay_s(self, attempts: int) -> float:
         """Delay after the ``attempts``-th failed attempt (1-based): base·2^(attempts-1), capped."""
-        return min(self.cap_s, self.base_s * (2 ** max(0, attempts - 1)))
+        return float(min(self.cap_s, self.base_s * 2.0 ** max(0, attempts - 1)))
 
     def is_dead(self, attempts: int) -> bool:
         """True when ``attempts`` failed attempts exhaust the policy."""
