@@ -18,6 +18,7 @@ quickly, as they would after ``extract_lease_s`` / ``consolidation.lease_s`` in 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -33,6 +34,10 @@ KILLS = 20
 #: The harness is deterministic for a seed (kill moments, corpus); another seed explores others:
 #: ``MEMD_KILL9_SEED=7 pytest tests/test_faults_kill9.py -s``.
 SEED = int(os.environ.get("MEMD_KILL9_SEED", "20260521"))
+
+
+def _started(log_path: Path) -> bool:
+    return bool(fk.named(fk.events(log_path), "daemon_started"))
 
 
 def _moment(evts: list[dict]) -> str:
@@ -77,6 +82,8 @@ def test_kill9_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) ->
     for cycle in range(KILLS):
         proc = fk.start(home, f"cycle{cycle:02d}", env=delay)
         try:
+            if cycle % 2:  # half the kills aim at a daemon that is up, however slow start-up is on a loaded machine
+                fk.wait_for(functools.partial(_started, home.log_path(f"cycle{cycle:02d}")), 60, procs=[proc])
             time.sleep(rng.uniform(0.2, 2.0))
             assert proc.poll() is None, f"memd exited on its own (code {proc.returncode}) in cycle {cycle}"
         finally:
