@@ -486,3 +486,10 @@ async def test_a_no_op_session_makes_no_memory_folder(tmp_path, store, clock):
     assert (pool.stats.done, pool.stats.noop) == (1, 1)
     assert not project_root(tmp_path / "memory", PROJECT).exists()
     assert (await store.jobs.get("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]
+
+
+async def test_a_models_trace_is_named_after_its_first_task(tmp_path, store, clock):
+    await add_thread(store, 1, updated_at=clock.now() - 100)  # GatedExtractor gives no title
+    await make_pool(store, clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
+    [trace] = [p for p in trace_files(tmp_path) if p.parent.name == "trace_summaries"]
+    assert trace.name.endswith("_fix_the_build.md")  # "## Task: fix the build", not the thread's "task 1"

@@ -140,6 +140,13 @@ def has_skeleton(trace_memory: str) -> bool:
     return _OUTCOME_LINE.search(trace_memory, task.end()) is not None
 
 
+def first_task_name(trace_memory: str) -> str:
+    """The name of the first ``## Task:`` section of a trace memory (``""`` when it has none): the
+    title a model's trace is filed under (SPEC §8: the slug comes from the main task)."""
+    match = re.search(r"^## Task:[ \t]*(.+?)[ \t]*$", trace_memory, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
 def cut_middle(text: str, max_bytes: int) -> str:
     """Cap ``text`` at ``max_bytes`` UTF-8 bytes by cutting the middle.
 

@@ -20,7 +20,7 @@ import structlog
 from memd.clock import Clock, iso_utc
 from memd.errors import ExtractorError, LeaseLost, MemoryWriteError, StoreError
 from memd.extract.base import ExtractionRequest, ExtractionResult, Extractor
-from memd.extract.contract import NormalisedOutput, TraceContext, normalise
+from memd.extract.contract import NormalisedOutput, TraceContext, first_task_name, normalise
 from memd.extract.pool import JobResult
 from memd.extract.prepare import RequestBuilder
 from memd.faults import FaultLog
@@ -121,7 +121,9 @@ class ExtractJob:
     ) -> tuple[MemoryRecord, str | None]:
         """The memory row and the trace file's content (``None`` for a no-op)."""
         # The trace file's slug comes from the extractor's name for the main task (SPEC §8).
-        title = result.title or thread.title or "trace"
+        # The slug comes from the main task: the extractor's name for it, else the trace's first
+        # task (a model's output), else the thread's title (SPEC §8).
+        title = result.title or first_task_name(output.trace_memory) or thread.title or "trace"
         relpath = None if output.noop else memory_files.trace_relpath(thread.id, title)
         memory = MemoryRecord(
             thread_id=thread.id,
