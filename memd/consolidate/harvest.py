@@ -193,8 +193,9 @@ def read_trace(body: str) -> TraceFacts:
 def harvest(facts: TraceFacts, source: Provenance) -> list[Entry]:
     """The candidate entries of one session (see the module docstring), in a stable order."""
     out = [Entry(Section.PREFERENCES, one_line(p), source) for p in facts.preferences if not _EMPTY.match(p)]
+    deleted = {f for t in facts.tasks for step in t.steps if step.startswith("Deleted:") for f in _TICKED.findall(step)}
     for task in facts.tasks:
-        out += _start_here(task, source)
+        out += [e for e in _start_here(task, source) if not any(f"`{f}`" in e.text for f in deleted)]
         out += [Entry(Section.PITFALLS, one_line(_strip_status(p)), source) for p in task.problems if _pitfall(p)]
         out += _verification(task, source)
         out += _follow_up(task, source)

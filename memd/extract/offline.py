@@ -176,6 +176,8 @@ def _key_steps(task: TaskDigest) -> list[str]:
         files = [f"`{_path(f)}`" + (f" (×{n})" if n > 1 else "") for f, n in task.changed[:MAX_LISTED]]
         more = len(task.changed) - MAX_LISTED
         steps.append("Changed: " + ", ".join(files) + (f" (+{more} more)" if more > 0 else ""))
+    if task.deleted:
+        steps.append("Deleted: " + _ticks([_path(f) for f in task.deleted]))
     if task.ran:
         steps.append("Ran: " + _ticks([one_line(c, 80) for c in task.ran], 5))
     if task.read:

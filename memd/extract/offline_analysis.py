@@ -138,6 +138,7 @@ class TaskDigest:
         mentioned: files a wrapper mentioned.
         outcome / evidence: the outcome and why (one line).
         changed: changed files with the number of patches that changed each, in order.
+        deleted: files a successful ``rm`` removed.
         read: files read (inspection compressed to file names).
         searched: search patterns / queries of read-only searches.
         ran: successful non-read-only commands (deduplicated, one line each).
@@ -162,6 +163,7 @@ class TaskDigest:
     outcome: Outcome
     evidence: str
     changed: tuple[tuple[str, int], ...]
+    deleted: tuple[str, ...]
     read: tuple[str, ...]
     searched: tuple[str, ...]
     ran: tuple[str, ...]
@@ -851,6 +853,7 @@ def _digest(task: _Task, following: _Task | None, place: _Place) -> TaskDigest:
     answer = task.answers[-1] if task.answers else ""
     caveat = _UNVERIFIED_NOTE.search(answer)
     changed = tuple((place.rel(f), n) for f, n in _changed(task.steps))
+    deleted = tuple(place.rel(f) for f in _deleted(task.steps))
     failures = _failures(task)
     return TaskDigest(
         name=_name(task, changed),
@@ -859,6 +862,7 @@ def _digest(task: _Task, following: _Task | None, place: _Place) -> TaskDigest:
         outcome=outcome,
         evidence=evidence,
         changed=changed,
+        deleted=deleted,
         read=tuple(dict.fromkeys(place.rel(f) for f in _read_files(task.steps))),
         searched=_searched(task.steps),
         ran=_ran(task.steps),
@@ -881,7 +885,7 @@ def _digest(task: _Task, following: _Task | None, place: _Place) -> TaskDigest:
 
 def _is_trivial(task: _Task, changed: Sequence[tuple[str, int]], failures: Sequence[Failure]) -> bool:
     """A task with nothing to remember (see the module docstring)."""
-    acted = bool(changed) or any(not s.read_only for s in task.steps)
+    acted = bool(changed) or any(not s.read_only for s in task.steps)  # an ``rm`` is not read-only
     delegated = bool(task.delegated) and (bool(task.answers) or any(_delegate_result(s) for s in task.steps))
     if acted or _mcp(task.steps) or task.web or delegated:
         return False
@@ -916,12 +920,18 @@ def _changed(steps: Sequence[_Step]) -> tuple[tuple[str, int], ...]:
         if s.kind == "patch" and not s.failed:
             for f in s.files:
                 counts[f] = counts.get(f, 0) + 1
-    for s in steps:  # files removed by a command (rm x) count as changed too
-        if s.kind == "run" and s.program == "rm" and s.exit_code == 0:
-            for word in _words(s.text)[1:]:
-                if not word.startswith("-"):
-                    counts.setdefault(word, 1)
     return tuple(counts.items())
+
+
+def _deleted(steps: Sequence[_Step]) -> tuple[str, ...]:
+    """Files a successful ``rm`` removed."""
+    found: dict[str, None] = {}
+    for s in steps:
+        if s.kind == "run" and s.program == "rm" and s.exit_code == 0:
+            for word in _words(s.text.splitlines()[0] if s.text else "")[1:]:
+                if not word.startswith("-") and "*" not in word:
+                    found.setdefault(word, None)
+    return tuple(found)
 
 
 def _read_files(steps: Sequence[_Step]) -> tuple[str, ...]:

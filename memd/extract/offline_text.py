@@ -77,14 +77,15 @@ _TRIVIAL = re.compile(
 )
 # A preference marker anywhere in a sentence ...
 _PREFERENCE = re.compile(
-    r"\b(?:always|never|prefer|preferably|avoid|must not|mustn'?t|should not|shouldn'?t|no need to|"
+    r"\b(?:prefer|preferably|avoid|must not|mustn'?t|should not|shouldn'?t|no need to|"
     r"please use|use [^.;,]{1,40} instead|instead of|stop (?:using|doing|adding)|is crucial|"
     r"important not to|it'?s important to)\b",
     re.IGNORECASE,
 )
 # ... or an imperative at its start (or after a dash / colon): "Don't use frameworks — keep it pure JS".
 _IMPERATIVE = re.compile(
-    r"(?:^|[—:;-]\s*)(?:don'?t|do not|doesn'?t need to|make sure|keep it|please (?:don'?t|do not|keep|use))\b",
+    r"(?:^|[—:;,-]\s*|\bplease\s+|\byou should\s+)(?:always|never|don'?t|do not|doesn'?t need to|"
+    r"make sure|keep it|please (?:don'?t|do not|keep|use))\b",
     re.IGNORECASE,
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
