@@ -7,7 +7,10 @@ single file never raise :class:`OSError` to the caller: a file that vanished bet
 :class:`RolloutReadError` instead, because an iterator cannot return a result record.
 
 Rollout files: Codex writes ``$CODEX_HOME/sessions/YYYY/MM/DD/rollout-*.jsonl`` and
-``$CODEX_HOME/archived_sessions/rollout-*.jsonl`` (optionally ``*.jsonl.zst``).
+``$CODEX_HOME/archived_sessions/rollout-*.jsonl`` (optionally ``*.jsonl.zst``); Claude Code writes
+``<projects root>/<encoded cwd>/<sessionId>.jsonl`` and sub-agent transcripts beside it
+(``agent-*.jsonl``) or under ``<sessionId>/subagents/`` (SPEC §3.4). Which agent wrote a file is read
+from its content, never from its name.
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
+
+
+#: Directories whose files are never transcripts: Claude Code keeps large tool outputs under
+#: ``<sessionId>/tool-results/`` (SPEC §3.4); nothing under one counts.
+SKIPPED_DIR_NAMES = frozenset({"tool-results"})
+
+
+def in_skipped_dir(path: str) -> bool:
+    """Whether ``path`` is, or lies under, a directory of :data:`SKIPPED_DIR_NAMES` (any depth)."""
+    return any(f"/{name}/" in path + "/" for name in SKIPPED_DIR_NAMES)
 
 
 def is_rollout_name(name: str) -> bool:

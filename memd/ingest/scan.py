@@ -17,7 +17,15 @@ from typing import Any, Literal
 
 import structlog
 
-from memd.ingest.files import ZST_SUFFIX, FileStat, is_rollout_name, warn_zstd_unavailable, zstd_available
+from memd.ingest.files import (
+    SKIPPED_DIR_NAMES,
+    ZST_SUFFIX,
+    FileStat,
+    in_skipped_dir,
+    is_rollout_name,
+    warn_zstd_unavailable,
+    zstd_available,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +166,7 @@ class _Scanner:
                 if not stat_mod.S_ISDIR(st.st_mode):
                     return None
             else:
-                if not entry.is_dir():  # d_type, no syscall unless it is a symlink
+                if not entry.is_dir() or name in SKIPPED_DIR_NAMES:  # d_type, no syscall unless a symlink
                     return None
                 st = entry.stat()
         except FileNotFoundError:
@@ -181,7 +189,8 @@ def scan_roots(roots: Sequence[Path | str]) -> ScanResult:
     """Find every rollout file under the roots (recursive, stat only, no content read).
 
     Directory symlinks are followed; a loop (a symlink to an ancestor) is reported once as
-    ``symlink_loop`` and not followed, and a directory reached twice is scanned once. When both
+    ``symlink_loop`` and not followed, and a directory reached twice is scanned once. Directories
+    named in :data:`~memd.ingest.files.SKIPPED_DIR_NAMES` (``tool-results``) are not entered. When both
     ``x.jsonl`` and ``x.jsonl.zst`` exist in one directory the plain file wins. ``*.jsonl.zst``
     files are skipped (problem ``zstd_unavailable``, one warning per process) unless
     ``zstandard`` is importable. Each rollout file costs one ``stat`` (``DirEntry.stat``).
@@ -227,6 +236,8 @@ def restat_paths(paths: Iterable[str]) -> ScanResult:
     """
     scanner = _Scanner()
     for path in sorted(set(paths)):
+        if in_skipped_dir(path):
+            continue
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):

@@ -19,7 +19,7 @@ from watchfiles import Change as FsEvent
 from watchfiles import awatch
 
 from memd.clock import Clock, SystemClock
-from memd.ingest.files import is_rollout_name
+from memd.ingest.files import in_skipped_dir, is_rollout_name
 
 log = structlog.get_logger(__name__)
 _BACKOFF_MAX_EXPONENT = 30
@@ -31,9 +31,14 @@ _BACKOFF_MAX_EXPONENT = 30
 
 
 def _watch_filter(roots: frozenset[str], change: FsEvent, path: str) -> bool:
-    """Keep rollout paths and the roots themselves (any event), and directories that appeared
-    (created or moved in)."""
-    if path in roots or is_rollout_name(os.path.basename(path)):
+    """Keep rollout paths (``*.jsonl``: Codex rollouts, Claude Code ``<uuid>.jsonl`` sessions and
+    their sub-agent files) and the roots themselves (any event), and directories that appeared
+    (created or moved in); never anything in or under a ``tool-results`` folder."""
+    if path in roots:
+        return True
+    if in_skipped_dir(path):
+        return False  # Claude Code's tool-results/ folders never hold transcripts
+    if is_rollout_name(os.path.basename(path)):
         return True
     return change == FsEvent.added and os.path.isdir(path)
 
