@@ -112,3 +112,23 @@ def test_real_claude_input_keeps_prompts_commands_errors_within_a_third() -> Non
     ratio = text_bytes / raw_bytes
     print(f"input_ratio_real_claude={ratio:.3f} ({text_bytes} / {raw_bytes} bytes)")
     assert ratio <= 1 / 3
+
+
+def test_the_model_prompt_names_the_agent() -> None:
+    from memd.extract.base import ExtractionRequest
+    from memd.extract.openai_extractor import render_prompt
+
+    built = build_input(parse_claude_bytes(_lines({"type": "user", "message": {"role": "user", "content": "hi"}})))
+    request = ExtractionRequest(
+        thread_id=BASE["sessionId"],
+        project="/app",
+        cwd="/app",
+        rollout_path="/x.jsonl",
+        updated_at=0.0,
+        agent="Claude Code 2.1.39",
+        model="claude-sonnet-4-5",
+        built=built,
+    )
+    _, user = render_prompt(request, built)
+    assert "Agent: Claude Code 2.1.39 (model claude-sonnet-4-5)" in user
+    assert "`assistant:` for the agent (Claude Code 2.1.39)" in user and "`error` marks a tool call" in user
