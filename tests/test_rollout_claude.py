@@ -720,3 +720,13 @@ def test_claude_eligibility_by_entrypoint(entrypoint: str | None, reason: str | 
     assert (str(verdict.reason) if verdict.reason else None) == reason
     assert verdict.eligible is (reason is None)
     assert eligibility(meta, 1, ("cli", "sdk")).eligible  # include_sources can opt the SDK in
+
+
+def test_parser_factory_picks_the_agents_parser() -> None:
+    from memd.rollout.session import RolloutParser, new_parser, parse_transcript_bytes
+
+    assert isinstance(new_parser(Agent.CLAUDE, path="/p/x.jsonl"), ClaudeParser)
+    assert isinstance(new_parser("codex"), RolloutParser)
+    data = lines(user("hello"))
+    assert [i.text for i in parse_transcript_bytes(data, Agent.CLAUDE).items if isinstance(i, UserMessage)] == ["hello"]
+    assert parse_transcript_bytes(data, Agent.CODEX).items == []  # not a Codex rollout

@@ -23,13 +23,15 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import structlog
 
-from memd.rollout.claude import UsageTally
+from memd.rollout.claude import ClaudeParser, UsageTally, parse_claude_bytes
 from memd.rollout.codex import EMPTY_LINE as _EMPTY
 from memd.rollout.codex import parse_record
 from memd.rollout.records import (
+    Agent,
     CommandEnd,
     Item,
     LineResult,
@@ -141,6 +143,54 @@ class RolloutParser:
                 reason=reason,
                 next="line counted in skipped_lines; parsing continues",
             )
+
+
+class TranscriptParser(Protocol):
+    """What the readers need of a transcript parser (:class:`RolloutParser` for Codex,
+    :class:`~memd.rollout.claude.ClaudeParser` for Claude Code)."""
+
+    @property
+    def result(self) -> ParsedRollout:
+        """The :class:`ParsedRollout` accumulated so far."""
+        ...
+
+    def feed(self, lines: Iterable[bytes]) -> None:
+        """Parse complete lines in file order."""
+        ...
+
+    def feed_malformed(self, count: int, reason: str) -> None:
+        """Count lines the reader rejected without parsing."""
+        ...
+
+
+def new_parser(agent: Agent | str, *, path: str = "", from_start: bool = True) -> TranscriptParser:
+    """A fresh incremental parser for a transcript written by ``agent``.
+
+    Args:
+        agent: :class:`Agent` (or its value) of the file.
+        path: log context only.
+        from_start: ``True`` when the first line fed is the file's first line (Codex reads a
+            type-less first line as a legacy header; Claude Code files need no such hint).
+
+    Returns:
+        A :class:`RolloutParser` (Codex) or a :class:`~memd.rollout.claude.ClaudeParser`.
+    """
+    if agent == Agent.CLAUDE:
+        return ClaudeParser(path=path, name_hint=_stem(path) if path else None)
+    return RolloutParser(path=path, first_line_is_head=from_start)
+
+
+def parse_transcript_bytes(data: bytes, agent: Agent | str, *, path: str = "") -> ParsedRollout:
+    """:func:`parse_rollout_bytes` for either agent: every complete line of ``data`` (from the
+    start of the file) through :func:`new_parser`. Never raises."""
+    if agent == Agent.CLAUDE:
+        return parse_claude_bytes(data, path=path, name_hint=_stem(path) if path else None)
+    return parse_rollout_bytes(data, path=path)
+
+
+def _stem(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
 
 
 def parse_rollout_bytes(data: bytes, *, path: str = "") -> ParsedRollout:
