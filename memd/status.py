@@ -121,6 +121,7 @@ async def collect_status(
                 "id": t.id,
                 "project": t.project,
                 "cwd": t.cwd,
+                "agent": str(t.agent),
                 "source": t.source,
                 "user_messages": t.user_messages,
                 "eligible": bool(t.eligible),
@@ -239,12 +240,12 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"last fault survived: {fault.get('at')} {fault.get('event')}: {fault.get('error')}")
     if report["threads"]:
         lines.append("")
-        lines.append(f"{'THREAD':<38} {'SOURCE':<16} {'MSGS':>4} {'STATE':<8} {'PROJECT / REASON'}")
+        lines.append(f"{'THREAD':<38} {'AGENT':<6} {'SOURCE':<16} {'MSGS':>4} {'STATE':<8} {'PROJECT / REASON'}")
         for row in report["threads"]:
             extra = row["project"] if row["eligible"] else f"{row['project']}  [{row['reason']}]"
             lines.append(
-                f"{_short(row['id'], 38):<38} {_short(row['source'], 16):<16} {row['user_messages']:>4} "
-                f"{row['state']:<8} {extra}"
+                f"{_short(row['id'], 38):<38} {row['agent']:<6} {_short(row['source'], 16):<16} "
+                f"{row['user_messages']:>4} {row['state']:<8} {extra}"
             )
     running = [j for j in report["jobs"] if j["status"] == "running"]
     if running:

@@ -90,6 +90,8 @@ def test_run_bench_writes_every_key(tmp_path: Path) -> None:
         assert _is_number(doc[key]) and 0 < doc[key], key
     assert doc["baseline_input_ratio_synthetic"] == 1.0
     real = harness.default_real_dir()
+    if (real.parent / "claude").is_dir():
+        assert _is_number(doc["input_ratio_real_claude"]) and doc["input_ratio_real_claude"] <= 1 / 3
     if real.is_dir():
         assert _is_number(doc["input_ratio_real"])
     else:
@@ -117,6 +119,8 @@ def test_missing_components_report_none_with_a_reason(tmp_path: Path) -> None:
 
     (ratio,) = harness.bench_input_ratio_real(tmp_path / "absent")
     assert ratio.value is None and "not available" in ratio.note
+    (claude_ratio,) = harness.bench_input_ratio_real_claude(tmp_path / "absent")
+    assert claude_ratio.value is None and "not available" in claude_ratio.note
 
     from memd.bench.corpus import SMALL_SIZE_MIX, generate_corpus
 

@@ -20,7 +20,8 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
   page cache beforehand, not timed), the best of three passes. Baseline: ``json.loads`` of every
   line + ``json.dumps`` of the kept items, best of three passes too.
 * ``input_ratio_real`` / ``input_ratio_synthetic`` — ``sum(text_bytes) / sum(raw_json_bytes)``
-  of :class:`memd.extract.base.BuiltInput` over the real rollouts / the synthetic corpus.
+  of :class:`memd.extract.base.BuiltInput` over the real rollouts / the synthetic corpus;
+  ``input_ratio_real_claude`` the same over the real Claude Code transcripts.
   Baseline 1.0 (raw JSON).
 * ``pool_efficiency`` — ``run_pool(n_jobs, concurrency, latency_s)`` wall time divided by the
   ideal ``ceil(N/C)·L``; by default the real extraction pool and store against an extractor
@@ -69,7 +70,7 @@ from memd.config import Settings
 from memd.extract.base import ExtractionRequest, ExtractionResult, Extractor
 from memd.extract.input_builder import build_input
 from memd.ingest.reader import TailRead, read_new_lines
-from memd.rollout.session import RolloutParser, parse_rollout_bytes
+from memd.rollout.session import RolloutParser, parse_rollout_bytes, parse_transcript_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +97,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "input_build_mb_s": (">=", 100.0),
     "pool_efficiency": ("<=", 1.15),
     "input_ratio_real": ("<=", 1 / 3),
+    "input_ratio_real_claude": ("<=", 1 / 3),
     "input_ratio_synthetic": ("<=", 1 / 3),
     "idle_cpu_s_per_10min": ("<=", 0.5),
     "rss_mb": ("<=", 100.0),
@@ -287,14 +289,15 @@ def _naive_build(data: bytes) -> int:
     return out
 
 
-def _build_over(paths: Sequence[Path]) -> tuple[float, int, int, int, int]:
-    """Parse + build every file: ``(seconds, rollout bytes, text bytes, raw JSON bytes, files)``."""
+def _build_over(paths: Sequence[Path], agent: str = "codex") -> tuple[float, int, int, int, int]:
+    """Parse (as ``agent``'s transcripts) + build every file: ``(seconds, rollout bytes, text
+    bytes, raw JSON bytes, files)``."""
     elapsed = 0.0
     total = text = raw = files = 0
     for path in paths:
         data = path.read_bytes()
         t0 = time.perf_counter()
-        built = build_input(parse_rollout_bytes(data, path=str(path)))
+        built = build_input(parse_transcript_bytes(data, agent, path=str(path)))
         elapsed += time.perf_counter() - t0
         total += len(data)
         if built.raw_json_bytes > 0:
@@ -380,6 +383,27 @@ def bench_input_ratio_real(real_dir: Path | None) -> list[Figure]:
         return _missing(keys, "no kept items in the real rollouts")
     note = f"{files} of {len(paths)} real rollouts ({total / 1e6:.1f} MB) had kept items"
     return [Figure("input_ratio_real", text / raw, 1.0, note)]
+
+
+def bench_input_ratio_real_claude(claude_dir: Path | None) -> list[Figure]:
+    """``input_ratio_real_claude``: text bytes / raw JSON bytes over the real Claude Code
+    transcripts (SPEC §15 ≤ 1/3), every user message, command and error kept.
+
+    Args:
+        claude_dir: folder of real ``*.jsonl`` Claude Code transcripts (``../shared/rollouts/claude``);
+            ``None`` or absent gives ``None`` with a note.
+    """
+    keys = ["input_ratio_real_claude"]
+    if claude_dir is None or not claude_dir.is_dir():
+        return _missing(keys, f"real Claude transcripts not available ({claude_dir})")
+    paths = sorted(claude_dir.glob("*.jsonl"))
+    if not paths:
+        return _missing(keys, f"no *.jsonl in {claude_dir}")
+    _, total, text, raw, files = _build_over(paths, "claude")
+    if not raw:
+        return _missing(keys, "no kept items in the real Claude transcripts")
+    note = f"{files} of {len(paths)} real Claude transcripts ({total / 1e6:.1f} MB) had kept items"
+    return [Figure("input_ratio_real_claude", text / raw, 1.0, note)]
 
 
 # --- indexing ------------------------------------------------------------------------------------
@@ -865,6 +889,11 @@ def run_bench(
             ["input_ratio_real"],
             "input ratio over the real rollouts",
             lambda: bench_input_ratio_real(real_dir),
+        )
+        step(
+            ["input_ratio_real_claude"],
+            "input ratio over the real Claude Code transcripts",
+            lambda: bench_input_ratio_real_claude(real_dir.parent / "claude" if real_dir is not None else None),
         )
 
         def input_build() -> list[Figure]:

@@ -44,7 +44,8 @@ class ExtractionRequest:
         updated_at: last activity, epoch seconds.
         started_at: when the session started (its ``session_meta`` timestamp), epoch seconds;
             the date a trace memory is filed under. ``None`` when unknown.
-        agent: ``codex`` (later ``claude``).
+        agent: how the agent is named: ``codex``, or ``Claude Code <version>``
+            (:meth:`memd.rollout.records.Agent.label`).
         model: the agent's model from ``turn_context`` (``""`` when unknown).
         built: the filtered, redacted input.
         max_input_tokens: the budget the input was built for.

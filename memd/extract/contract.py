@@ -77,7 +77,8 @@ class TraceContext:
     Attributes:
         project: project key (SPEC §4).
         date: session date, ``YYYY-MM-DD``.
-        agent: ``codex`` (later ``claude``).
+        agent: how the agent is named: ``codex``, or ``Claude Code <version>``
+            (:meth:`memd.rollout.records.Agent.label`).
         model: the agent's model, ``""`` when unknown.
     """
 

@@ -139,7 +139,7 @@ class ExtractJob:
         )
         content = None
         if relpath is not None:
-            header = trace_header(thread, request.agent, thread.watermark)
+            header = trace_header(thread, str(thread.agent), thread.watermark)
             content = memory_files.render_trace_file(header, output.trace_memory)
         return memory, content
 

@@ -16,8 +16,8 @@ from memd.extract.base import BuiltInput, ExtractionRequest
 from memd.extract.input_builder import build_input
 from memd.ingest.reader import read_lines_until
 from memd.llm.budget import TokenEstimator
-from memd.rollout.records import Item, ParsedRollout
-from memd.rollout.session import RolloutParser
+from memd.rollout.records import Agent, Item, ParsedRollout
+from memd.rollout.session import new_parser
 from memd.store.records import ThreadRecord
 from memd.store.threads import ThreadRepository
 
@@ -38,13 +38,14 @@ class InputLimits:
     tool_output_cap_bytes: int
 
 
-def load_rollout(path: str, watermark: int, max_line_bytes: int) -> ParsedRollout:
-    """Parse a rollout from byte 0 up to ``watermark`` (complete lines only, bounded memory).
+def load_rollout(path: str, watermark: int, max_line_bytes: int, agent: Agent = Agent.CODEX) -> ParsedRollout:
+    """Parse a transcript (``agent``'s format: a Codex rollout or a Claude Code session) from byte 0
+    up to ``watermark`` (complete lines only, bounded memory).
 
     Raises:
         RolloutReadError: the file vanished, became unreadable or was replaced.
     """
-    parser = RolloutParser(path=path)
+    parser = new_parser(agent, path=path)
     stream = read_lines_until(path, watermark, max_line_bytes)
     batch: list[bytes] = []
     for line in stream:
@@ -85,7 +86,7 @@ def build_request(
     Raises:
         RolloutReadError: the rollout vanished, became unreadable or was replaced.
     """
-    parsed = load_rollout(thread.path, thread.watermark, limits.max_line_bytes)
+    parsed = load_rollout(thread.path, thread.watermark, limits.max_line_bytes, thread.agent)
     if observe is not None:
         observe(thread, parsed.items)
     built = build_input(
@@ -101,7 +102,7 @@ def build_request(
         rollout_path=thread.path,
         updated_at=thread.updated_at,
         started_at=thread.created_at,
-        agent="codex",
+        agent=thread.agent.label(thread.cli_version),
         model=thread.model,
         built=built,
         max_input_tokens=max_input_tokens,

@@ -3,13 +3,22 @@
 Two operations, both incremental:
 
 * :meth:`Indexer.refresh` — one ``stat``; an unchanged file (same dev, inode, size, mtime) costs
-  nothing more. A new or replaced file gets a bounded read of its first line (the
-  ``session_meta``) and its thread row. Indexing never parses a body.
+  nothing more. A new or replaced file gets a bounded read of its first line (the Codex
+  ``session_meta``) — or, when that is no session header, of its first :data:`CLAUDE_HEAD_LINES`
+  lines (a Claude Code transcript names its session on the first record carrying ``sessionId``) —
+  and its thread row. Indexing never parses a body.
 * :meth:`Indexer.catch_up` — reads a thread's rollout from its stored byte offset to the last
   complete line and folds the new lines into the thread's running statistics (real user
   messages, title, model, skipped lines). The cost is proportional to the appended bytes.
 
-The indexer reaches the file system only through :mod:`memd.sources` and the database only
+Claude Code (SPEC §3.4): one session is one thread, keyed by ``sessionId``. A sub-agent transcript
+(``agent-*.jsonl`` beside the session, or under ``<sessionId>/subagents/``; recognised by its content:
+sidechain records with an ``agentId``) is recorded as a file of its parent thread and never becomes a
+thread, and the compaction summariser's ``agent-acompact-*`` is skipped. A second live file claiming
+a session another file already holds is recorded as a duplicate: it never makes a second thread nor
+moves the thread's watermark.
+
+The indexer reaches the file system only through :mod:`memd.ingest` and the database only
 through :class:`memd.store.store.Store`; it parses only through :mod:`memd.rollout`.
 """
 
@@ -27,10 +36,11 @@ import structlog
 from memd.clock import Clock
 from memd.ingest import files as rollout_files
 from memd.ingest import reader, scan
+from memd.rollout import claude
 from memd.rollout.codex import parse_session_meta
 from memd.rollout.project import NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
-from memd.rollout.records import SessionMeta
-from memd.rollout.session import RolloutParser, ThreadStats
+from memd.rollout.records import Agent, SessionMeta
+from memd.rollout.session import ThreadStats, new_parser
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
 
@@ -38,12 +48,31 @@ log = structlog.get_logger(__name__)
 
 
 class HeadProblem(StrEnum):
-    """Why a rollout's first line does not identify a session (``files.error`` of the file)."""
+    """Why a rollout's head does not identify a session (``files.error`` of the file)."""
 
     EMPTY_FILE = "empty_file"
     FIRST_LINE_TOO_LONG = "first_line_too_long"
     PARTIAL_FIRST_LINE = "partial_first_line"
     NO_SESSION_META = "no_session_meta"
+    #: Claude Code records, but none of the first :data:`CLAUDE_HEAD_LINES` carries ``sessionId``.
+    NO_SESSION_ID = "no_session_id"
+
+
+class FileRole(StrEnum):
+    """Why a Claude Code file that names a session is not that session's thread file
+    (``files.error``; the file's ``thread_id`` is the session)."""
+
+    SUBAGENT = "subagent"
+    COMPACTION_AGENT = "compaction_agent"
+    DUPLICATE_SESSION = "duplicate_session"
+
+
+#: Lines of a Claude Code transcript read to find its session (SPEC §3.4).
+CLAUDE_HEAD_LINES = claude.HEAD_LINES
+#: Bytes read at most to find a Claude Code session; a longer head names no session yet.
+CLAUDE_HEAD_MAX_BYTES = 8 << 20
+#: Longest line kept in that head read (a pasted image can make one record megabytes long).
+CLAUDE_HEAD_MAX_LINE_BYTES = 4 << 20
 
 
 #: Files indexed per worker-thread round trip and per write transaction.
@@ -63,9 +92,11 @@ class _Head:
         prev: the stored record of the file (or of the file it was moved from), if any.
         failure: the read failed (already logged by :mod:`memd.ingest.files`).
         head_hash: sha256 of the first 4 KiB (``""`` while shorter).
-        meta: the parsed first line, ``None`` when it is not a session header.
+        meta: the session the head names (Codex ``session_meta`` / legacy header, or Claude Code
+            records), ``None`` when it names none.
         reason: why ``meta`` is ``None`` (``empty_file``, ``no_session_meta``, ...).
         project: the thread's project key (SPEC §4), ``""`` without ``meta``.
+        claude: the head is Claude Code's (with or without a session id).
     """
 
     st: rollout_files.FileStat
@@ -75,6 +106,7 @@ class _Head:
     meta: SessionMeta | None = None
     reason: HeadProblem | None = None
     project: str = ""
+    claude: bool = False
 
 
 @dataclass(slots=True)
@@ -229,13 +261,23 @@ class Indexer:
         new_threads = 0
         for start in range(0, len(changed), BATCH_FILES):
             heads = await asyncio.to_thread(self._read_heads, changed[start : start + BATCH_FILES])
+            # Sessions before sub-agent transcripts, so a sub-agent finds its parent in the batch.
+            heads.sort(key=lambda h: h.meta is not None and h.meta.subagent_id is not None)
             ids = {h.meta.thread_id for h in heads if h.meta is not None}
-            thread_paths = {t.id: t.path for t in (await self._store.threads.get_many(ids)).values()}
+            known = await self._store.threads.get_many(ids)
+            thread_paths = {t.id: t.path for t in known.values()}
+            cwds = {t.id: t.cwd for t in known.values()}
             batch = _Batch()
             for head in heads:
-                if head.meta is not None and head.meta.thread_id in batch.thread_ids:
+                meta = head.meta
+                if meta is not None and meta.subagent_id is not None:
+                    await self._attach(head, cwds, batch, summary)
+                    continue
+                if meta is not None and meta.thread_id in batch.thread_ids:
                     await batch.flush(self._store)
                 new_threads += await self._decide(head, thread_paths, batch, summary, log_each)
+                if meta is not None and meta.thread_id in batch.thread_ids:
+                    cwds.setdefault(meta.thread_id, meta.cwd or "")
             await batch.flush(self._store)
         return new_threads
 
@@ -252,10 +294,15 @@ class Indexer:
             meta = None
             if head.complete and head.first_line:
                 meta = parse_session_meta(head.first_line)
+            is_claude = False
+            if meta is None and (head.complete or head.oversized):
+                meta, is_claude = self._claude_head(head.stat.path)
             reason = None
             if meta is None:
                 if head.stat.size == 0:
                     reason = HeadProblem.EMPTY_FILE
+                elif is_claude:
+                    reason = HeadProblem.NO_SESSION_ID
                 elif head.oversized:
                     reason = HeadProblem.FIRST_LINE_TOO_LONG
                 elif not head.complete:
@@ -275,9 +322,27 @@ class Indexer:
                     meta=meta,
                     reason=reason,
                     project=project,
+                    claude=is_claude or (meta is not None and meta.agent is Agent.CLAUDE),
                 )
             )
         return heads
+
+    def _claude_head(self, path: str) -> tuple[SessionMeta | None, bool]:
+        """Read a transcript's first lines as Claude Code's: ``(meta, looks like Claude)``.
+
+        Bounded by :data:`CLAUDE_HEAD_LINES` lines and :data:`CLAUDE_HEAD_MAX_BYTES` bytes. A read
+        failure is logged by :mod:`memd.ingest.files` and gives ``(None, False)``.
+        """
+        lines = reader.read_head_lines(
+            path,
+            max_lines=CLAUDE_HEAD_LINES,
+            max_line_bytes=min(self._max_line_bytes, CLAUDE_HEAD_MAX_LINE_BYTES),
+            max_bytes=CLAUDE_HEAD_MAX_BYTES,
+        )
+        if isinstance(lines, rollout_files.ReadFailure):
+            return None, False
+        meta = claude.session_meta(lines, name_hint=_stem(path))
+        return meta, meta is not None or claude.looks_like_claude(lines)
 
     async def _decide(
         self,
@@ -299,18 +364,26 @@ class Indexer:
             return 0
         summary.indexed += 1
         meta = head.meta
+        kind = Agent.CLAUDE if head.claude else Agent.CODEX
         if meta is None:
-            batch.files.append(_file(st, head.head_hash, None, 0, error=head.reason))
-            log.info("file_not_indexed", path=st.path, reason=head.reason)
+            batch.files.append(_file(st, head.head_hash, None, 0, error=head.reason, kind=kind))
+            log.info("file_not_indexed", path=st.path, reason=head.reason, agent=str(kind))
             return 0
         existing_path = thread_paths.get(meta.thread_id)
         moved = existing_path is not None and existing_path != st.path
+        if moved and meta.agent is Agent.CLAUDE and existing_path is not None and os.path.exists(existing_path):
+            # Two live files claim one session (a copy, a second projects root): the first one
+            # keeps the thread and its watermark; this one is recorded, never read.
+            error = FileRole.DUPLICATE_SESSION
+            batch.files.append(_file(st, head.head_hash, meta.thread_id, 0, error=error, kind=kind))
+            log.warning("duplicate_session", thread_id=meta.thread_id, path=st.path, thread_path=existing_path)
+            return 0
         if existing_path is not None and st.path == existing_path + ".zst":
             if os.path.exists(existing_path):
                 return 0  # x.jsonl and x.jsonl.zst both exist: the plain file wins
         change = reader.classify_change(prev, st, head.head_hash)
         keep = False
-        if prev is not None and prev.thread_id == meta.thread_id:
+        if prev is not None and prev.thread_id == meta.thread_id and not prev.error:
             keep = change == reader.Change.GROWN
             if prev.path != st.path and st.size >= prev.watermark:
                 keep = True  # moved (archived): same inode, keep the offset and statistics
@@ -322,7 +395,7 @@ class Indexer:
             offset, stats = 0, _FRESH_STATS
             if existing_path is not None and not moved and prev is not None:
                 log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
-        file = _file(st, head.head_hash, meta.thread_id, offset)
+        file = _file(st, head.head_hash, meta.thread_id, offset, kind=kind)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
         record = self._thread_record(meta, head.project, file, stats, verdict.reason)
         stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else stats.to_json()
@@ -334,11 +407,49 @@ class Indexer:
                 "thread_indexed",
                 thread_id=meta.thread_id,
                 path=st.path,
+                agent=str(meta.agent),
                 source=meta.source_label,
                 moved=moved,
             )
             return 1
         return 0
+
+    async def _attach(self, head: _Head, cwds: dict[str, str], batch: _Batch, summary: IndexSummary) -> None:
+        """Record a Claude Code sub-agent transcript as a file of its parent session (never a thread).
+
+        One event per file: ``subagent_without_parent`` when its session is unknown (the parent may
+        appear later; nothing is lost), ``subagent_cwd_differs`` when it records another cwd than
+        its session (the session's cwd stands), else ``subagent_attached`` (debug). The compaction
+        summariser (``agent-acompact-*``) is recorded and skipped (``file_not_indexed``).
+        """
+        meta = head.meta
+        assert meta is not None and meta.subagent_id is not None
+        summary.indexed += 1
+        st = head.st
+        role = FileRole.COMPACTION_AGENT if claude.is_compaction_agent(meta.subagent_id) else FileRole.SUBAGENT
+        batch.files.append(_file(st, head.head_hash, meta.thread_id, 0, error=role, kind=Agent.CLAUDE))
+        if role is FileRole.COMPACTION_AGENT:
+            log.info("file_not_indexed", path=st.path, reason=str(role), thread_id=meta.thread_id, agent="claude")
+            return
+        parent_cwd = cwds.get(meta.thread_id)
+        if parent_cwd is None:
+            log.info(
+                "subagent_without_parent",
+                path=st.path,
+                thread_id=meta.thread_id,
+                action="recorded as a file of the session; it never becomes a thread",
+            )
+        elif meta.cwd and parent_cwd and meta.cwd != parent_cwd:
+            log.info(
+                "subagent_cwd_differs",
+                path=st.path,
+                thread_id=meta.thread_id,
+                cwd=meta.cwd,
+                session_cwd=parent_cwd,
+                action="the session's cwd stands",
+            )
+        else:
+            log.debug("subagent_attached", path=st.path, thread_id=meta.thread_id, agent_id=meta.subagent_id)
 
     def _thread_record(
         self,
@@ -365,6 +476,7 @@ class Indexer:
             skipped_lines=stats.skipped_lines,
             eligible=False,
             reason=head_reason or NOT_READ_YET,
+            agent=meta.agent,
         )
 
     async def catch_up(self, thread_id: str) -> ThreadRecord | None:
@@ -390,11 +502,11 @@ class Indexer:
             offset = file.watermark
             if st.inode != file.inode or st.size < file.watermark:
                 offset, stats = 0, ThreadStats()
-            read = await asyncio.to_thread(self._read_forward, file.path, offset, st.inode, stats)
+            read = await asyncio.to_thread(self._read_forward, file.path, offset, st.inode, stats, thread.agent)
             if read is None:
                 return thread
             offset, bytes_read, last_stat = read
-            new_file = _file(last_stat or st, file.head_hash, thread_id, offset)
+            new_file = _file(last_stat or st, file.head_hash, thread_id, offset, kind=thread.agent)
             reason = thread.reason if thread.reason is not None and not thread.reason.provisional else None
             if reason is None and stats.user_messages == 0:
                 reason = NO_USER_MESSAGES
@@ -415,16 +527,16 @@ class Indexer:
             return record
 
     def _read_forward(
-        self, path: str, offset: int, inode: int, stats: ThreadStats
+        self, path: str, offset: int, inode: int, stats: ThreadStats, agent: Agent
     ) -> tuple[int, int, rollout_files.FileStat | None] | None:
-        """Fold the complete lines after ``offset`` into ``stats``.
+        """Fold the complete lines after ``offset`` into ``stats`` (parsed as ``agent``'s).
 
         Returns:
             ``(new offset, bytes read, fstat of the file)`` or ``None`` when the file vanished,
             is unreadable, or was replaced while reading (the next scan re-indexes it).
         """
         stream = reader.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
-        parser = RolloutParser(path=path, first_line_is_head=offset == 0)
+        parser = new_parser(agent, path=path, from_start=offset == 0)
         try:
             batch: list[bytes] = []
             for line in stream:
@@ -433,7 +545,7 @@ class Indexer:
                     parser.feed(batch)
                     batch.clear()
                     stats.feed(parser.result)  # fold and drop the items: memory stays bounded
-                    parser = RolloutParser(path=path, first_line_is_head=False)
+                    parser = new_parser(agent, path=path, from_start=False)
             parser.feed(batch)
         except rollout_files.RolloutReadError as exc:
             log.info("catch_up_failed", path=path, reason=str(exc))
@@ -454,12 +566,23 @@ def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
     )
 
 
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+
+
 def _file(
-    st: rollout_files.FileStat, head_hash: str, thread_id: str | None, offset: int, *, error: str | None = None
+    st: rollout_files.FileStat,
+    head_hash: str,
+    thread_id: str | None,
+    offset: int,
+    *,
+    error: str | None = None,
+    kind: Agent = Agent.CODEX,
 ) -> FileRecord:
     return FileRecord(
         path=st.path,
-        kind="codex",
+        kind=str(kind),
         dev=st.dev,
         inode=st.inode,
         size=st.size,

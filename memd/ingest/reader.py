@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import structlog
 
@@ -499,3 +499,49 @@ def read_lines_until(
         expect_inode=expect_inode,
         watermark=start_offset,
     )
+
+
+#: Read size of :func:`read_head_lines` (small: the head of a transcript is what is wanted).
+_HEAD_LINES_CHUNK_BYTES = 64 << 10
+
+
+def read_head_lines(
+    path: str | Path, *, max_lines: int, max_line_bytes: int, max_bytes: int
+) -> list[bytes] | ReadFailure:
+    """Read the first complete lines of a transcript, bounded (SPEC §3.3, §3.4).
+
+    A Claude Code transcript names its session on the first record that carries ``sessionId``,
+    which is often not the first line (``file-history-snapshot``, ``summary``): the indexer reads
+    up to ``max_lines`` lines, never more than about ``max_bytes`` bytes; a line longer than
+    ``max_line_bytes`` is skipped (not held in memory). A partial last line is not returned.
+
+    Args:
+        path: the transcript file.
+        max_lines: lines wanted at most (e.g. 50).
+        max_line_bytes: longest line returned, in bytes without the ``\\n``.
+        max_bytes: stop reading once this many bytes were read (the line in progress is finished
+            only if it fits ``max_line_bytes``).
+
+    Returns:
+        The lines (without ``\\n``), or a :class:`ReadFailure` (logged once). Never raises
+        :class:`OSError`.
+    """
+    stream = read_lines_until(path, None, max_line_bytes, chunk_bytes=_HEAD_LINES_CHUNK_BYTES)
+    lines: list[bytes] = []
+    it = iter(stream)
+    try:
+        for line in it:
+            lines.append(line)
+            if len(lines) >= max_lines or stream.bytes_read >= max_bytes:
+                break
+    except RolloutReadError as exc:
+        return ReadFailure(path=exc.path, reason=_failure_reason(exc.reason), detail=exc.detail)
+    finally:
+        it.close()  # type: ignore[attr-defined]  # a generator: closes the file now
+    return lines
+
+
+def _failure_reason(reason: str) -> Literal["vanished", "unreadable", "unsupported"]:
+    if reason in ("vanished", "unsupported"):
+        return "vanished" if reason == "vanished" else "unsupported"
+    return "unreadable"

@@ -171,7 +171,7 @@ def trace_header(thread: ThreadRecord | None, memory: MemoryRecord) -> memory_fi
         cwd=thread.cwd if thread else "",
         rollout_path=thread.path if thread else "",
         updated_at=thread.updated_at if thread else memory.generated_at,
-        agent=str(getattr(thread, "agent", "codex")),  # threads of older states have no agent: Codex
+        agent=str(thread.agent) if thread else "codex",
         started_at=thread.created_at if thread else 0.0,
         source_watermark=memory.source_watermark,
     )

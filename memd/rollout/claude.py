@@ -375,6 +375,21 @@ class _MetaBuilder:
         )
 
 
+#: Record types only Claude Code writes (a Codex line has ``payload`` or is a legacy header).
+_CLAUDE_TYPES = frozenset({"user", "assistant", "system", "summary", "progress", "attachment"}) | _METADATA_TYPES
+
+
+def looks_like_claude(lines: Iterable[bytes]) -> bool:
+    """Whether any of ``lines`` is a Claude Code record (a known Claude type without a Codex
+    ``payload``), even when no ``sessionId`` is among them: such a file is a Claude transcript
+    that does not (yet) name its session, not a foreign file. Never raises."""
+    for raw in lines:
+        obj = _load(raw)
+        if isinstance(obj, dict) and "payload" not in obj and obj.get("type") in _CLAUDE_TYPES:
+            return True
+    return False
+
+
 def source_of_entrypoint(entrypoint: str | None) -> tuple[str, str | None]:
     """Normalise a Claude Code ``entrypoint`` to ``(source_kind, source_detail)`` (SPEC §4).
 

@@ -26,8 +26,15 @@ class Agent(StrEnum):
 
     @property
     def display_name(self) -> str:
-        """The product name used in trace context and prompts (``Codex CLI``, ``Claude Code``)."""
+        """The product name (``Codex CLI``, ``Claude Code``)."""
         return "Claude Code" if self is Agent.CLAUDE else "Codex CLI"
+
+    def label(self, version: str = "") -> str:
+        """How trace context lines and model prompts name the agent: ``Claude Code 2.1.39`` for
+        Claude Code (the version when known), ``codex`` for Codex (as before Claude support)."""
+        if self is Agent.CLAUDE:
+            return f"Claude Code {version}".strip()
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, Self
 
 from memd.rollout.project import Ineligible
+from memd.rollout.records import Agent
 
 #: A row as the repositories read it (``sqlite3.Row`` or any mapping with the same keys).
 Row = sqlite3.Row | Mapping[str, Any]
@@ -68,7 +69,8 @@ class FileRecord:
 
     Attributes:
         path: the absolute path the file was found at.
-        kind: the agent that writes it (``codex``).
+        kind: the agent that writes it (``codex`` or ``claude``; a file that is no session is
+            ``codex`` unless its records look like Claude Code's).
         dev, inode, size, mtime: its last ``stat`` (mtime in epoch seconds).
         watermark: byte offset just past the last complete line consumed.
         head_hash: sha256 hex of the first 4 KiB (detects replacement), ``""`` while shorter.
@@ -113,6 +115,7 @@ class ThreadRecord:
         skipped_lines: malformed lines skipped so far.
         eligible: computed eligibility (SPEC §4, conditions 1, 2 and memory_mode).
         reason: why not eligible, else ``None``.
+        agent: the agent whose transcript the thread is (``codex`` or ``claude``).
     """
 
     id: str
@@ -131,13 +134,16 @@ class ThreadRecord:
     skipped_lines: int
     eligible: bool
     reason: Ineligible | None
+    agent: Agent = Agent.CODEX
 
     @classmethod
     def from_row(cls, row: Row) -> Self:
-        """The record of a ``threads`` row (``eligible`` is stored 0/1, ``reason`` as text)."""
+        """The record of a ``threads`` row (``eligible`` is stored 0/1, ``reason`` and ``agent`` as
+        text)."""
         values = _values(cls, row)
         values["eligible"] = bool(values["eligible"])
         values["reason"] = Ineligible.parse(values["reason"]) if values["reason"] else None
+        values["agent"] = Agent(values["agent"])
         return cls(**values)
 
     def params(self, stats_json: str) -> dict[str, Any]:

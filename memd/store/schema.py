@@ -170,6 +170,13 @@ CREATE TABLE memory_use (
 );
 CREATE INDEX memory_use_project ON memory_use(project, path, entry);
 """,
+    4: """
+-- Claude Code transcripts are a second source (SPEC §3.4): every thread names the agent that wrote
+-- it. Files an older memd could not identify (a Claude Code transcript has no session_meta line)
+-- are forgotten, so the next scan reads their heads again.
+ALTER TABLE threads ADD COLUMN agent TEXT NOT NULL DEFAULT 'codex' CHECK (agent IN ('codex', 'claude'));
+DELETE FROM files WHERE thread_id IS NULL AND error = 'no_session_meta';
+""",
 }
 
 #: The schema version this code writes and understands.

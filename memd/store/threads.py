@@ -24,10 +24,10 @@ _UPSERT_FILE = """
 _UPSERT_THREAD = """
     INSERT INTO threads (id, path, project, cwd, source, originator, cli_version,
         model, title, created_at, updated_at, watermark, user_messages,
-        skipped_lines, eligible, reason, stats)
+        skipped_lines, eligible, reason, agent, stats)
     VALUES (:id, :path, :project, :cwd, :source, :originator, :cli_version,
         :model, :title, :created_at, :updated_at, :watermark, :user_messages,
-        :skipped_lines, :eligible, :reason, :stats)
+        :skipped_lines, :eligible, :reason, :agent, :stats)
     ON CONFLICT(id) DO UPDATE SET
         path = excluded.path, project = excluded.project, cwd = excluded.cwd,
         source = excluded.source, originator = excluded.originator,
@@ -36,7 +36,7 @@ _UPSERT_THREAD = """
         updated_at = excluded.updated_at, watermark = excluded.watermark,
         user_messages = excluded.user_messages,
         skipped_lines = excluded.skipped_lines, eligible = excluded.eligible,
-        reason = excluded.reason, stats = excluded.stats
+        reason = excluded.reason, agent = excluded.agent, stats = excluded.stats
 """
 
 #: A thread as the indexer writes it: the record, its opaque stats JSON, and its file.
