@@ -53,7 +53,9 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
-    parser = _Parser(prog="memd", description="memd: memory for coding agents (watches Codex rollouts).")
+    parser = _Parser(
+        prog="memd", description="memd: memory for coding agents (watches Codex and Claude Code session transcripts)."
+    )
     parser.add_argument("--version", action="version", version=f"memd {__version__}")
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/memd/config.toml)"
