@@ -33,6 +33,12 @@ def test_memd_once_on_real_claude_sessions(tmp_path: Path) -> None:
     # The only session without a real prompt is the /init-only one (hand count, test_rollout_claude).
     assert [t["id"] for t in threads.values() if not t["eligible"]] == ["1af7fc5e-8455-4414-9ccd-011d40f70b2a"]
     assert {t["state"] for t in threads.values() if t["eligible"]} == {"done"}
+    # A Bash call the user rejected (is_error, no exit code) is a failure: spotter-short.jsonl's only
+    # task ends so (read off the file: the two tool_results are rejections, then an interrupt).
+    short = next((home / "data" / "memd" / "projects").glob("*/memory/trace_summaries/55604662-*.md"), None) or next(
+        (home / "data" / "memd" / "projects").glob("*/memory/trace_summaries/55604662_*.md")
+    )
+    assert "Outcome: fail" in short.read_text()
     traces = sorted((home / "data" / "memd" / "projects").glob("*/memory/trace_summaries/*.md"))
     assert traces
     for path in traces:

@@ -59,6 +59,7 @@ from memd.bench.corpus import append_claude_turn, generate_claude_session  # noq
 from memd.clock import SystemClock  # noqa: E402
 from memd.ingest.indexer import Indexer  # noqa: E402
 from memd.rollout.records import Agent  # noqa: E402
+from memd.store.records import JobKind  # noqa: E402
 from memd.store.store import Store  # noqa: E402
 from tests.claude_layout import lay_out  # noqa: E402
 from tests.conftest import SHARED_ROLLOUTS  # noqa: E402
@@ -263,3 +264,61 @@ async def test_bad_claude_files(store: Store, tmp_path: Path) -> None:
     from memd.memory.files import trace_relpath
 
     assert "/" not in trace_relpath(evil_sid, "fix").removeprefix("trace_summaries/")
+
+
+# --- idle gate, watermark, project key: the same rules as Codex ---------------------------------
+
+
+async def test_claude_sessions_follow_the_idle_gate_and_watermark_rules(tmp_path: Path) -> None:
+    import os
+
+    from memd.clock import FakeClock
+    from memd.schedule.scheduler import Scheduler
+
+    clock = FakeClock(1_767_225_600.0)
+    store = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=clock)
+    try:
+        path = session_file(tmp_path / "projects", SID)
+        os.utime(path, (clock.now() - 10, clock.now() - 10))
+        ix = Indexer(store, clock, roots=[tmp_path / "projects"], max_line_bytes=1 << 20, include_sources=INCLUDE)
+        scheduler = Scheduler(store, ix, clock, min_idle_s=60, max_age_days=30)
+        await ix.scan()
+        first = await scheduler.plan()
+        assert (first.queued, first.idle_wait) == (0, 1)  # inside the idle gate
+        clock.advance(60)
+        second = await scheduler.plan()
+        assert second.queued_ids == [SID]
+        job = await store.jobs.get(JobKind.EXTRACT, SID)
+        assert job is not None and job.input_watermark == path.stat().st_size
+        # The session grows: the job's watermark follows the new bytes once it is quiet again.
+        with open(path, "ab") as f:
+            f.write(record(message={"role": "user", "content": "and the signup test"}))
+        os.utime(path, (clock.now(), clock.now()))
+        await ix.refresh_paths([str(path)])
+        assert (await scheduler.plan()).idle_wait == 1
+        clock.advance(61)
+        assert (await scheduler.plan()).queued_ids == [SID]
+        job = await store.jobs.get(JobKind.EXTRACT, SID)
+        assert job is not None and job.input_watermark == path.stat().st_size
+    finally:
+        await store.close()
+
+
+async def test_worktrees_of_one_repository_share_a_project_for_both_agents(store: Store, tmp_path: Path) -> None:
+    main = tmp_path / "repo"
+    (main / ".git" / "worktrees" / "feature").mkdir(parents=True)
+    (main / ".git" / "worktrees" / "feature" / "commondir").write_text("../..\n")
+    feature = tmp_path / "repo-feature"
+    feature.mkdir()
+    (feature / ".git").write_text(f"gitdir: {main / '.git' / 'worktrees' / 'feature'}\n")
+    claude_root, codex_root = tmp_path / "projects", tmp_path / "sessions"
+    session_file(claude_root, SID, record(cwd=str(feature)))
+    codex = codex_root / "2026" / "01" / "02" / "rollout-2026-01-02T10-00-00-019b0000-1111-7222-8333-444455556666.jsonl"
+    codex.parent.mkdir(parents=True)
+    payload = {"id": "019b0000-1111-7222-8333-444455556666", "cwd": str(main), "source": "cli"}
+    codex.write_text(
+        json.dumps({"timestamp": "2026-01-02T10:00:00Z", "type": "session_meta", "payload": payload}) + "\n"
+    )
+    await indexer(store, claude_root, codex_root).scan()
+    threads = {t.agent: t for t in await store.threads.list_all()}
+    assert threads[Agent.CLAUDE].project == threads[Agent.CODEX].project == str(main.resolve())
