@@ -285,3 +285,12 @@ def test_an_empty_memory_prints_nothing(repo: Path) -> None:
     assert call(ContextRequest(str(repo), None, ContextFormat.TEXT, None)) == (0, "", "")
     code, out, _ = call(ContextRequest(str(repo), None, ContextFormat.CLAUDE_HOOK, None))
     assert code == 0 and json.loads(out) == EMPTY_HOOK_ANSWER
+
+
+def test_files_nobody_checked_go_through_the_redactor(repo: Path) -> None:
+    s = settings()
+    root = make_memory(s.memory_dir, str(repo))
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD"
+    (root / "MEMORY.md").write_text((root / "MEMORY.md").read_text() + f"- deploy with OPENAI_API_KEY={secret}\n")
+    block = build_context(s, str(repo))
+    assert block is not None and secret not in block.text and "[REDACTED_SECRET]" in block.text

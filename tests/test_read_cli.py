@@ -146,6 +146,7 @@ async def test_context_command_through_main_and_the_console_fast_path(env: Setti
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
     assert "memd.read.context" in imported
     assert not imported & {"pydantic", "pydantic_settings", "structlog", "memd.config", "mcp", "aiosqlite"}
+    assert "memd.extract.redact" not in imported  # the daemon found nothing to redact in these files
 
 
 def test_global_options_before_the_command() -> None:

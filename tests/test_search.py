@@ -100,7 +100,7 @@ def test_search_ranks_heading_matches_first_and_stays_in_its_project(tmp_path: P
     root = make_root(tmp_path)
     index = SearchIndex.scratch()
     report = index.refresh("/home/me/app", root)
-    assert (report.indexed, report.removed) == (3, 0)  # MEMORY.md, one trace, one skill; not the summary
+    assert (report.indexed, report.removed) == (4, 0)  # MEMORY.md, summary (no chunks), one trace, one skill
     hits = index.search("/home/me/app", "pause button")
     assert hits[0].chunk.heading == "Task: Add a pause button"
     assert hits[0].chunk.kind is ChunkKind.TRACE
@@ -132,7 +132,7 @@ def test_refresh_follows_changes_and_a_deleted_root(tmp_path: Path) -> None:
     root = make_root(tmp_path)
     index = SearchIndex.scratch()
     index.refresh("p", root)
-    assert index.refresh("p", root).unchanged == 3
+    assert index.refresh("p", root).unchanged == 4
     (root / "MEMORY.md").write_text("# m\n\n## Pitfalls\n- zanzibar breaks the build\n")
     os.utime(root / "MEMORY.md", ns=(1, 1))
     assert index.refresh("p", root).indexed == 1
@@ -142,7 +142,7 @@ def test_refresh_follows_changes_and_a_deleted_root(tmp_path: Path) -> None:
 
     shutil.rmtree(root)
     report = index.refresh("p", root)
-    assert report.removed == 3
+    assert report.removed == 4
     assert index.chunk_count("p") == 0
 
 
@@ -219,4 +219,15 @@ def test_a_quick_refresh_trusts_the_trace_folder_and_a_full_one_does_not(tmp_pat
     new.write_text(TRACE.replace("pause button", "wombat button"))
     new.rename(root / "trace_summaries" / "019c0000-0000-7000-8000-000000000001_w.md")  # how memd writes traces
     report = index.refresh("p", root)
-    assert (report.indexed, report.unchanged) == (1, 3) and index.search("p", "wombat")
+    assert (report.indexed, report.unchanged) == (1, 4) and index.search("p", "wombat")
+
+
+def test_each_file_version_is_checked_for_secrets_once(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    (root / "memory_summary.md").write_text("- token = sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD\n")
+    index = SearchIndex.scratch(is_clean=lambda text: "sk-proj-" not in text)
+    index.refresh("p", root)
+    assert index.known_clean("p", "MEMORY.md", os.stat(root / "MEMORY.md"))
+    assert not index.known_clean("p", "memory_summary.md", os.stat(root / "memory_summary.md"))
+    (root / "MEMORY.md").write_text(MEMORY_MD + "- one more\n")  # a new version is unknown until refreshed
+    assert not index.known_clean("p", "MEMORY.md", os.stat(root / "MEMORY.md"))

@@ -37,7 +37,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TextIO
+
+TYPE_CHECKING = False  # `typing` is not imported at run time: this module starts with every agent session
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 #: Default and hard maximum of ``[context] budget_tokens``.
 DEFAULT_BUDGET_TOKENS = 1_500
@@ -324,11 +327,12 @@ class _Facts:
     sessions: int
     newest_session_s: float
     usage: Mapping[tuple[str, str], Any]
+    clean: bool = False  # MEMORY.md and memory_summary.md, as they are now, were checked: nothing to redact
 
 
 def _facts(settings: ContextSettings, project: str, root: Path) -> _Facts:
     """Sessions covered, newest session and usage, from the database when it can serve, else from files."""
-    sessions, newest = 0, 0.0
+    sessions, newest, clean = 0, 0.0, False
     usage: Mapping[tuple[str, str], Any] = {}
     db = settings.db_path
     if db.is_file():
@@ -346,7 +350,9 @@ def _facts(settings: ContextSettings, project: str, root: Path) -> _Facts:
                 from memd.store.search import SearchIndex, has_search_tables
 
                 if has_search_tables(conn):
-                    usage = SearchIndex(conn).usage(project)
+                    index = SearchIndex(conn)
+                    usage = index.usage(project)
+                    clean = _known_clean(index, project, root)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -358,7 +364,26 @@ def _facts(settings: ContextSettings, project: str, root: Path) -> _Facts:
             traces = []
         sessions = len(traces)
         newest = max((e.stat().st_mtime for e in traces), default=0.0)
-    return _Facts(sessions, newest, usage)
+    return _Facts(sessions, newest, usage, clean)
+
+
+def _known_clean(index: Any, project: str, root: Path) -> bool:
+    """Whether the daemon checked the current MEMORY.md and memory_summary.md and found nothing to redact."""
+    import sqlite3
+
+    for name in ("MEMORY.md", "memory_summary.md"):
+        try:
+            st = os.stat(root / name)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        try:
+            if not index.known_clean(project, name, st):
+                return False
+        except sqlite3.Error:  # a database from before the `clean` column
+            return False
+    return True
 
 
 def build_context(
@@ -375,7 +400,6 @@ def build_context(
     Returns:
         The block, or ``None`` when the project has no memory (no MEMORY.md and no summary).
     """
-    from memd.extract.redact import redact
     from memd.rollout.guard import MEMD_CONTEXT_TAG, strip_memd_context
 
     root = memory_root_of(settings.memory_dir, project)
@@ -437,7 +461,11 @@ def build_context(
             included.append(section.heading)
         if part:
             body += intro + part
-    text, _ = redact("\n".join(head + body + tail))
+    text = "\n".join(head + body + tail)
+    if not facts.clean:  # files the daemon has not checked (or found secrets in) go through the redactor
+        from memd.extract.redact import redact
+
+        text, _ = redact(text)
     return ContextBlock(project, root, text, estimate_tokens(text), tuple(included))
 
 

@@ -166,11 +166,11 @@ class MemoryReader:
     def _search_index(self) -> SearchIndex:
         if self._index is None:
             try:
-                self._index = SearchIndex.open(self._settings.db_path)
+                self._index = SearchIndex.open(self._settings.db_path, is_clean=_is_clean)
             except sqlite3.Error as exc:
                 _log(f"state database not usable for search ({exc}); indexing in memory")
             if self._index is None:
-                self._index = SearchIndex.scratch()
+                self._index = SearchIndex.scratch(is_clean=_is_clean)
         return self._index
 
     # -- tools
@@ -286,11 +286,6 @@ class MemoryReader:
             prefix = path.strip().strip("/") + "/"
         files = []
         stats = memory_files(root)
-        for extra in ("memory_summary.md",):
-            try:
-                stats[extra] = os.stat(root / extra)
-            except OSError:
-                pass
         for rel, st in sorted(stats.items()):
             if prefix and not rel.startswith(prefix):
                 continue
@@ -307,6 +302,10 @@ class MemoryReader:
             return redact((root / name).read_text(encoding="utf-8", errors="replace"))[0]
         except OSError:
             raise ResourceError(f"{name}: {_no_memory(key)}") from None
+
+
+def _is_clean(text: str) -> bool:
+    return redact(text)[1] == 0
 
 
 def _offset(cursor: str | None) -> int:

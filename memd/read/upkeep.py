@@ -63,6 +63,12 @@ class UsageRecorder:
         log.info("memory_used", thread_id=thread.id, uses=len(events), new=new)
 
 
+def _nothing_to_redact(text: str) -> bool:
+    from memd.extract.redact import redact
+
+    return redact(text)[1] == 0
+
+
 class SearchRefresher:
     """Re-indexes the memory files of the projects marked since the last refresh.
 
@@ -90,7 +96,8 @@ class SearchRefresher:
 
     def _refresh(self, projects: set[str]) -> None:
         try:
-            index = SearchIndex.open(self._db_path)
+            # Each new file version is checked against the redactor once, so `memd context` need not load it.
+            index = SearchIndex.open(self._db_path, is_clean=_nothing_to_redact)
             if index is None:
                 return
             try:

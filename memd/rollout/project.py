@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # `typing` stays unimported at run time (`memd context` start-up, SPEC §15)
 if TYPE_CHECKING:  # a type only: `memd context` needs project_key, not the records module (SPEC §15 start-up)
     from memd.rollout.records import SessionMeta
 

@@ -177,6 +177,11 @@ CREATE INDEX memory_use_project ON memory_use(project, path, entry);
 ALTER TABLE threads ADD COLUMN agent TEXT NOT NULL DEFAULT 'codex' CHECK (agent IN ('codex', 'claude'));
 DELETE FROM files WHERE thread_id IS NULL AND error = 'no_session_meta';
 """,
+    5: """
+-- Whether a memory file's version (mtime, size) holds nothing to redact: `memd context` skips loading
+-- the redactor for files the daemon already checked (SPEC §14, §15).
+ALTER TABLE search_files ADD COLUMN clean INTEGER;
+""",
 }
 
 #: The schema version this code writes and understands.

@@ -31,7 +31,7 @@ import os
 import re
 import sqlite3
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS search_files (
     path      TEXT NOT NULL,
     mtime_ns  INTEGER NOT NULL,
     size      INTEGER NOT NULL,
+    clean     INTEGER,
     PRIMARY KEY (project, path)
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS search_chunks USING fts5(
@@ -440,6 +441,7 @@ def memory_files(root: Path, *, traces: bool = True) -> dict[str, os.stat_result
 
     base = os.fspath(root)
     add(MEMORY_FILE, os.path.join(base, MEMORY_FILE))
+    add(SUMMARY_FILE, os.path.join(base, SUMMARY_FILE))
     for directory, pattern in ((TRACE_DIR, None), (SKILLS_DIR, SKILL_FILE)):
         if directory == TRACE_DIR and not traces:
             continue
@@ -494,14 +496,22 @@ class SearchIndex:
         conn: an open connection with ``isolation_level=None`` (autocommit; this class opens
             ``BEGIN IMMEDIATE`` for every write) on a database holding :data:`SCHEMA_SQL`.
 
+        is_clean: ``is_clean(text) -> bool``, whether a file's text holds nothing the redactor would
+            replace; recorded per file version (``search_files.clean``) so that ``memd context`` can skip
+            loading the redactor for files already known clean (:meth:`known_clean`). ``None`` records
+            nothing.
+
     Use :meth:`open` for the state database and :meth:`scratch` for an in-memory one.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, is_clean: Callable[[str], bool] | None = None) -> None:
         self._conn = conn
+        self._is_clean = is_clean
 
     @classmethod
-    def open(cls, db_path: Path, *, busy_timeout_s: float = 5.0) -> SearchIndex | None:
+    def open(
+        cls, db_path: Path, *, busy_timeout_s: float = 5.0, is_clean: Callable[[str], bool] | None = None
+    ) -> SearchIndex | None:
         """Open the state database's index, or return ``None`` when it cannot serve.
 
         ``None`` when the file is missing or its schema predates the search tables (the daemon
@@ -523,14 +533,14 @@ class SearchIndex:
         except sqlite3.Error:
             conn.close()
             raise
-        return cls(conn)
+        return cls(conn, is_clean=is_clean)
 
     @classmethod
-    def scratch(cls) -> SearchIndex:
+    def scratch(cls, *, is_clean: Callable[[str], bool] | None = None) -> SearchIndex:
         """An index in memory (for a reader whose state database is missing or older)."""
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         ensure_schema(conn)
-        return cls(conn)
+        return cls(conn, is_clean=is_clean)
 
     def close(self) -> None:
         """Close the connection."""
@@ -633,9 +643,10 @@ class SearchIndex:
                     " session_ids, date_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
+                clean = None if self._is_clean is None else int(self._is_clean(text))
                 conn.execute(
-                    "INSERT INTO search_files (project, path, mtime_ns, size) VALUES (?, ?, ?, ?)",
-                    (project, path, st.st_mtime_ns, st.st_size),
+                    "INSERT INTO search_files (project, path, mtime_ns, size, clean) VALUES (?, ?, ?, ?, ?)",
+                    (project, path, st.st_mtime_ns, st.st_size, clean),
                 )
         indexed = sum(1 for p in changed if texts[p] is not None)
         return RefreshReport(indexed, len(gone), len(on_disk) - len(changed) + skipped)
@@ -723,6 +734,13 @@ class SearchIndex:
             )
             hits.append(SearchHit(chunk, _snippet(body, words, snippet_chars), float(score)))
         return hits
+
+    def known_clean(self, project: str, relpath: str, st: os.stat_result) -> bool:
+        """Whether this version (mtime, size) of a memory file was checked and holds nothing to redact."""
+        row = self._conn.execute(
+            "SELECT mtime_ns, size, clean FROM search_files WHERE project = ? AND path = ?", (project, relpath)
+        ).fetchone()
+        return row is not None and (row[0], row[1]) == (st.st_mtime_ns, st.st_size) and row[2] == 1
 
     def chunk_count(self, project: str) -> int:
         """Number of indexed chunks of a project."""
