@@ -231,3 +231,14 @@ def test_each_file_version_is_checked_for_secrets_once(tmp_path: Path) -> None:
     assert not index.known_clean("p", "memory_summary.md", os.stat(root / "memory_summary.md"))
     (root / "MEMORY.md").write_text(MEMORY_MD + "- one more\n")  # a new version is unknown until refreshed
     assert not index.known_clean("p", "MEMORY.md", os.stat(root / "MEMORY.md"))
+
+
+def test_merge_markers_and_placeholders_are_not_content() -> None:
+    text = (
+        "# Project memory: /p\n\n## Verification\nnone yet (how changes were checked)\n\n"
+        "## Recent tasks\n- add a pause button — partial [019a085e 2025-10-21]\n"
+        "<!-- memd merged: 019a085e-04c1-7f81-a09e-9555f6a1fb40:b416a9e5 -->\n"
+    )
+    assert [(c.heading, c.body) for c in chunk_memory_md(text)] == [
+        ("Recent tasks", "- add a pause button — partial [019a085e 2025-10-21]")
+    ]

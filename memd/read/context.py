@@ -68,7 +68,7 @@ RULE_LINES = (
 #: What a hook prints when there is nothing for this project (valid for both agents).
 EMPTY_HOOK_ANSWER: dict[str, Any] = {"hookSpecificOutput": {"hookEventName": "SessionStart", "additionalContext": ""}}
 
-_EMPTY_ITEM = re.compile(r"^(?:[-*]\s*)?(?:none yet|none observed|none|n/a)\.?$", re.IGNORECASE)
+_EMPTY_ITEM = re.compile(r"^(?:[-*]\s*)?(?:none yet|none observed|none|n/a)\.?(?:\s*\([^)]*\))?$", re.IGNORECASE)
 _TRACE_LINK = re.compile(r"\(trace: trace_summaries/([A-Za-z0-9]{8})[^)\s]*\.md\)")
 _TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
 _FALSE = frozenset({"0", "false", "no", "off", "f", "n"})

@@ -196,6 +196,7 @@ _ENTRY_NOISE = re.compile(r"\[[^\]]*\]|\(trace:[^)]*\)|\(seen in \d+ sessions?\)
 _EMPHASIS = re.compile(r"[*_`]")
 _BULLET = re.compile(r"^\s{0,3}(?:[-*+]|\d+[.)])\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NOT_CONTENT = re.compile(r"\s*(?:<!--.*-->\s*$|(?:none yet|none observed)\b)", re.IGNORECASE)
 
 
 def entry_key(text: str) -> str:
@@ -244,6 +245,9 @@ def _citations(text: str) -> tuple[tuple[str, ...], float]:
 def chunk_memory_md(text: str, *, path: str = MEMORY_FILE, mtime_s: float = 0.0) -> list[Chunk]:
     """Split a ``MEMORY.md`` into one chunk per bullet or paragraph, under its ``##`` heading.
 
+    One-line HTML comments (the consolidator's merge markers) and ``none yet`` / ``none observed``
+    placeholders are not content.
+
     Args:
         text: the file's text.
         path: its path relative to the memory root.
@@ -277,6 +281,9 @@ def chunk_memory_md(text: str, *, path: str = MEMORY_FILE, mtime_s: float = 0.0)
         current.clear()
 
     for number, line in enumerate(text.splitlines(), start=1):
+        if _NOT_CONTENT.match(line):  # memd's merge markers (<!-- ... -->) and "none yet" placeholders
+            flush(number - 1)
+            continue
         if line.startswith("#"):
             flush(number - 1)
             if line.startswith("## ") or line.startswith("### "):
