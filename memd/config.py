@@ -6,6 +6,11 @@ TOML file (``--config``, ``MEMD_CONFIG``, else ``$XDG_CONFIG_HOME/memd/config.to
 ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` fill ``[llm].api_key`` / ``[llm].base_url`` when no
 other source set them.
 
+Opt-in to a model (SPEC §9, §14): ``extractor = "auto"`` selects the model extractor only when memd's
+own configuration holds a key (``[llm].api_key`` in the file, ``MEMD_LLM__API_KEY``, a flag). A bare
+``OPENAI_API_KEY`` in the environment never opts in by itself: it only supplies the key once
+``extractor = "openai"`` (``MEMD_EXTRACTOR=openai``).
+
 A named config file that is missing, a TOML syntax error, or any invalid value raises
 :class:`~memd.errors.ConfigError` (exit 78) whose message names the key and never the value.
 """
@@ -20,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -165,6 +170,10 @@ class Settings(BaseSettings):
     consolidation: ConsolidationSettings = Field(default_factory=ConsolidationSettings)
     context: ContextSettings = Field(default_factory=ContextSettings)
 
+    # Where ``llm.api_key`` came from: "memd" (file, MEMD_LLM__API_KEY, flag), "OPENAI_API_KEY"
+    # (the environment fallback, which never opts in by itself) or None. Set by load_settings.
+    _api_key_source: str | None = PrivateAttr(default=None)
+
     @field_validator("sessions", mode="before")
     @classmethod
     def _split_sessions(cls, value: Any) -> Any:
@@ -203,18 +212,32 @@ class Settings(BaseSettings):
         """The SQLite state database: ``state_dir/memd.sqlite3``."""
         return self.state_dir / "memd.sqlite3"
 
-    def resolved_extractor(self) -> tuple[str, str]:
-        """Which extractor runs and why: ``("openai"|"offline", reason)``.
+    @property
+    def api_key_source(self) -> str | None:
+        """Where ``llm.api_key`` came from: ``"memd"`` (the config file, ``MEMD_LLM__API_KEY`` or a
+        flag), ``"OPENAI_API_KEY"`` (the environment fallback), or ``None`` (no key)."""
+        if self.llm.api_key is None or not self.llm.api_key.get_secret_value():
+            return None
+        return self._api_key_source or "memd"
 
-        ``auto`` means ``openai`` when an API key is configured, else ``offline``.
+    def resolved_extractor(self) -> tuple[str, str]:
+        """Which extractor runs and why: ``("openai"|"offline", reason)`` (SPEC §9).
+
+        ``auto`` means ``openai`` only when memd's own configuration holds a key; an
+        ``OPENAI_API_KEY`` that is merely present in the environment does not opt in.
         """
-        has_key = self.llm.api_key is not None and bool(self.llm.api_key.get_secret_value())
+        source = self.api_key_source
         if self.extractor == "offline":
             return "offline", "extractor = offline in the configuration"
         if self.extractor == "openai":
             return "openai", "extractor = openai in the configuration"
-        if has_key:
-            return "openai", "extractor = auto and an API key is configured"
+        if source == "memd":
+            return "openai", "extractor = auto and memd's configuration holds an API key (llm.api_key)"
+        if source == "OPENAI_API_KEY":
+            return "offline", (
+                "extractor = auto; OPENAI_API_KEY in the environment does not opt in "
+                '(set extractor = "openai" or MEMD_EXTRACTOR=openai to send sessions to a model)'
+            )
         return "offline", "extractor = auto and no API key is configured"
 
 
@@ -276,8 +299,11 @@ def load_settings(
         raise ConfigError(f"invalid configuration{where}: {_describe(exc)}") from None
     finally:
         _TOML_PATH.reset(token)
-    if settings.llm.api_key is None and env.get("OPENAI_API_KEY"):
+    if settings.llm.api_key is not None:
+        settings._api_key_source = "memd"
+    elif env.get("OPENAI_API_KEY"):
         settings.llm.api_key = SecretStr(env["OPENAI_API_KEY"])
+        settings._api_key_source = "OPENAI_API_KEY"
     if settings.llm.base_url is None and env.get("OPENAI_BASE_URL"):
         settings.llm.base_url = env["OPENAI_BASE_URL"]
     if settings.extractor == "openai" and settings.llm.api_key is None and not settings.llm.base_url:

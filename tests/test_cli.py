@@ -181,6 +181,7 @@ async def test_once_exits_1_and_says_so_when_the_credentials_are_rejected(env, s
     cwd.mkdir()
     write_rollout(env.sessions[0], thread_id(1), cwd, simple_turns("auth"))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")  # a bare key does not opt in (SPEC §9)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     server.default = fk.unauthorized()
     assert await memd("once") == 1
@@ -197,6 +198,7 @@ async def test_once_with_the_daily_budget_spent_sends_nothing_exits_0_and_says_w
     async with await Store.open(env.db_path, clock=FakeClock(time.time())) as store:
         await store.usage.record_usage("extract", "gpt-5-mini", 1500, 100, 0)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")  # a bare key does not opt in (SPEC §9)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     monkeypatch.setenv("MEMD_DAILY_TOKEN_BUDGET", "1000")
     assert await memd("once") == 0
@@ -213,6 +215,7 @@ async def test_backfill_dry_run_sends_nothing(env, server, monkeypatch, capsys):
     cwd.mkdir()
     write_rollout(env.sessions[0], thread_id(1), cwd, simple_turns("backfill"))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")  # a bare key does not opt in (SPEC §9)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     assert await memd("backfill", "--since", "2020-01-01", "--dry-run") == 0
     assert "1 threads would be extracted" in capsys.readouterr().out

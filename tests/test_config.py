@@ -61,14 +61,49 @@ def test_memd_config_env_names_the_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert load_settings().min_idle_s == 11
 
 
-def test_openai_env_fallbacks_select_the_model_extractor(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bare_openai_api_key_does_not_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SPEC §9: a key merely present in the shell never sends transcripts to a model by itself.
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     s = load_settings()
     assert s.llm.api_key is not None and s.llm.api_key.get_secret_value().startswith("sk-test")
     assert s.llm.base_url == "http://127.0.0.1:9/v1"
-    assert s.resolved_extractor() == ("openai", "extractor = auto and an API key is configured")
-    assert "sk-test" not in repr(s)
+    assert s.api_key_source == "OPENAI_API_KEY"
+    name, reason = s.resolved_extractor()
+    assert name == "offline"
+    assert "OPENAI_API_KEY in the environment does not opt in" in reason and "MEMD_EXTRACTOR=openai" in reason
+    assert "sk-test" not in repr(s) and "sk-test" not in reason
+
+
+def test_extractor_openai_uses_the_environment_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")
+    s = load_settings()
+    assert s.resolved_extractor() == ("openai", "extractor = openai in the configuration")
+    assert s.llm.api_key is not None and s.llm.api_key.get_secret_value() == "sk-test-0123456789abcdef"
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_a_key_given_to_memd_opts_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str) -> None:
+    if where == "env":
+        monkeypatch.setenv("MEMD_LLM__API_KEY", "sk-test-memd-0123456789")
+        s = load_settings()
+    else:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('[llm]\napi_key = "sk-test-memd-0123456789"\n')
+        s = load_settings(cfg)
+    assert s.api_key_source == "memd"
+    assert s.resolved_extractor() == (
+        "openai",
+        "extractor = auto and memd's configuration holds an API key (llm.api_key)",
+    )
+
+
+def test_no_key_and_offline_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().resolved_extractor() == ("offline", "extractor = auto and no API key is configured")
+    monkeypatch.setenv("MEMD_LLM__API_KEY", "sk-test-memd-0123456789")
+    monkeypatch.setenv("MEMD_EXTRACTOR", "offline")
+    assert load_settings().resolved_extractor() == ("offline", "extractor = offline in the configuration")
 
 
 def test_missing_named_file_is_a_config_error(tmp_path: Path) -> None:

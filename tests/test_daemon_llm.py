@@ -236,9 +236,9 @@ async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_
     loud = [e for e in logs if e["log_level"] in ("info", "warning", "error") and not e["event"].startswith("store_")]
     assert loud[0]["event"] == "daemon_started"
     assert loud[0]["extractor"] == "openai"
-    assert loud[0]["extractor_reason"] == "extractor = auto and an API key is configured"
+    assert loud[0]["extractor_reason"] == "extractor = auto and memd's configuration holds an API key (llm.api_key)"
     assert isinstance(daemon.components.extractor, OpenAIExtractor)
-    assert await daemon.components.store.meta.get("extractor") == "openai: extractor = auto and an API key is configured"
+    assert await daemon.components.store.meta.get("extractor") == "openai: extractor = auto and memd's configuration holds an API key (llm.api_key)"
     assert API_KEY not in json.dumps(logs, default=str)
 
 
@@ -269,7 +269,7 @@ async def test_status_reports_the_running_daemons_extractor_even_without_the_key
     assert await asyncio.to_thread(main, ["status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["extractor"] == "openai"
-    assert report["extractor_reason"].startswith("extractor = auto and an API key is configured")
+    assert report["extractor_reason"].startswith("extractor = auto and memd's configuration holds an API key (llm.api_key)")
 
 
 async def test_status_without_a_daemon_reports_what_the_configuration_selects(tmp_path, monkeypatch, capsys):
@@ -278,10 +278,15 @@ async def test_status_without_a_daemon_reports_what_the_configuration_selects(tm
     assert await asyncio.to_thread(main, ["status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["extractor"], report["extractor_reason"]) == ("offline", "extractor = auto and no API key is configured")
+    # A key merely present in the shell does not opt in (SPEC §9); status says so and how to opt in.
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     assert await asyncio.to_thread(main, ["status"]) == 0
     text = capsys.readouterr().out
-    assert "extractor: openai (extractor = auto and an API key is configured)" in text
+    assert "extractor: offline (extractor = auto; OPENAI_API_KEY in the environment does not opt in" in text
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")
+    assert await asyncio.to_thread(main, ["status"]) == 0
+    text += capsys.readouterr().out
+    assert "extractor: openai (extractor = openai in the configuration)" in text
     assert API_KEY not in text
 
 
@@ -756,7 +761,7 @@ async def test_memd_once_subprocess_with_the_model_fills_traces_and_memory_from_
     server.route = route
     code, out, err = await run_memd(
         home, "once", "--sessions", str(tmp_path / "sessions"), "--min-idle", "0", "--max-age-days", "0",
-        env_extra={"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url},
+        env_extra={"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url, "MEMD_EXTRACTOR": "openai"},
     )
     assert code == 0, err[-3000:]
     assert "2 extracted" in out and "1 projects consolidated" in out
@@ -792,7 +797,7 @@ async def test_memd_consolidate_subprocess_writes_the_models_memory_through_stag
     home.mkdir()
     root = memory_files.ensure_project_root(home / "data" / "memd" / "projects", "/work/demo")
     write_traces(root, "/work/demo", ["first-trace", "second-trace"])
-    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url}
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url, "MEMD_EXTRACTOR": "openai"}
 
     server.route = consolidation_answer
     code, _out, err = await run_memd(home, "consolidate", "--root", str(root), env_extra=env)
@@ -834,7 +839,7 @@ async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, se
 
     server.route = route
     env = memd_env(home)
-    env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.base_url, MEMD_LLM__MAX_ATTEMPTS="2",
+    env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.base_url, MEMD_EXTRACTOR="openai", MEMD_LLM__MAX_ATTEMPTS="2",
                MEMD_EXTRACT_CONCURRENCY="1")
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log_file:
@@ -874,7 +879,7 @@ async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, se
     assert len(server.requests) == 4
     output = log_path.read_text()
     started = json.loads(next(line for line in output.splitlines() if '"daemon_started"' in line))
-    assert (started["extractor"], started["extractor_reason"]) == ("openai", "extractor = auto and an API key is configured")
+    assert (started["extractor"], started["extractor_reason"]) == ("openai", "extractor = openai in the configuration")
     assert '"level": "error"' not in output, output[-3000:]
     assert API_KEY not in output
 
@@ -914,6 +919,7 @@ async def test_memd_consolidate_sends_nothing_when_the_daily_budget_is_spent(tmp
     status_env(monkeypatch, settings)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")
     monkeypatch.setenv("MEMD_DAILY_TOKEN_BUDGET", "1000")
     assert await asyncio.to_thread(main, ["consolidate", "--root", str(root)]) == 1
     assert "daily token budget of 1000 tokens is spent" in capsys.readouterr().err

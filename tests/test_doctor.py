@@ -64,7 +64,7 @@ async def test_the_model_endpoint_answering_is_ok(tmp_path, server):
     assert code == 0, text
     verdict, detail = checks["model endpoint"]
     assert verdict == "ok" and "reachable" in detail and "'gpt-5-mini' listed" in detail
-    assert checks["extractor"][1] == "openai (extractor = auto and an API key is configured)"
+    assert checks["extractor"][1] == "openai (extractor = auto and memd's configuration holds an API key (llm.api_key))"
     assert [r.path for r in server.requests] == ["/v1/models"]
     assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
     assert KEY not in text
@@ -192,6 +192,7 @@ async def test_memd_doctor_command_line(tmp_path, server, monkeypatch, capsys):
         f'[llm]\nbase_url = "{server.base_url}"\n'
     )
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("MEMD_EXTRACTOR", "openai")  # a bare key does not opt in (SPEC §9)
     assert await asyncio.to_thread(main, ["--config", str(config), "doctor"]) == 0
     out = capsys.readouterr().out
     assert f"valid; {config}" in out and "OK    model endpoint" in out
