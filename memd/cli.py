@@ -24,6 +24,7 @@ from memd import __version__
 from memd.clock import SystemClock
 from memd.config import Settings, load_settings
 from memd.errors import ConfigError, MemdError, UsageError
+from memd.extract.redact import redact
 from memd.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -158,11 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, _overrides(args))
     except ConfigError as exc:
-        configure_logging("info", stream=sys.stderr)
+        configure_logging("info", stream=sys.stderr, redact=redact)
         log.error("config_invalid", error=str(exc))
         print(f"memd: configuration error: {exc}", file=sys.stderr)
         return exc.exit_code
-    configure_logging(settings.log_level, stream=sys.stdout if args.command == "run" else sys.stderr)
+    configure_logging(settings.log_level, stream=sys.stdout if args.command == "run" else sys.stderr, redact=redact)
     try:
         return asyncio.run(_dispatch(args, settings))
     except KeyboardInterrupt:

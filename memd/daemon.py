@@ -38,6 +38,7 @@ from memd.extract.job import ExtractJob
 from memd.extract.offline import OfflineExtractor
 from memd.extract.pool import JobPool
 from memd.extract.prepare import InputLimits, RequestBuilder
+from memd.extract.redact import redact
 from memd.faults import Fault, FaultLog, newest
 from memd.ingest.indexer import Indexer
 from memd.ingest.watch import watch_roots
@@ -199,6 +200,7 @@ async def build_components(
         max_line_bytes=s.max_line_bytes,
         include_sources=s.include_sources,
         project_rule=s.project_key,
+        clean_text=lambda text: redact(text)[0],
     )
     job = ExtractJob(
         store,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.clock import Clock, iso_utc
+from memd.extract.redact import redact_many
 from memd.store.daemons import daemon_alive
 from memd.store.records import JobKind, JobStatus
 from memd.store.store import Store
@@ -40,6 +41,18 @@ def _fault(raw: str | None) -> dict[str, str] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _redact_fields(fields: list[tuple[dict[str, Any], str]]) -> None:
+    """Redact the text fields that may quote a session (titles, errors) in place, in one batch
+    (SPEC §14: every text memd prints is redacted; rows stored before that rule are covered too)."""
+    present = [(row, key) for row, key in fields if isinstance(row.get(key), str) and row[key]]
+    if not present:
+        return
+    clean, count = redact_many([row[key] for row, key in present])
+    if count:
+        for (row, key), text in zip(present, clean, strict=True):
+            row[key] = text
 
 
 def _iso(ts: float | None) -> str | None:
@@ -179,6 +192,12 @@ async def collect_status(
     by_status: dict[str, int] = {}
     for j in jobs:
         by_status[j.status] = by_status.get(j.status, 0) + 1
+    last_fault = _fault(fault)
+    _redact_fields(
+        [(row, "title") for row in thread_rows]
+        + [(row, "last_error") for rows in (thread_rows, project_rows, job_rows) for row in rows]
+        + ([(last_fault, "error")] if last_fault else [])
+    )
     return {
         "extractor": extractor,
         "extractor_reason": extractor_reason,
@@ -197,7 +216,7 @@ async def collect_status(
             "daily_token_budget": daily_token_budget,
             "model_paused": pause or None,
         },
-        "last_fault": _fault(fault),
+        "last_fault": last_fault,
         "threads": thread_rows,
         "projects": project_rows,
         "jobs": job_rows,

@@ -57,6 +57,7 @@ from memd.consolidate.harvest import harvest, read_trace, task_names
 from memd.consolidate.merge import SessionEntries, merge
 from memd.consolidate.skills import OFFLINE_MARK, offline_skills
 from memd.errors import ConsolidationError, MemoryWriteError
+from memd.extract.redact import redact
 from memd.memory.files import DIR_MODE, FILE_MODE, STAGING_PREFIX, TRACE_DIR, TraceHeader, parse_trace_file, slugify
 from memd.memory.recover import remove_stale_staging
 
@@ -400,7 +401,10 @@ def _stage_skills(root: Path, staging: Path, result: Consolidated) -> bool:
     """Write the wanted ``skills/`` into the staging directory; whether it differs from the current one."""
     if result.skills is None:
         return False
-    wanted = _skill_files(result.skills)
+    wanted = {  # redacted as written, like MEMORY.md (SPEC §14)
+        relpath: redact(data.decode("utf-8", "surrogatepass"))[0].encode("utf-8", "surrogatepass")
+        for relpath, data in _skill_files(result.skills).items()
+    }
     for relpath, data in wanted.items():
         _write_file(staging / SKILLS_DIR / relpath, data)
     return wanted != _tree(root / SKILLS_DIR)
@@ -425,7 +429,9 @@ def _swap_skills(root: Path, staging: Path) -> None:
 
 def _swap(root: Path, staging: Path, result: Consolidated) -> tuple[bool, bool]:
     """Stage the outputs, move the changed ones into place; return (memory, skills) changed."""
-    memory_bytes = result.memory_md.encode("utf-8", "surrogatepass")
+    # Every memory file is redacted as it is written (SPEC §14), whatever produced its text: a
+    # secret that an older trace quoted (written before a redaction rule existed) stops here.
+    memory_bytes = redact(result.memory_md)[0].encode("utf-8", "surrogatepass")
     _write_file(staging / MEMORY_FILE, memory_bytes)
     skills_changed = _stage_skills(root, staging, result)
     try:

@@ -81,6 +81,8 @@ BATCH_FILES = 500
 #: The statistics of a thread whose body is not read yet (shared, never mutated).
 _FRESH_STATS = ThreadStats()
 _FRESH_STATS_JSON = _FRESH_STATS.to_json()
+#: ThreadStats fields that hold user text (title candidates).
+_TITLE_FIELDS = ("event_title", "response_title", "custom_title", "ai_title", "summary_title")
 
 
 @dataclass(slots=True)
@@ -152,6 +154,8 @@ class Indexer:
         max_line_bytes: lines longer than this are skipped and counted.
         include_sources: source kinds that may become memories (SPEC §4).
         project_rule: ``git`` or ``cwd`` (SPEC §4).
+        clean_text: applied to session text before it is stored (the title): the redactor
+            (SPEC §14); default none.
     """
 
     def __init__(
@@ -163,8 +167,12 @@ class Indexer:
         max_line_bytes: int,
         include_sources: Iterable[str],
         project_rule: str = "git",
+        clean_text: Callable[[str], str] | None = None,
     ) -> None:
         self._store = store
+        # Applied to the text stored from a session (the title: the first user message), so a
+        # secret pasted there never reaches the database (SPEC §14); wired to the redactor.
+        self._clean = clean_text or (lambda text: text)
         self._clock = clock
         self.roots = [Path(r) for r in roots]
         self._max_line_bytes = max_line_bytes
@@ -173,6 +181,20 @@ class Indexer:
         self._lock = asyncio.Lock()
         #: Body bytes read by the most recent :meth:`catch_up` (observability and tests).
         self.last_catch_up_bytes = 0
+
+    def _stats_json(self, stats: ThreadStats) -> str:
+        """The parser's resumable statistics as stored: its title candidates (user text) cleaned
+        like the title itself (SPEC §14: titles and statistics in the database are redacted)."""
+        cleaned: dict[str, str] = {}
+        changes: dict[str, str] = {}
+        for name in _TITLE_FIELDS:
+            value = getattr(stats, name)
+            if value:
+                if value not in cleaned:
+                    cleaned[value] = self._clean(value)
+                if cleaned[value] != value:
+                    changes[name] = cleaned[value]
+        return (replace(stats, **changes) if changes else stats).to_json()
 
     async def scan(self) -> IndexSummary:
         """Reconcile every root: stat each rollout, index new/changed heads, forget vanished files.
@@ -398,7 +420,7 @@ class Indexer:
         file = _file(st, head.head_hash, meta.thread_id, offset, kind=kind)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
         record = self._thread_record(meta, head.project, file, stats, verdict.reason)
-        stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else stats.to_json()
+        stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else self._stats_json(stats)
         batch.threads.append((record, stats_json, file))
         batch.thread_ids.add(meta.thread_id)
         thread_paths[meta.thread_id] = st.path
@@ -468,7 +490,7 @@ class Indexer:
             originator=meta.originator or "",
             cli_version=meta.cli_version or "",
             model=stats.model or "",
-            title=stats.title or "",
+            title=self._clean(stats.title) if stats.title else "",
             created_at=meta.started_at if meta.started_at is not None else file.mtime,
             updated_at=file.mtime,
             watermark=file.watermark,
@@ -513,7 +535,7 @@ class Indexer:
             record = replace(
                 thread,
                 model=stats.model or thread.model,
-                title=stats.title or thread.title,
+                title=self._clean(stats.title) if stats.title else thread.title,
                 updated_at=new_file.mtime,
                 watermark=offset,
                 user_messages=stats.user_messages,
@@ -521,7 +543,7 @@ class Indexer:
                 eligible=reason is None,
                 reason=reason,
             )
-            await self._store.threads.record(record, stats.to_json(), new_file)
+            await self._store.threads.record(record, self._stats_json(stats), new_file)
             self.last_catch_up_bytes = bytes_read
             log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, offset=offset)
             return record

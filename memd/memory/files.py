@@ -46,6 +46,7 @@ import structlog
 
 from memd.clock import iso_utc, parse_iso
 from memd.errors import MemoryWriteError
+from memd.extract.redact import redact
 
 log = structlog.get_logger(__name__)
 
@@ -383,7 +384,7 @@ class StagedFile:
 
 
 def stage_file(root: Path, relpath: str, content: str, *, thread_id: str | None = None) -> StagedFile:
-    """Write ``content`` to a temp file beside ``root / relpath`` (0600, fsynced).
+    """Write ``content``, redacted (SPEC §14), to a temp file beside ``root / relpath`` (0600, fsynced).
 
     Missing parent directories are created 0700. Nothing visible under the final name changes
     until :meth:`StagedFile.commit`.
@@ -402,6 +403,7 @@ def stage_file(root: Path, relpath: str, content: str, *, thread_id: str | None 
     """
     final = safe_target(root, relpath)
     temp = final.with_name(f"{final.name}{TEMP_MARKER}{secrets.token_hex(8)}")
+    content = redact(content)[0]  # every memory file is redacted as it is written (SPEC §14)
     if thread_id is None and Path(relpath).parts[0] == TRACE_DIR:
         thread_id = parse_trace_file(content[:_HEADER_READ_BYTES])[0].thread_id or None
     data = content.encode("utf-8", "surrogatepass")
@@ -441,6 +443,7 @@ def write_file_atomic(root: Path, relpath: str, content: str) -> bool:
         MemoryWriteError: the write failed; the previous file is intact.
     """
     final = safe_target(root, relpath)
+    content = redact(content)[0]
     try:
         if final.read_bytes() == content.encode("utf-8", "surrogatepass"):
             return False
