@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,7 @@ from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import Scheduler
 from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
 from memd.service.signals import ShutdownSignals
-from memd.store.daemons import daemon_alive
+from memd.store.daemons import daemon_alive, process_start_id, same_process
 from memd.store.records import JobKind
 from memd.store.store import Store, make_owner
 
@@ -68,6 +69,8 @@ POOL_POLL_S = 30.0
 WATCH_RESTART_CAP_S = 60.0
 #: How often the daemon's registration is refreshed and its newest fault saved, seconds.
 HEARTBEAT_S = 30.0
+#: Dead peers are looked for at most this often after start-up (a held lease asks each poll), seconds.
+TAKE_BACK_MIN_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +281,9 @@ class Daemon:
         self._plan_now = asyncio.Event()
         self._queue_depth = 0
         self._saved_fault: Fault | None = None
+        self._last_take_back = -math.inf
+        # A lease held by a daemon that died is taken back before consolidation gives up.
+        components.runner.on_lease_held = self.take_back_dead_peers
 
     @classmethod
     async def open(
@@ -300,7 +306,9 @@ class Daemon:
     async def _start(self) -> None:
         c = self.components
         s = c.settings
-        await c.store.daemons.register(c.owner, os.getpid(), socket.gethostname())
+        await c.store.daemons.register(c.owner, os.getpid(), socket.gethostname(), process_start_id(os.getpid()))
+        # What a daemon killed on this host still holds is taken back now, not when it expires.
+        await self.take_back_dead_peers()
         await c.store.meta.set("extractor", f"{c.extractor_name}: {c.extractor_reason}")
         others_alive = await self._other_daemon_alive()
         await c.repair.recover_all(min_age_s=max(s.extract_lease_s, s.consolidation.timeout_s) if others_alive else 0.0)
@@ -316,6 +324,36 @@ class Daemon:
             state_dir=str(s.state_dir),
             memory_dir=str(s.memory_dir),
         )
+
+    async def take_back_dead_peers(self) -> int:
+        """Take back the claims and leases of daemons on this host that died without stopping
+        (``kill -9``, a crash): their pid is gone or belongs to another process now (the start time
+        differs from the one registered). Checked at start-up, on every heartbeat and when a lease
+        blocks consolidation; at most once per :data:`TAKE_BACK_MIN_INTERVAL_S` after start-up.
+
+        Returns:
+            The number of dead daemons whose claims were taken back (event ``daemon_taken_back``).
+        """
+        c = self.components
+        now = c.clock.now()
+        if now - self._last_take_back < TAKE_BACK_MIN_INTERVAL_S:
+            return 0
+        self._last_take_back = now
+        host = socket.gethostname()
+        dead = [
+            d
+            for d in await c.store.daemons.list_all()
+            if d.owner != c.owner
+            and d.stopped_at is None
+            and d.host == host
+            and not same_process(d.pid, d.proc_start)
+        ]
+        if not dead:
+            return 0
+        jobs, leases = await c.store.daemons.take_back([d.owner for d in dead])
+        for d in dead:
+            log.warning("daemon_taken_back", dead_owner=d.owner, pid=d.pid, jobs=jobs, leases=leases)
+        return len(dead)
 
     async def _other_daemon_alive(self) -> bool:
         """Whether another registered daemon is running on this state (it may be writing)."""
@@ -606,6 +644,7 @@ class Daemon:
 
         async def tick() -> None:
             await c.store.daemons.heartbeat(c.owner)
+            await self.take_back_dead_peers()
             await self._save_fault()
 
         await self._guard("daemon_heartbeat", tick, HEARTBEAT_S)

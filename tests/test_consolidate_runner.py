@@ -221,6 +221,40 @@ async def test_skipped_when_lease_held(store: Store, clock: FakeClock, memory_di
     assert (await store.leases.get(LEASE)).owner == "other"
 
 
+async def test_a_held_lease_is_logged_once_per_holder_and_a_dead_holder_is_taken_back(
+    store: Store, clock: FakeClock, memory_dir: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    assert await store.leases.acquire(LEASE, "other", 600) is not None
+    asked: list[int] = []
+
+    async def on_lease_held() -> int:
+        asked.append(1)
+        return 0  # nobody dead: the lease stays held
+
+    runner = _runner(store, clock, memory_dir, _py("pass"), on_lease_held=on_lease_held)
+    with capture_logs() as logs:
+        for _ in range(5):
+            assert (await runner.run(PROJECT, 1)).error == SKIPPED_LEASE_HELD
+    skipped = [e for e in logs if e["event"] == "consolidate_skipped"]
+    assert [e["log_level"] for e in skipped] == ["info"] + ["debug"] * 4
+    assert skipped[0]["holder"] == "other" and len(asked) == 5
+
+    # The holder died: the callback takes its lease back and the run proceeds at once.
+    async def take_back() -> int:
+        await store.daemons.register("other", 1, "h")
+        await store.daemons.take_back(["other"])
+        return 1
+
+    runner.on_lease_held = take_back
+    await _add_memory(store, memory_dir, "t1", 1000.0, "first")
+    with capture_logs() as logs:
+        outcome = await runner.run(PROJECT, None)
+    assert outcome.error != SKIPPED_LEASE_HELD
+    assert [e for e in logs if e["event"] == "consolidate_lease_acquired"]
+
+
 # --------------------------------------------------------------------------- failures
 
 

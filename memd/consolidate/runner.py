@@ -22,7 +22,7 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -171,6 +171,9 @@ class ConsolidationRunner:
         env: the command's environment; ``None`` ⇒ the allow-list of :mod:`memd.consolidate.env`
             applied to this process's environment.
         output_cap_bytes: bytes of output kept as the tail.
+        on_lease_held: called when the project's lease is held by someone else; it takes back
+            the claims of dead daemons and returns how many it found (then the lease is tried
+            once more). ``None``: no such check.
     """
 
     def __init__(
@@ -187,8 +190,12 @@ class ConsolidationRunner:
         owner: str,
         env: Mapping[str, str] | None = None,
         output_cap_bytes: int = 64 * 1024,
+        on_lease_held: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
+        self.on_lease_held = on_lease_held
+        # lease name -> the holder last logged: "lease held" is logged once per holder.
+        self._held_logged: dict[str, str | None] = {}
         self.clock = clock
         self.memory_dir = Path(memory_dir)
         self.command = tuple(command)
@@ -239,18 +246,34 @@ class ConsolidationRunner:
 
         try:
             fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
+            if fencing_token is None and self.on_lease_held is not None and await self.on_lease_held():
+                fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
         except MemdError as exc:
             bound.warning("consolidate_lease_error", error=str(exc))
             return outcome(ConsolidationStatus.LEASE_ERROR, None, f"lease_error: {exc}")
         if fencing_token is None:
-            bound.info("consolidate_skipped", reason="lease_held")
+            await self._log_lease_held(lease_name, bound)
             return outcome(ConsolidationStatus.SKIPPED, None, SKIPPED_LEASE_HELD)
+        self._held_logged.pop(lease_name, None)
         bound = bound.bind(fencing_token=fencing_token)
         bound.info("consolidate_lease_acquired", lease=lease_name)
         try:
             return outcome(*await self._run_leased(project, seq, lease_name, fencing_token, bound))
         finally:
             await _complete(self._release(lease_name, fencing_token, bound))
+
+    async def _log_lease_held(self, lease_name: str, bound: Any) -> None:
+        """``consolidate_skipped`` (reason ``lease_held``) at info once per holder, then debug."""
+        try:
+            lease = await self.store.leases.get(lease_name)
+        except MemdError:
+            lease = None
+        holder = lease.owner if lease is not None else None
+        if lease_name in self._held_logged and self._held_logged[lease_name] == holder:
+            bound.debug("consolidate_skipped", reason="lease_held", holder=holder)
+            return
+        self._held_logged[lease_name] = holder
+        bound.info("consolidate_skipped", reason="lease_held", holder=holder)
 
     # ------------------------------------------------------------------ steps
 

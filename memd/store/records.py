@@ -293,7 +293,8 @@ class DaemonRecord:
 
     ``owner`` is the ``host:pid:random`` owner string the daemon also uses for claims and leases;
     ``stopped_at`` is ``None`` while it runs (or if it died without unregistering — compare
-    ``heartbeat_at`` with the time to tell).
+    ``heartbeat_at`` with the time to tell). ``proc_start`` is the process identity
+    (:func:`memd.service.process.process_start_id`) recorded at registration, ``None`` when unknown.
     """
 
     owner: str
@@ -302,6 +303,7 @@ class DaemonRecord:
     started_at: float
     heartbeat_at: float
     stopped_at: float | None
+    proc_start: str | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Self:

@@ -182,6 +182,11 @@ DELETE FROM files WHERE thread_id IS NULL AND error = 'no_session_meta';
 -- the redactor for files the daemon already checked (SPEC §14, §15).
 ALTER TABLE search_files ADD COLUMN clean INTEGER;
 """,
+    6: """
+-- A daemon's process identity (boot id and start time), so that a pid reused by another process
+-- after a kill -9 is not taken for the daemon (issue 13: stale claims are taken back at once).
+ALTER TABLE daemons ADD COLUMN proc_start TEXT;
+""",
 }
 
 #: The schema version this code writes and understands.
