@@ -478,3 +478,38 @@ def test_git_failure_is_logged_not_raised(root: Path) -> None:
     assert result.memory_changed and not result.committed
     assert [e["event"] for e in logs if e["event"].startswith("git_")] == ["git_commit_failed"]
     assert os.path.isfile(root / ".git")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_history_is_private_and_holds_only_memds_files(root: Path) -> None:
+    # The user (or a tool) left files in the memory root: they are never committed (SPEC §14).
+    (root / ".env").write_text("API_TOKEN=zz\n")
+    (root / "notes.txt").write_text("mine\n")
+    (root / "trace_summaries" / "draft.md.tmp-memd-0011").write_text("half written\n")
+    consolidate_root(root)
+    tracked = subprocess.run(
+        ["git", "-C", str(root), "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert set(tracked) == {"PROJECT", "MEMORY.md", NEW_TRACE, OLD_TRACE}
+    git_dir = root / ".git"
+    modes = {
+        path: stat.S_IMODE(path.lstat().st_mode) for path in [git_dir, *git_dir.rglob("*")] if not path.is_symlink()
+    }
+    loose = [p for p in modes if "objects" in p.parts and p.is_file()]
+    assert loose, "a commit stores objects"
+    assert {modes[p] for p in modes if p.is_dir()} == {0o700}
+    assert {modes[p] for p in modes if p.is_file()} == {0o600}
+
+
+def test_consolidate_refuses_a_folder_memd_did_not_make(tmp_path: Path) -> None:
+    repo = tmp_path / "my-repo"
+    repo.mkdir()
+    (repo / ".env").write_text("SECRET=1\n")
+    with pytest.raises(ConsolidationError, match="no PROJECT marker written by memd"):
+        consolidate_root(repo)
+    assert sorted(p.name for p in repo.iterdir()) == [".env"]  # no git init, no MEMORY.md
+    # A PROJECT file alone is not enough: the folder must be where memd keeps that project.
+    (repo / "PROJECT").write_text("/home/me/my-repo\n")
+    with pytest.raises(ConsolidationError, match="not where memd keeps the memory"):
+        consolidate_root(repo)
+    assert not (repo / ".git").exists() and not (repo / "MEMORY.md").exists()

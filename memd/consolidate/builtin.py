@@ -58,7 +58,16 @@ from memd.consolidate.merge import SessionEntries, merge
 from memd.consolidate.skills import OFFLINE_MARK, offline_skills
 from memd.errors import ConsolidationError, MemoryWriteError
 from memd.extract.redact import redact
-from memd.memory.files import DIR_MODE, FILE_MODE, STAGING_PREFIX, TRACE_DIR, TraceHeader, parse_trace_file, slugify
+from memd.memory.files import (
+    DIR_MODE,
+    FILE_MODE,
+    STAGING_PREFIX,
+    TRACE_DIR,
+    TraceHeader,
+    not_a_memory_root,
+    parse_trace_file,
+    slugify,
+)
 from memd.memory.recover import remove_stale_staging
 
 log = structlog.get_logger(__name__)
@@ -490,7 +499,9 @@ def consolidate_root(
         What changed. A second run over the same traces rewrites nothing.
 
     Raises:
-        ConsolidationError: ``root`` is not a directory or the trace directory is unreadable.
+        ConsolidationError: ``root`` is not a directory, not a memory root memd made (no
+            ``PROJECT`` marker, :func:`~memd.memory.files.not_a_memory_root`), or the trace
+            directory is unreadable.
         MemoryWriteError: staging or swapping failed (disk full, permissions); the previous
             ``MEMORY.md`` and ``skills/`` are untouched and the staging directory is removed.
         MemdError: whatever the writer raises (same guarantees).
@@ -500,6 +511,9 @@ def consolidate_root(
     root = Path(root)
     if not root.is_dir():
         raise ConsolidationError(f"memory root {root} is not a directory")
+    refused = not_a_memory_root(root)
+    if refused is not None:
+        raise ConsolidationError(f"refused: {refused}")
     stale = remove_stale_staging(root)
     if stale:
         log.info("staging_removed", root=str(root), dirs=stale)

@@ -16,8 +16,23 @@ import structlog
 log = structlog.get_logger(__name__)
 
 GIT_TIMEOUT_S = 60.0
-#: Never committed: temp files of staged writes and consolidation staging directories.
-EXCLUDE_PATTERNS = ("*.tmp-memd-*", ".staging-*")
+#: ``.git/info/exclude`` of a memory root: only the files memd writes are ever committed (SPEC §14):
+#: everything is ignored except ``PROJECT``, ``MEMORY.md``, ``memory_summary.md``,
+#: ``trace_summaries/`` and ``skills/``; temp files and staging directories never.
+EXCLUDE_PATTERNS = (
+    "# written by memd: commit only what memd writes",
+    "/*",
+    "!/PROJECT",
+    "!/MEMORY.md",
+    "!/memory_summary.md",
+    "!/trace_summaries/",
+    "!/skills/",
+    "*.tmp-memd-*",
+    ".staging-*",
+)
+#: Modes inside ``.git``: private to the user, like the memory files (SPEC §14).
+GIT_DIR_MODE = 0o700
+GIT_FILE_MODE = 0o600
 
 _missing_logged = False
 
@@ -45,11 +60,40 @@ def _init(git: str, root: Path) -> None:
     _git(git, root, "-c", "init.defaultBranch=main", "init", "-q")
     _git(git, root, "config", "user.name", "memd")
     _git(git, root, "config", "user.email", "memd@localhost")
-    exclude = root / ".git" / "info" / "exclude"
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    with open(exclude, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(EXCLUDE_PATTERNS) + "\n")
+    # Files git creates from now on are 0600 and directories 0700.
+    _git(git, root, "config", "core.sharedRepository", "0600")
     log.info("git_repo_initialised", root=str(root))
+
+
+def _write_exclude(root: Path) -> None:
+    """(Re)write ``.git/info/exclude`` with :data:`EXCLUDE_PATTERNS` (repositories made by an
+    older memd get the allow-list too)."""
+    exclude = root / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(mode=GIT_DIR_MODE, parents=True, exist_ok=True)
+    text = "\n".join(EXCLUDE_PATTERNS) + "\n"
+    try:
+        if exclude.read_text("utf-8") == text:
+            return
+    except OSError:
+        pass
+    exclude.write_text(text, encoding="utf-8")
+
+
+def make_git_private(git_dir: Path) -> int:
+    """Make ``git_dir`` and everything in it private: directories 0700, files 0600 (objects
+    included). Returns how many modes were changed."""
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(git_dir):
+        for name, mode in [(dirpath, GIT_DIR_MODE)] + [(os.path.join(dirpath, f), GIT_FILE_MODE) for f in filenames]:
+            try:
+                st = os.lstat(name)
+            except OSError:
+                continue
+            if (st.st_mode & 0o777) != mode and not os.path.islink(name):
+                os.chmod(name, mode)
+                changed += 1
+        dirnames.sort()
+    return changed
 
 
 def commit_memory_root(root: Path, message: str) -> bool:
@@ -79,11 +123,14 @@ def commit_memory_root(root: Path, message: str) -> bool:
     try:
         if not (root / ".git").exists():
             _init(git, root)
+        _write_exclude(root)
         _git(git, root, "add", "-A")
         status = _git(git, root, "status", "--porcelain")
         if not status.stdout.strip():
+            make_git_private(root / ".git")
             return False
         _git(git, root, "commit", "-q", "--no-verify", "-m", message)
+        make_git_private(root / ".git")
     except subprocess.CalledProcessError as exc:
         error = (exc.stderr or exc.stdout or "").strip()[-500:]
         log.warning("git_commit_failed", root=str(root), exit_code=exc.returncode, error=error)

@@ -87,6 +87,28 @@ def project_root(memory_dir: Path, project_key: str) -> Path:
     return Path(memory_dir) / digest / "memory"
 
 
+def not_a_memory_root(root: Path) -> str | None:
+    """Why ``root`` is not a memory root that memd made, or ``None`` when it is (SPEC §14).
+
+    A memd memory root is ``<memory_dir>/<sha256(project key)>/memory`` holding a regular
+    ``PROJECT`` file (not a symlink) whose one line is that project key: a folder a user points
+    ``memd consolidate --root`` at by mistake (a repository, a home directory) never is.
+
+    Returns:
+        A sentence for the error message, or ``None``.
+    """
+    marker = Path(root) / "PROJECT"
+    try:
+        if marker.is_symlink() or not marker.is_file():
+            return f"{root} has no PROJECT marker written by memd (not a memd memory root)"
+        key = marker.read_text("utf-8", "surrogateescape")
+    except OSError as exc:
+        return f"{root}/PROJECT cannot be read: {exc.strerror}"
+    if not key.endswith("\n") or "\n" in key[:-1] or project_root(Path(root).parent.parent, key[:-1]) != Path(root):
+        return f"{root} is not where memd keeps the memory of the project named in its PROJECT file"
+    return None
+
+
 def ensure_project_root(memory_dir: Path, project_key: str) -> Path:
     """Create a project's memory root (0700) and write its ``PROJECT`` file (0600).
 
