@@ -154,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_context(args)
     if args.command == "mcp" and args.action is None:
         return _cmd_mcp_serve(args)
+    missing = [p for p in getattr(args, "sessions", None) or [] if not p.expanduser().is_dir()]
+    if missing:
+        print(parser.format_usage().rstrip(), file=sys.stderr)
+        print(f"memd {args.command}: --sessions {missing[0]}: no such directory", file=sys.stderr)
+        return 2
     if args.config is not None:  # child processes (the consolidation command) read the same file
         os.environ["MEMD_CONFIG"] = str(args.config.expanduser().absolute())
     try:
@@ -163,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("config_invalid", error=str(exc))
         print(f"memd: configuration error: {exc}", file=sys.stderr)
         return exc.exit_code
-    configure_logging(settings.log_level, stream=sys.stdout if args.command == "run" else sys.stderr, redact=redact)
+    level = settings.log_level
+    if args.command == "once" and sys.stderr.isatty() and level == "info":
+        level = "warning"  # the progress bar and the summary own the terminal; warnings still show
+    configure_logging(level, stream=sys.stdout if args.command == "run" else sys.stderr, redact=redact)
     try:
         return asyncio.run(_dispatch(args, settings))
     except KeyboardInterrupt:
@@ -281,9 +289,25 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return await handler(args, settings)
 
 
+def _check_state_dir(state_dir: Path) -> None:
+    """The state directory must be creatable and writable: a configuration problem (exit 78, so
+    systemd does not restart memd in a loop), not a runtime failure.
+
+    Raises:
+        ConfigError: it cannot be created or written.
+    """
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: {state_dir} cannot be created: {exc.strerror}") from None
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: {state_dir} is not writable by this user")
+
+
 async def _open_daemon(settings: Settings) -> Daemon:
     from memd.daemon import Daemon
 
+    _check_state_dir(settings.state_dir)
     return await Daemon.open(settings)
 
 
@@ -329,6 +353,8 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
             f" in {summary.duration_s:.1f} s"
         )
         print(f"memory: {settings.memory_dir}")
+        for line in _once_explanation(summary, settings):
+            print(line, file=sys.stderr if summary.failed else sys.stdout)
         paused = daemon.components.pool.paused_reason
         if paused:
             print(f"memd once: model work paused: {paused}; the remaining threads stay queued", file=sys.stderr)
@@ -336,6 +362,45 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
         return 1 if summary.failed or summary.consolidation_failed or auth_failed else 0
     finally:
         await daemon.close()
+
+
+def _once_explanation(summary: Any, settings: Settings) -> list[str]:
+    """Why ``memd once`` did what it did: the failures (how many, and why), or, when nothing was
+    extracted, what held the sessions back (idle gate, age limit, nothing eligible)."""
+    lines: list[str] = []
+    if summary.failed:
+        lines.append(f"memd once: {summary.failed} extraction(s) failed:")
+        shown = summary.failures[:5]
+        lines += [f"  {thread_id}: {redact(error)[0]}" for thread_id, error in shown]
+        if summary.failed > len(shown):
+            lines.append(f"  ... and {summary.failed - len(shown)} more (memd status shows each last error)")
+        return lines
+    plan = summary.plan
+    if summary.extracted or plan is None:
+        return lines
+    reasons = []
+    if plan.idle_wait:
+        wait = f", the next in {plan.next_due_s:.0f} s" if plan.next_due_s is not None else ""
+        reasons.append(
+            f"{plan.idle_wait} waiting on the idle gate "
+            f"(min_idle_s = {settings.min_idle_s:g}{wait}; --min-idle 0 skips it)"
+        )
+    if plan.too_old:
+        reasons.append(
+            f"{plan.too_old} older than max_age_days = {settings.max_age_days:g} "
+            "(--max-age-days 0 or memd backfill --since DATE)"
+        )
+    if plan.up_to_date:
+        reasons.append(f"{plan.up_to_date} already up to date")
+    if plan.not_eligible:
+        reasons.append(f"{plan.not_eligible} not eligible (source excluded, or no user message)")
+    if plan.dead:
+        reasons.append(f"{plan.dead} gave up after their attempts (memd retry)")
+    if not reasons:
+        roots = ", ".join(str(p) for p in settings.sessions)
+        reasons.append(f"nothing eligible: no sessions found under {roots}")
+    lines.append("0 extracted: " + "; ".join(reasons))
+    return lines
 
 
 async def _dry_run(daemon: Daemon) -> int:

@@ -47,7 +47,7 @@ from memd.llm.budget import TokenEstimator
 from memd.memory.recover import MemoryRepair
 from memd.read.upkeep import SearchRefresher, UsageRecorder
 from memd.schedule.retry import RetryPolicy
-from memd.schedule.scheduler import Scheduler
+from memd.schedule.scheduler import PlanSummary, Scheduler
 from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
 from memd.service.signals import ShutdownSignals
 from memd.store.daemons import daemon_alive, process_start_id, same_process
@@ -83,6 +83,8 @@ class OnceSummary:
     consolidated: int
     consolidation_failed: int
     duration_s: float
+    plan: PlanSummary | None = None
+    failures: tuple[tuple[str, str], ...] = ()
 
 
 def llm_config(settings: Settings, *, model: str | None = None) -> LLMConfig:
@@ -409,6 +411,8 @@ class Daemon:
             consolidated=consolidation.consolidated,
             consolidation_failed=consolidation.failed,
             duration_s=round(c.clock.now() - started, 3),
+            plan=plan,
+            failures=tuple(stats.failures[-(stats.failed - base_failed) :]) if stats.failed > base_failed else (),
         )
 
     async def _report_progress(self, progress: Callable[[int, int], None], total: int, stop: asyncio.Event) -> None:

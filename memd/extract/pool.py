@@ -95,6 +95,12 @@ class PoolStats:
     tokens_out: int = 0
     last_activity_at: float | None = None
     running: dict[str, float] = field(default_factory=dict)
+    #: The most recent failures, ``(thread id, error)``, at most :data:`FAILURES_KEPT` (for ``memd once``).
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: Failures kept in :attr:`PoolStats.failures`.
+FAILURES_KEPT = 20
 
 
 class JobPool:
@@ -441,6 +447,7 @@ class JobPool:
         """Record a failed attempt: ``error`` with a backoff ``retry_at``, or ``dead``. Never raises."""
         self.stats.failed += 1
         message = f"{type(exc).__name__}: {exc}"[:500]
+        self.stats.failures = [*self.stats.failures, (job.key, message)][-FAILURES_KEPT:]
         dead = self._retry.is_dead(job.attempts)
         retry_at = None if dead else self._clock.now() + self._retry.delay_s(job.attempts)
         expected = isinstance(exc, (ExtractorError, MemoryWriteError, StoreError))
