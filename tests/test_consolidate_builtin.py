@@ -508,8 +508,8 @@ def test_consolidate_refuses_a_folder_memd_did_not_make(tmp_path: Path) -> None:
     with pytest.raises(ConsolidationError, match="no PROJECT marker written by memd"):
         consolidate_root(repo)
     assert sorted(p.name for p in repo.iterdir()) == [".env"]  # no git init, no MEMORY.md
-    # A PROJECT file alone is not enough: the folder must be where memd keeps that project.
-    (repo / "PROJECT").write_text("/home/me/my-repo\n")
-    with pytest.raises(ConsolidationError, match="not where memd keeps the memory"):
+    # A PROJECT file must be memd's: one line, the project key.
+    (repo / "PROJECT").write_text("# my project\nnotes\n")
+    with pytest.raises(ConsolidationError, match="not the one-line project key memd writes"):
         consolidate_root(repo)
     assert not (repo / ".git").exists() and not (repo / "MEMORY.md").exists()

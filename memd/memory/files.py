@@ -90,9 +90,9 @@ def project_root(memory_dir: Path, project_key: str) -> Path:
 def not_a_memory_root(root: Path) -> str | None:
     """Why ``root`` is not a memory root that memd made, or ``None`` when it is (SPEC §14).
 
-    A memd memory root is ``<memory_dir>/<sha256(project key)>/memory`` holding a regular
-    ``PROJECT`` file (not a symlink) whose one line is that project key: a folder a user points
-    ``memd consolidate --root`` at by mistake (a repository, a home directory) never is.
+    A memd memory root holds a regular ``PROJECT`` file (not a symlink) of one line, the project
+    key, as :func:`ensure_project_root` writes it: a folder a user points ``memd consolidate
+    --root`` at by mistake (a repository, a home directory) has none.
 
     Returns:
         A sentence for the error message, or ``None``.
@@ -104,8 +104,8 @@ def not_a_memory_root(root: Path) -> str | None:
         key = marker.read_text("utf-8", "surrogateescape")
     except OSError as exc:
         return f"{root}/PROJECT cannot be read: {exc.strerror}"
-    if not key.endswith("\n") or "\n" in key[:-1] or project_root(Path(root).parent.parent, key[:-1]) != Path(root):
-        return f"{root} is not where memd keeps the memory of the project named in its PROJECT file"
+    if not key.endswith("\n") or "\n" in key[:-1] or not key[:-1].strip():
+        return f"{root}/PROJECT is not the one-line project key memd writes (not a memd memory root)"
     return None
 
 
