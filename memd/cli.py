@@ -23,7 +23,7 @@ import structlog
 from memd import __version__
 from memd.clock import SystemClock
 from memd.config import Settings, load_settings
-from memd.errors import ConfigError, MemdError, UsageError
+from memd.errors import ConfigError, DatabaseDamaged, MemdError, StoreError, UsageError
 from memd.extract.redact import redact
 from memd.logging import configure_logging
 
@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="estimate the tokens the backfill would send; send nothing")
     _add_source_flags(p)
     sub.add_parser("doctor", help="check configuration, paths, inotify limits and the model endpoint")
+    p = sub.add_parser("db", help="check, back up or recover the state database (SPEC §5)")
+    p.add_argument("db_action", choices=["check", "backup", "recover"], metavar="ACTION", help="check|backup|recover")
+    p.add_argument(
+        "--sessions",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="rollout roots recover reads (default: configured)",
+    )
     p = sub.add_parser("service", help="systemd user service")
     svc = p.add_subparsers(dest="service_command", metavar="ACTION", parser_class=_Parser)
     q = svc.add_parser("install", help="write the user unit and print the systemctl lines")
@@ -281,6 +290,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "forget": _cmd_forget,
         "backfill": _cmd_backfill,
         "doctor": _cmd_doctor,
+        "db": _cmd_db,
         "service": _cmd_service,
         "bench": _cmd_bench,
         "hooks": _cmd_hooks,
@@ -306,9 +316,29 @@ def _check_state_dir(state_dir: Path) -> None:
 
 async def _open_daemon(settings: Settings) -> Daemon:
     from memd.daemon import Daemon
+    from memd.store.backup import backup_if_due, check_database, is_damage
 
     _check_state_dir(settings.state_dir)
-    return await Daemon.open(settings)
+    problems = await asyncio.to_thread(check_database, settings.db_path)
+    if problems:
+        raise DatabaseDamaged(_damaged_message(settings, problems[0]))
+    saved = await asyncio.to_thread(backup_if_due, settings.db_path)
+    if saved is not None:
+        log.info("store_backed_up", path=str(saved), reason="daily")
+    try:
+        return await Daemon.open(settings)
+    except StoreError as exc:
+        if is_damage(exc):
+            raise DatabaseDamaged(_damaged_message(settings, str(exc))) from None
+        raise
+
+
+def _damaged_message(settings: Settings, problem: str) -> str:
+    return (
+        f"the state database {settings.db_path} is damaged ({problem}); memd stops. "
+        "Run `memd db recover` (the damaged file is kept aside, the newest good backup restored, "
+        "and finished sessions are taken from the memory files, not sent to a model again)"
+    )
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -665,5 +695,109 @@ async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     await asyncio.to_thread(
         run_bench, quick=args.quick, json_path=args.json, workdir=None, settings=settings, factory=build_components
+    )
+    return 0
+
+
+async def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    """``memd db check | backup | recover`` (SPEC §5)."""
+    from memd.store import backup
+
+    db_path = settings.db_path
+    if args.db_action == "check":
+        problems = await asyncio.to_thread(backup.check_database, db_path, full=True)
+        if problems:
+            print(f"memd db check: {db_path} is damaged: " + "; ".join(problems[:5]), file=sys.stderr)
+            print("run `memd db recover`", file=sys.stderr)
+            return 1
+        newest = backup.backups(db_path)
+        print(f"memd db check: {db_path} is sound; backups: {', '.join(p.name for p in newest) or 'none'}")
+        return 0
+    if args.db_action == "backup":
+        if not db_path.exists():
+            print(f"memd db backup: no database at {db_path}", file=sys.stderr)
+            return 1
+        saved = await asyncio.to_thread(backup.backup_database, db_path)
+        print(f"memd db backup: {saved}")
+        return 0
+    return await _db_recover(settings)
+
+
+async def _db_recover(settings: Settings) -> int:
+    """Move the damaged database aside, restore the newest good backup, then reconcile with the
+    memory files: every trace on disk whose session is unchanged gets its row back (no model call)."""
+    from memd.clock import SystemClock
+    from memd.ingest.indexer import Indexer
+    from memd.memory.recover import traces_on_disk
+    from memd.store.backup import check_database, restore_newest_backup
+    from memd.store.records import MemoryRecord
+    from memd.store.store import Store
+
+    db_path = settings.db_path
+    problems = await asyncio.to_thread(check_database, db_path)
+    restored = await asyncio.to_thread(restore_newest_backup, db_path)
+    if restored.damaged is not None:
+        state = "damaged: " + problems[0] if problems else "sound"
+        print(f"memd db recover: the previous database ({state}) is kept at {restored.damaged}")
+    for skipped in restored.skipped:
+        print(f"memd db recover: backup {skipped.name} is damaged too; skipped")
+    if restored.backup is not None:
+        print(f"memd db recover: restored {restored.backup.name}")
+    else:
+        print("memd db recover: no good backup; starting from an empty database")
+    store = await Store.open(db_path, clock=SystemClock())
+    try:
+        indexer = Indexer(
+            store,
+            SystemClock(),
+            roots=settings.sessions,
+            max_line_bytes=settings.max_line_bytes,
+            include_sources=settings.include_sources,
+            project_rule=settings.project_key,
+            clean_text=lambda text: redact(text)[0],
+        )
+        await indexer.scan()
+        traces, consolidated = await asyncio.to_thread(traces_on_disk, settings.memory_dir)
+        threads = {}
+        for thread_id in {t.header.thread_id for t in traces}:
+            # Read the session to its end (as the scheduler does) so its watermark is current.
+            thread = await indexer.catch_up(thread_id)
+            if thread is not None:
+                threads[thread_id] = thread
+        rows = []
+        stale = 0
+        for trace in traces:
+            thread = threads.get(trace.header.thread_id)
+            if thread is None:
+                continue
+            # The header's source watermark says which bytes the trace covers (older traces lack it:
+            # then the session's last activity must not be newer than the trace's).
+            watermark = trace.header.source_watermark or thread.watermark
+            if watermark < thread.watermark or (
+                not trace.header.source_watermark and trace.header.updated_at + 1.0 < thread.updated_at
+            ):
+                stale += 1  # the session grew after this trace: it is extracted again, as usual
+                continue
+            rows.append(
+                MemoryRecord(
+                    thread_id=thread.id,
+                    project=trace.project,
+                    path=trace.relpath,
+                    trace_memory=trace.body,
+                    summary=trace.summary,
+                    source_watermark=watermark,
+                    generated_at=trace.mtime,
+                    extractor="recovered",
+                    tokens_in=0,
+                    tokens_out=0,
+                )
+            )
+        roots = {t.project: t.memory_root for t in traces}
+        back = await store.memories.restore(rows, memory_roots=roots, consolidated=consolidated)
+    finally:
+        await store.close()
+    print(
+        f"memd db recover: {len(traces)} trace files on disk, {back} memories taken from them, "
+        f"{stale} sessions grew since their trace and will be extracted again"
     )
     return 0

@@ -50,6 +50,7 @@ from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import PlanSummary, Scheduler
 from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
 from memd.service.signals import ShutdownSignals
+from memd.store.backup import backup_if_due, is_damage
 from memd.store.daemons import daemon_alive, process_start_id, same_process
 from memd.store.records import JobKind
 from memd.store.store import Store, make_owner
@@ -284,6 +285,8 @@ class Daemon:
         self._queue_depth = 0
         self._saved_fault: Fault | None = None
         self._last_take_back = -math.inf
+        #: Set when a loop met a damaged database: serve() stops and returns 1.
+        self.damaged = False
         # A lease held by a daemon that died is taken back before consolidation gives up.
         components.runner.on_lease_held = self.take_back_dead_peers
 
@@ -465,8 +468,8 @@ class Daemon:
         notifier.stopping()
         notifier.close()
         await self._wind_down(tasks, force)
-        log.info("daemon_stopped", crashed=crashed or None)
-        return 1 if crashed else 0
+        log.info("daemon_stopped", crashed=crashed or None, database_damaged=self.damaged or None)
+        return 1 if crashed or self.damaged else 0
 
     def _start_loops(self, notifier: Notifier) -> tuple[dict[str, asyncio.Task[None]], list[str]]:
         """Start the service's loops; a loop that ends by itself stops the daemon (``crashed``)."""
@@ -530,6 +533,12 @@ class Daemon:
 
     def _failure(self, event: str, exc: BaseException, failures: int, *, retry_in_s: float) -> None:
         self.components.faults.note(event, exc, now_s=self.components.clock.now())
+        if is_damage(exc) and not self.damaged:
+            # A damaged database never heals by waiting: stop (exit 1) and say what to run (SPEC §5).
+            self.damaged = True
+            log.error("database_damaged", error=str(exc), action="stopping; run `memd db recover`")
+            self._stop.set()
+            return
         _log_failure(event, exc, failures, retry_in_s=retry_in_s)
 
     async def _save_fault(self) -> None:
@@ -649,6 +658,9 @@ class Daemon:
         async def tick() -> None:
             await c.store.daemons.heartbeat(c.owner)
             await self.take_back_dead_peers()
+            saved = await asyncio.to_thread(backup_if_due, c.settings.db_path)
+            if saved is not None:
+                log.info("store_backed_up", path=str(saved), reason="daily")
             await self._save_fault()
 
         await self._guard("daemon_heartbeat", tick, HEARTBEAT_S)

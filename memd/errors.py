@@ -33,6 +33,11 @@ class StoreError(MemdError):
     """The SQLite state store failed (locked past the busy timeout, corrupt, unwritable)."""
 
 
+class DatabaseDamaged(StoreError):
+    """The state database is damaged (``quick_check`` failed, "malformed", "not a database"):
+    memd stops and names ``memd db recover`` (SPEC §5)."""
+
+
 class LeaseLost(MemdError):
     """A lease renewal or fenced write found another owner or a newer fencing token.
 

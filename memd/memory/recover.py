@@ -23,7 +23,14 @@ from memd.clock import Clock
 from memd.errors import MemdError
 from memd.faults import FaultLog
 from memd.memory import files as memory_files
-from memd.memory.files import STAGING_PREFIX, TEMP_MARKER, TRACE_DIR
+from memd.memory.files import (
+    STAGING_PREFIX,
+    TEMP_MARKER,
+    TRACE_DIR,
+    TraceHeader,
+    not_a_memory_root,
+    parse_trace_file,
+)
 from memd.store.records import MemoryRecord, ProjectRecord, ThreadRecord
 from memd.store.store import Store
 
@@ -324,3 +331,78 @@ class MemoryRepair:
 
 def _write_trace(root: Path, relpath: str, content: str, thread_id: str) -> None:
     memory_files.stage_file(root, relpath, content, thread_id=thread_id).commit()
+
+
+# --------------------------------------------------------------------------- database recovery
+
+
+@dataclass(frozen=True, slots=True)
+class TraceOnDisk:
+    """A trace file found under ``memory_dir`` (for ``memd db recover``).
+
+    Attributes:
+        project: the project key (from the root's ``PROJECT`` file).
+        memory_root: the memory root it lives in.
+        relpath: the file relative to its memory root.
+        header: its header (thread id, project, cwd, rollout path, session's last activity).
+        body: the trace memory.
+        summary: its line in ``memory_summary.md``, else the trace's first heading.
+        mtime: the file's modification time, epoch seconds.
+    """
+
+    project: str
+    memory_root: str
+    relpath: str
+    header: TraceHeader
+    body: str
+    summary: str
+    mtime: float
+
+
+def _summaries(root: Path) -> dict[str, str]:
+    """``memory_summary.md`` lines ``- <summary> (trace: <file>)`` as ``{relpath: summary}``."""
+    out: dict[str, str] = {}
+    try:
+        text = (root / "memory_summary.md").read_text("utf-8", "replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("- ") and line.endswith(")") and "(trace: " in line:
+            summary, _, ref = line[2:-1].rpartition(" (trace: ")
+            out[ref.strip()] = summary.strip()
+    return out
+
+
+def traces_on_disk(memory_dir: Path) -> tuple[list[TraceOnDisk], set[str]]:
+    """Every trace file of every memd memory root under ``memory_dir``.
+
+    Returns:
+        ``(traces, consolidated)``: the traces, and the project keys whose consolidation need
+        not run again: a ``MEMORY.md`` exists and ``memory_summary.md`` (rebuilt before every
+        consolidation) lists every trace on disk.
+    """
+    traces: list[TraceOnDisk] = []
+    consolidated: set[str] = set()
+    for marker in sorted(Path(memory_dir).glob("*/memory/PROJECT")):
+        root = marker.parent
+        if not_a_memory_root(root) is not None:
+            continue
+        project = marker.read_text("utf-8", "replace").rstrip("\n")
+        summaries = _summaries(root)
+        listed = True
+        for path in sorted((root / TRACE_DIR).glob("*.md")):
+            try:
+                text = path.read_text("utf-8", "replace")
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            header, body = parse_trace_file(text)
+            if not header.thread_id:
+                continue
+            relpath = f"{TRACE_DIR}/{path.name}"
+            first = next((line[2:].strip() for line in body.splitlines() if line.startswith("# ")), "")
+            traces.append(TraceOnDisk(project, str(root), relpath, header, body, summaries.get(relpath, first), mtime))
+            listed = listed and relpath in summaries
+        if listed and (root / "MEMORY.md").is_file():
+            consolidated.add(project)
+    return traces, consolidated

@@ -163,6 +163,11 @@ async def migrate(conn: aiosqlite.Connection, *, path: Path, busy_timeout_s: flo
         _refuse_newer(current, path)
         if current == LATEST_VERSION:
             return current
+        if current > 0:  # an existing database: keep a copy from before the migration (SPEC §5)
+            from memd.store.backup import backup_database
+
+            saved = await asyncio.to_thread(backup_database, path)
+            log.info("store_backed_up", path=str(saved), reason="migration", from_version=current)
         await conn.execute("BEGIN IMMEDIATE")
         try:
             current = await user_version(conn)

@@ -6,8 +6,11 @@ A memory row is written by the fenced commit of its extract job
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
+
 from memd.clock import Clock
 from memd.store.db import Database
+from memd.store.jobs import _UPSERT_MEMORY
 from memd.store.projects import bump_project
 from memd.store.records import MemoryRecord
 
@@ -88,3 +91,56 @@ class MemoryRepository:
             if row is not None:
                 await bump_project(tx, row["project"], now)
         return row is not None
+
+    async def restore(
+        self,
+        memories: Sequence[MemoryRecord],
+        *,
+        memory_roots: Mapping[str, str],
+        consolidated: Collection[str] = (),
+    ) -> int:
+        """Recovery (SPEC §5, ``memd db recover``): put back memory rows rebuilt from trace files.
+
+        In one transaction, for each memory whose thread is known and whose row is missing or
+        older: the row is upserted, the thread's extract job (if any) becomes ``done`` at that
+        watermark (so no finished session goes to a model again), and the project's
+        ``memory_seq`` is bumped. Projects listed in ``consolidated`` (their ``MEMORY.md`` already
+        covers their traces) are marked consolidated up to the new ``memory_seq``.
+
+        Args:
+            memories: rows rebuilt from the trace files (``extractor`` says so).
+            memory_roots: project key -> its memory root (recorded on the project rows).
+            consolidated: project keys whose consolidation need not run again.
+
+        Returns:
+            How many rows were put back.
+        """
+        now = self._clock.now()
+        restored = 0
+        async with self._db.write("restore_memories") as tx:
+            for project, root in memory_roots.items():
+                await tx.execute(
+                    "INSERT INTO projects (project, memory_root) VALUES (?, ?)"
+                    " ON CONFLICT(project) DO UPDATE SET memory_root = excluded.memory_root",
+                    (project, root),
+                )
+            for memory in memories:
+                if await tx.one("SELECT 1 FROM threads WHERE id = ?", (memory.thread_id,)) is None:
+                    continue
+                row = await tx.one("SELECT source_watermark FROM memories WHERE thread_id = ?", (memory.thread_id,))
+                if row is not None and int(row["source_watermark"]) >= memory.source_watermark:
+                    continue
+                await tx.execute(_UPSERT_MEMORY, memory.params())
+                await tx.execute(
+                    """
+                    UPDATE jobs SET status = 'done', success_watermark = :sw, owner = NULL,
+                        lease_until = NULL, retry_at = NULL, last_error = NULL, updated_at = :now
+                    WHERE kind = 'extract' AND key = :key AND input_watermark <= :sw
+                    """,
+                    {"sw": memory.source_watermark, "now": now, "key": memory.thread_id},
+                )
+                await bump_project(tx, memory.project, now)
+                restored += 1
+            for project in consolidated:
+                await tx.execute("UPDATE projects SET consolidated_seq = memory_seq WHERE project = ?", (project,))
+        return restored
