@@ -638,7 +638,9 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     from memd.consolidate.builtin import forget_thread
+    from memd.consolidate.gitlog import drop_history
     from memd.memory import files as memory_files
+    from memd.store.search import SearchIndex
     from memd.store.store import Store
 
     store = await Store.open(settings.db_path, clock=SystemClock())
@@ -648,12 +650,27 @@ async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
             print(f"memd forget: no memory for thread {args.thread}", file=sys.stderr)
             return 1
         root = memory_files.project_root(settings.memory_dir, memory.project)
+        # The tombstone first: whatever fails later, the session is never extracted again, even by a
+        # rebuilt or recovered database (it lives with the memories, not in the database).
+        memory_files.add_tombstone(settings.memory_dir, args.thread)
+        await store.threads.mark_forgotten(args.thread)
         await store.memories.delete(args.thread)
         memory_files.remove_trace(root, args.thread)
         forget_thread(root, args.thread)  # MEMORY.md is incremental: the session leaves it too
+        index = SearchIndex.open(settings.db_path)
+        if index is not None:
+            try:
+                index.refresh(memory.project, root, full=True)  # its chunks leave the search index
+            finally:
+                index.close()
+        dropped = drop_history(root)
     finally:
         await store.close()
-    print(f"memd forget: removed the memory of {args.thread}; {memory.project} will be reconsolidated")
+    history = "; git history re-rooted (earlier commits deleted, a new one at the next consolidation)"
+    print(
+        f"memd forget: removed the memory of {args.thread} (files, search index{history if dropped else ''}); "
+        f"it will not be extracted again; {memory.project} will be reconsolidated"
+    )
     return 0
 
 
@@ -728,6 +745,7 @@ async def _db_recover(settings: Settings) -> int:
     memory files: every trace on disk whose session is unchanged gets its row back (no model call)."""
     from memd.clock import SystemClock
     from memd.ingest.indexer import Indexer
+    from memd.memory.files import read_tombstones
     from memd.memory.recover import traces_on_disk
     from memd.store.backup import check_database, restore_newest_backup
     from memd.store.records import MemoryRecord
@@ -755,6 +773,7 @@ async def _db_recover(settings: Settings) -> int:
             include_sources=settings.include_sources,
             project_rule=settings.project_key,
             clean_text=lambda text: redact(text)[0],
+            forgotten=lambda: read_tombstones(settings.memory_dir),
         )
         await indexer.scan()
         traces, consolidated = await asyncio.to_thread(traces_on_disk, settings.memory_dir)

@@ -24,6 +24,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -44,6 +45,7 @@ from memd.faults import Fault, FaultLog, newest
 from memd.ingest.indexer import Indexer
 from memd.ingest.watch import watch_roots
 from memd.llm.budget import TokenEstimator
+from memd.memory import files as memory_files
 from memd.memory.recover import MemoryRepair
 from memd.read.upkeep import SearchRefresher, UsageRecorder
 from memd.schedule.retry import RetryPolicy
@@ -86,6 +88,28 @@ class OnceSummary:
     duration_s: float
     plan: PlanSummary | None = None
     failures: tuple[tuple[str, str], ...] = ()
+
+
+class _TombstoneReader:
+    """``memd forget``'s tombstones (``<memory_dir>/FORGOTTEN``), re-read only when the file changes
+    (one stat per call: the indexer asks for every new thread)."""
+
+    def __init__(self, memory_dir: Path) -> None:
+        self._path = Path(memory_dir) / memory_files.TOMBSTONE_FILE
+        self._memory_dir = Path(memory_dir)
+        self._seen: tuple[int, int] | None = None
+        self._ids: frozenset[str] = frozenset()
+
+    def __call__(self) -> frozenset[str]:
+        try:
+            st = self._path.stat()
+            key: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._seen:
+            self._seen = key
+            self._ids = memory_files.read_tombstones(self._memory_dir) if key else frozenset()
+        return self._ids
 
 
 def llm_config(settings: Settings, *, model: str | None = None) -> LLMConfig:
@@ -207,6 +231,7 @@ async def build_components(
         include_sources=s.include_sources,
         project_rule=s.project_key,
         clean_text=lambda text: redact(text)[0],
+        forgotten=_TombstoneReader(s.memory_dir),
     )
     job = ExtractJob(
         store,

@@ -140,3 +140,19 @@ def commit_memory_root(root: Path, message: str) -> bool:
         return False
     log.info("git_committed", root=str(root))
     return True
+
+
+def drop_history(root: Path) -> bool:
+    """Delete a memory root's git history (``memd forget``): the earlier commits still hold the
+    forgotten session. The next consolidation commits into a new repository, so the history is
+    re-rooted at a state without the session.
+
+    Returns:
+        Whether there was a history to delete.
+    """
+    git_dir = Path(root) / ".git"
+    if not git_dir.is_dir() or git_dir.is_symlink():
+        return False
+    shutil.rmtree(git_dir)
+    log.info("git_history_dropped", root=str(root), reason="forget; re-rooted at the next consolidation")
+    return True

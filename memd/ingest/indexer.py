@@ -38,7 +38,7 @@ from memd.ingest import files as rollout_files
 from memd.ingest import reader, scan
 from memd.rollout import claude
 from memd.rollout.codex import parse_session_meta
-from memd.rollout.project import NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
+from memd.rollout.project import FORGOTTEN, NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
 from memd.rollout.records import Agent, SessionMeta
 from memd.rollout.session import ThreadStats, new_parser
 from memd.store.records import FileRecord, ThreadRecord
@@ -156,6 +156,8 @@ class Indexer:
         project_rule: ``git`` or ``cwd`` (SPEC §4).
         clean_text: applied to session text before it is stored (the title): the redactor
             (SPEC §14); default none.
+        forgotten: returns the thread ids ``memd forget`` removed; they are recorded with
+            reason ``forgotten`` and never extracted again.
     """
 
     def __init__(
@@ -168,8 +170,11 @@ class Indexer:
         include_sources: Iterable[str],
         project_rule: str = "git",
         clean_text: Callable[[str], str] | None = None,
+        forgotten: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self._store = store
+        # Thread ids ``memd forget`` removed (tombstones on disk): indexed as never eligible.
+        self._forgotten = forgotten or frozenset
         # Applied to the text stored from a session (the title: the first user message), so a
         # secret pasted there never reaches the database (SPEC §14); wired to the redactor.
         self._clean = clean_text or (lambda text: text)
@@ -497,7 +502,7 @@ class Indexer:
             user_messages=stats.user_messages,
             skipped_lines=stats.skipped_lines,
             eligible=False,
-            reason=head_reason or NOT_READ_YET,
+            reason=FORGOTTEN if meta.thread_id in self._forgotten() else head_reason or NOT_READ_YET,
             agent=meta.agent,
         )
 

@@ -109,6 +109,32 @@ def not_a_memory_root(root: Path) -> str | None:
     return None
 
 
+#: ``<memory_dir>/FORGOTTEN``: ids of sessions removed by ``memd forget``, one per line. It lives with
+#: the memories, not in the database, so a rebuilt or recovered database never brings them back.
+TOMBSTONE_FILE = "FORGOTTEN"
+
+
+def read_tombstones(memory_dir: Path) -> frozenset[str]:
+    """The thread ids ``memd forget`` removed (empty when there is no tombstone file)."""
+    try:
+        text = (Path(memory_dir) / TOMBSTONE_FILE).read_text("utf-8", "replace")
+    except OSError:
+        return frozenset()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def add_tombstone(memory_dir: Path, thread_id: str) -> None:
+    """Record ``thread_id`` in ``<memory_dir>/FORGOTTEN`` (0600, atomic).
+
+    Raises:
+        MemoryWriteError: the file cannot be written.
+    """
+    ids = sorted(read_tombstones(memory_dir) | {thread_id})
+    header = "# sessions removed by `memd forget`; memd never extracts them again\n"
+    _make_dir(Path(memory_dir))
+    write_file_atomic(Path(memory_dir), TOMBSTONE_FILE, header + "".join(f"{i}\n" for i in ids))
+
+
 def ensure_project_root(memory_dir: Path, project_key: str) -> Path:
     """Create a project's memory root (0700) and write its ``PROJECT`` file (0600).
 

@@ -122,6 +122,7 @@ class ReasonKind(StrEnum):
     NO_USER_MESSAGES = "no_user_messages"
     NO_SESSION_META = "no_session_meta"
     NOT_READ_YET = "not_read_yet"
+    FORGOTTEN = "forgotten"  # ``memd forget``: never a memory again (tombstone, SPEC §10)
 
 
 #: Reasons that more bytes of the rollout may lift.
@@ -164,6 +165,7 @@ class Ineligible:
 
 
 NOT_READ_YET = Ineligible(ReasonKind.NOT_READ_YET)
+FORGOTTEN = Ineligible(ReasonKind.FORGOTTEN)
 NO_USER_MESSAGES = Ineligible(ReasonKind.NO_USER_MESSAGES)
 
 

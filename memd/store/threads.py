@@ -162,3 +162,15 @@ class ThreadRepository:
         async with self._db.read("list_threads") as tx:
             rows = await tx.rows("SELECT * FROM threads ORDER BY updated_at DESC, id")
         return [ThreadRecord.from_row(row) for row in rows]
+
+    async def mark_forgotten(self, thread_id: str, reason: str = "forgotten") -> bool:
+        """Make a thread ineligible for good (``memd forget``): ``eligible = 0`` and ``reason``.
+
+        Returns:
+            Whether the thread exists.
+        """
+        async with self._db.write("mark_forgotten") as tx:
+            rows = await tx.rows(
+                "UPDATE threads SET eligible = 0, reason = ? WHERE id = ? RETURNING 1", (reason, thread_id)
+            )
+        return bool(rows)
