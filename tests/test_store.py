@@ -124,7 +124,9 @@ async def test_failed_migration_rolls_back_entirely(
     monkeypatch.setattr(db, "LATEST_VERSION", LATEST_VERSION + 1)
     with capture_logs() as logs, pytest.raises(StoreError, match="migrate"):
         await Store.open(db_path, clock=clock)
-    assert [e["event"] for e in logs] == ["store_failed"]
+    # An existing database is backed up before any migration (SPEC §5).
+    assert [e["event"] for e in logs] == ["store_backed_up", "store_failed"]
+    assert list(db_path.parent.glob("memd.sqlite3.backup-*"))
     conn = raw(db_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name='extra'").fetchone()[0] == 0
