@@ -373,10 +373,7 @@ class Daemon:
         dead = [
             d
             for d in await c.store.daemons.list_all()
-            if d.owner != c.owner
-            and d.stopped_at is None
-            and d.host == host
-            and not same_process(d.pid, d.proc_start)
+            if d.owner != c.owner and d.stopped_at is None and d.host == host and not same_process(d.pid, d.proc_start)
         ]
         if not dead:
             return 0

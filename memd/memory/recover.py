@@ -360,16 +360,22 @@ class TraceOnDisk:
 
 
 def _summaries(root: Path) -> dict[str, str]:
-    """``memory_summary.md`` lines ``- <summary> (trace: <file>)`` as ``{relpath: summary}``."""
+    """The lines of ``memory_summary.md`` as ``{key: summary}``, keyed by the trace file for the
+    ``- <summary> (trace: <file>)`` form and by the short session id for ``- <summary> [<id8> <date>]``."""
     out: dict[str, str] = {}
     try:
         text = (root / "memory_summary.md").read_text("utf-8", "replace")
     except OSError:
         return out
     for line in text.splitlines():
-        if line.startswith("- ") and line.endswith(")") and "(trace: " in line:
+        if not line.startswith("- "):
+            continue
+        if line.endswith(")") and "(trace: " in line:
             summary, _, ref = line[2:-1].rpartition(" (trace: ")
             out[ref.strip()] = summary.strip()
+        elif line.endswith("]") and " [" in line:
+            summary, _, ref = line[2:-1].rpartition(" [")
+            out[ref.split()[0] if ref.split() else ref] = summary.strip()
     return out
 
 
@@ -401,8 +407,10 @@ def traces_on_disk(memory_dir: Path) -> tuple[list[TraceOnDisk], set[str]]:
                 continue
             relpath = f"{TRACE_DIR}/{path.name}"
             first = next((line[2:].strip() for line in body.splitlines() if line.startswith("# ")), "")
-            traces.append(TraceOnDisk(project, str(root), relpath, header, body, summaries.get(relpath, first), mtime))
-            listed = listed and relpath in summaries
+            short = header.thread_id[:8]
+            summary = summaries.get(relpath) or summaries.get(short) or first
+            traces.append(TraceOnDisk(project, str(root), relpath, header, body, summary, mtime))
+            listed = listed and (relpath in summaries or short in summaries)
         if listed and (root / "MEMORY.md").is_file():
             consolidated.add(project)
     return traces, consolidated
