@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
 
@@ -199,7 +200,7 @@ class Indexer:
                     cleaned[value] = self._clean(value)
                 if cleaned[value] != value:
                     changes[name] = cleaned[value]
-        return (replace(stats, **changes) if changes else stats).to_json()
+        return (replace(stats, **cast(dict[str, Any], changes)) if changes else stats).to_json()
 
     async def scan(self) -> IndexSummary:
         """Reconcile every root: stat each rollout, index new/changed heads, forget vanished files.
