@@ -60,14 +60,14 @@ async def test_a_migration_backs_up_first(tmp_path: Path) -> None:
     store = await Store.open(db, clock=FakeClock())
     await store.close()
     conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE daemons DROP COLUMN proc_start")  # back to the schema before v4
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute("ALTER TABLE daemons DROP COLUMN proc_start")  # back to the schema before v6
+    conn.execute("PRAGMA user_version = 5")
     conn.commit()
     conn.close()
     store = await Store.open(db, clock=FakeClock())
     await store.close()
     [saved] = backup.backups(db)
-    assert sqlite3.connect(saved).execute("PRAGMA user_version").fetchone() == (3,)
+    assert sqlite3.connect(saved).execute("PRAGMA user_version").fetchone() == (5,)
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone() == (LATEST_VERSION,)
 
 
