@@ -114,6 +114,13 @@ def test_ide_wrapper_is_unwrapped_with_active_file_and_tabs() -> None:
     assert unwrap_request("plain request").text == "plain request"
 
 
+def test_claude_at_file_mentions_become_pointers() -> None:
+    request = unwrap_request("@src/sso/ARCHITECTURE.md review the sync logic")
+    assert request.text == "review the sync logic"
+    assert request.mentioned == (Mention("file", "src/sso/ARCHITECTURE.md"),)
+    assert unwrap_request("@notes.md").text == "@notes.md"  # nothing after it: the mention is the request
+
+
 @pytest.mark.parametrize(
     "text",
     ["[REDACTED_MESSAGE len=32 sha=821fd802]", "[trimmed for fixture]", " [REDACTED_TEXT len=3 sha=ab] \n", ""],

@@ -209,7 +209,10 @@ def trace_marker(doc: TraceDoc) -> str:
 
 
 def session_date(doc: TraceDoc) -> str:
-    """The session's date: the ``Trace context`` line's, else the header's ``updated_at`` date."""
+    """The session's date: the header's ``session_date``, else the ``Trace context`` line's, else the
+    header's ``updated_at`` date (a file time: the last resort)."""
+    if doc.header.started_at > 0:
+        return iso_utc(doc.header.started_at)[:10]
     return read_trace(doc.body).date or (iso_utc(doc.header.updated_at)[:10] if doc.header.updated_at > 0 else "")
 
 

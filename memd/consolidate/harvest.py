@@ -19,6 +19,7 @@ entries, one session's worth:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -200,11 +201,22 @@ def harvest(facts: TraceFacts, source: Provenance) -> list[Entry]:
         out += _verification(task, source)
         out += _follow_up(task, source)
     for task in reversed(facts.tasks):  # recent tasks newest first: the session's last task first
-        out.append(Entry(Section.RECENT_TASKS, one_line(f"{task.name} — {task.outcome}", 200), source))
+        out.append(Entry(Section.RECENT_TASKS, one_line(f"{task.name} — {task.outcome}{_touched(task)}"), source))
     if not facts.tasks:  # a trace without the skeleton still shows up as a task
         name = facts.title or next((ln.strip("# ") for ln in facts.raw.splitlines() if ln.strip()), "session")
         out.append(Entry(Section.RECENT_TASKS, one_line(f"{name} — uncertain", 200), source))
     return out
+
+
+def _touched(task: TaskFacts) -> str:
+    """``" (changed `a`, `b`)"`` / ``" (deleted `c`)"``: the files a task changed, for its index line."""
+    parts = []
+    for label in ("Changed", "Deleted"):
+        files = [f for step in task.steps if step.startswith(f"{label}:") for f in _TICKED.findall(step)]
+        if files:
+            more = f" +{len(files) - 2}" if len(files) > 2 else ""
+            parts.append(f"{label.lower()} " + ", ".join(f"`{os.path.basename(f) or f}`" for f in files[:2]) + more)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def task_names(facts: TraceFacts) -> list[tuple[str, str]]:

@@ -46,6 +46,8 @@ from memd.extract.offline_text import one_line
 
 #: Most files / commands / searches shown per key-step line.
 MAX_LISTED = 6
+#: Most user reactions (approval, rejection, corrections) quoted per task.
+MAX_FEEDBACK = 3
 #: Longest quote of a request kept as a key step.
 REQUEST_QUOTE_CHARS = 300
 
@@ -195,7 +197,7 @@ def _key_steps(task: TaskDigest) -> list[str]:
     if task.answer:
         label = "The assistant still answered" if task.outcome == Outcome.FAIL else "Answer"
         steps.append(f"{label}: {task.answer}")
-    steps.extend(f"User {f}" for f in task.feedback[:6])
+    steps.extend(f"User {f}" for f in task.feedback[:MAX_FEEDBACK])
     return steps
 
 

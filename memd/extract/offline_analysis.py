@@ -877,7 +877,7 @@ def _digest(task: _Task, following: _Task | None, place: _Place) -> TaskDigest:
         caveat=_sentence_around(answer, caveat.start()) if caveat else "",
         pointers=tuple((place.rel(p), why) for p, why in _pointers(task, answer, place.changed_anywhere)),
         feedback=tuple(
-            f'{_FEEDBACK_LABELS[k]}: "{one_line(t, 200)}"' for k, t, _ in task.feedback if k in _FEEDBACK_LABELS
+            f'{_FEEDBACK_LABELS[k]}: "{one_line(t, 160)}"' for k, t, _ in task.feedback if k in _FEEDBACK_LABELS
         ),
         trivial=_is_trivial(task, changed, failures),
     )

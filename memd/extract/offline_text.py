@@ -162,10 +162,24 @@ def unwrap_request(text: str) -> Request:
     if is_absent(cleaned):
         return Request("")
     if not cleaned.lower().startswith(_WRAPPER_HEADS):
-        return Request(cleaned)
+        return _at_mentions(cleaned)
     match = _REQUEST_HEADING.search(cleaned)
     head, request = (cleaned[: match.start()], cleaned[match.end() :].strip()) if match else (cleaned, "")
     return Request(request if not is_absent(request) else "", tuple(_mentions(head)))
+
+
+_AT_FILE = re.compile(r"^@(?P<path>[\w./~-]*[/.][\w./~-]*)\s+")
+
+
+def _at_mentions(text: str) -> Request:
+    """Claude Code's leading ``@path`` file mentions become pointers; the rest is the request."""
+    mentioned: list[Mention] = []
+    while True:
+        match = _AT_FILE.match(text)
+        if match is None or not text[match.end() :].strip():
+            return Request(text, tuple(mentioned))
+        mentioned.append(Mention("file", match.group("path")))
+        text = text[match.end() :].strip()
 
 
 def _mentions(head: str) -> list[Mention]:
@@ -236,7 +250,7 @@ def first_sentence(text: str, max_chars: int) -> str:
     """The first sentence of ``text`` on one line: markdown emphasis, headings and list marks
     removed, heading-like lines (fewer than four words, no final punctuation) skipped."""
     text = re.sub(r"\*\*|__|^\s*#+\s*|^\s*(?:[-*]|\d{1,2}[.)])\s+", "", text, flags=re.MULTILINE).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("|")]
     line = next(
         (ln for ln in lines if len(ln.split()) >= 8 or (len(ln.split()) >= 4 and ln.endswith((".", "!", "?")))),
         lines[0] if lines else "",
