@@ -743,13 +743,10 @@ async def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 async def _db_recover(settings: Settings) -> int:
     """Move the damaged database aside, restore the newest good backup, then reconcile with the
     memory files: every trace on disk whose session is unchanged gets its row back (no model call)."""
-    from memd.clock import SystemClock
-    from memd.ingest.indexer import Indexer
-    from memd.memory.files import read_tombstones
+    from memd.daemon import build_components
     from memd.memory.recover import traces_on_disk
     from memd.store.backup import check_database, restore_newest_backup
     from memd.store.records import MemoryRecord
-    from memd.store.store import Store
 
     db_path = settings.db_path
     problems = await asyncio.to_thread(check_database, db_path)
@@ -763,18 +760,9 @@ async def _db_recover(settings: Settings) -> int:
         print(f"memd db recover: restored {restored.backup.name}")
     else:
         print("memd db recover: no good backup; starting from an empty database")
-    store = await Store.open(db_path, clock=SystemClock())
+    components = await build_components(settings)
+    store, indexer = components.store, components.indexer
     try:
-        indexer = Indexer(
-            store,
-            SystemClock(),
-            roots=settings.sessions,
-            max_line_bytes=settings.max_line_bytes,
-            include_sources=settings.include_sources,
-            project_rule=settings.project_key,
-            clean_text=lambda text: redact(text)[0],
-            forgotten=lambda: read_tombstones(settings.memory_dir),
-        )
         await indexer.scan()
         traces, consolidated = await asyncio.to_thread(traces_on_disk, settings.memory_dir)
         threads = {}
@@ -814,9 +802,28 @@ async def _db_recover(settings: Settings) -> int:
         roots = {t.project: t.memory_root for t in traces}
         back = await store.memories.restore(rows, memory_roots=roots, consolidated=consolidated)
     finally:
-        await store.close()
+        await components.aclose()
+    indexed = await asyncio.to_thread(_rebuild_search_index, settings)
     print(
         f"memd db recover: {len(traces)} trace files on disk, {back} memories taken from them, "
-        f"{stale} sessions grew since their trace and will be extracted again"
+        f"{stale} sessions grew since their trace and will be extracted again; "
+        f"search index rebuilt for {indexed} projects"
     )
     return 0
+
+
+def _rebuild_search_index(settings: Settings) -> int:
+    """Index every project folder under ``memory_dir`` again (after a restore); returns the projects indexed.
+
+    The memory-use ledger cannot be rebuilt from the files: uses recorded after the restored
+    backup are lost.
+    """
+    from memd.store.search import SearchIndex
+
+    index = SearchIndex.open(settings.db_path)
+    if index is None:
+        return 0
+    try:
+        return index.rebuild(settings.memory_dir)
+    finally:
+        index.close()

@@ -137,7 +137,7 @@ def test_sections_rank_by_usage_then_recency(repo: Path) -> None:
     s.state_dir.mkdir(parents=True)
     conn = sqlite3.connect(s.db_path)
     conn.executescript(
-        "CREATE TABLE threads (id TEXT PRIMARY KEY, updated_at REAL);"
+        "CREATE TABLE threads (id TEXT PRIMARY KEY, created_at REAL);"
         "CREATE TABLE memories (thread_id TEXT, project TEXT);" + SCHEMA_SQL
     )
     key = entry_key("- Keep it pure HTML, CSS and JS: no frameworks. [019a085e 2025-10-21]")
@@ -148,7 +148,7 @@ def test_sections_rank_by_usage_then_recency(repo: Path) -> None:
     conn.close()
     block = build_context(s, str(repo))
     assert block is not None and block.sections[0] == "User preferences"
-    assert 'sessions="1"' in block.text and "the newest from 2026-01-02" in block.text
+    assert 'sessions="1"' in block.text and "the newest started 2026-01-02" in block.text
 
 
 def test_hook_formats_read_the_cwd_from_stdin_and_print_additional_context(repo: Path, tmp_path: Path) -> None:
@@ -294,3 +294,18 @@ def test_files_nobody_checked_go_through_the_redactor(repo: Path) -> None:
     (root / "MEMORY.md").write_text((root / "MEMORY.md").read_text() + f"- deploy with OPENAI_API_KEY={secret}\n")
     block = build_context(s, str(repo))
     assert block is not None and secret not in block.text and "[REDACTED_SECRET]" in block.text
+
+
+def test_a_reader_that_goes_away_does_not_fail_the_hook(repo: Path) -> None:
+    """An agent that closes the hook's stdout early gets no traceback: the hook still exits 0."""
+    s = settings()
+    make_memory(s.memory_dir, str(repo))
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    request = parse_args(["--format", "claude-hook", "--cwd", str(repo)])
+    stderr = io.StringIO()
+    code = run(request, stdin=io.StringIO(""), stdout=ClosedPipe(), stderr=stderr, environ=dict(os.environ))
+    assert code == 0 and "Traceback" not in stderr.getvalue()

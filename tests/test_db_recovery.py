@@ -129,6 +129,10 @@ def _recovery_scenario(tmp_path: Path, server: RoutedFake) -> None:
 
     recovered = _memd(home, "db", "recover", "--sessions", str(home.sessions))
     assert recovered.returncode == 0, recovered.stderr[-3000:]
+    # The search index is rebuilt from the memory folders: every trace file is searchable again.
+    assert "search index rebuilt for" in recovered.stdout
+    indexed = [r[0] for r in fk.query(home, "SELECT path FROM search_files WHERE path LIKE 'trace_summaries/%.md'")]
+    assert sorted(Path(p).name for p in indexed) == traces_before, indexed
     assert "restored memd.sqlite3.backup-" in recovered.stdout
     damaged = list(home.db_path.parent.glob("memd.sqlite3.damaged-*Z"))
     assert len(damaged) == 1  # kept for inspection (with its -wal/-shm when there were any)

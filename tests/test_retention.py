@@ -93,3 +93,27 @@ def test_consolidation_with_the_policy(tmp_path: Path) -> None:
     (root / "MEMORY.md").unlink()
     consolidate_root(root, writer=offline_writer, git=False)
     assert "staging needs the VPN" in (root / "MEMORY.md").read_text()  # without the policy it stays
+
+
+def test_sessions_are_dated_by_their_start_not_by_the_trace_files_time(tmp_path: Path) -> None:
+    """Copied or re-extracted rollouts have a recent last activity; the session date decides."""
+    root = tmp_path / "memory"
+    (root / "trace_summaries").mkdir(parents=True)
+    (root / "PROJECT").write_text("/p\n")
+    copied_at = NEWEST + 100 * DAY  # both rollouts were copied (or grew) long after the sessions
+    sessions = (
+        ("0199aaaa-0000-7000-8000-000000000001", NEWEST - 400 * DAY, "staging needs the VPN"),
+        ("019a0000-0000-7000-8000-000000000002", NEWEST, "lint needs ruff"),
+    )
+    for tid, started, fact in sessions:
+        header = TraceHeader(
+            thread_id=tid, project="/p", cwd="/p", rollout_path="/r", updated_at=copied_at, started_at=started
+        )
+        body = (
+            f"# work\nUser preferences: none observed\n## Task: work\nOutcome: success\n"
+            f"Things that did not work / things that can be improved:\n- {fact}\n"
+        )
+        (root / "trace_summaries" / f"{tid}_work.md").write_text(render_trace_file(header, body))
+    consolidate_root(root, writer=retaining(offline_writer, policy()), git=False)
+    text = (root / "MEMORY.md").read_text()
+    assert "lint needs ruff" in text and "staging needs the VPN" not in text

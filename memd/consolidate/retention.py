@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from memd.consolidate.builtin import Consolidated, ConsolidationInput, MemoryWriter
+from memd.memory.files import TraceHeader
 from memd.store.search import MEMORY_FILE, Chunk, Usage, chunk_memory_md
 
 #: Sections whose entries never fall out by age (matched case-insensitively, by prefix).
@@ -98,13 +99,19 @@ def prune_unused(
     return "".join(kept), dropped
 
 
+def _session_s(header: TraceHeader) -> float:
+    """When a trace's session happened: its start (``session_date``), else its last activity
+    (trace files written before the header carried the session date)."""
+    return header.started_at or header.updated_at
+
+
 def retaining(writer: MemoryWriter, policy: RetentionPolicy) -> MemoryWriter:
     """Wrap a consolidation writer so that its MEMORY.md goes through :func:`prune_unused`."""
 
     def write(data: ConsolidationInput) -> Consolidated:
         result = writer(data)
-        dates = {t.header.thread_id: t.header.updated_at for t in data.traces if t.header.thread_id}
-        newest = max((t.header.updated_at for t in data.traces), default=0.0)
+        dates = {t.header.thread_id: _session_s(t.header) for t in data.traces if t.header.thread_id}
+        newest = max((_session_s(t.header) for t in data.traces), default=0.0)
         text, _ = prune_unused(result.memory_md, policy=policy, session_dates=dates, newest_session_s=newest)
         return Consolidated(memory_md=text, skills=result.skills)
 

@@ -11,7 +11,7 @@ maximum :data:`MAX_BUDGET_TOKENS`)::
 
     <memd-context project="/home/me/app" updated="2026-11-26T10:00:00Z" sessions="7">
     # Memory of /home/me/app (memd)
-    Updated 2026-11-26 (3 days ago); 7 sessions, the newest from 2026-11-25. ...
+    Updated 2026-11-26 (3 days ago); 7 sessions, the newest started 2026-11-25. ...
     ## Summary                      memory_summary.md, newest lines first, about a third of the budget
     ## Handbook (MEMORY.md, ...)    MEMORY.md sections ranked by usage, then recency
     ## More                         absolute paths of MEMORY.md and skills; the MCP tool names
@@ -342,7 +342,7 @@ def _facts(settings: ContextSettings, project: str, root: Path) -> _Facts:
             conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
             try:
                 row = conn.execute(
-                    "SELECT count(*), max(t.updated_at) FROM memories m JOIN threads t ON t.id = m.thread_id"
+                    "SELECT count(*), max(t.created_at) FROM memories m JOIN threads t ON t.id = m.thread_id"
                     " WHERE m.project = ?",
                     (project,),
                 ).fetchone()
@@ -417,7 +417,7 @@ def build_context(
     quoted = project.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
     open_tag = f'<{MEMD_CONTEXT_TAG} project="{quoted}" updated="{_iso(mtime)}" sessions="{facts.sessions}">'
     close_tag = f"</{MEMD_CONTEXT_TAG}>"
-    newest = f", the newest from {_day(facts.newest_session_s)}" if facts.newest_session_s else ""
+    newest = f", the newest started {_day(facts.newest_session_s)}" if facts.newest_session_s else ""
     head = [
         open_tag,
         f"# Memory of {project} (memd)",
@@ -610,10 +610,19 @@ def run(
             print(_hook_answer(""), file=stdout)
             return 0
         return 1
-    if hook:
+    try:
+        _print_block(request, block, stdout)
+    except (BrokenPipeError, ValueError):  # the reader went away (or closed stdout): nothing to tell it
+        return 0
+    return 0
+
+
+def _print_block(request: ContextRequest, block: ContextBlock | None, stdout: TextIO) -> None:
+    """Write the answer in the requested format (nothing for an empty text or json answer)."""
+    if request.fmt.is_hook:
         print(_hook_answer(block.text if block else ""), file=stdout)
     elif block is None:
-        return 0
+        return
     elif request.fmt is ContextFormat.JSON:
         payload = {
             "project": block.project,
@@ -625,7 +634,6 @@ def run(
         print(json.dumps(payload, ensure_ascii=False), file=stdout)
     else:
         print(block.text, file=stdout)
-    return 0
 
 
 def _block_for(
