@@ -808,6 +808,7 @@ class _Session:
             return
         if self.v in (47, 77):
             shell_command = self.v == 77 and r.random() < 0.3
+            args: dict[str, Any]
             if shell_command:
                 args = {"command": command, "workdir": self.cwd}
                 w.envelope(
@@ -1147,6 +1148,132 @@ class _Session:
             meta["git"] = git
         self.w.envelope("session_meta", meta)
 
+    def _open_turn(self, user: str, *, first: bool) -> None:
+        """The lines an envelope-format turn starts with: task start, injected context, world
+        state, turn context, the user's message (as a response item and an event), a ghost
+        snapshot, token counts, and sometimes a commentary message."""
+        w, r, v = self.w, self.r, self.v
+        self.turn_id = _uuid7(r, w.t)
+        if v >= 104:
+            w.envelope(
+                "event_msg",
+                {
+                    "type": "task_started",
+                    "turn_id": self.turn_id,
+                    "started_at": int(w.t),
+                    "model_context_window": 258_400,
+                    "collaboration_mode_kind": "default",
+                },
+            )
+        if first:
+            self._injected_context()
+        if v >= 146:
+            self._world_state(first=first)
+        if v >= 104:
+            self.turn_context()
+        w.envelope("response_item", self.user_item(user))
+        self._user_event(user)
+        if v < 104:
+            self.turn_context()
+        if v == 77 and first:
+            self._ghost_snapshot()
+        self.token_count(first=first)
+        if v >= 104 and self.target > 20_000 and r.random() < 0.6:
+            self._commentary()
+
+    def _injected_context(self) -> None:
+        """The first turn's injected context (permissions, AGENTS.md, environment), by version."""
+        w, v = self.w, self.v
+        if v >= 104:
+            w.envelope(
+                "response_item",
+                {
+                    "type": "message",
+                    "role": "developer",
+                    "content": [
+                        {"type": "input_text", "text": self.permissions()},
+                        {
+                            "type": "input_text",
+                            "text": "<collaboration_mode># Collaboration Mode: Default\n</collaboration_mode>",
+                        },
+                    ],
+                },
+            )
+            w.envelope(
+                "response_item",
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": self.agents_md()},
+                        {"type": "input_text", "text": self.env_context()},
+                    ],
+                },
+            )
+        elif v == 77:
+            w.envelope("response_item", self.user_item(self.agents_md()))
+            w.envelope("response_item", self.user_item(self.env_context()))
+        else:
+            w.envelope("response_item", self.user_item(self.env_context()))
+
+    def _world_state(self, *, first: bool) -> None:
+        """A 0.146 ``world_state`` line (the full state on the first turn)."""
+        w = self.w
+        state: dict[str, Any] = {
+            "environments": {"current_date": _fmt_ts(w.t)[:10], "timezone": "UTC"},
+            "model": self.model,
+        }
+        if first:
+            state.update(
+                {
+                    "agents_md": {"directory": self.cwd, "text": self.agents_md()},
+                    "collaboration_mode": "default",
+                    "realtime": {"active": False},
+                }
+            )
+        w.envelope("world_state", {"full": first, "state": state})
+
+    def _user_event(self, user: str) -> None:
+        """The ``user_message`` event, in the shape of the version."""
+        event: dict[str, Any] = {"type": "user_message", "message": user}
+        if self.v == 47:
+            event["kind"] = "plain"
+        elif self.v == 77:
+            event["images"] = []
+        else:
+            event.update({"images": [], "local_images": [], "text_elements": []})
+        self.w.envelope("event_msg", event)
+
+    def _ghost_snapshot(self) -> None:
+        """A 0.77 ``ghost_snapshot`` response item."""
+        r = self.r
+        self.w.envelope(
+            "response_item",
+            {
+                "type": "ghost_snapshot",
+                "ghost_commit": {
+                    "id": f"{r.getrandbits(160):040x}",
+                    "parent": f"{r.getrandbits(160):040x}",
+                    "preexisting_untracked_files": [],
+                    "preexisting_untracked_dirs": [],
+                },
+            },
+        )
+
+    def _commentary(self) -> None:
+        """A commentary message (0.104+), as an event and as a response item."""
+        note = f"I'll {self.words(6, 18)}."
+        self.w.envelope("event_msg", {"type": "agent_message", "message": note, "phase": "commentary"})
+        self.w.envelope(
+            "response_item",
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": note}],
+                "phase": "commentary",
+            },
+        )
+
     def turn(self, budget: int, *, first: bool, last: bool) -> None:
         """One user turn of about ``budget`` bytes; ``last`` sizes the final output exactly."""
         w, r, v = self.w, self.r, self.v
@@ -1161,103 +1288,7 @@ class _Session:
             w.bare(self.user_item(user))
             w.bare({"record_type": "state"})
         else:
-            self.turn_id = _uuid7(r, w.t)
-            if v >= 104:
-                w.envelope(
-                    "event_msg",
-                    {
-                        "type": "task_started",
-                        "turn_id": self.turn_id,
-                        "started_at": int(w.t),
-                        "model_context_window": 258_400,
-                        "collaboration_mode_kind": "default",
-                    },
-                )
-            if first:
-                if v >= 104:
-                    w.envelope(
-                        "response_item",
-                        {
-                            "type": "message",
-                            "role": "developer",
-                            "content": [
-                                {"type": "input_text", "text": self.permissions()},
-                                {
-                                    "type": "input_text",
-                                    "text": "<collaboration_mode># Collaboration Mode: Default\n</collaboration_mode>",
-                                },
-                            ],
-                        },
-                    )
-                    w.envelope(
-                        "response_item",
-                        {
-                            "type": "message",
-                            "role": "user",
-                            "content": [
-                                {"type": "input_text", "text": self.agents_md()},
-                                {"type": "input_text", "text": self.env_context()},
-                            ],
-                        },
-                    )
-                elif v == 77:
-                    w.envelope("response_item", self.user_item(self.agents_md()))
-                    w.envelope("response_item", self.user_item(self.env_context()))
-                else:
-                    w.envelope("response_item", self.user_item(self.env_context()))
-            if v >= 146:
-                state = {
-                    "environments": {"current_date": _fmt_ts(w.t)[:10], "timezone": "UTC"},
-                    "model": self.model,
-                }
-                if first:
-                    state.update(
-                        {
-                            "agents_md": {"directory": self.cwd, "text": self.agents_md()},
-                            "collaboration_mode": "default",
-                            "realtime": {"active": False},
-                        }
-                    )
-                w.envelope("world_state", {"full": first, "state": state})
-            if v >= 104:
-                self.turn_context()
-            w.envelope("response_item", self.user_item(user))
-            event: dict[str, Any] = {"type": "user_message", "message": user}
-            if v == 47:
-                event["kind"] = "plain"
-            elif v == 77:
-                event["images"] = []
-            else:
-                event.update({"images": [], "local_images": [], "text_elements": []})
-            w.envelope("event_msg", event)
-            if v < 104:
-                self.turn_context()
-            if v == 77 and first:
-                w.envelope(
-                    "response_item",
-                    {
-                        "type": "ghost_snapshot",
-                        "ghost_commit": {
-                            "id": f"{r.getrandbits(160):040x}",
-                            "parent": f"{r.getrandbits(160):040x}",
-                            "preexisting_untracked_files": [],
-                            "preexisting_untracked_dirs": [],
-                        },
-                    },
-                )
-            self.token_count(first=first)
-            if v >= 104 and self.target > 20_000 and r.random() < 0.6:
-                note = f"I'll {self.words(6, 18)}."
-                w.envelope("event_msg", {"type": "agent_message", "message": note, "phase": "commentary"})
-                w.envelope(
-                    "response_item",
-                    {
-                        "type": "message",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": note}],
-                        "phase": "commentary",
-                    },
-                )
+            self._open_turn(user, first=first)
 
         # Estimated bytes of the closing lines, and of a round's lines besides its output
         # (the reasoning line is written before the output is sized, so it is not included).
@@ -1517,7 +1548,8 @@ def _sniff(path: Path) -> tuple[str, str, Any]:
         raise ValueError(f"{path}: first line is not an object")
     if "type" not in obj:
         return "legacy", str(obj.get("cwd") or PROJECTS[0][0]), None
-    p = obj.get("payload") if isinstance(obj.get("payload"), dict) else {}
+    payload = obj.get("payload")
+    p: dict[str, Any] = payload if isinstance(payload, dict) else {}
     try:
         minor = int(str(p.get("cli_version")).split(".")[1])
     except (IndexError, ValueError):

@@ -864,101 +864,118 @@ def run_bench(
         run_pool = (
             component_pool_fn(workdir, settings, factory) if settings is not None and factory is not None else None
         )
-    figures: list[Figure] = []
-
-    def step(keys: list[str], label: str, fn: Callable[[], list[Figure]]) -> None:
-        out(f"· {label}")
-        t0 = time.perf_counter()
-        try:
-            got = fn()
-        except Exception as exc:  # a broken component must not stop the other figures
-            log.warning("bench_figure_failed", keys=keys, error=f"{type(exc).__name__}: {exc}")
-            got = _missing(keys, f"failed: {type(exc).__name__}: {exc}")
-        for fig in got:
-            log.info("bench_figure", key=fig.key, value=fig.value, baseline=fig.baseline)
-        figures.extend(got)
-        out(f"  done in {time.perf_counter() - t0:.1f}s")
-
     try:
-        step(
-            list(QUALITY_TARGETS),
-            "memory quality over the real rollouts (memd once, offline)",
-            lambda: bench_quality(real_dir.parent if real_dir is not None else None, workdir, out=out),
-        )
-        step(
-            ["input_ratio_real"],
-            "input ratio over the real rollouts",
-            lambda: bench_input_ratio_real(real_dir),
-        )
-        step(
-            ["input_ratio_real_claude"],
-            "input ratio over the real Claude Code transcripts",
-            lambda: bench_input_ratio_real_claude(real_dir.parent / "claude" if real_dir is not None else None),
-        )
-
-        def input_build() -> list[Figure]:
-            manifest = corpus.generate_corpus(workdir / "corpus", n_files=sizes.corpus_files, seed=sizes.seed)
-            return bench_input_build(manifest.paths)
-
-        step(
-            ["input_build_mb_s", "input_ratio_synthetic"],
-            f"input building ({sizes.corpus_files} rollouts)",
-            input_build,
-        )
-        step(
-            ["append_1k_ms"],
-            f"1 KiB appends to a {sizes.append_rollout_bytes / 1e6:.0f} MB rollout",
-            lambda: bench_append(
-                workdir,
-                rollout_bytes=sizes.append_rollout_bytes,
-                repeats=sizes.append_repeats,
-                seed=sizes.seed,
-            ),
-        )
-
-        def index() -> list[Figure]:
-            root = workdir / "index-sessions"
-            manifest = corpus.generate_corpus(
-                root, n_files=sizes.index_files, seed=sizes.seed + 1, size_mix=corpus.SMALL_SIZE_MIX
-            )
-            return bench_index(manifest.paths, [root], index_fn=index_fn, state_dir=workdir / "index-state")
-
-        step(
-            ["index_cold_s_per_10k", "index_warm_s_per_10k"],
-            f"indexing {sizes.index_files} rollouts",
-            index,
-        )
-        step(
-            ["pool_efficiency"],
-            "worker pool",
-            lambda: bench_pool(
-                run_pool,
-                n_jobs=sizes.pool_jobs,
-                concurrency=sizes.pool_concurrency,
-                latency_s=sizes.pool_latency_s,
-            ),
-        )
-        step(list(REDACTION_TARGETS), "secret redaction corpus", bench_redaction)
-
-        def context() -> list[Figure]:
-            value, baseline, note = bench_context(workdir)
-            return [Figure("context_ms", value, baseline, note)]
-
-        def search() -> list[Figure]:
-            value, note = bench_search(workdir)
-            return [Figure("search_ms", value, None, note)]
-
-        step(["context_ms"], "memd context as a fresh process (SessionStart hook)", context)
-        step(["search_ms"], "memory_search over 1,000 trace memories", search)
-        step(
-            ["idle_cpu_s_per_10min", "rss_mb"],
-            f"idle daemon ({sizes.idle_window_s:g}s window)",
-            lambda: bench_idle(daemon_argv, workdir, settle_s=sizes.idle_settle_s, window_s=sizes.idle_window_s),
-        )
+        steps = _steps(workdir, sizes, real_dir, index_fn=index_fn, run_pool=run_pool, daemon_argv=daemon_argv, out=out)
+        figures = [fig for step in steps for fig in _run_step(step, out)]
     finally:
         if tmp is not None:
             tmp.cleanup()
+    return _report(figures, quick=quick, sizes=sizes, json_path=json_path, out=out)
 
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One measurement of :func:`run_bench`: the figure keys it gives, a label, the function."""
+
+    keys: list[str]
+    label: str
+    run: Callable[[], list[Figure]]
+
+
+def _steps(
+    workdir: Path,
+    sizes: BenchSizes,
+    real_dir: Path | None,
+    *,
+    index_fn: IndexFn | None,
+    run_pool: PoolFn | None,
+    daemon_argv: Sequence[str] | None,
+    out: Callable[[str], Any],
+) -> list[_Step]:
+    """Every measurement of a bench run, in order (each is independent of the others)."""
+    shared = real_dir.parent if real_dir is not None else None
+
+    def input_build() -> list[Figure]:
+        manifest = corpus.generate_corpus(workdir / "corpus", n_files=sizes.corpus_files, seed=sizes.seed)
+        return bench_input_build(manifest.paths)
+
+    def index() -> list[Figure]:
+        root = workdir / "index-sessions"
+        manifest = corpus.generate_corpus(
+            root, n_files=sizes.index_files, seed=sizes.seed + 1, size_mix=corpus.SMALL_SIZE_MIX
+        )
+        return bench_index(manifest.paths, [root], index_fn=index_fn, state_dir=workdir / "index-state")
+
+    def context() -> list[Figure]:
+        value, baseline, note = bench_context(workdir)
+        return [Figure("context_ms", value, baseline, note)]
+
+    def search() -> list[Figure]:
+        value, note = bench_search(workdir)
+        return [Figure("search_ms", value, None, note)]
+
+    return [
+        _Step(
+            list(QUALITY_TARGETS),
+            "memory quality over the real rollouts (memd once, offline)",
+            lambda: bench_quality(shared, workdir, out=out),
+        ),
+        _Step(["input_ratio_real"], "input ratio over the real rollouts", lambda: bench_input_ratio_real(real_dir)),
+        _Step(
+            ["input_ratio_real_claude"],
+            "input ratio over the real Claude Code transcripts",
+            lambda: bench_input_ratio_real_claude(shared / "claude" if shared is not None else None),
+        ),
+        _Step(
+            ["input_build_mb_s", "input_ratio_synthetic"],
+            f"input building ({sizes.corpus_files} rollouts)",
+            input_build,
+        ),
+        _Step(
+            ["append_1k_ms"],
+            f"1 KiB appends to a {sizes.append_rollout_bytes / 1e6:.0f} MB rollout",
+            lambda: bench_append(
+                workdir, rollout_bytes=sizes.append_rollout_bytes, repeats=sizes.append_repeats, seed=sizes.seed
+            ),
+        ),
+        _Step(["index_cold_s_per_10k", "index_warm_s_per_10k"], f"indexing {sizes.index_files} rollouts", index),
+        _Step(
+            ["pool_efficiency"],
+            "worker pool",
+            lambda: bench_pool(
+                run_pool, n_jobs=sizes.pool_jobs, concurrency=sizes.pool_concurrency, latency_s=sizes.pool_latency_s
+            ),
+        ),
+        _Step(list(REDACTION_TARGETS), "secret redaction corpus", bench_redaction),
+        _Step(["context_ms"], "memd context as a fresh process (SessionStart hook)", context),
+        _Step(["search_ms"], "memory_search over 1,000 trace memories", search),
+        _Step(
+            ["idle_cpu_s_per_10min", "rss_mb"],
+            f"idle daemon ({sizes.idle_window_s:g}s window)",
+            lambda: bench_idle(daemon_argv, workdir, settle_s=sizes.idle_settle_s, window_s=sizes.idle_window_s),
+        ),
+    ]
+
+
+def _run_step(step: _Step, out: Callable[[str], Any]) -> list[Figure]:
+    """Run one measurement; a failure becomes ``None`` figures with the error (never raised)."""
+    out(f"· {step.label}")
+    t0 = time.perf_counter()
+    try:
+        got = step.run()
+    except Exception as exc:  # a broken component must not stop the other figures
+        log.warning("bench_figure_failed", keys=step.keys, error=f"{type(exc).__name__}: {exc}")
+        got = _missing(step.keys, f"failed: {type(exc).__name__}: {exc}")
+    for fig in got:
+        log.info("bench_figure", key=fig.key, value=fig.value, baseline=fig.baseline)
+    out(f"  done in {time.perf_counter() - t0:.1f}s")
+    return got
+
+
+def _report(
+    figures: Sequence[Figure], *, quick: bool, sizes: BenchSizes, json_path: Path | None, out: Callable[[str], Any]
+) -> dict[str, float | None]:
+    """Print the table, write the JSON document, return ``{key: value}`` with the baselines."""
     by_key = {f.key: f for f in figures}
     ordered = [by_key.get(k) or Figure(k, None, None, "not measured") for k in FIGURE_KEYS]
     out("")

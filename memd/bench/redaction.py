@@ -556,104 +556,118 @@ def _sha1(rng: random.Random) -> str:
     return hashlib.sha1(rng.randbytes(16)).hexdigest()
 
 
+def _lk_git_log(rng: random.Random) -> str:
+    return f"commit {_sha1(rng)}\nAuthor: Dev <dev@example.com>\n\n    Fix flaky test"
+
+
+def _lk_git_oneline(rng: random.Random) -> str:
+    return "\n".join(f"{_sha1(rng)[:7]} {m}" for m in ("fix parser", "add tests", "bump deps"))
+
+
+def _lk_git_rev(rng: random.Random) -> str:
+    return f"$ git rev-parse HEAD\n{_sha1(rng)}\n$ git checkout {_sha1(rng)[:12]}"
+
+
+def _lk_uuid_line(rng: random.Random) -> str:
+    u = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    return f"request_id={u} session {uuid.UUID(bytes=rng.randbytes(16), version=4)} thread_id: {u}"
+
+
+def _lk_uuid_json(rng: random.Random) -> str:
+    u = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    return json.dumps({"output": f'{{"id": "{u}", "status": "ok"}}', "metadata": {"exit_code": 0}})
+
+
+def _lk_image(rng: random.Random) -> str:
+    data = base64.b64encode(b"\x89PNG\r\n\x1a\n" + rng.randbytes(rng.choice([300, 900, 2400]))).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="chart">'
+
+
+def _lk_image_md(rng: random.Random) -> str:
+    data = base64.b64encode(b"\xff\xd8\xff\xe0" + rng.randbytes(600)).decode()
+    return f"![screenshot](data:image/jpeg;base64,{data})"
+
+
+def _lk_npm_integrity(rng: random.Random) -> str:
+    digest = base64.b64encode(hashlib.sha512(rng.randbytes(8)).digest()).decode()
+    return f'    "node_modules/left-pad": {{\n      "version": "1.3.0",\n      "integrity": "sha512-{digest}"\n    }}'
+
+
+def _lk_pip_hash(rng: random.Random) -> str:
+    return f"requests==2.32.3 \\\n    --hash=sha256:{hashlib.sha256(rng.randbytes(8)).hexdigest()}"
+
+
+def _lk_digest(rng: random.Random) -> str:
+    return f"Digest: sha256:{hashlib.sha256(rng.randbytes(8)).hexdigest()}\nStatus: Downloaded newer image"
+
+
+def _lk_sri(rng: random.Random) -> str:
+    d = base64.b64encode(hashlib.sha384(rng.randbytes(8)).digest()).decode()
+    return f'<script src="/app.js" integrity="sha384-{d}" crossorigin="anonymous"></script>'
+
+
+def _lk_flags(rng: random.Random) -> str:
+    return rng.choice(
+        [
+            "mkdir -p build/out && docker run -p 8080:80 nginx",
+            "ssh -p 2222 deploy@host.example.com 'uptime'",
+            "mysql -u root -p shop",
+            'curl -u "$USER:$API_TOKEN" https://api.example.net/x',
+            "echo $REGISTRY_PASSWORD | docker login -u ci --password-stdin ghcr.io",
+            "docker login ghcr.io -u ci --password-stdin < ~/.ghcr",
+            "git clone git@github.com:acme/api.git && cd api",
+            "export OPENAI_API_KEY=$OPENAI_API_KEY",
+            "tar -pxf release.tgz -C /opt/app",
+            "curl -u admin: https://localhost:9200/_cat/indices",
+        ]
+    )
+
+
+def _lk_prose(rng: random.Random) -> str:
+    return rng.choice(
+        [
+            "The tokenizer splits words; max_tokens = 4096 and token_count: 5000.",
+            "Use a secret manager for keys; the password must be 12 characters.",
+            "Bearer authentication is described in RFC 6750.",
+            "def check_password(password: str) -> bool:\n    return verify(password, stored_hash)",
+            "password = getpass.getpass()\ntoken = os.environ['GITHUB_TOKEN']",
+            "SKU-4821 ships with the AIza integration guide; see skills/QA.md",
+            "The npm_config_cache variable and hf_hub_download() are documented.",
+            "SG. stands for Singapore in this table. 4Q~ is not a secret.",
+        ]
+    )
+
+
+def _lk_hexid(rng: random.Random) -> str:
+    return f"trace {rng.randbytes(16).hex()} span {rng.randbytes(8).hex()} color #{rng.randbytes(3).hex()}"
+
+
+def _lk_version(rng: random.Random) -> str:
+    return f"Python 3.11.{rng.randint(0, 9)} (main, build {rng.randbytes(6).hex()})"
+
+
+#: Each look-alike maker and how many of the 100 samples it makes.
+_LOOKALIKE_MIX: tuple[tuple[Callable[[random.Random], str], int], ...] = (
+    (_lk_git_log, 10),
+    (_lk_git_oneline, 5),
+    (_lk_git_rev, 5),
+    (_lk_uuid_line, 10),
+    (_lk_uuid_json, 5),
+    (_lk_image, 10),
+    (_lk_image_md, 5),
+    (_lk_npm_integrity, 10),
+    (_lk_pip_hash, 5),
+    (_lk_digest, 5),
+    (_lk_sri, 5),
+    (_lk_flags, 10),
+    (_lk_prose, 8),
+    (_lk_hexid, 4),
+    (_lk_version, 3),
+)
+
+
 def _lookalike_makers() -> list[Callable[[random.Random], str]]:
-    def git_log(rng: random.Random) -> str:
-        return f"commit {_sha1(rng)}\nAuthor: Dev <dev@example.com>\n\n    Fix flaky test"
-
-    def git_oneline(rng: random.Random) -> str:
-        return "\n".join(f"{_sha1(rng)[:7]} {m}" for m in ("fix parser", "add tests", "bump deps"))
-
-    def git_rev(rng: random.Random) -> str:
-        return f"$ git rev-parse HEAD\n{_sha1(rng)}\n$ git checkout {_sha1(rng)[:12]}"
-
-    def uuid_line(rng: random.Random) -> str:
-        u = uuid.UUID(bytes=rng.randbytes(16), version=4)
-        return f"request_id={u} session {uuid.UUID(bytes=rng.randbytes(16), version=4)} thread_id: {u}"
-
-    def uuid_json(rng: random.Random) -> str:
-        u = uuid.UUID(bytes=rng.randbytes(16), version=4)
-        return json.dumps({"output": f'{{"id": "{u}", "status": "ok"}}', "metadata": {"exit_code": 0}})
-
-    def image(rng: random.Random) -> str:
-        data = base64.b64encode(b"\x89PNG\r\n\x1a\n" + rng.randbytes(rng.choice([300, 900, 2400]))).decode()
-        return f'<img src="data:image/png;base64,{data}" alt="chart">'
-
-    def image_md(rng: random.Random) -> str:
-        data = base64.b64encode(b"\xff\xd8\xff\xe0" + rng.randbytes(600)).decode()
-        return f"![screenshot](data:image/jpeg;base64,{data})"
-
-    def npm_integrity(rng: random.Random) -> str:
-        digest = base64.b64encode(hashlib.sha512(rng.randbytes(8)).digest()).decode()
-        return (
-            f'    "node_modules/left-pad": {{\n      "version": "1.3.0",\n      "integrity": "sha512-{digest}"\n    }}'
-        )
-
-    def pip_hash(rng: random.Random) -> str:
-        return f"requests==2.32.3 \\\n    --hash=sha256:{hashlib.sha256(rng.randbytes(8)).hexdigest()}"
-
-    def digest(rng: random.Random) -> str:
-        return f"Digest: sha256:{hashlib.sha256(rng.randbytes(8)).hexdigest()}\nStatus: Downloaded newer image"
-
-    def sri(rng: random.Random) -> str:
-        d = base64.b64encode(hashlib.sha384(rng.randbytes(8)).digest()).decode()
-        return f'<script src="/app.js" integrity="sha384-{d}" crossorigin="anonymous"></script>'
-
-    def flags(rng: random.Random) -> str:
-        return rng.choice(
-            [
-                "mkdir -p build/out && docker run -p 8080:80 nginx",
-                "ssh -p 2222 deploy@host.example.com 'uptime'",
-                "mysql -u root -p shop",
-                'curl -u "$USER:$API_TOKEN" https://api.example.net/x',
-                "echo $REGISTRY_PASSWORD | docker login -u ci --password-stdin ghcr.io",
-                "docker login ghcr.io -u ci --password-stdin < ~/.ghcr",
-                "git clone git@github.com:acme/api.git && cd api",
-                "export OPENAI_API_KEY=$OPENAI_API_KEY",
-                "tar -pxf release.tgz -C /opt/app",
-                "curl -u admin: https://localhost:9200/_cat/indices",
-            ]
-        )
-
-    def prose(rng: random.Random) -> str:
-        return rng.choice(
-            [
-                "The tokenizer splits words; max_tokens = 4096 and token_count: 5000.",
-                "Use a secret manager for keys; the password must be 12 characters.",
-                "Bearer authentication is described in RFC 6750.",
-                "def check_password(password: str) -> bool:\n    return verify(password, stored_hash)",
-                "password = getpass.getpass()\ntoken = os.environ['GITHUB_TOKEN']",
-                "SKU-4821 ships with the AIza integration guide; see skills/QA.md",
-                "The npm_config_cache variable and hf_hub_download() are documented.",
-                "SG. stands for Singapore in this table. 4Q~ is not a secret.",
-            ]
-        )
-
-    def hexid(rng: random.Random) -> str:
-        return f"trace {rng.randbytes(16).hex()} span {rng.randbytes(8).hex()} color #{rng.randbytes(3).hex()}"
-
-    def version(rng: random.Random) -> str:
-        return f"Python 3.11.{rng.randint(0, 9)} (main, build {rng.randbytes(6).hex()})"
-
-    makers: list[Callable[[random.Random], str]] = []
-    for maker, n in (
-        (git_log, 10),
-        (git_oneline, 5),
-        (git_rev, 5),
-        (uuid_line, 10),
-        (uuid_json, 5),
-        (image, 10),
-        (image_md, 5),
-        (npm_integrity, 10),
-        (pip_hash, 5),
-        (digest, 5),
-        (sri, 5),
-        (flags, 10),
-        (prose, 8),
-        (hexid, 4),
-        (version, 3),
-    ):
-        makers.extend([maker] * n)
-    return makers
+    return [maker for maker, n in _LOOKALIKE_MIX for _ in range(n)]
 
 
 def lookalike_samples(*, seed: int = 0) -> list[str]:

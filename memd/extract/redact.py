@@ -238,7 +238,18 @@ def redact(text: str) -> tuple[str, int]:
     add = spans.append
     # One byte per character, non-ASCII ones as "?": indices match ``text``.
     raw = text.encode("ascii") if text.isascii() else text.encode("ascii", "replace")
+    _token_spans(text, raw, add)
+    _aws_id_spans(text, raw, add)
+    _credential_spans(text, raw, add)
+    _named_spans(text, raw, raw.lower(), add)  # ASCII letters only lowered: indices still match
+    if not spans:
+        return text, 0
+    return _replace_spans(text, spans)
 
+
+def _token_spans(text: str, raw: bytes, add: _Add) -> None:
+    """Provider tokens recognised by their shape (OpenAI, Anthropic, Stripe, GitHub, GitLab, Slack,
+    Google, npm, Hugging Face, SendGrid, Azure, JWTs, PEM blocks)."""
     if b"PRIVATE KEY" in raw:
         _find_pem(text, add)
     for m in _OPENAI.finditer(raw):
@@ -248,16 +259,6 @@ def redact(text: str) -> tuple[str, int]:
         start = m.start() - 1
         if start >= 0 and text[start] in "sr" and (start == 0 or not _is_word(text[start - 1])):
             add((start, m.end()))
-    for m in _AWS_ID.finditer(raw):
-        add(m.span())
-        window_end = min(len(raw), m.end() + 300)
-        nul = raw.find(b"\x00", m.end(), window_end)
-        if nul != -1:
-            window_end = nul
-        for s in _AWS_SECRET_AFTER.finditer(raw, m.end(), window_end):
-            if _looks_like_aws_secret(text[s.start() : s.end()]):
-                add(s.span())
-                break
     for pattern in _PREFIXED:
         for m in pattern.finditer(raw):
             add(m.span())
@@ -268,16 +269,42 @@ def redact(text: str) -> tuple[str, int]:
             add((m.start() - 2, m.end()))
     for m in _AZURE.finditer(raw):
         add((m.start() - 4, m.end()))
-    for m in _DOCKER_AUTH.finditer(raw):
-        add(m.span(1))
     for m in _JWT.finditer(raw):
         add((m.start() - 2, m.end()))
+
+
+def _aws_id_spans(text: str, raw: bytes, add: _Add) -> None:
+    """AWS access key ids, and the secret access key that follows one within 300 characters."""
+    for m in _AWS_ID.finditer(raw):
+        add(m.span())
+        window_end = min(len(raw), m.end() + 300)
+        nul = raw.find(b"\x00", m.end(), window_end)
+        if nul != -1:
+            window_end = nul
+        _first_aws_secret(text, raw, m.end(), window_end, add)
+
+
+def _first_aws_secret(text: str, raw: bytes, start: int, end: int, add: _Add) -> None:
+    """Add the first AWS-secret-looking value in ``raw[start:end]``."""
+    for s in _AWS_SECRET_AFTER.finditer(raw, start, end):
+        if _looks_like_aws_secret(text[s.start() : s.end()]):
+            add(s.span())
+            return
+
+
+def _credential_spans(text: str, raw: bytes, add: _Add) -> None:
+    """Credentials inside commands and URLs: docker auths, ``user:pass@``, ``-p`` style flags."""
+    for m in _DOCKER_AUTH.finditer(raw):
+        add(m.span(1))
     for m in _URL_CREDS.finditer(raw):
         add(m.span(1))
     for m in _CMD_FLAG.finditer(raw):
         _check_command_flag(text, raw, m, add)
 
-    lowered = raw.lower()  # ASCII letters only: indices still match
+
+def _named_spans(text: str, raw: bytes, lowered: bytes, add: _Add) -> None:
+    """Values named as secrets (case-insensitive): bearer tokens, Authorization headers,
+    ``--password``-like flags, ``--password-stdin`` inputs, AWS secret names, assignments."""
     for m in _BEARER.finditer(lowered):
         token = text[m.start(1) : m.end(1)]
         if len(token) >= 24 or any(c.isdigit() for c in token):
@@ -293,16 +320,14 @@ def redact(text: str) -> tuple[str, int]:
     if b"password-stdin" in lowered:
         _find_stdin_passwords(text, lowered, add)
     for m in _AWS_SECRET_NAME.finditer(lowered):
-        for s in _AWS_SECRET_AFTER.finditer(raw, m.end(), min(len(raw), m.end() + 120)):
-            if _looks_like_aws_secret(text[s.start() : s.end()]):
-                add(s.span())
-                break
+        _first_aws_secret(text, raw, m.end(), min(len(raw), m.end() + 120), add)
     for pattern, late in _ASSIGNS:
         for m in pattern.finditer(lowered):
             _check_assignment(text, m, m.start() - late, add)
 
-    if not spans:
-        return text, 0
+
+def _replace_spans(text: str, spans: list[tuple[int, int]]) -> tuple[str, int]:
+    """``text`` with every span (overlapping ones merged) replaced by :data:`REDACTED`."""
     spans.sort()
     parts: list[str] = []
     count = 0
@@ -310,8 +335,7 @@ def redact(text: str) -> tuple[str, int]:
     cur_start, cur_end = spans[0]
     for start, end in spans[1:]:
         if start < cur_end:
-            if end > cur_end:
-                cur_end = end
+            cur_end = max(cur_end, end)
             continue
         parts.append(text[pos:cur_start])
         parts.append(REDACTED)
@@ -437,7 +461,6 @@ def _check_assignment(text: str, m: re.Match[bytes], kw_start: int, add: _Add) -
     starts at ``kw_start``; group 1 is an optional closing quote of the name, group 2 the
     separator.
     """
-    n = len(text)
     kw_end = m.start(1)
     name_start = kw_start
     while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
@@ -446,66 +469,70 @@ def _check_assignment(text: str, m: re.Match[bytes], kw_start: int, add: _Add) -
     strength = _name_strength(name.lower(), text[kw_start:kw_end].lower())
     if strength == 0:
         return
-    quoted_name = m.end(1) > m.start(1)
     if m.start(2) == -1:  # "the password is <value>": only a value that looks like a secret
-        i = m.end()
-        prose = _PROSE_VALUE.match(text, i)
-        value = prose.group().rstrip(".") if prose else ""
-        if value and not _is_placeholder(value) and "(" not in value and _looks_secret(value):
-            if strength == 2 or _KEY_LIKE.fullmatch(value):
-                add((i, i + len(value)))
+        _check_prose_value(text, m.end(), strength, add)
         return
     sep = text[m.start(2)]
-    space_before_sep = m.start(2) > m.end(1)
-
     i = m.end()
-    while i < n and text[i] in " \t":
+    while i < len(text) and text[i] in " \t":
         i += 1
-    if i >= n:
+    if i >= len(text):
         return
     if sep == ":" and i == m.end() and not (text[i] in "\"'" or text.startswith(('\\"', "\\'"), i)):
         return  # "name:value" without a blank is a URL user, a time, a path, "if x.token:\n"; not YAML/JSON
-    quoted = False
-    if text[i] in "\"'" or (text[i] == "\\" and i + 1 < n and text[i + 1] in "\"'"):
-        if text[i] == "\\":
-            i += 1
-        quote = text[i]
-        end = text.find(quote, i + 1)
-        newline = text.find("\n", i + 1)
-        v_start = i + 1
-        if end != -1 and (newline == -1 or end < newline):
-            if text[end - 1] == "\\":  # \"value\" inside JSON-escaped text
-                end -= 1
-            v_end = end
-            quoted = True
-        else:
-            v_end = _unquoted_end(text, v_start)
-    else:
-        v_start = i
-        v_end = _unquoted_end(text, v_start)
+    v_start, v_end, quoted = _value_span(text, i)
     value = text[v_start:v_end]
     if not value or _is_placeholder(value):
         return
-    if strength == 1:
-        if _KEY_LIKE.fullmatch(value):
-            add((v_start, v_end))
-        return
-    if quoted:
-        if len(value.split()) < 5:  # five words or more is prose, not a secret
-            add((v_start, v_end))
-        return
-    if value[0] in "/~" or value.startswith("./"):
-        return  # a path (PWD=/home/me, secret_file: ~/x)
     env_style = (
         sep == "="
-        and not space_before_sep
-        and not quoted_name
+        and m.start(2) == m.end(1)  # no blank before "="
+        and m.end(1) == m.start(1)  # the name is not quoted
         and (name.lstrip("-").isupper() or name.startswith("-") or (name_start > 0 and text[name_start - 1] in "?&"))
     )
-    if "(" in value or _ATTRIBUTE_PATH.fullmatch(value):
-        return  # a call or an attribute path names a value, it is not one
-    if env_style or _looks_secret(value):
+    if _secret_value(value, strength=strength, quoted=quoted, env_style=env_style):
         add((v_start, v_end))
+
+
+def _check_prose_value(text: str, i: int, strength: int, add: _Add) -> None:
+    """``the password is <value>``: add the value when it looks like a secret."""
+    prose = _PROSE_VALUE.match(text, i)
+    value = prose.group().rstrip(".") if prose else ""
+    if value and not _is_placeholder(value) and "(" not in value and _looks_secret(value):
+        if strength == 2 or _KEY_LIKE.fullmatch(value):
+            add((i, i + len(value)))
+
+
+def _value_span(text: str, i: int) -> tuple[int, int, bool]:
+    """Where the value starting at ``i`` lies: ``(start, end, quoted)`` (a quote ends it on its line;
+    a JSON-escaped ``\\"value\\"`` counts as quoted)."""
+    n = len(text)
+    if not (text[i] in "\"'" or (text[i] == "\\" and i + 1 < n and text[i + 1] in "\"'")):
+        return i, _unquoted_end(text, i), False
+    if text[i] == "\\":
+        i += 1
+    quote = text[i]
+    end = text.find(quote, i + 1)
+    newline = text.find("\n", i + 1)
+    if end != -1 and (newline == -1 or end < newline):
+        if text[end - 1] == "\\":  # \"value\" inside JSON-escaped text
+            end -= 1
+        return i + 1, end, True
+    return i + 1, _unquoted_end(text, i + 1), False
+
+
+def _secret_value(value: str, *, strength: int, quoted: bool, env_style: bool) -> bool:
+    """Whether an assigned value is a secret, given how strongly its name says so (1: key-like
+    names such as ``*_key``, only key-like values; 2: ``password``, ``secret``, ``token``...)."""
+    if strength == 1:
+        return _KEY_LIKE.fullmatch(value) is not None
+    if quoted:
+        return len(value.split()) < 5  # five words or more is prose, not a secret
+    if value[0] in "/~" or value.startswith("./"):
+        return False  # a path (PWD=/home/me, secret_file: ~/x)
+    if "(" in value or _ATTRIBUTE_PATH.fullmatch(value):
+        return False  # a call or an attribute path names a value, it is not one
+    return env_style or _looks_secret(value)
 
 
 def _unquoted_end(text: str, start: int) -> int:

@@ -161,24 +161,11 @@ def citation_uses(
         for block in _CITATION.findall(item.text):
             for entries in _ENTRIES.findall(block):
                 for line in entries.splitlines():
-                    match = _ENTRY_LINE.match(line.strip())
-                    if not match or not match["path"].startswith("/"):
+                    cited = _cited_file(line, base)
+                    if cited is None:
                         continue
-                    cited = Path(match["path"])
-                    resolved = str(cited.resolve()) if cited.exists() else str(cited)
-                    if not resolved.startswith(base):
-                        continue
-                    parts = Path(resolved[len(base) :]).parts  # <hash>/memory/<rel...>
-                    if len(parts) < 3 or parts[1] != "memory":
-                        continue
-                    root = Path(base) / parts[0] / "memory"
-                    owner = _project_of(root)
-                    if owner is None:
-                        continue
-                    rel = "/".join(parts[2:])
-                    start = int(match["start"])
-                    end = int(match["end"] or start)
                     number += 1
+                    owner, root, rel, start, end = cited
                     for key in _cited_entries(root, rel, start, end):
                         events.append(UseEvent(owner, rel, key, thread_id, f"citation#{number}#{key}", ts))
             for ids in _ROLLOUT_IDS.findall(block):
@@ -186,6 +173,27 @@ def citation_uses(
                     for trace in _traces_of(project_root, rollout_id.strip()):
                         events.append(UseEvent(project, trace, "", thread_id, f"rollout#{rollout_id}", ts))
     return events
+
+
+def _cited_file(line: str, base: str) -> tuple[str, Path, str, int, int] | None:
+    """A citation entry line (``<path>:<start>-<end>|note=...``) that names a file of one of
+    memd's memory folders: ``(project, memory root, relpath, first line, last line)``, else ``None``."""
+    match = _ENTRY_LINE.match(line.strip())
+    if not match or not match["path"].startswith("/"):
+        return None
+    cited = Path(match["path"])
+    resolved = str(cited.resolve()) if cited.exists() else str(cited)
+    if not resolved.startswith(base):
+        return None
+    parts = Path(resolved[len(base) :]).parts  # <hash>/memory/<rel...>
+    if len(parts) < 3 or parts[1] != "memory":
+        return None
+    root = Path(base) / parts[0] / "memory"
+    owner = _project_of(root)
+    if owner is None:
+        return None
+    start = int(match["start"])
+    return owner, root, "/".join(parts[2:]), start, int(match["end"] or start)
 
 
 def _cited_entries(root: Path, rel: str, start: int, end: int) -> list[str]:

@@ -239,39 +239,45 @@ def real_prompt(record: Mapping[str, Any]) -> str | None:
         return None
     if record.get("isMeta") is True or record.get("isCompactSummary") is True or record.get("isSidechain") is True:
         return None
-    message = record.get("message")
+    texts = _prompt_texts(record.get("message"))
+    if texts is None:
+        return None
+    parts = [part for part in (_prompt_part(raw) for raw in texts) if part]
+    return "\n".join(parts) or None
+
+
+def _prompt_texts(message: Any) -> list[str] | None:
+    """The text blocks of a user message, or ``None`` when it is not a prompt (no content, or a
+    ``tool_result``)."""
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
-        texts = [content]
-    elif isinstance(content, list):
-        texts = []
-        for block in content:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "tool_result":
-                return None
-            if kind == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-    else:
+        return [content]
+    if not isinstance(content, list):
         return None
-    parts: list[str] = []
-    for raw in texts:
-        text = strip_memd_context(raw).strip()
-        if not text:
+    texts = []
+    for block in content:
+        if not isinstance(block, dict):
             continue
-        head = text[:64].lower()
-        if head.startswith(("<command-name>", "<command-message>", "<command-args>")):
-            request = _command_request(text)
-            if request:
-                parts.append(request)
-            continue
-        if head.startswith(INJECTED_PREFIXES):
-            continue
-        text = _strip_reminders(text)
-        if text:
-            parts.append(text)
-    return "\n".join(parts) or None
+        kind = block.get("type")
+        if kind == "tool_result":
+            return None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+    return texts
+
+
+def _prompt_part(raw: str) -> str | None:
+    """What one text block contributes to the request: a slash command's arguments, the typed
+    text without reminders, or nothing for injected text."""
+    text = strip_memd_context(raw).strip()
+    if not text:
+        return None
+    head = text[:64].lower()
+    if head.startswith(("<command-name>", "<command-message>", "<command-args>")):
+        return _command_request(text)
+    if head.startswith(INJECTED_PREFIXES):
+        return None
+    return _strip_reminders(text) or None
 
 
 def _command_request(text: str) -> str | None:
@@ -613,23 +619,27 @@ class ClaudeParser:
             return
         error = obj.get("isApiErrorMessage") is True
         for block in content:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text" and isinstance(block.get("text"), str):
-                text = strip_memd_context(block["text"])
-                if error:
-                    if text.strip():
-                        self._add(TurnEvent(type="error", text=text.strip(), ts=ts))
-                elif text.strip():
-                    self._assistant_text(text, message_id, ts)
-            elif kind == "tool_use":
-                call = _tool_call(block, ts)
-                if call.call_id:
-                    self._tools[call.call_id] = call.name
-                self._add(call)
-            # thinking / redacted_thinking are dropped; other blocks (server tool results,
-            # model fallbacks) carry nothing memd keeps.
+            if isinstance(block, dict):
+                self._assistant_block(block, message_id, error=error, ts=ts)
+
+    def _assistant_block(self, block: dict[str, Any], message_id: str, *, error: bool, ts: float | None) -> None:
+        """One content block of an assistant message: text (an API error's text is a turn
+        event), or a tool call; ``thinking`` / ``redacted_thinking`` are dropped, and other
+        blocks (server tool results, model fallbacks) carry nothing memd keeps."""
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            text = strip_memd_context(block["text"])
+            if not text.strip():
+                return
+            if error:
+                self._add(TurnEvent(type="error", text=text.strip(), ts=ts))
+            else:
+                self._assistant_text(text, message_id, ts)
+        elif kind == "tool_use":
+            call = _tool_call(block, ts)
+            if call.call_id:
+                self._tools[call.call_id] = call.name
+            self._add(call)
 
     def _assistant_text(self, text: str, message_id: str, ts: float | None) -> None:
         res = self._result

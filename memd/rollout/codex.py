@@ -377,19 +377,8 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     if kind == "reasoning":
         summary = _reasoning_summary(p.get("summary"))
         return _one(Reasoning(summary=summary, ts=ts)) if summary else _EMPTY
-    if kind == "function_call":
-        name = _str(p.get("name"))
-        if not name:
-            return _UNKNOWN
-        namespace = _str(p.get("namespace"))
-        if namespace and not name.startswith(namespace + "__"):  # Codex 0.17x: MCP tools as a namespace tool
-            name = f"{namespace}__{name}"
-        return _one(_tool_call(name, _call_id(p), _arguments_text(p.get("arguments")), ts))
-    if kind == "custom_tool_call":
-        name = _str(p.get("name"))
-        if not name:
-            return _UNKNOWN
-        return _one(_tool_call(name, _call_id(p), _arguments_text(p.get("input")), ts))
+    if kind in ("function_call", "custom_tool_call"):
+        return _named_call(p, kind, ts)
     if kind == "local_shell_call":
         action = _dict(p.get("action"))
         command = _command_text(action.get("command"))
@@ -404,11 +393,7 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
             )
         )
     if kind == "web_search_call":
-        action = _dict(p.get("action"))
-        query = _str(action.get("query")) or _str(action.get("url")) or ""
-        if not query and isinstance(action.get("queries"), list):
-            query = "\n".join(q for q in action["queries"] if isinstance(q, str))
-        return _one(ToolCall(call_id=_call_id(p), name="web_search", kind="web_search", arguments=query, ts=ts))
+        return _one(_web_search(p, ts))
     if kind == "tool_search_call":
         return _one(
             ToolCall(
@@ -425,6 +410,28 @@ def _response_item(p: dict[str, Any], ts: float | None) -> LineResult | Item:
     if kind in _DROPPED_RESPONSE_TYPES:
         return _EMPTY
     return _UNKNOWN
+
+
+def _named_call(p: dict[str, Any], kind: str, ts: float | None) -> LineResult | Item:
+    """A ``function_call`` (``arguments``) or ``custom_tool_call`` (``input``, e.g. apply_patch)."""
+    name = _str(p.get("name"))
+    if not name:
+        return _UNKNOWN
+    if kind == "custom_tool_call":
+        return _one(_tool_call(name, _call_id(p), _arguments_text(p.get("input")), ts))
+    namespace = _str(p.get("namespace"))
+    if namespace and not name.startswith(namespace + "__"):  # Codex 0.17x: MCP tools as a namespace tool
+        name = f"{namespace}__{name}"
+    return _one(_tool_call(name, _call_id(p), _arguments_text(p.get("arguments")), ts))
+
+
+def _web_search(p: dict[str, Any], ts: float | None) -> ToolCall:
+    """A ``web_search_call``: its query (or URL, or the queries joined)."""
+    action = _dict(p.get("action"))
+    query = _str(action.get("query")) or _str(action.get("url")) or ""
+    if not query and isinstance(action.get("queries"), list):
+        query = "\n".join(q for q in action["queries"] if isinstance(q, str))
+    return ToolCall(call_id=_call_id(p), name="web_search", kind="web_search", arguments=query, ts=ts)
 
 
 def _message(p: dict[str, Any], ts: float | None) -> LineResult | Item:
