@@ -10,13 +10,19 @@ from pathlib import Path
 from memd.clock import Clock, ManualClock
 from memd.config import Settings
 from memd.daemon import Daemon, OnceSummary
-from memd.extract.base import ExtractionRequest, Extractor
+from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult, Extractor
 from memd.extract.job import ExtractJob
 from memd.extract.pool import JobPool, JobResult
 from memd.faults import FaultLog
 from memd.schedule.retry import RetryPolicy
 from memd.store.records import JobKind, ThreadRecord
 from memd.store.store import Store
+
+#: A trace memory in the SPEC §6.3 skeleton, as the fake extractors return it.
+TRACE = (
+    "# Fixed the build\nTrace context: demo, 2026-01-01, codex, gpt\nUser preferences: none observed\n"
+    "## Task: fix the build\nOutcome: success\nKey steps: pinned the toolchain.\n"
+)
 
 #: Builds a request for a thread without reading its rollout: ``prepare(thread, max_input_tokens)``.
 PrepareFn = Callable[[ThreadRecord, int], Awaitable[ExtractionRequest]]
@@ -85,3 +91,50 @@ async def run_once(settings: Settings, *, start_s: float | None = None) -> OnceS
     finally:
         await daemon.close()
         jumper.cancel()
+
+
+async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
+    """A one-line request for ``thread`` built from its title (no rollout is read): a :data:`PrepareFn`."""
+    text = f"user: {thread.title}\n"
+    built = BuiltInput(items=(), text=text, raw_json_bytes=len(text), text_bytes=len(text), est_tokens=1)
+    return ExtractionRequest(
+        thread_id=thread.id,
+        project=thread.project,
+        cwd=thread.cwd,
+        rollout_path=thread.path,
+        updated_at=thread.updated_at,
+        agent="codex",
+        model=thread.model,
+        built=built,
+        max_input_tokens=max_input_tokens,
+    )
+
+
+class GatedExtractor:
+    """Holds every extraction until ``gate`` is set (or for ``hold`` event-loop turns)."""
+
+    name = "gated"
+
+    def __init__(self, *, gated: bool = True, on_start: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.on_start = on_start
+
+    async def extract(self, request: ExtractionRequest) -> ExtractionResult:
+        self.started.append(request.thread_id)
+        if self.on_start is not None:
+            await self.on_start(request.thread_id)
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request.thread_id)
+            raise
+        return ExtractionResult(
+            trace_memory=TRACE + request.thread_id, summary="pinned the toolchain", extractor=self.name
+        )
+
+    async def aclose(self) -> None:
+        return None

@@ -22,8 +22,8 @@ from memd.config import Settings, load_settings
 from memd.memory import files as memory_files
 from memd.store.store import Store
 from tests import fake_openai as fk
+from tests.builders import simple_turns, thread_id, write_rollout
 from tests.fakes import run_once
-from tests.test_daemon_llm import simple_turns, thread_id, write_rollout
 
 KEY = "cli-test-key-0123456789"
 

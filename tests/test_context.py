@@ -26,36 +26,7 @@ from memd.read.context import (
 )
 from memd.rollout.guard import strip_memd_context
 from memd.store.search import SCHEMA_SQL, entry_key
-
-MEMORY_MD = """# Project memory: {project}
-
-Merged offline by memd from 2 trace memories.
-
-## Start here
-- Run the tests with `npx jest`; `npm test` fails (jest not installed globally). [019a085e 2025-10-21]
-
-## User preferences
-- Keep it pure HTML, CSS and JS: no frameworks. [019a085e 2025-10-21]
-
-## Pitfalls and pivots
-- apply_patch on `script.js` failed once; re-read the file before patching. [019b7f94 2026-01-02]
-
-## Recent tasks
-- 2026-01-02 Add a pause button — partial (trace: trace_summaries/019b7f94-51b4-7593-922e-ba12b5b73b52_pause.md)
-"""
-
-
-def make_memory(memory_dir: Path, project: str, *, bullets: int = 0) -> Path:
-    root = memory_root_of(memory_dir, project)
-    (root / "trace_summaries").mkdir(parents=True)
-    text = MEMORY_MD.format(project=project)
-    text += "".join(f"- filler fact number {i} about the build system and its many flags\n" for i in range(bullets))
-    (root / "MEMORY.md").write_text(text)
-    (root / "memory_summary.md").write_text(
-        "- Add a pause button: partial (trace: trace_summaries/019b7f94-51b4-7593-922e-ba12b5b73b52_pause.md)\n"
-    )
-    (root / "PROJECT").write_text(project + "\n")
-    return root
+from tests.builders import make_memory
 
 
 @pytest.fixture

@@ -32,74 +32,10 @@ from memd.extract.prompts import render
 from memd.llm.budget import next_utc_midnight
 from memd.memory import files as memory_files
 from tests import fake_openai as fk
-from tests.test_e2e import memd_env
-from tests.test_redact import PLANTED
+from tests.builders import PLANTED, append_turn, memd_env, simple_turns, thread_id, write_rollout
 
 API_KEY = "test-key-for-the-fake-server"
 REDACTED = "[REDACTED_SECRET]"
-
-
-# --------------------------------------------------------------------------- rollouts
-
-
-def thread_id(n: int) -> str:
-    """A Codex-shaped session id (UUID v7 layout)."""
-    return f"019b0000-0000-7000-8000-{n:012d}"
-
-
-def rollout_lines(tid: str, cwd: Path, turns: list[dict[str, Any]], *, source: str = "cli") -> list[dict[str, Any]]:
-    """Codex rollout lines (envelope variant, CLI ≥ 0.36): ``session_meta``, then per turn a
-    ``user_message`` event, shell ``function_call`` + ``function_call_output`` pairs for
-    ``turn["commands"]`` (``(command, output, exit_code)``) and an ``agent_message`` event."""
-    ts = "2026-01-01T10:00:00Z"
-    lines: list[dict[str, Any]] = [
-        {
-            "timestamp": ts,
-            "type": "session_meta",
-            "payload": {"id": tid, "timestamp": ts, "cwd": str(cwd), "originator": "codex_cli_rs",
-                        "cli_version": "0.77.0", "source": source},
-        }
-    ]
-    calls = 0
-    for turn in turns:
-        if "user" in turn:
-            lines.append({"timestamp": ts, "type": "event_msg",
-                          "payload": {"type": "user_message", "message": turn["user"], "kind": "plain"}})
-        for command, output, code in turn.get("commands", ()):
-            calls += 1
-            call_id = f"call_{calls}"
-            lines.append({"timestamp": ts, "type": "response_item",
-                          "payload": {"type": "function_call", "name": "shell", "call_id": call_id,
-                                      "arguments": json.dumps({"command": ["bash", "-lc", command]})}})
-            lines.append({"timestamp": ts, "type": "response_item",
-                          "payload": {"type": "function_call_output", "call_id": call_id,
-                                      "output": json.dumps({"output": output,
-                                                            "metadata": {"exit_code": code, "duration_seconds": 0.1}})}})
-        if "answer" in turn:
-            lines.append({"timestamp": ts, "type": "event_msg",
-                          "payload": {"type": "agent_message", "message": turn["answer"]}})
-    return lines
-
-
-def write_rollout(sessions: Path, tid: str, cwd: Path, turns: list[dict[str, Any]], *, source: str = "cli") -> Path:
-    """Write a rollout file under ``sessions/2026/01/01/`` and return its path."""
-    path = sessions / "2026" / "01" / "01" / f"rollout-2026-01-01T10-00-00-{tid}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(line) + "\n" for line in rollout_lines(tid, cwd, turns, source=source)))
-    return path
-
-
-def append_turn(path: Path, text: str) -> None:
-    """Append one real user message to a rollout (the thread grows)."""
-    with path.open("a") as handle:
-        handle.write(json.dumps({"timestamp": "2026-01-01T11:00:00Z", "type": "event_msg",
-                                 "payload": {"type": "user_message", "message": text, "kind": "plain"}}) + "\n")
-
-
-def simple_turns(marker: str) -> list[dict[str, Any]]:
-    return [{"user": f"Fix the failing build ({marker})",
-             "commands": [("make test", "1 failed", 2), ("make test", "all passed", 0)],
-             "answer": f"Pinned the toolchain; make test passes ({marker})."}]
 
 
 # --------------------------------------------------------------------------- the fake server

@@ -4,7 +4,6 @@ subprocesses on a copy of the real rollouts, with temporary XDG directories (iss
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -16,22 +15,7 @@ from pathlib import Path
 import pytest
 
 from memd.memory.files import file_id
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def memd_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMD_", "OPENAI_"))}
-    env.update(
-        HOME=str(home),
-        CODEX_HOME=str(home / ".codex"),
-        XDG_STATE_HOME=str(home / "state"),
-        XDG_DATA_HOME=str(home / "data"),
-        XDG_CONFIG_HOME=str(home / "config"),
-        PYTHONPATH=str(REPO),
-    )
-    env.pop("NOTIFY_SOCKET", None)
-    return env
+from tests.builders import memd_env
 
 
 def run_memd(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

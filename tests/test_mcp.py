@@ -14,7 +14,7 @@ from mcp import Client, StdioServerParameters
 
 from memd.read.context import load_context_settings
 from memd.read.mcp import READ_MAX_BYTES, SEARCH_MAX_BYTES, MemoryReader, build_server
-from tests.test_context import make_memory
+from tests.builders import make_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

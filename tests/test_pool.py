@@ -14,34 +14,25 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from memd.clock import ManualClock
 from memd.errors import ExtractorError
-from memd.extract.base import BuiltInput, ExtractionRequest, ExtractionResult
+from memd.extract.base import ExtractionResult
 from memd.extract.pool import JobPool
 from memd.memory.files import project_root
 from memd.rollout.session import ThreadStats
 from memd.schedule.retry import RetryPolicy
 from memd.store.records import FileRecord, ThreadRecord
 from memd.store.store import Store
-from tests.fakes import extraction_pool
+from tests.builders import thread_id
+from tests.fakes import GatedExtractor, extraction_pool, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "/work/demo"
-TRACE = (
-    "# Fixed the build\nTrace context: demo, 2026-01-01, codex, gpt\nUser preferences: none observed\n"
-    "## Task: fix the build\nOutcome: success\nKey steps: pinned the toolchain.\n"
-)
-
-
-def thread_id(n: int) -> str:
-    return f"019b0000-0000-7000-8000-{n:012d}"
-
-
 async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int = 100) -> ThreadRecord:
     """Index a thread (no rollout on disk: the pool never reads one, ``prepare`` does) and queue it."""
     thread = ThreadRecord(
@@ -76,52 +67,6 @@ async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int 
     await store.threads.record(thread, ThreadStats().to_json(), file)
     await store.jobs.upsert_extract(thread.id, watermark, priority=updated_at)
     return thread
-
-
-async def prepare(thread: ThreadRecord, max_input_tokens: int) -> ExtractionRequest:
-    text = f"user: {thread.title}\n"
-    built = BuiltInput(items=(), text=text, raw_json_bytes=len(text), text_bytes=len(text), est_tokens=1)
-    return ExtractionRequest(
-        thread_id=thread.id,
-        project=thread.project,
-        cwd=thread.cwd,
-        rollout_path=thread.path,
-        updated_at=thread.updated_at,
-        agent="codex",
-        model=thread.model,
-        built=built,
-        max_input_tokens=max_input_tokens,
-    )
-
-
-class GatedExtractor:
-    """Holds every extraction until ``gate`` is set (or for ``hold`` event-loop turns)."""
-
-    name = "gated"
-
-    def __init__(self, *, gated: bool = True, on_start: Callable[[str], Awaitable[None]] | None = None) -> None:
-        self.gate = asyncio.Event()
-        if not gated:
-            self.gate.set()
-        self.started: list[str] = []
-        self.cancelled: list[str] = []
-        self.on_start = on_start
-
-    async def extract(self, request: ExtractionRequest) -> ExtractionResult:
-        self.started.append(request.thread_id)
-        if self.on_start is not None:
-            await self.on_start(request.thread_id)
-        try:
-            await self.gate.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(request.thread_id)
-            raise
-        return ExtractionResult(
-            trace_memory=TRACE + request.thread_id, summary="pinned the toolchain", extractor=self.name
-        )
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.fixture
@@ -362,7 +307,7 @@ WORKER = textwrap.dedent(
     from memd.extract.base import ExtractionResult
     from tests.fakes import extraction_pool
     from memd.store.store import Store, make_owner
-    from tests.test_pool import TRACE, prepare
+    from tests.fakes import TRACE, prepare
 
     db, memory_dir, log_path, go, ready = sys.argv[1:6]
     delay_s = float(sys.argv[6])

@@ -17,8 +17,8 @@ from memd.cli import main
 from memd.config import Settings, load_settings
 from memd.memory import files as memory_files
 from memd.store.search import SearchIndex
+from tests.builders import simple_turns, thread_id, write_rollout
 from tests.fakes import run_once
-from tests.test_daemon_llm import simple_turns, thread_id, write_rollout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

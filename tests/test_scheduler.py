@@ -21,9 +21,8 @@ from memd.ingest.indexer import Indexer
 from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import Scheduler
 from memd.store.store import Store
-from tests.fakes import extraction_pool
-from tests.test_daemon_llm import append_turn, simple_turns, thread_id, write_rollout
-from tests.test_pool import GatedExtractor, prepare
+from tests.builders import append_turn, simple_turns, thread_id, write_rollout
+from tests.fakes import GatedExtractor, extraction_pool, prepare
 
 DAY_S = 86_400.0
 
