@@ -84,7 +84,8 @@ def _reset_logging():
 
 @pytest.fixture
 def clock():  # type: ignore[no-untyped-def]
-    """A :class:`memd.clock.FakeClock` (tests that need another clock define their own)."""
+    """A :class:`memd.clock.FakeClock` (``manual_clock`` and ``jumping_clock`` are the other clocks; a
+    module that needs yet another gives it a name of its own)."""
     from memd.clock import FakeClock
 
     return FakeClock()
@@ -123,6 +124,25 @@ async def store(db_path: Path, clock):  # type: ignore[no-untyped-def]
     from memd.store.store import Store
 
     s = await Store.open(db_path, clock=clock)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def manual_clock():  # type: ignore[no-untyped-def]
+    """A :class:`memd.clock.ManualClock` at 2026-01-01T00:00:00Z: its sleeps wait for the test's
+    ``advance`` (pool and scheduler tests drive lease expiry and heartbeats with it)."""
+    from memd.clock import ManualClock
+
+    return ManualClock(1_767_225_600.0)
+
+
+@pytest.fixture
+async def manual_store(db_path: Path, manual_clock):  # type: ignore[no-untyped-def]
+    """A :class:`memd.store.store.Store` on ``db_path`` driven by ``manual_clock``."""
+    from memd.store.store import Store
+
+    s = await Store.open(db_path, clock=manual_clock)
     yield s
     await s.close()
 

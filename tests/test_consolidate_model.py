@@ -98,7 +98,7 @@ def user_text(server) -> str:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
+def traced_root(tmp_path: Path) -> Path:
     root = memory_files.ensure_project_root(tmp_path / "projects", PROJECT)
     write_trace(root, "t-new", T0, TRACE_NEW)
     write_trace(root, "t-old", T0 - 86_400, TRACE_OLD)
@@ -141,62 +141,62 @@ async def test_write_sends_traces_and_returns_the_models_handbook(server, client
     assert "[019a085e 2025-10-21]" in system and "24 KB" in system
 
 
-async def test_through_consolidate_root_new_skills_join_the_existing_ones(server, client, root):
+async def test_through_consolidate_root_new_skills_join_the_existing_ones(server, client, traced_root):
     existing = Skill("deploy", "Deploy to staging.", "1. `make deploy ENV=staging`")
-    (root / "skills" / "deploy").mkdir(parents=True)
-    (root / "skills" / "deploy" / "SKILL.md").write_text(render_skill(existing))
-    before = (root / "skills" / "deploy" / "SKILL.md").read_bytes()
+    (traced_root / "skills" / "deploy").mkdir(parents=True)
+    (traced_root / "skills" / "deploy" / "SKILL.md").write_text(render_skill(existing))
+    before = (traced_root / "skills" / "deploy" / "SKILL.md").read_bytes()
     server.enqueue(fk.ok({"memory_md": MEMORY_MD, "skills": [NEW_SKILL]}))
-    writer = ModelWriter(client, root=root)
+    writer = ModelWriter(client, root=traced_root)
     loop = asyncio.get_running_loop()
 
-    result = await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(loop), git=False)
+    result = await asyncio.to_thread(consolidate_root, traced_root, writer=writer.sync_writer(loop), git=False)
 
     assert result.memory_changed and result.skills_changed
     # consolidate_root keeps the merged-traces comment whatever the writer returns.
-    assert (root / "MEMORY.md").read_text().startswith(MEMORY_MD)
-    assert (root / "MEMORY.md").read_text().endswith("-->\n") and "memd merged: t-new:" in (
-        root / "MEMORY.md"
+    assert (traced_root / "MEMORY.md").read_text().startswith(MEMORY_MD)
+    assert (traced_root / "MEMORY.md").read_text().endswith("-->\n") and "memd merged: t-new:" in (
+        traced_root / "MEMORY.md"
     ).read_text()
-    assert (root / "skills" / "deploy" / "SKILL.md").read_bytes() == before
-    assert (root / "skills" / "run_tests" / "SKILL.md").read_text() == render_skill(Skill(**NEW_SKILL))
+    assert (traced_root / "skills" / "deploy" / "SKILL.md").read_bytes() == before
+    assert (traced_root / "skills" / "run_tests" / "SKILL.md").read_text() == render_skill(Skill(**NEW_SKILL))
     user = user_text(server)
     assert '<skill name="deploy">' in user and "make deploy ENV=staging" in user
     assert "Fixed checkout rounding" in user and "createuser -s $USER" in user
 
 
-async def test_an_updated_skill_replaces_the_old_one(server, client, root):
-    (root / "skills" / "run_tests").mkdir(parents=True)
-    (root / "skills" / "run_tests" / "SKILL.md").write_text(render_skill(Skill("run_tests", "old", "1. `pytest`")))
+async def test_an_updated_skill_replaces_the_old_one(server, client, traced_root):
+    (traced_root / "skills" / "run_tests").mkdir(parents=True)
+    (traced_root / "skills" / "run_tests" / "SKILL.md").write_text(render_skill(Skill("run_tests", "old", "1. `pytest`")))
     server.enqueue(fk.ok({"memory_md": MEMORY_MD, "skills": [NEW_SKILL]}))
-    writer = ModelWriter(client, root=root)
-    await asyncio.to_thread(consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False)
-    assert sorted(p.name for p in (root / "skills").iterdir()) == ["run_tests"]
-    assert "make test" in (root / "skills" / "run_tests" / "SKILL.md").read_text()
+    writer = ModelWriter(client, root=traced_root)
+    await asyncio.to_thread(consolidate_root, traced_root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False)
+    assert sorted(p.name for p in (traced_root / "skills").iterdir()) == ["run_tests"]
+    assert "make test" in (traced_root / "skills" / "run_tests" / "SKILL.md").read_text()
 
 
-async def test_no_skills_in_the_answer_leaves_skills_untouched(server, client, root):
-    (root / "skills" / "deploy").mkdir(parents=True)
-    (root / "skills" / "deploy" / "SKILL.md").write_text("hand-written notes\n")
+async def test_no_skills_in_the_answer_leaves_skills_untouched(server, client, traced_root):
+    (traced_root / "skills" / "deploy").mkdir(parents=True)
+    (traced_root / "skills" / "deploy" / "SKILL.md").write_text("hand-written notes\n")
     server.enqueue(fk.ok({"memory_md": MEMORY_MD, "skills": []}))
-    writer = ModelWriter(client, root=root)
+    writer = ModelWriter(client, root=traced_root)
     result = await asyncio.to_thread(
-        consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
+        consolidate_root, traced_root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
     )
     assert result.memory_changed and not result.skills_changed
-    assert (root / "skills" / "deploy" / "SKILL.md").read_text() == "hand-written notes\n"
+    assert (traced_root / "skills" / "deploy" / "SKILL.md").read_text() == "hand-written notes\n"
 
 
-async def test_an_empty_handbook_is_refused_and_the_previous_one_kept(server, client, root):
-    (root / "MEMORY.md").write_text("previous handbook\n")
+async def test_an_empty_handbook_is_refused_and_the_previous_one_kept(server, client, traced_root):
+    (traced_root / "MEMORY.md").write_text("previous handbook\n")
     server.enqueue(fk.ok({"memory_md": "  \n", "skills": []}))
-    writer = ModelWriter(client, root=root)
+    writer = ModelWriter(client, root=traced_root)
     with pytest.raises(ConsolidationError, match="empty"):
         await asyncio.to_thread(
-            consolidate_root, root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
+            consolidate_root, traced_root, writer=writer.sync_writer(asyncio.get_running_loop()), git=False
         )
-    assert (root / "MEMORY.md").read_text() == "previous handbook\n"
-    assert not any(p.name.startswith(memory_files.STAGING_PREFIX) for p in root.iterdir())
+    assert (traced_root / "MEMORY.md").read_text() == "previous handbook\n"
+    assert not any(p.name.startswith(memory_files.STAGING_PREFIX) for p in traced_root.iterdir())
 
 
 async def test_an_answer_outside_the_schema_is_a_consolidation_error(server, client):

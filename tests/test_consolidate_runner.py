@@ -6,7 +6,6 @@ import asyncio
 import os
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,6 @@ from memd.store.store import Store
 PROJECT = "/home/u/proj"
 LEASE = f"consolidate:{PROJECT}"
 OWNER = "host:1:runner"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def extraction_bodies(server: fk.FakeOpenAI) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def server():
+async def routed_server():
     srv = RoutedFake()
     await srv.start()
     yield srv
@@ -125,7 +125,7 @@ def settings_for(tmp_path: Path, base_url: str | None, *, key: str | None = API_
 
 
 @pytest.fixture
-async def clock(jumping_clock) -> ManualClock:
+async def daemon_clock(jumping_clock) -> ManualClock:
     # Ahead of the rollouts' mtimes, so that the idle gate (min_idle_s = 0) is passed.
     return jumping_clock(time.time() + 60.0)
 
@@ -165,9 +165,9 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- extractor choice
 
 
-async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_says_why(tmp_path, server, clock, daemons):
+async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_says_why(tmp_path, routed_server, daemon_clock, daemons):
     with capture_logs() as logs:
-        daemon = await daemons(settings_for(tmp_path, server.base_url), clock)
+        daemon = await daemons(settings_for(tmp_path, routed_server.base_url), daemon_clock)
     # The first event after the store's own (migration on a new database) says which and why.
     loud = [e for e in logs if e["log_level"] in ("info", "warning", "error") and not e["event"].startswith("store_")]
     assert loud[0]["event"] == "daemon_started"
@@ -178,9 +178,9 @@ async def test_auto_uses_openai_when_a_key_is_configured_and_the_first_log_line_
     assert API_KEY not in json.dumps(logs, default=str)
 
 
-async def test_auto_without_a_key_is_offline_and_says_why(tmp_path, clock, daemons):
+async def test_auto_without_a_key_is_offline_and_says_why(tmp_path, daemon_clock, daemons):
     with capture_logs() as logs:
-        daemon = await daemons(settings_for(tmp_path, None, key=None), clock)
+        daemon = await daemons(settings_for(tmp_path, None, key=None), daemon_clock)
     started = events(logs, "daemon_started")
     assert started[0]["extractor"] == "offline"
     assert started[0]["extractor_reason"] == "extractor = auto and no API key is configured"
@@ -194,12 +194,12 @@ def status_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
 
 
 async def test_status_reports_the_running_daemons_extractor_even_without_the_key_in_its_environment(
-    tmp_path, server, clock, daemons, monkeypatch, capsys
+    tmp_path, routed_server, daemon_clock, daemons, monkeypatch, capsys
 ):
     # systemd gives the daemon its key through EnvironmentFile; a shell running `memd status`
     # does not have it. Status must still say what the daemon uses, and why.
-    settings = settings_for(tmp_path, server.base_url)
-    await daemons(settings, clock)
+    settings = settings_for(tmp_path, routed_server.base_url)
+    await daemons(settings, daemon_clock)
     status_env(monkeypatch, settings)
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["status", "--json"]) == 0
@@ -230,7 +230,7 @@ async def test_status_without_a_daemon_reports_what_the_configuration_selects(tm
 
 
 @pytest.mark.parametrize(("api", "stream"), [("chat", False), ("chat", True), ("responses", False), ("responses", True)])
-async def test_once_writes_what_the_server_answered_and_records_every_requests_usage(tmp_path, server, clock, daemons, api, stream):
+async def test_once_writes_what_the_server_answered_and_records_every_requests_usage(tmp_path, routed_server, daemon_clock, daemons, api, stream):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(3):
@@ -240,14 +240,14 @@ async def test_once_writes_what_the_server_answered_and_records_every_requests_u
         n = next(i for i in range(3) if f"marker-{i}" in user_content(body))
         return fk.ok(trace_answer(f"answer-{n}"), usage=(1000 + n, 70 + n, 300))
 
-    server.route = route
-    settings = settings_for(tmp_path, server.base_url, llm={"api": api, "stream": stream})
-    daemon = await daemons(settings, clock)
+    routed_server.route = route
+    settings = settings_for(tmp_path, routed_server.base_url, llm={"api": api, "stream": stream})
+    daemon = await daemons(settings, daemon_clock)
     summary = await daemon.once()
     assert (summary.extracted, summary.failed) == (3, 0)
-    assert len(server.requests) == 3
-    assert {r.path for r in server.requests} == {"/v1/chat/completions" if api == "chat" else "/v1/responses"}
-    assert {bool(b.get("stream")) for b in server.bodies()} == {stream}
+    assert len(routed_server.requests) == 3
+    assert {r.path for r in routed_server.requests} == {"/v1/chat/completions" if api == "chat" else "/v1/responses"}
+    assert {bool(b.get("stream")) for b in routed_server.bodies()} == {stream}
 
     memories = {r["thread_id"]: r for r in db_rows(settings, "SELECT * FROM memories")}
     assert set(memories) == {thread_id(n) for n in range(3)}
@@ -272,7 +272,7 @@ def long_session_turns(n_commands: int, marker: str) -> list[dict[str, Any]]:
              "answer": "All checks pass now."}]
 
 
-async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration_persists(tmp_path, clock, daemons):
+async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration_persists(tmp_path, daemon_clock, daemons):
     # The server counts 1 token per 2.5 bytes; memd starts at 4 bytes per token (SPEC §6.2).
     server = RoutedFake(bytes_per_token=2.5)
     await server.start()
@@ -283,7 +283,7 @@ async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration
         path = write_rollout(tmp_path / "sessions", thread_id(1), cwd, long_session_turns(40, "long"))
         settings = settings_for(tmp_path, server.base_url, llm={"max_input_tokens": 1000})
 
-        first = await daemons(settings, clock)
+        first = await daemons(settings, daemon_clock)
         assert first.components.estimator.bytes_per_token == 4.0
         await first.once()
         await first.close()
@@ -299,9 +299,9 @@ async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration
 
         # A restarted daemon starts from the persisted calibration and builds smaller inputs.
         append_turn(path, "One more thing: keep the checks in CI (long)")
-        clock.advance(60)
-        os.utime(path, (clock.now() - 30, clock.now() - 30))
-        second = await daemons(settings, clock)
+        daemon_clock.advance(60)
+        os.utime(path, (daemon_clock.now() - 30, daemon_clock.now() - 30))
+        second = await daemons(settings, daemon_clock)
         assert second.components.estimator.bytes_per_token == pytest.approx(2.5, abs=0.02)
         await second.once()
         body = extraction_bodies(server)[1]
@@ -317,7 +317,7 @@ async def test_the_input_budget_uses_the_calibrated_estimate_and_the_calibration
 # --------------------------------------------------------------------------- secrets
 
 
-async def test_planted_secrets_in_a_rollout_never_reach_the_server(tmp_path, server, clock, daemons):
+async def test_planted_secrets_in_a_rollout_never_reach_the_server(tmp_path, routed_server, daemon_clock, daemons):
     """Every kind of SPEC §14 secret, planted in user messages, commands and tool outputs of a
     rollout file, is replaced before the request leaves; and an answer that echoes a secret is
     redacted before it is stored."""
@@ -336,13 +336,13 @@ async def test_planted_secrets_in_a_rollout_never_reach_the_server(tmp_path, ser
     echoed = PLANTED[0][2]
     answer = trace_answer("secrets")
     answer["trace_memory"] += f"Pointers and references: the key {echoed} was used.\n"
-    server.default = fk.ok(answer)
+    routed_server.default = fk.ok(answer)
 
-    settings = settings_for(tmp_path, server.base_url)
-    daemon = await daemons(settings, clock)
+    settings = settings_for(tmp_path, routed_server.base_url)
+    daemon = await daemons(settings, daemon_clock)
     summary = await daemon.once()
     assert summary.extracted == 1
-    [body] = extraction_bodies(server)
+    [body] = extraction_bodies(routed_server)
     sent = json.dumps(body)
     leaked = [label for label, _text, secret in PLANTED if secret in sent]
     assert leaked == []
@@ -364,85 +364,85 @@ def one_thread(tmp_path: Path, marker: str = "solo", turns: list[dict[str, Any]]
     return write_rollout(tmp_path / "sessions", thread_id(1), cwd, turns or simple_turns(marker))
 
 
-async def test_429_waits_retry_after_then_the_memory_lands(tmp_path, server, clock, daemons):
+async def test_429_waits_retry_after_then_the_memory_lands(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path)
-    server.enqueue(fk.rate_limited("7"))
-    server.default = fk.ok(trace_answer("after-429"))
-    settings = settings_for(tmp_path, server.base_url)
-    daemon = await daemons(settings, clock)
-    before = clock.now()
+    routed_server.enqueue(fk.rate_limited("7"))
+    routed_server.default = fk.ok(trace_answer("after-429"))
+    settings = settings_for(tmp_path, routed_server.base_url)
+    daemon = await daemons(settings, daemon_clock)
+    before = daemon_clock.now()
     with capture_logs() as logs:
         summary = await daemon.once()
     assert summary.extracted == 1
-    assert len(server.requests) == 2
-    assert clock.now() - before >= 7.0
+    assert len(routed_server.requests) == 2
+    assert daemon_clock.now() - before >= 7.0
     [retry] = events(logs, "llm_retry")
     assert (retry["status"], retry["wait_s"]) == (429, 7.0)
     assert "after-429" in db_rows(settings, "SELECT trace_memory FROM memories")[0]["trace_memory"]
     assert len(db_rows(settings, "SELECT * FROM usage")) == 1  # the 429 reported no usage
 
 
-async def test_a_persistent_5xx_is_bounded_per_attempt_backs_off_and_ends_dead(tmp_path, server, clock, daemons):
+async def test_a_persistent_5xx_is_bounded_per_attempt_backs_off_and_ends_dead(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path)
-    server.default = fk.server_error(503)
-    settings = settings_for(tmp_path, server.base_url, llm={"max_attempts": 3}, max_attempts=2, retry_base_s=60)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.server_error(503)
+    settings = settings_for(tmp_path, routed_server.base_url, llm={"max_attempts": 3}, max_attempts=2, retry_base_s=60)
+    daemon = await daemons(settings, daemon_clock)
 
     summary = await daemon.once()
     assert summary.failed == 1
-    assert len(server.requests) == 3  # llm.max_attempts requests, then the job fails
+    assert len(routed_server.requests) == 3  # llm.max_attempts requests, then the job fails
     job = jobs_by_key(settings)[thread_id(1)]
     assert (job["status"], job["attempts"]) == ("error", 1)
-    assert job["retry_at"] == pytest.approx(clock.now() + 60, abs=0.01)
+    assert job["retry_at"] == pytest.approx(daemon_clock.now() + 60, abs=0.01)
 
     await daemon.once()  # not due yet: nothing is sent
-    assert len(server.requests) == 3
+    assert len(routed_server.requests) == 3
 
-    clock.advance(61)
+    daemon_clock.advance(61)
     await daemon.once()
-    assert len(server.requests) == 6
+    assert len(routed_server.requests) == 6
     job = jobs_by_key(settings)[thread_id(1)]
     assert (job["status"], job["attempts"]) == ("dead", 2)
     assert "503" in job["last_error"]
 
-    clock.advance(86_400)
+    daemon_clock.advance(86_400)
     await daemon.once()  # dead stays dead: no request storm
-    assert len(server.requests) == 6
+    assert len(routed_server.requests) == 6
     assert db_rows(settings, "SELECT * FROM memories") == []
 
     # `memd retry` re-queues it; the server has recovered.
-    server.default = fk.ok(trace_answer("recovered"))
+    routed_server.default = fk.ok(trace_answer("recovered"))
     assert await daemon.components.store.jobs.retry(thread_id(1)) == 1
     await daemon.once()
-    assert len(server.requests) == 7
+    assert len(routed_server.requests) == 7
     assert jobs_by_key(settings)[thread_id(1)]["status"] == "done"
 
 
-async def test_a_hanging_server_times_out_within_bounded_attempts(tmp_path, server, clock, daemons):
+async def test_a_hanging_server_times_out_within_bounded_attempts(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path)
-    server.default = fk.hang(trace_answer("late"), hang_s=30)
-    settings = settings_for(tmp_path, server.base_url, llm={"max_attempts": 2, "timeout_s": 0.3})
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.hang(trace_answer("late"), hang_s=30)
+    settings = settings_for(tmp_path, routed_server.base_url, llm={"max_attempts": 2, "timeout_s": 0.3})
+    daemon = await daemons(settings, daemon_clock)
     with capture_logs() as logs:
         summary = await daemon.once()
     assert summary.failed == 1
-    assert len(server.requests) == 2
+    assert len(routed_server.requests) == 2
     assert [e["kind"] for e in events(logs, "llm_retry")] == ["timeout"]
     job = jobs_by_key(settings)[thread_id(1)]
     assert job["status"] == "error" and "timeout" in job["last_error"]
 
 
-async def test_a_context_length_error_retries_once_at_half_the_budget(tmp_path, server, clock, daemons):
+async def test_a_context_length_error_retries_once_at_half_the_budget(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path, turns=long_session_turns(40, "ctx"))
-    server.enqueue(fk.context_length_openai())
-    server.default = fk.ok(trace_answer("fits"))
-    settings = settings_for(tmp_path, server.base_url, llm={"max_input_tokens": 4000})
-    daemon = await daemons(settings, clock)
+    routed_server.enqueue(fk.context_length_openai())
+    routed_server.default = fk.ok(trace_answer("fits"))
+    settings = settings_for(tmp_path, routed_server.base_url, llm={"max_input_tokens": 4000})
+    daemon = await daemons(settings, daemon_clock)
     with capture_logs() as logs:
         summary = await daemon.once()
     assert summary.extracted == 1
-    first, second = extraction_bodies(server)
-    assert len(server.requests) == 2
+    first, second = extraction_bodies(routed_server)
+    assert len(routed_server.requests) == 2
     full, half = len(session_text(first).encode()), len(session_text(second).encode())
     assert half <= full / 2 * 1.05
     [shrunk] = events(logs, "extract_input_shrunk")
@@ -450,14 +450,14 @@ async def test_a_context_length_error_retries_once_at_half_the_budget(tmp_path, 
     assert "fits" in db_rows(settings, "SELECT trace_memory FROM memories")[0]["trace_memory"]
 
 
-async def test_a_second_context_length_error_fails_the_job_after_two_requests(tmp_path, server, clock, daemons):
+async def test_a_second_context_length_error_fails_the_job_after_two_requests(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path, turns=long_session_turns(10, "ctx2"))
-    server.default = fk.context_length_llamacpp()
-    settings = settings_for(tmp_path, server.base_url)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.context_length_llamacpp()
+    settings = settings_for(tmp_path, routed_server.base_url)
+    daemon = await daemons(settings, daemon_clock)
     summary = await daemon.once()
     assert summary.failed == 1
-    assert len(server.requests) == 2
+    assert len(routed_server.requests) == 2
     assert jobs_by_key(settings)[thread_id(1)]["status"] == "error"
 
 
@@ -466,43 +466,43 @@ async def test_a_second_context_length_error_fails_the_job_after_two_requests(tm
     [([fk.fenced(trace_answer("lenient"))], 1), ([fk.malformed(), fk.ok(trace_answer("lenient"))], 2)],
     ids=["fenced_json", "malformed_then_ok"],
 )
-async def test_lenient_json_through_the_daemon(tmp_path, server, clock, daemons, behaviours, requests):
+async def test_lenient_json_through_the_daemon(tmp_path, routed_server, daemon_clock, daemons, behaviours, requests):
     one_thread(tmp_path)
-    server.enqueue(*behaviours)
-    settings = settings_for(tmp_path, server.base_url)
-    daemon = await daemons(settings, clock)
+    routed_server.enqueue(*behaviours)
+    settings = settings_for(tmp_path, routed_server.base_url)
+    daemon = await daemons(settings, daemon_clock)
     summary = await daemon.once()
     assert summary.extracted == 1
-    assert len(server.requests) == requests
+    assert len(routed_server.requests) == requests
     assert "lenient" in db_rows(settings, "SELECT trace_memory FROM memories")[0]["trace_memory"]
 
 
-async def test_malformed_json_twice_fails_after_two_requests(tmp_path, server, clock, daemons):
+async def test_malformed_json_twice_fails_after_two_requests(tmp_path, routed_server, daemon_clock, daemons):
     one_thread(tmp_path)
-    server.default = fk.malformed()
-    settings = settings_for(tmp_path, server.base_url)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.malformed()
+    settings = settings_for(tmp_path, routed_server.base_url)
+    daemon = await daemons(settings, daemon_clock)
     summary = await daemon.once()
-    assert summary.failed == 1 and len(server.requests) == 2
+    assert summary.failed == 1 and len(routed_server.requests) == 2
 
 
 # --------------------------------------------------------------------------- auth failure
 
 
 async def test_an_auth_failure_pauses_all_model_work_with_one_clear_error_and_burns_no_queue(
-    tmp_path, server, clock, daemons, monkeypatch, capsys
+    tmp_path, routed_server, daemon_clock, daemons, monkeypatch, capsys
 ):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(5):
         write_rollout(tmp_path / "sessions", thread_id(n), cwd, simple_turns(f"auth-{n}"))
-    server.default = fk.unauthorized()
-    settings = settings_for(tmp_path, server.base_url, extract_concurrency=2)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.unauthorized()
+    settings = settings_for(tmp_path, routed_server.base_url, extract_concurrency=2)
+    daemon = await daemons(settings, daemon_clock)
     with capture_logs() as logs:
         summary = await daemon.once()
 
-    assert 1 <= len(server.requests) <= 2  # at most the requests already in flight
+    assert 1 <= len(routed_server.requests) <= 2  # at most the requests already in flight
     assert summary.failed == 0
     jobs = jobs_by_key(settings)
     assert len(jobs) == 5
@@ -520,14 +520,14 @@ async def test_an_auth_failure_pauses_all_model_work_with_one_clear_error_and_bu
     assert "authentication failed" in report["usage"]["model_paused"]
 
 
-async def test_memd_run_pool_stays_paused_after_an_auth_failure(tmp_path, server, clock, daemons):
+async def test_memd_run_pool_stays_paused_after_an_auth_failure(tmp_path, routed_server, daemon_clock, daemons):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(4):
         write_rollout(tmp_path / "sessions", thread_id(n), cwd, simple_turns(f"auth-{n}"))
-    server.default = fk.unauthorized()
-    settings = settings_for(tmp_path, server.base_url, extract_concurrency=1)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.unauthorized()
+    settings = settings_for(tmp_path, routed_server.base_url, extract_concurrency=1)
+    daemon = await daemons(settings, daemon_clock)
     await daemon.components.indexer.scan()
     await daemon.components.scheduler.plan()
     stop = asyncio.Event()
@@ -541,7 +541,7 @@ async def test_memd_run_pool_stays_paused_after_an_auth_failure(tmp_path, server
         for _ in range(20):  # wake the idle workers again and again: still nothing is sent
             daemon.components.pool.wake()
             await asyncio.sleep(0.01)
-        assert len(server.requests) == 1
+        assert len(routed_server.requests) == 1
         assert daemon.components.pool.running == 0
     finally:
         stop.set()
@@ -552,21 +552,21 @@ async def test_memd_run_pool_stays_paused_after_an_auth_failure(tmp_path, server
 # --------------------------------------------------------------------------- daily budget
 
 
-async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_path, server, clock, daemons, monkeypatch, capsys):
+async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_path, routed_server, daemon_clock, daemons, monkeypatch, capsys):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(5):
         write_rollout(tmp_path / "sessions", thread_id(n), cwd, simple_turns(f"budget-{n}"))
-    server.default = fk.ok(trace_answer("budget"), usage=(500, 100, 0))
-    settings = settings_for(tmp_path, server.base_url, extract_concurrency=1, daily_token_budget=1500)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.ok(trace_answer("budget"), usage=(500, 100, 0))
+    settings = settings_for(tmp_path, routed_server.base_url, extract_concurrency=1, daily_token_budget=1500)
+    daemon = await daemons(settings, daemon_clock)
 
     with capture_logs() as logs:
         summary = await daemon.once()
     # 0, 600 and 1200 tokens spent before the first three requests; 1800 ≥ 1500 before the 4th.
-    assert len(server.requests) == 3
+    assert len(routed_server.requests) == 3
     assert (summary.extracted, summary.failed) == (3, 0)
-    midnight = next_utc_midnight(clock.now())
+    midnight = next_utc_midnight(daemon_clock.now())
     [exhausted] = events(logs, "budget_exhausted")
     assert exhausted["resume_at"] == iso_utc(midnight)
     assert f"daily token budget reached; resumes at {iso_utc(midnight)}" == daemon.components.pool.paused_reason
@@ -582,24 +582,24 @@ async def test_the_daily_budget_pauses_extraction_until_the_next_utc_day(tmp_pat
     assert usage["model_paused"] == f"daily token budget reached; resumes at {iso_utc(midnight)}"
 
     await daemon.once()  # the same day: nothing is sent
-    assert len(server.requests) == 3
+    assert len(routed_server.requests) == 3
 
-    clock.advance(midnight - clock.now() + 1)
+    daemon_clock.advance(midnight - daemon_clock.now() + 1)
     await daemon.once()
-    assert len(server.requests) == 5
+    assert len(routed_server.requests) == 5
     assert len(db_rows(settings, "SELECT * FROM memories")) == 5
     assert daemon.components.pool.paused_reason is None
     assert await daemon.components.store.meta.get("model_pause") is None
 
 
-async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, server, clock, daemons):
+async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, routed_server, daemon_clock, daemons):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(3):
         write_rollout(tmp_path / "sessions", thread_id(n), cwd, simple_turns(f"day-{n}"))
-    server.default = fk.ok(trace_answer("day"), usage=(900, 200, 0))
-    settings = settings_for(tmp_path, server.base_url, extract_concurrency=1, daily_token_budget=1000)
-    daemon = await daemons(settings, clock)
+    routed_server.default = fk.ok(trace_answer("day"), usage=(900, 200, 0))
+    settings = settings_for(tmp_path, routed_server.base_url, extract_concurrency=1, daily_token_budget=1000)
+    daemon = await daemons(settings, daemon_clock)
     await daemon.components.indexer.scan()
     await daemon.components.scheduler.plan()
     stop = asyncio.Event()
@@ -614,36 +614,36 @@ async def test_memd_run_waits_for_the_budget_day_and_then_resumes(tmp_path, serv
 
     try:
         await until(lambda: daemon.components.pool.paused_reason is not None)
-        assert len(server.requests) == 1
+        assert len(routed_server.requests) == 1
         for _ in range(10):
             daemon.components.pool.wake()
             await asyncio.sleep(0.01)
-        assert len(server.requests) == 1  # waiting, not polling the server
-        clock.advance(next_utc_midnight(clock.now()) - clock.now() + 1)
+        assert len(routed_server.requests) == 1  # waiting, not polling the server
+        daemon_clock.advance(next_utc_midnight(daemon_clock.now()) - daemon_clock.now() + 1)
         daemon.components.pool.wake()
-        await until(lambda: len(server.requests) == 2 and daemon.components.pool.paused_reason is not None)
-        clock.advance(86_400)
+        await until(lambda: len(routed_server.requests) == 2 and daemon.components.pool.paused_reason is not None)
+        daemon_clock.advance(86_400)
         daemon.components.pool.wake()
         await until(lambda: daemon.components.pool.stats.done == 3)
     finally:
         stop.set()
         daemon.components.pool.wake()
         await pool
-    assert len(server.requests) == 3
+    assert len(routed_server.requests) == 3
 
 
 # --------------------------------------------------------------------------- dry run
 
 
-async def test_once_dry_run_estimates_the_tokens_and_sends_nothing(tmp_path, server, monkeypatch, capsys):
+async def test_once_dry_run_estimates_the_tokens_and_sends_nothing(tmp_path, routed_server, monkeypatch, capsys):
     cwd = tmp_path / "proj"
     cwd.mkdir()
     for n in range(3):
         write_rollout(tmp_path / "sessions", thread_id(n), cwd, simple_turns(f"dry-{n}"))
-    settings = settings_for(tmp_path, server.base_url)
+    settings = settings_for(tmp_path, routed_server.base_url)
     status_env(monkeypatch, settings)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_BASE_URL", routed_server.base_url)
     code = await asyncio.to_thread(main, ["once", "--dry-run", "--min-idle", "0", "--max-age-days", "0"])
     assert code == 0
     out = capsys.readouterr().out
@@ -651,7 +651,7 @@ async def test_once_dry_run_estimates_the_tokens_and_sends_nothing(tmp_path, ser
     tokens = int(out.split("about ", 1)[1].split(" input tokens", 1)[0])
     system_bytes = len(render("extract_system.md.j2").encode())
     assert tokens >= 3 * system_bytes / 4  # prompts included
-    assert server.requests == []
+    assert routed_server.requests == []
     assert db_rows(settings, "SELECT * FROM memories") == []
     assert db_rows(settings, "SELECT * FROM usage") == []
     assert not any(settings.memory_dir.glob("*/memory/MEMORY.md"))
@@ -680,7 +680,7 @@ async def run_memd(home: Path, *args: str, env_extra: dict[str, str], timeout_s:
 
 
 @pytest.mark.timeout(180)
-async def test_memd_once_subprocess_with_the_model_fills_traces_and_memory_from_the_answers(tmp_path, server):
+async def test_memd_once_subprocess_with_the_model_fills_traces_and_memory_from_the_answers(tmp_path, routed_server):
     home = tmp_path / "home"
     home.mkdir()
     cwd = tmp_path / "proj"
@@ -694,16 +694,16 @@ async def test_memd_once_subprocess_with_the_model_fills_traces_and_memory_from_
         n = next(i for i in range(2) if f"sub-{i}" in user_content(body))
         return fk.ok(trace_answer(f"answer-{n}"), usage=(800, 90, 0))
 
-    server.route = route
+    routed_server.route = route
     code, out, err = await run_memd(
         home, "once", "--sessions", str(tmp_path / "sessions"), "--min-idle", "0", "--max-age-days", "0",
-        env_extra={"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url, "MEMD_EXTRACTOR": "openai"},
+        env_extra={"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": routed_server.base_url, "MEMD_EXTRACTOR": "openai"},
     )
     assert code == 0, err[-3000:]
     assert "2 extracted" in out and "1 projects consolidated" in out
-    names = [schema_name(b) for b in server.bodies()]
+    names = [schema_name(b) for b in routed_server.bodies()]
     assert sorted(names) == ["memory_consolidation", "trace_memory", "trace_memory"]
-    consolidation = next(b for b in server.bodies() if schema_name(b) == "memory_consolidation")
+    consolidation = next(b for b in routed_server.bodies() if schema_name(b) == "memory_consolidation")
     assert "answer-0" in user_content(consolidation) and "answer-1" in user_content(consolidation)
 
     [root] = list((home / "data" / "memd" / "projects").glob("*/memory"))
@@ -728,17 +728,17 @@ def write_traces(root: Path, project: str, markers: list[str]) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_memd_consolidate_subprocess_writes_the_models_memory_through_staging(tmp_path, server):
+async def test_memd_consolidate_subprocess_writes_the_models_memory_through_staging(tmp_path, routed_server):
     home = tmp_path / "home"
     home.mkdir()
     root = memory_files.ensure_project_root(home / "data" / "memd" / "projects", "/work/demo")
     write_traces(root, "/work/demo", ["first-trace", "second-trace"])
-    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": server.base_url, "MEMD_EXTRACTOR": "openai"}
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": routed_server.base_url, "MEMD_EXTRACTOR": "openai"}
 
-    server.route = consolidation_answer
+    routed_server.route = consolidation_answer
     code, _out, err = await run_memd(home, "consolidate", "--root", str(root), env_extra=env)
     assert code == 0, err[-3000:]
-    [body] = server.bodies()
+    [body] = routed_server.bodies()
     assert schema_name(body) == "memory_consolidation"
     assert "first-trace" in user_content(body) and "second-trace" in user_content(body)
     memory = (root / "MEMORY.md").read_text()
@@ -747,17 +747,17 @@ async def test_memd_consolidate_subprocess_writes_the_models_memory_through_stag
     assert not [p for p in root.iterdir() if p.name.startswith(".staging")]
 
     # A failing model leaves the previous MEMORY.md and skills untouched; bounded requests.
-    server.route = lambda body: fk.server_error(500)
+    routed_server.route = lambda body: fk.server_error(500)
     code, _out, err = await run_memd(home, "consolidate", "--root", str(root),
                                      env_extra={**env, "MEMD_LLM__MAX_ATTEMPTS": "2"})
     assert code == 1
-    assert len(server.requests) == 3
+    assert len(routed_server.requests) == 3
     assert (root / "MEMORY.md").read_text() == memory
     assert (root / "skills" / "fix_the_build" / "SKILL.md").is_file()
 
 
 @pytest.mark.timeout(180)
-async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, server):
+async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, routed_server):
     home = tmp_path / "home"
     home.mkdir()
     sessions = tmp_path / "sessions"
@@ -773,9 +773,9 @@ async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, se
             return fk.server_error(500)
         return fk.ok(trace_answer(next(m for m in markers if m in text)))
 
-    server.route = route
+    routed_server.route = route
     env = memd_env(home)
-    env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.base_url, MEMD_EXTRACTOR="openai", MEMD_LLM__MAX_ATTEMPTS="2",
+    env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=routed_server.base_url, MEMD_EXTRACTOR="openai", MEMD_LLM__MAX_ATTEMPTS="2",
                MEMD_EXTRACT_CONCURRENCY="1")
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log_file:
@@ -810,9 +810,9 @@ async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, se
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    failing = [b for b in server.bodies() if "FAILTHREAD" in user_content(b)]
+    failing = [b for b in routed_server.bodies() if "FAILTHREAD" in user_content(b)]
     assert len(failing) == 2  # llm.max_attempts, then the job waits for its backoff
-    assert len(server.requests) == 4
+    assert len(routed_server.requests) == 4
     output = log_path.read_text()
     started = json.loads(next(line for line in output.splitlines() if '"daemon_started"' in line))
     assert (started["extractor"], started["extractor_reason"]) == ("openai", "extractor = openai in the configuration")
@@ -830,23 +830,23 @@ async def test_memd_run_keeps_serving_other_threads_while_one_fails(tmp_path, se
     ids=["memd_with_the_model", "another_command", "memd_offline"],
 )
 async def test_the_key_reaches_the_consolidation_subprocess_only_when_memd_consolidates_with_the_model(
-    tmp_path, server, clock, daemons, monkeypatch, command, key, passed
+    tmp_path, routed_server, daemon_clock, daemons, monkeypatch, command, key, passed
 ):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "another-provider-key")
-    settings = settings_for(tmp_path, server.base_url, key=key, consolidation={"command": command})
-    daemon = await daemons(settings, clock)
+    settings = settings_for(tmp_path, routed_server.base_url, key=key, consolidation={"command": command})
+    daemon = await daemons(settings, daemon_clock)
     env = daemon.components.runner.env
     assert ("OPENAI_API_KEY" in env) is passed
     assert "ANTHROPIC_API_KEY" not in env
     assert env["HOME"] == os.environ["HOME"]
 
 
-async def test_memd_consolidate_sends_nothing_when_the_daily_budget_is_spent(tmp_path, server, monkeypatch, capsys):
+async def test_memd_consolidate_sends_nothing_when_the_daily_budget_is_spent(tmp_path, routed_server, monkeypatch, capsys):
     from memd.clock import SystemClock
     from memd.store.store import Store
 
-    settings = settings_for(tmp_path, server.base_url)
+    settings = settings_for(tmp_path, routed_server.base_url)
     root = memory_files.ensure_project_root(settings.memory_dir, "/work/demo")
     write_traces(root, "/work/demo", ["budget-trace"])
     (root / "MEMORY.md").write_text("# previous handbook\n")
@@ -854,14 +854,14 @@ async def test_memd_consolidate_sends_nothing_when_the_daily_budget_is_spent(tmp
         await store.usage.record_usage("extract", "gpt-5-mini", 900, 200, 0)
     status_env(monkeypatch, settings)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_BASE_URL", routed_server.base_url)
     monkeypatch.setenv("MEMD_EXTRACTOR", "openai")
     monkeypatch.setenv("MEMD_DAILY_TOKEN_BUDGET", "1000")
     assert await asyncio.to_thread(main, ["consolidate", "--root", str(root)]) == 1
     assert "daily token budget of 1000 tokens is spent" in capsys.readouterr().err
-    assert server.requests == []
+    assert routed_server.requests == []
     assert (root / "MEMORY.md").read_text() == "# previous handbook\n"
     monkeypatch.setenv("MEMD_DAILY_TOKEN_BUDGET", "0")
-    server.route = consolidation_answer
+    routed_server.route = consolidation_answer
     assert await asyncio.to_thread(main, ["consolidate", "--root", str(root)]) == 0
-    assert len(server.requests) == 1 and "Always pin the toolchain" in (root / "MEMORY.md").read_text()
+    assert len(routed_server.requests) == 1 and "Always pin the toolchain" in (root / "MEMORY.md").read_text()

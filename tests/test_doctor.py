@@ -19,7 +19,7 @@ KEY = "doctor-test-key-0123456789"
 
 
 @pytest.fixture
-async def server():
+async def gpt5_mini_server():
     srv = fk.FakeOpenAI(model="gpt-5-mini")
     await srv.start()
     yield srv
@@ -58,34 +58,34 @@ async def test_a_healthy_setup_passes_every_check(tmp_path):
     assert text.rstrip().endswith("0 failed, 0 warnings")
 
 
-async def test_the_model_endpoint_answering_is_ok(tmp_path, server):
-    settings = settings_for(tmp_path, extractor="auto", llm={"base_url": server.base_url, "api_key": KEY})
+async def test_the_model_endpoint_answering_is_ok(tmp_path, gpt5_mini_server):
+    settings = settings_for(tmp_path, extractor="auto", llm={"base_url": gpt5_mini_server.base_url, "api_key": KEY})
     code, checks, text = await doctor_report(settings)
     assert code == 0, text
     verdict, detail = checks["model endpoint"]
     assert verdict == "ok" and "reachable" in detail and "'gpt-5-mini' listed" in detail
     assert checks["extractor"][1] == "openai (extractor = auto and memd's configuration holds an API key (llm.api_key))"
-    assert [r.path for r in server.requests] == ["/v1/models"]
-    assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+    assert [r.path for r in gpt5_mini_server.requests] == ["/v1/models"]
+    assert gpt5_mini_server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
     assert KEY not in text
 
 
-async def test_a_model_the_server_does_not_list_is_a_warning(tmp_path, server):
-    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": server.base_url, "api_key": KEY, "model": "gpt-9"})
+async def test_a_model_the_server_does_not_list_is_a_warning(tmp_path, gpt5_mini_server):
+    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": gpt5_mini_server.base_url, "api_key": KEY, "model": "gpt-9"})
     code, checks, text = await doctor_report(settings)
     assert code == 0
     verdict, detail = checks["model endpoint"]
     assert verdict == "warn" and "'gpt-9' not listed" in detail and "llm.model" in detail
 
 
-async def test_rejected_credentials_fail_without_printing_the_key(tmp_path, server):
-    server.default = fk.unauthorized()
-    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": server.base_url, "api_key": KEY})
+async def test_rejected_credentials_fail_without_printing_the_key(tmp_path, gpt5_mini_server):
+    gpt5_mini_server.default = fk.unauthorized()
+    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": gpt5_mini_server.base_url, "api_key": KEY})
     code, checks, text = await doctor_report(settings)
     assert code == 1
     verdict, detail = checks["model endpoint"]
     assert verdict == "fail" and "credentials rejected" in detail
-    assert len(server.requests) == 1  # no retries
+    assert len(gpt5_mini_server.requests) == 1  # no retries
     assert KEY not in text
     assert text.rstrip().endswith("1 failed, 0 warnings")
 
@@ -99,12 +99,12 @@ async def test_an_unreachable_endpoint_fails_clearly(tmp_path):
     assert verdict == "fail" and "unreachable" in detail and url in detail
 
 
-async def test_a_hanging_endpoint_fails_within_the_timeout(tmp_path, server):
-    server.default = fk.hang(hang_s=30)
-    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": server.base_url, "api_key": KEY, "timeout_s": 0.3})
+async def test_a_hanging_endpoint_fails_within_the_timeout(tmp_path, gpt5_mini_server):
+    gpt5_mini_server.default = fk.hang(hang_s=30)
+    settings = settings_for(tmp_path, extractor="openai", llm={"base_url": gpt5_mini_server.base_url, "api_key": KEY, "timeout_s": 0.3})
     code, checks, _ = await doctor_report(settings)
     assert code == 1
-    assert checks["model endpoint"] == ("fail", f"{server.base_url}: no answer within 0.3 s")
+    assert checks["model endpoint"] == ("fail", f"{gpt5_mini_server.base_url}: no answer within 0.3 s")
 
 
 async def test_paths_missing_roots_warn_and_unwritable_state_fails(tmp_path):
@@ -183,20 +183,20 @@ async def test_a_config_file_holding_the_key_must_be_private(tmp_path):
     assert "config secrets" not in checks
 
 
-async def test_memd_doctor_command_line(tmp_path, server, monkeypatch, capsys):
+async def test_memd_doctor_command_line(tmp_path, gpt5_mini_server, monkeypatch, capsys):
     config = tmp_path / "config.toml"
     sessions = tmp_path / "sessions"
     sessions.mkdir()
     config.write_text(
         f'sessions = ["{sessions}"]\nstate_dir = "{tmp_path / "state"}"\nforce_polling = true\n'
-        f'[llm]\nbase_url = "{server.base_url}"\n'
+        f'[llm]\nbase_url = "{gpt5_mini_server.base_url}"\n'
     )
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("MEMD_EXTRACTOR", "openai")  # a bare key does not opt in (SPEC §9)
     assert await asyncio.to_thread(main, ["--config", str(config), "doctor"]) == 0
     out = capsys.readouterr().out
     assert f"valid; {config}" in out and "OK    model endpoint" in out
-    server.default = fk.unauthorized()
+    gpt5_mini_server.default = fk.unauthorized()
     assert await asyncio.to_thread(main, ["--config", str(config), "doctor"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  model endpoint" in out and KEY not in out

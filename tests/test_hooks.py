@@ -52,7 +52,7 @@ def inst(tmp_path: Path) -> Installation:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def home_env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir()
     return {"HOME": str(home), "CODEX_HOME": str(home / ".codex")}
@@ -73,13 +73,13 @@ def test_the_hook_command_carries_the_absolute_path_and_resolved_dirs(inst: Inst
     assert not is_memd_hook({"type": "command", "command": "echo memd context --format text"})
 
 
-def test_claude_install_twice_leaves_one_hook_and_everything_else(inst: Installation, env: dict[str, str]) -> None:
-    path = Path(env["HOME"]) / ".claude" / "settings.json"
+def test_claude_install_twice_leaves_one_hook_and_everything_else(inst: Installation, home_env: dict[str, str]) -> None:
+    path = Path(home_env["HOME"]) / ".claude" / "settings.json"
     path.parent.mkdir()
     path.write_text(json.dumps(OTHER_TOOLS_SETTINGS, indent=4))
     original = path.read_text()
-    [first] = install_hook(Agent.CLAUDE, inst, env)
-    [second] = install_hook(Agent.CLAUDE, inst, env)
+    [first] = install_hook(Agent.CLAUDE, inst, home_env)
+    [second] = install_hook(Agent.CLAUDE, inst, home_env)
     assert first.changed and first.backup is not None and first.backup.read_text() == original
     assert not second.changed
     data = json.loads(path.read_text())
@@ -93,47 +93,47 @@ def test_claude_install_twice_leaves_one_hook_and_everything_else(inst: Installa
         k: v for k, v in OTHER_TOOLS_SETTINGS.items() if k != "hooks"
     }
     assert data["hooks"]["PreToolUse"] == OTHER_TOOLS_SETTINGS["hooks"]["PreToolUse"]
-    [removed] = uninstall_hook(Agent.CLAUDE, env)
+    [removed] = uninstall_hook(Agent.CLAUDE, home_env)
     assert removed.changed and json.loads(path.read_text()) == OTHER_TOOLS_SETTINGS
-    assert not uninstall_hook(Agent.CLAUDE, env)[0].changed
+    assert not uninstall_hook(Agent.CLAUDE, home_env)[0].changed
 
 
-def test_claude_settings_locations(inst: Installation, env: dict[str, str], tmp_path: Path) -> None:
-    install_hook(Agent.CLAUDE, inst, {**env, "CLAUDE_CONFIG_DIR": str(tmp_path / "cc") + ",/elsewhere"})
+def test_claude_settings_locations(inst: Installation, home_env: dict[str, str], tmp_path: Path) -> None:
+    install_hook(Agent.CLAUDE, inst, {**home_env, "CLAUDE_CONFIG_DIR": str(tmp_path / "cc") + ",/elsewhere"})
     assert (tmp_path / "cc" / "settings.json").is_file()
     project = tmp_path / "proj"
     project.mkdir()
-    [change] = install_hook(Agent.CLAUDE, inst, env, project)
+    [change] = install_hook(Agent.CLAUDE, inst, home_env, project)
     assert change.path == project / ".claude" / "settings.local.json" and change.path.is_file()
-    assert not (Path(env["HOME"]) / ".claude").exists()
+    assert not (Path(home_env["HOME"]) / ".claude").exists()
 
 
-def test_a_settings_file_that_does_not_parse_is_refused_and_untouched(inst: Installation, env: dict[str, str]) -> None:
-    path = Path(env["HOME"]) / ".claude" / "settings.json"
+def test_a_settings_file_that_does_not_parse_is_refused_and_untouched(inst: Installation, home_env: dict[str, str]) -> None:
+    path = Path(home_env["HOME"]) / ".claude" / "settings.json"
     path.parent.mkdir()
     path.write_text('{"hooks": {"SessionStart": [}\n')
     before = snapshot(path.parent)
     with pytest.raises(HookFileError, match=r"not valid JSON \(line 1, column 29"):
-        install_hook(Agent.CLAUDE, inst, env)
+        install_hook(Agent.CLAUDE, inst, home_env)
     with pytest.raises(HookFileError, match="not valid JSON"):
-        uninstall_hook(Agent.CLAUDE, env)
+        uninstall_hook(Agent.CLAUDE, home_env)
     path.write_text('{"hooks": {"SessionStart": {"matcher": "startup"}}}')
     before = snapshot(path.parent)
     with pytest.raises(HookFileError, match='"hooks.SessionStart" is not a list'):
-        install_hook(Agent.CLAUDE, inst, env)
+        install_hook(Agent.CLAUDE, inst, home_env)
     assert snapshot(path.parent) == before
 
 
 def test_codex_install_writes_hooks_json_and_the_feature_keeping_comments(
-    inst: Installation, env: dict[str, str]
+    inst: Installation, home_env: dict[str, str]
 ) -> None:
-    codex = Path(env["CODEX_HOME"])
+    codex = Path(home_env["CODEX_HOME"])
     codex.mkdir()
     (codex / "config.toml").write_text(CODEX_CONFIG)
     (codex / "AGENTS.md").write_text("mine")
     (codex / "memories").mkdir()
     (codex / "memories" / "MEMORY.md").write_text("codex's own")
-    hooks_change, toml_change = install_hook(Agent.CODEX, inst, env)
+    hooks_change, toml_change = install_hook(Agent.CODEX, inst, home_env)
     assert hooks_change.changed and toml_change.changed and toml_change.backup is not None
     hooks = json.loads((codex / "hooks.json").read_text())
     assert hooks == {
@@ -150,35 +150,35 @@ def test_codex_install_writes_hooks_json_and_the_feature_keeping_comments(
     assert text.startswith(CODEX_CONFIG.split("[features]")[0])  # comments and order survive
     assert "web_search = true   # keep this comment\nhooks = true\n" in text
     assert tomllib.loads(text)["mcp_servers"]["docs"] == {"command": "docs-mcp", "args": ["--stdio"]}
-    again = install_hook(Agent.CODEX, inst, env)
+    again = install_hook(Agent.CODEX, inst, home_env)
     assert [c.changed for c in again] == [False, False]
     assert (codex / "AGENTS.md").read_text() == "mine"
     assert (codex / "memories" / "MEMORY.md").read_text() == "codex's own"
     assert not (codex / "AGENTS.md.memd-backup").exists()
-    uninstall_hook(Agent.CODEX, env)
+    uninstall_hook(Agent.CODEX, home_env)
     assert json.loads((codex / "hooks.json").read_text()) == {}
 
 
 def test_codex_config_that_does_not_parse_is_refused_and_nothing_is_written(
-    inst: Installation, env: dict[str, str]
+    inst: Installation, home_env: dict[str, str]
 ) -> None:
-    codex = Path(env["CODEX_HOME"])
+    codex = Path(home_env["CODEX_HOME"])
     codex.mkdir()
     (codex / "config.toml").write_text('model = "gpt-5\n[features\n')
     before = snapshot(codex)
     with pytest.raises(HookFileError, match="not valid TOML"):
-        install_hook(Agent.CODEX, inst, env)
+        install_hook(Agent.CODEX, inst, home_env)
     with pytest.raises(HookFileError, match="not valid TOML"):
-        install_codex_mcp(inst, env)
+        install_codex_mcp(inst, home_env)
     assert snapshot(codex) == before  # not even hooks.json was written
 
 
-def test_codex_mcp_server_is_registered_once_with_its_environment(inst: Installation, env: dict[str, str]) -> None:
-    codex = Path(env["CODEX_HOME"])
+def test_codex_mcp_server_is_registered_once_with_its_environment(inst: Installation, home_env: dict[str, str]) -> None:
+    codex = Path(home_env["CODEX_HOME"])
     codex.mkdir()
     (codex / "config.toml").write_text(CODEX_CONFIG)
-    assert install_codex_mcp(inst, env).changed
-    assert not install_codex_mcp(inst, env).changed
+    assert install_codex_mcp(inst, home_env).changed
+    assert not install_codex_mcp(inst, home_env).changed
     doc = tomllib.loads((codex / "config.toml").read_text())
     assert doc["mcp_servers"]["memd"] == {
         "command": "/opt/memd/.venv/bin/memd",
@@ -190,20 +190,20 @@ def test_codex_mcp_server_is_registered_once_with_its_environment(inst: Installa
         },
     }
     assert doc["mcp_servers"]["docs"] == {"command": "docs-mcp", "args": ["--stdio"]}
-    report = {r.what: r for r in installed_report(env)}
+    report = {r.what: r for r in installed_report(home_env)}
     assert report["codex mcp"].installed and not report["codex hook"].installed
-    assert uninstall_codex_mcp(env).changed
+    assert uninstall_codex_mcp(home_env).changed
     assert (codex / "config.toml").read_text() == CODEX_CONFIG
 
 
-def test_doctor_report_sees_hooks_and_a_missing_feature_flag(inst: Installation, env: dict[str, str]) -> None:
-    install_hook(Agent.CLAUDE, inst, env)
-    install_hook(Agent.CODEX, inst, env)
-    report = {r.what: r for r in installed_report(env)}
+def test_doctor_report_sees_hooks_and_a_missing_feature_flag(inst: Installation, home_env: dict[str, str]) -> None:
+    install_hook(Agent.CLAUDE, inst, home_env)
+    install_hook(Agent.CODEX, inst, home_env)
+    report = {r.what: r for r in installed_report(home_env)}
     assert report["claude hook"].installed and report["codex hook"].installed
     assert "not true" not in report["codex hook"].detail
-    (Path(env["CODEX_HOME"]) / "config.toml").write_text("[features]\nhooks = false\n")
-    report = {r.what: r for r in installed_report(env)}
+    (Path(home_env["CODEX_HOME"]) / "config.toml").write_text("[features]\nhooks = false\n")
+    report = {r.what: r for r in installed_report(home_env)}
     assert "Codex will not run it" in report["codex hook"].detail
     assert not report["claude mcp"].installed
 
@@ -218,10 +218,10 @@ def test_claude_mcp_command(inst: Installation) -> None:
     ]  # fmt: skip
 
 
-def test_files_keep_their_mode(inst: Installation, env: dict[str, str]) -> None:
-    path = Path(env["HOME"]) / ".claude" / "settings.json"
+def test_files_keep_their_mode(inst: Installation, home_env: dict[str, str]) -> None:
+    path = Path(home_env["HOME"]) / ".claude" / "settings.json"
     path.parent.mkdir()
     path.write_text("{}")
     os.chmod(path, 0o640)
-    install_hook(Agent.CLAUDE, inst, env)
+    install_hook(Agent.CLAUDE, inst, home_env)
     assert path.stat().st_mode & 0o777 == 0o640

@@ -38,7 +38,7 @@ def rollout_path(root: Path, thread_id: str = TID, day: str = "2026/01/02") -> P
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def system_store(tmp_path: Path):
     s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=SystemClock())
     yield s
     await s.close()
@@ -49,18 +49,18 @@ def make_indexer(store: Store, root: Path, **kw: object) -> Indexer:
                    include_sources=INCLUDE)
 
 
-async def test_real_rollouts_index_heads_then_catch_up(store: Store, codex_rollouts: Path, tmp_path: Path) -> None:
+async def test_real_rollouts_index_heads_then_catch_up(system_store: Store, codex_rollouts: Path, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     shutil.copytree(codex_rollouts, root)
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     first = await ix.scan()
     assert first.files_seen == len(list(codex_rollouts.glob("*.jsonl")))
-    threads = {t.id: t for t in await store.threads.list_all()}
+    threads = {t.id: t for t in await system_store.threads.list_all()}
     # Indexing reads heads only: nothing is eligible before the body is read.
     assert all(t.watermark == 0 for t in threads.values())
     for thread_id in threads:
         await ix.catch_up(thread_id)
-    threads = {t.id: t for t in await store.threads.list_all()}
+    threads = {t.id: t for t in await system_store.threads.list_all()}
     pomodoro = threads["019a085e-04c1-7f81-a09e-9555f6a1fb40"]
     assert pomodoro.eligible and pomodoro.user_messages == 3 and pomodoro.source == "cli"
     assert pomodoro.watermark == (codex_rollouts / "aisessions-codex-pomodor-timer.jsonl").stat().st_size
@@ -69,16 +69,16 @@ async def test_real_rollouts_index_heads_then_catch_up(store: Store, codex_rollo
     assert str(threads["019b7f95-0000-7000-0000-000000000001"].reason) == "no_user_messages"
     assert threads["019c8a59-e9dd-71f0-9ae3-4079fe9726a9"].user_messages == 38
     # Restart with nothing changed: one stat per file, nothing re-read.
-    again = await make_indexer(store, root).scan()
+    again = await make_indexer(system_store, root).scan()
     assert again.unchanged == again.files_seen and again.indexed == 0
 
 
-async def test_append_reads_only_the_appended_bytes(store: Store, tmp_path: Path) -> None:
+async def test_append_reads_only_the_appended_bytes(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     path = rollout_path(root)
     body = user_line("x" * 1000) * 20_000  # ~20 MB
     path.write_bytes(meta_line() + body)
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     await ix.scan()
     await ix.catch_up(TID)
     assert ix.last_catch_up_bytes == path.stat().st_size
@@ -93,12 +93,12 @@ async def test_append_reads_only_the_appended_bytes(store: Store, tmp_path: Path
     assert thread.watermark == path.stat().st_size
 
 
-async def test_partial_last_line_waits_for_its_newline(store: Store, tmp_path: Path) -> None:
+async def test_partial_last_line_waits_for_its_newline(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     path = rollout_path(root)
     full = user_line("finish the parser")
     path.write_bytes(meta_line() + user_line("first") + full[:10])
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     await ix.scan()
     thread = await ix.catch_up(TID)
     assert thread is not None and thread.user_messages == 1
@@ -110,29 +110,29 @@ async def test_partial_last_line_waits_for_its_newline(store: Store, tmp_path: P
     assert thread is not None and thread.user_messages == 2 and thread.watermark == path.stat().st_size
 
 
-async def test_archived_rollout_stays_the_same_thread(store: Store, tmp_path: Path) -> None:
+async def test_archived_rollout_stays_the_same_thread(system_store: Store, tmp_path: Path) -> None:
     sessions, archive = tmp_path / "sessions", tmp_path / "archived_sessions"
     archive.mkdir()
     path = rollout_path(sessions)
     path.write_bytes(meta_line() + user_line("hello there"))
-    ix = Indexer(store, SystemClock(), roots=[sessions, archive], max_line_bytes=1 << 20, include_sources=INCLUDE)
+    ix = Indexer(system_store, SystemClock(), roots=[sessions, archive], max_line_bytes=1 << 20, include_sources=INCLUDE)
     await ix.scan()
     await ix.catch_up(TID)
     moved = archive / path.name
     os.rename(path, moved)
     await ix.scan()
-    threads = await store.threads.list_all()
+    threads = await system_store.threads.list_all()
     assert [t.id for t in threads] == [TID]
     assert threads[0].path == str(moved)
     assert threads[0].user_messages == 1 and threads[0].watermark == moved.stat().st_size
-    assert await store.threads.get_file(str(path)) is None
+    assert await system_store.threads.get_file(str(path)) is None
 
 
-async def test_replaced_file_is_read_again_from_zero(store: Store, tmp_path: Path) -> None:
+async def test_replaced_file_is_read_again_from_zero(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     path = rollout_path(root)
     path.write_bytes(meta_line() + user_line("a") + user_line("b") + user_line("c"))
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     await ix.scan()
     await ix.catch_up(TID)
     replacement = path.with_suffix(".tmp")
@@ -144,19 +144,19 @@ async def test_replaced_file_is_read_again_from_zero(store: Store, tmp_path: Pat
     assert thread.watermark == path.stat().st_size
 
 
-async def test_new_day_directory_is_picked_up_by_refresh(store: Store, tmp_path: Path) -> None:
+async def test_new_day_directory_is_picked_up_by_refresh(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     root.mkdir()
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     await ix.scan()
     path = rollout_path(root, day="2026/11/21")
     path.write_bytes(meta_line() + user_line("new day"))
     summary = await ix.refresh_paths([str(root / "2026")])  # the watcher reports the new directory
     assert summary.indexed == 1
-    assert (await store.threads.get(TID)) is not None
+    assert (await system_store.threads.get(TID)) is not None
 
 
-async def test_bad_files_get_one_event_and_do_not_stop_the_others(store: Store, tmp_path: Path) -> None:
+async def test_bad_files_get_one_event_and_do_not_stop_the_others(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     good = rollout_path(root, "019b0000-0000-7000-8000-000000000001")
     good.write_bytes(meta_line("019b0000-0000-7000-8000-000000000001") + user_line("fix it"))
@@ -169,7 +169,7 @@ async def test_bad_files_get_one_event_and_do_not_stop_the_others(store: Store, 
     bodybad = rollout_path(root, "019b0000-0000-7000-8000-000000000005")
     bodybad.write_bytes(meta_line("019b0000-0000-7000-8000-000000000005") + b"{oops\n" + b"\xff\xff\n" + user_line("still here"))
     (root / "loop").symlink_to(root, target_is_directory=True)
-    ix = Indexer(store, SystemClock(), roots=[root, tmp_path / "missing"], max_line_bytes=1 << 20, include_sources=INCLUDE)
+    ix = Indexer(system_store, SystemClock(), roots=[root, tmp_path / "missing"], max_line_bytes=1 << 20, include_sources=INCLUDE)
     with capture_logs() as logs:
         summary = await ix.scan()
         await ix.catch_up("019b0000-0000-7000-8000-000000000005")
@@ -180,13 +180,13 @@ async def test_bad_files_get_one_event_and_do_not_stop_the_others(store: Store, 
     assert any(e == "root_missing" for e, _ in events)
     assert any(e["event"] == "line_skipped" for e in logs)
     assert summary.files_seen == 5  # each file once despite the symlink loop
-    ok = await store.threads.get("019b0000-0000-7000-8000-000000000001")
+    ok = await system_store.threads.get("019b0000-0000-7000-8000-000000000001")
     assert ok is not None
-    survivor = await store.threads.get("019b0000-0000-7000-8000-000000000005")
+    survivor = await system_store.threads.get("019b0000-0000-7000-8000-000000000005")
     assert survivor is not None and survivor.skipped_lines == 2 and survivor.user_messages == 1
 
 
-async def test_oversized_line_is_skipped_and_counted(store: Store, tmp_path: Path) -> None:
+async def test_oversized_line_is_skipped_and_counted(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     path = rollout_path(root)
     with path.open("wb") as handle:
@@ -195,7 +195,7 @@ async def test_oversized_line_is_skipped_and_counted(store: Store, tmp_path: Pat
         handle.write(b"y" * (100 << 20))  # a single 100 MB line, beyond max_line_bytes
         handle.write(b'"}}\n')
         handle.write(user_line("after the big line"))
-    ix = make_indexer(store, root, max_line_bytes=1 << 20)
+    ix = make_indexer(system_store, root, max_line_bytes=1 << 20)
     await ix.scan()
     with capture_logs() as logs:
         thread = await ix.catch_up(TID)
@@ -204,7 +204,7 @@ async def test_oversized_line_is_skipped_and_counted(store: Store, tmp_path: Pat
     assert [e for e in logs if e["event"] == "line_oversized"], logs
 
 
-async def test_file_deleted_between_scan_and_read(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_file_deleted_between_scan_and_read(system_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "sessions"
     doomed = rollout_path(root, "019b0000-0000-7000-8000-00000000000a")
     doomed.write_bytes(meta_line("019b0000-0000-7000-8000-00000000000a") + user_line("bye"))
@@ -219,13 +219,13 @@ async def test_file_deleted_between_scan_and_read(store: Store, tmp_path: Path, 
 
     monkeypatch.setattr(reader, "read_head", deleting_read_head)
     with capture_logs() as logs:
-        await make_indexer(store, root).scan()
+        await make_indexer(system_store, root).scan()
     assert [e for e in logs if e["event"] == "file_vanished"]
-    assert await store.threads.get("019b0000-0000-7000-8000-00000000000b") is not None
-    assert await store.threads.get("019b0000-0000-7000-8000-00000000000a") is None
+    assert await system_store.threads.get("019b0000-0000-7000-8000-00000000000b") is not None
+    assert await system_store.threads.get("019b0000-0000-7000-8000-00000000000a") is None
 
 
-async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unreadable_file_is_recorded_not_fatal(system_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     root = tmp_path / "sessions"
     locked = rollout_path(root, "019b0000-0000-7000-8000-00000000000c")
@@ -241,11 +241,11 @@ async def test_unreadable_file_is_recorded_not_fatal(store: Store, tmp_path: Pat
 
     monkeypatch.setattr(rollout_files, "_open_binary", denying_open)
     with capture_logs() as logs:
-        await make_indexer(store, root).scan()
+        await make_indexer(system_store, root).scan()
     assert [e for e in logs if e["event"] == "file_unreadable"]
-    record = await store.threads.get_file(str(locked))
+    record = await system_store.threads.get_file(str(locked))
     assert record is not None and record.error is not None and "unreadable" in record.error
-    assert await store.threads.get("019b0000-0000-7000-8000-00000000000d") is not None
+    assert await system_store.threads.get("019b0000-0000-7000-8000-00000000000d") is not None
 
 
 async def _state(store: Store) -> tuple[list, dict]:
@@ -319,10 +319,10 @@ async def test_batch_size_does_not_change_what_is_indexed(
         await other.close()
 
 
-async def test_watch_refresh_logs_each_new_thread_at_info(store: Store, tmp_path: Path) -> None:
+async def test_watch_refresh_logs_each_new_thread_at_info(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "sessions"
     root.mkdir()
-    ix = make_indexer(store, root)
+    ix = make_indexer(system_store, root)
     await ix.scan()
     path = rollout_path(root)
     path.write_bytes(meta_line() + user_line("hi"))
@@ -335,4 +335,4 @@ async def test_watch_refresh_logs_each_new_thread_at_info(store: Store, tmp_path
     ]
     path.unlink()
     gone = await ix.refresh_paths([str(path)])
-    assert gone.removed == 1 and await store.threads.get_file(str(path)) is None
+    assert gone.removed == 1 and await system_store.threads.get_file(str(path)) is None

@@ -69,18 +69,6 @@ async def add_thread(store: Store, n: int, *, updated_at: float, watermark: int 
     return thread
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(1_767_225_600.0)
-
-
-@pytest.fixture
-async def store(tmp_path, clock):
-    s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=clock)
-    yield s
-    await s.close()
-
-
 def make_pool(
     store: Store,
     clock: ManualClock,
@@ -122,16 +110,16 @@ def trace_files(tmp_path: Path) -> list[Path]:
 # --------------------------------------------------------------------------- concurrency
 
 
-async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims(tmp_path, store, clock):
+async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims(tmp_path, manual_store, manual_clock):
     for n in range(5):
-        await add_thread(store, n, updated_at=clock.now() - 100 + n)
+        await add_thread(manual_store, n, updated_at=manual_clock.now() - 100 + n)
     running_at_claim: list[int] = []
     running_seen: list[int] = []
     claimed: list[str] = []
-    real_claim = store.jobs.claim
+    real_claim = manual_store.jobs.claim
 
     async def running_claims() -> int:
-        return len(await store.jobs.list_all("extract", "running"))
+        return len(await manual_store.jobs.list_all("extract", "running"))
 
     async def instrumented_claim(*args, **kwargs):  # type: ignore[no-untyped-def]
         running_at_claim.append(await running_claims())
@@ -141,14 +129,14 @@ async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims
             claimed.append(job.key)
         return job
 
-    store.jobs.claim = instrumented_claim  # type: ignore[method-assign]
+    manual_store.jobs.claim = instrumented_claim  # type: ignore[method-assign]
 
     async def on_start(_thread: str) -> None:
         running_seen.append(await running_claims())
         await asyncio.sleep(0.02)
 
     extractor = GatedExtractor(on_start=on_start)
-    pool = make_pool(store, clock, tmp_path, extractor, concurrency=2)
+    pool = make_pool(manual_store, manual_clock, tmp_path, extractor, concurrency=2)
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: len(extractor.started) == 2, "two jobs running")
     for _ in range(20):  # the idle loop cannot claim a third job while both slots are taken
@@ -168,90 +156,90 @@ async def test_concurrency_is_fixed_and_a_worker_takes_its_slot_before_it_claims
 # --------------------------------------------------------------------------- leases
 
 
-async def test_a_running_job_renews_its_lease_and_cannot_be_taken_over(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)
+async def test_a_running_job_renews_its_lease_and_cannot_be_taken_over(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
     renewals: list[float] = []
-    real_renew = store.jobs.renew
+    real_renew = manual_store.jobs.renew
 
     async def counting_renew(job, lease_s):  # type: ignore[no-untyped-def]
         ok = await real_renew(job, lease_s)
-        renewals.append(clock.now())
+        renewals.append(manual_clock.now())
         return ok
 
-    store.jobs.renew = counting_renew  # type: ignore[method-assign]
+    manual_store.jobs.renew = counting_renew  # type: ignore[method-assign]
     extractor = GatedExtractor()
-    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)  # renewed every 0.1 s
+    pool = make_pool(manual_store, manual_clock, tmp_path, extractor, concurrency=1, lease_s=0.3)  # renewed every 0.1 s
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
-    claimed = await store.jobs.get("extract", thread_id(1))
+    claimed = await manual_store.jobs.get("extract", thread_id(1))
     for _ in range(4):  # 0.8 s of store time in all: far past one lease
-        clock.advance(0.2)
+        manual_clock.advance(0.2)
         seen = len(renewals)
         await until(lambda: len(renewals) > seen, "a renewal")  # noqa: B023
-        lease_until = (await store.jobs.get("extract", thread_id(1))).lease_until
+        lease_until = (await manual_store.jobs.get("extract", thread_id(1))).lease_until
         assert lease_until == pytest.approx(renewals[-1] + 0.3)
-        assert await store.jobs.claim("extract", "other:2:b", 0.3) is None  # no takeover
+        assert await manual_store.jobs.claim("extract", "other:2:b", 0.3) is None  # no takeover
     extractor.gate.set()
     await run
 
-    job = await store.jobs.get("extract", thread_id(1))
+    job = await manual_store.jobs.get("extract", thread_id(1))
     assert (job.status, job.fencing_token, job.attempts) == ("done", claimed.fencing_token, 1)
     assert pool.stats.done == 1 and pool.stats.fenced_out == 0
-    assert (await store.memories.get(thread_id(1))) is not None
+    assert (await manual_store.memories.get(thread_id(1))) is not None
 
 
-async def test_a_job_whose_lease_was_taken_over_writes_nothing(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)
+async def test_a_job_whose_lease_was_taken_over_writes_nothing(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
     extractor = GatedExtractor()
-    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=300.0)  # no renewal in this test
+    pool = make_pool(manual_store, manual_clock, tmp_path, extractor, concurrency=1, lease_s=300.0)  # no renewal in this test
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
-    first = await store.jobs.get("extract", thread_id(1))
+    first = await manual_store.jobs.get("extract", thread_id(1))
 
-    clock.advance(301)  # the lease expired: another daemon re-claims the job
-    taken = await store.jobs.claim("extract", "other:2:b", 300.0)
+    manual_clock.advance(301)  # the lease expired: another daemon re-claims the job
+    taken = await manual_store.jobs.claim("extract", "other:2:b", 300.0)
     assert taken is not None and taken.fencing_token == first.fencing_token + 1
     extractor.gate.set()  # the first worker finishes late and tries to commit
     await run
 
     assert pool.stats.fenced_out == 1 and pool.stats.done == 0
-    assert await store.memories.get(thread_id(1)) is None
+    assert await manual_store.memories.get(thread_id(1)) is None
     assert trace_files(tmp_path) == []  # no trace file, no temp file left behind
-    job = await store.jobs.get("extract", thread_id(1))
+    job = await manual_store.jobs.get("extract", thread_id(1))
     assert (job.status, job.owner, job.fencing_token) == ("running", "other:2:b", taken.fencing_token)
 
 
-async def test_a_lost_lease_seen_by_the_heartbeat_stops_the_work(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)
+async def test_a_lost_lease_seen_by_the_heartbeat_stops_the_work(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
     allow_renew = asyncio.Event()
-    real_renew = store.jobs.renew
+    real_renew = manual_store.jobs.renew
 
     async def held_renew(job, lease_s):  # type: ignore[no-untyped-def]
         await allow_renew.wait()  # the takeover happens before this renewal reaches the store
         return await real_renew(job, lease_s)
 
-    store.jobs.renew = held_renew  # type: ignore[method-assign]
+    manual_store.jobs.renew = held_renew  # type: ignore[method-assign]
     extractor = GatedExtractor()  # never released: only the lost lease ends the job
-    pool = make_pool(store, clock, tmp_path, extractor, concurrency=1, lease_s=0.3)
+    pool = make_pool(manual_store, manual_clock, tmp_path, extractor, concurrency=1, lease_s=0.3)
     run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
     await until(lambda: extractor.started, "the job started")
-    clock.advance(1.0)
-    assert await store.jobs.claim("extract", "other:2:b", 300.0) is not None
+    manual_clock.advance(1.0)
+    assert await manual_store.jobs.claim("extract", "other:2:b", 300.0) is not None
     allow_renew.set()
     await run
 
     assert extractor.cancelled == [thread_id(1)]
     assert pool.stats.fenced_out == 1 and pool.stats.done == 0
-    assert await store.memories.get(thread_id(1)) is None
-    assert (await store.jobs.get("extract", thread_id(1))).owner == "other:2:b"
+    assert await manual_store.memories.get(thread_id(1)) is None
+    assert (await manual_store.jobs.get("extract", thread_id(1))).owner == "other:2:b"
 
 
 # --------------------------------------------------------------------------- failures and pauses
 
 
-async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path, store, clock):
+async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path, manual_store, manual_clock):
     for n in range(3):
-        await add_thread(store, n, updated_at=clock.now() - 100 + n)
+        await add_thread(manual_store, n, updated_at=manual_clock.now() - 100 + n)
 
     class FailsOne(GatedExtractor):
         async def extract(self, request):  # type: ignore[no-untyped-def]
@@ -260,40 +248,40 @@ async def test_a_failure_is_recorded_with_backoff_and_other_jobs_go_on(tmp_path,
             return await super().extract(request)
 
     pool = make_pool(
-        store, clock, tmp_path, FailsOne(gated=False), retry=RetryPolicy(base_s=60, cap_s=3600, max_attempts=5)
+        manual_store, manual_clock, tmp_path, FailsOne(gated=False), retry=RetryPolicy(base_s=60, cap_s=3600, max_attempts=5)
     )
     await pool.run(asyncio.Event(), burst=True)
     assert (pool.stats.done, pool.stats.failed) == (2, 1)
-    job = await store.jobs.get("extract", thread_id(1))
+    job = await manual_store.jobs.get("extract", thread_id(1))
     assert (job.status, job.attempts, job.owner) == ("error", 1, None)
-    assert job.retry_at == pytest.approx(clock.now() + 60)
+    assert job.retry_at == pytest.approx(manual_clock.now() + 60)
     assert "server" in job.last_error
 
 
-async def test_the_pause_reason_is_recorded_for_memd_status_and_cleared_when_it_ends(tmp_path, store, clock):
+async def test_the_pause_reason_is_recorded_for_memd_status_and_cleared_when_it_ends(tmp_path, manual_store, manual_clock):
     from memd.errors import BudgetExhausted
 
     for n in range(2):
-        await add_thread(store, n, updated_at=clock.now() - 100 + n)
-    resume_at = clock.now() + 500
+        await add_thread(manual_store, n, updated_at=manual_clock.now() - 100 + n)
+    resume_at = manual_clock.now() + 500
 
     class OverBudget(GatedExtractor):
         async def extract(self, request):  # type: ignore[no-untyped-def]
-            if clock.now() < resume_at:
+            if manual_clock.now() < resume_at:
                 raise BudgetExhausted("spent", resume_at=resume_at)
             return await super().extract(request)
 
-    await store.meta.set("model_pause", "left by a previous process")
-    pool = make_pool(store, clock, tmp_path, OverBudget(gated=False), concurrency=1)
+    await manual_store.meta.set("model_pause", "left by a previous process")
+    pool = make_pool(manual_store, manual_clock, tmp_path, OverBudget(gated=False), concurrency=1)
     await pool.run(asyncio.Event(), burst=True)
-    reason = await store.meta.get("model_pause")
+    reason = await manual_store.meta.get("model_pause")
     assert reason == pool.paused_reason and "daily token budget reached" in reason
-    assert {j.status for j in await store.jobs.list_all("extract")} == {"pending"}
+    assert {j.status for j in await manual_store.jobs.list_all("extract")} == {"pending"}
 
-    clock.advance(501)
+    manual_clock.advance(501)
     await pool.run(asyncio.Event(), burst=True)
     assert pool.stats.done == 2
-    assert await store.meta.get("model_pause") is None
+    assert await manual_store.meta.get("model_pause") is None
 
 
 # --------------------------------------------------------------------------- two processes
@@ -352,10 +340,10 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_same_time(tmp_path, store, clock):
+async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_same_time(tmp_path, manual_store, manual_clock):
     n_threads = 8
     for n in range(n_threads):
-        await add_thread(store, n, updated_at=time.time() - 1000 + n)
+        await add_thread(manual_store, n, updated_at=time.time() - 1000 + n)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     log_path = tmp_path / "extractions.log"
@@ -367,7 +355,7 @@ async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_sa
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 str(script),
-                str(store.path),
+                str(manual_store.path),
                 str(tmp_path / "memory"),
                 str(log_path),
                 str(go),
@@ -398,43 +386,43 @@ async def test_two_processes_on_one_state_never_extract_a_thread_twice_at_the_sa
     assert sum(r["done"] for r in results) == n_threads
     assert all(r["fenced_out"] == 0 for r in results)
     assert len({pid for entries in per_thread.values() for _, pid in entries}) == 2  # both took work
-    memories = [await store.memories.get(thread_id(n)) for n in range(n_threads)]
+    memories = [await manual_store.memories.get(thread_id(n)) for n in range(n_threads)]
     assert all(m is not None for m in memories)
-    assert {j.status for j in await store.jobs.list_all("extract")} == {"done"}
+    assert {j.status for j in await manual_store.jobs.list_all("extract")} == {"done"}
 
 
 # --------------------------------------------------------------------------- file name and no-ops
 
 
-async def test_the_trace_file_is_named_after_the_extractors_title(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)
+async def test_the_trace_file_is_named_after_the_extractors_title(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
 
     class Titled(GatedExtractor):
         async def extract(self, request):  # type: ignore[no-untyped-def]
             result = await super().extract(request)
             return ExtractionResult(result.trace_memory, result.summary, result.extractor, title="Fix the build!")
 
-    await make_pool(store, clock, tmp_path, Titled(gated=False)).run(asyncio.Event(), burst=True)
+    await make_pool(manual_store, manual_clock, tmp_path, Titled(gated=False)).run(asyncio.Event(), burst=True)
     [trace] = [p for p in trace_files(tmp_path) if p.parent.name == "trace_summaries"]
     assert trace.name.endswith("_fix_the_build.md")  # the slug of the title, not of the thread's "task 1"
 
 
-async def test_a_no_op_session_makes_no_memory_folder(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)
+async def test_a_no_op_session_makes_no_memory_folder(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
 
     class Nothing(GatedExtractor):
         async def extract(self, request):  # type: ignore[no-untyped-def]
             return ExtractionResult("", "", "offline")
 
-    pool = make_pool(store, clock, tmp_path, Nothing(gated=False))
+    pool = make_pool(manual_store, manual_clock, tmp_path, Nothing(gated=False))
     await pool.run(asyncio.Event(), burst=True)
     assert (pool.stats.done, pool.stats.noop) == (1, 1)
     assert not project_root(tmp_path / "memory", PROJECT).exists()
-    assert (await store.jobs.get("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]
+    assert (await manual_store.jobs.get("extract", thread_id(1))).status == "done"  # type: ignore[union-attr]
 
 
-async def test_a_models_trace_is_named_after_its_first_task(tmp_path, store, clock):
-    await add_thread(store, 1, updated_at=clock.now() - 100)  # GatedExtractor gives no title
-    await make_pool(store, clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
+async def test_a_models_trace_is_named_after_its_first_task(tmp_path, manual_store, manual_clock):
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)  # GatedExtractor gives no title
+    await make_pool(manual_store, manual_clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
     [trace] = [p for p in trace_files(tmp_path) if p.parent.name == "trace_summaries"]
     assert trace.name.endswith("_fix_the_build.md")  # "## Task: fix the build", not the thread's "task 1"

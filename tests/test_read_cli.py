@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def read_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     sessions = tmp_path / "sessions"
     sessions.mkdir()
     monkeypatch.setenv("MEMD_SESSIONS", str(sessions))
@@ -96,21 +96,21 @@ def add_memd_calls(path: Path, project: Path, hit_path: str) -> None:
         handle.write("".join(json.dumps(line) + "\n" for line in lines))
 
 
-async def test_once_indexes_memory_and_a_later_session_records_its_use(env: Settings, capsys) -> None:  # type: ignore[no-untyped-def]
-    project = project_dir(env)
-    write_rollout(env.sessions[0], thread_id(1), project, simple_turns("first"))
-    await once(env)
-    root = memory_files.project_root(env.memory_dir, str(project))
-    index = SearchIndex.open(env.db_path)
+async def test_once_indexes_memory_and_a_later_session_records_its_use(read_env: Settings, capsys) -> None:  # type: ignore[no-untyped-def]
+    project = project_dir(read_env)
+    write_rollout(read_env.sessions[0], thread_id(1), project, simple_turns("first"))
+    await once(read_env)
+    root = memory_files.project_root(read_env.memory_dir, str(project))
+    index = SearchIndex.open(read_env.db_path)
     assert index is not None
     try:
         assert index.chunk_count(str(project)) > 0  # indexed after extraction and consolidation
         hits = index.search(str(project), "make test")
         assert hits and any(h.chunk.path.startswith("trace_summaries/") for h in hits)
         trace = next(h.chunk.path for h in hits if h.chunk.kind.value == "trace")
-        later = write_rollout(env.sessions[0], thread_id(2), project, mcp_call_turns(project))
+        later = write_rollout(read_env.sessions[0], thread_id(2), project, mcp_call_turns(project))
         add_memd_calls(later, project, trace)
-        await once(env)
+        await once(read_env)
         usage = index.usage(str(project))
         assert usage[(trace, "")].usage_count == 1
     finally:
@@ -123,10 +123,10 @@ async def test_once_indexes_memory_and_a_later_session_records_its_use(env: Sett
     assert row["usage_count"] == 1
 
 
-async def test_context_command_through_main_and_the_console_fast_path(env: Settings, capsys) -> None:  # type: ignore[no-untyped-def]
-    project = project_dir(env)
-    write_rollout(env.sessions[0], thread_id(1), project, simple_turns("ctx"))
-    await once(env)
+async def test_context_command_through_main_and_the_console_fast_path(read_env: Settings, capsys) -> None:  # type: ignore[no-untyped-def]
+    project = project_dir(read_env)
+    write_rollout(read_env.sessions[0], thread_id(1), project, simple_turns("ctx"))
+    await once(read_env)
     capsys.readouterr()  # the daemon's log lines
     assert await asyncio.to_thread(main, ["context", "--cwd", str(project), "--format", "json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -154,7 +154,7 @@ def test_global_options_before_the_command() -> None:
     assert _command(["--version"]) is None and _command(["status", "--json"]) == "status"
 
 
-async def test_hooks_and_mcp_install_through_the_cli(env: Settings, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+async def test_hooks_and_mcp_install_through_the_cli(read_env: Settings, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     home = Path(os.environ["HOME"])
     codex = home / ".codex"
     codex.mkdir(parents=True)
@@ -163,7 +163,7 @@ async def test_hooks_and_mcp_install_through_the_cli(env: Settings, tmp_path: Pa
     out = capsys.readouterr().out
     assert "review and trust" in out and "hooks.json" in out
     command = json.loads((codex / "hooks.json").read_text())["hooks"]["SessionStart"][0]["hooks"][0]["command"]
-    assert f"MEMD_STATE_DIR={env.state_dir}" in command and f"MEMD_MEMORY_DIR={env.memory_dir}" in command
+    assert f"MEMD_STATE_DIR={read_env.state_dir}" in command and f"MEMD_MEMORY_DIR={read_env.memory_dir}" in command
     assert command.endswith(" context --format codex-hook") and command.split()[-4].startswith("/")
     assert await asyncio.to_thread(main, ["mcp", "install", "codex"]) == 0
     text = (codex / "config.toml").read_text()
@@ -184,17 +184,17 @@ async def test_hooks_and_mcp_install_through_the_cli(env: Settings, tmp_path: Pa
     assert json.loads((codex / "hooks.json").read_text()) == {}
 
 
-async def test_memd_mcp_over_stdio_finds_the_daemons_memory(env: Settings) -> None:
-    project = project_dir(env)
-    write_rollout(env.sessions[0], thread_id(1), project, simple_turns("stdio"))
-    await once(env)
+async def test_memd_mcp_over_stdio_finds_the_daemons_memory(read_env: Settings) -> None:
+    project = project_dir(read_env)
+    write_rollout(read_env.sessions[0], thread_id(1), project, simple_turns("stdio"))
+    await once(read_env)
     # What Codex passes an MCP server: only HOME, PATH and the env table memd installed.
     child_env = {
         "HOME": os.environ["HOME"],
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO_ROOT),
-        "MEMD_STATE_DIR": str(env.state_dir),
-        "MEMD_MEMORY_DIR": str(env.memory_dir),
+        "MEMD_STATE_DIR": str(read_env.state_dir),
+        "MEMD_MEMORY_DIR": str(read_env.memory_dir),
     }
     params = StdioServerParameters(command=sys.executable, args=["-m", "memd", "mcp"], env=child_env, cwd=str(project))
     async with Client(params) as client:
