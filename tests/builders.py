@@ -1,5 +1,5 @@
 """Builders of test data shared by the test modules: synthetic Codex rollouts, planted secrets, a
-project memory tree and the environment of a ``memd`` subprocess.
+project memory tree, and the environment and runner of a ``memd`` subprocess.
 
 Test modules import these from here (never from one another); fakes of memd's components live in
 :mod:`tests.fakes`, fixtures in ``tests/conftest.py``.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +298,20 @@ def memd_env(home: Path) -> dict[str, str]:
     )
     env.pop("NOTIFY_SOCKET", None)
     return env
+
+
+def run_memd(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m memd *args`` in ``home`` with :func:`memd_env` (text output captured).
+
+    Raises:
+        subprocess.TimeoutExpired: after ``timeout_s`` seconds.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "memd", *args],
+        env=memd_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=home,
+    )

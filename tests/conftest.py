@@ -148,6 +148,18 @@ async def manual_store(db_path: Path, manual_clock):  # type: ignore[no-untyped-
 
 
 @pytest.fixture
+async def system_store(db_path: Path):  # type: ignore[no-untyped-def]
+    """A :class:`memd.store.store.Store` on ``db_path`` driven by the real clock (indexer tests, whose
+    rollouts carry real mtimes)."""
+    from memd.clock import SystemClock
+    from memd.store.store import Store
+
+    s = await Store.open(db_path, clock=SystemClock())
+    yield s
+    await s.close()
+
+
+@pytest.fixture
 async def store2(store, db_path: Path, clock):  # type: ignore[no-untyped-def]
     """A second connection (another Store) on the same file."""
     from memd.store.store import Store

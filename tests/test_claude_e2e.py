@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from memd.memory.files import parse_trace_file
+from tests.builders import run_memd
 from tests.claude_layout import lay_out
 from tests.conftest import SHARED_ROLLOUTS
-from tests.test_e2e import run_memd
 
 
 def test_memd_once_on_real_claude_sessions(tmp_path: Path) -> None:

@@ -84,13 +84,6 @@ def session_file(root: Path, sid: str = SID, *lines: bytes) -> Path:
     return path
 
 
-@pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=SystemClock())
-    yield s
-    await s.close()
-
-
 def indexer(store: Store, *roots: Path) -> Indexer:
     return Indexer(store, SystemClock(), roots=list(roots), max_line_bytes=64 << 20, include_sources=INCLUDE)
 
@@ -102,27 +95,27 @@ def real_claude() -> Path:
     return src
 
 
-async def test_real_claude_tree_one_thread_per_session(store: Store, tmp_path: Path) -> None:
+async def test_real_claude_tree_one_thread_per_session(system_store: Store, tmp_path: Path) -> None:
     placed = lay_out(real_claude(), tmp_path / "projects")
-    ix = indexer(store, tmp_path / "projects")
+    ix = indexer(system_store, tmp_path / "projects")
     with capture_logs() as logs:
         summary = await ix.scan()
     assert summary.files_seen == 17
-    threads = {t.id: t for t in await store.threads.list_all()}
+    threads = {t.id: t for t in await system_store.threads.list_all()}
     # 13 sessions; the 4 sub-agent transcripts (3 sub-agents + 1 compaction agent) are files of
     # their parents, never threads.
     assert len(threads) == 13
     assert all(t.agent is Agent.CLAUDE for t in threads.values())
     for name in ("codemie-4c2ddfdc-agent-36541525.jsonl", "codemie-e9fb405b-subagents-agent-a485154.jsonl"):
-        file = await store.threads.get_file(str(placed[name]))
+        file = await system_store.threads.get_file(str(placed[name]))
         assert file is not None and file.error == "subagent" and file.kind == "claude"
         assert file.thread_id in threads and threads[file.thread_id].path != file.path
-    compact = await store.threads.get_file(str(placed["spotter-4d5611e5-subagents-agent-acompact-e1f845.jsonl"]))
+    compact = await system_store.threads.get_file(str(placed["spotter-4d5611e5-subagents-agent-acompact-e1f845.jsonl"]))
     assert compact is not None and compact.error == "compaction_agent"
     assert not [e for e in logs if e["event"] in ("subagent_without_parent", "duplicate_session")]
     for thread_id in threads:
         await ix.catch_up(thread_id)
-    threads = {t.id: t for t in await store.threads.list_all()}
+    threads = {t.id: t for t in await system_store.threads.list_all()}
     # Hand counts of tests/test_rollout_claude.py::REAL_PROMPTS.
     assert threads["624a4a58-b34c-462d-a70d-13421c8125a8"].user_messages == 14
     assert threads["624a4a58-b34c-462d-a70d-13421c8125a8"].cwd == "/Users/user/repo"
@@ -133,48 +126,48 @@ async def test_real_claude_tree_one_thread_per_session(store: Store, tmp_path: P
     # The composite's custom-title record names it (custom > ai > first prompt > summary).
     assert threads["ses_stage0_small"].title == "Stage0 small fixture"
     # Restart with nothing changed: one stat per file.
-    again = await indexer(store, tmp_path / "projects").scan()
+    again = await indexer(system_store, tmp_path / "projects").scan()
     assert (again.unchanged, again.indexed) == (17, 0)
 
 
-async def test_sdk_sessions_are_not_eligible(store: Store, tmp_path: Path) -> None:
+async def test_sdk_sessions_are_not_eligible(system_store: Store, tmp_path: Path) -> None:
     session_file(tmp_path, SID, record(entrypoint="sdk-cli"))
-    ix = indexer(store, tmp_path)
+    ix = indexer(system_store, tmp_path)
     await ix.scan()
     thread = await ix.catch_up(SID)
     assert thread is not None and not thread.eligible and str(thread.reason) == "source:sdk:sdk-cli"
 
 
-async def test_two_files_with_one_session_id_never_make_two_threads(store: Store, tmp_path: Path) -> None:
+async def test_two_files_with_one_session_id_never_make_two_threads(system_store: Store, tmp_path: Path) -> None:
     first = session_file(tmp_path / "a", SID, record(), record(message={"role": "user", "content": "second"}))
     copy = tmp_path / "b" / "-other" / f"{SID}.jsonl"
     copy.parent.mkdir(parents=True)
     shutil.copyfile(first, copy)
-    ix = indexer(store, tmp_path / "a", tmp_path / "b")
+    ix = indexer(system_store, tmp_path / "a", tmp_path / "b")
     with capture_logs() as logs:
         await ix.scan()
     assert [e["path"] for e in logs if e["event"] == "duplicate_session"] == [str(copy)]
     await ix.catch_up(SID)
-    (thread,) = await store.threads.list_all()
+    (thread,) = await system_store.threads.list_all()
     assert (thread.path, thread.watermark, thread.user_messages) == (str(first), first.stat().st_size, 2)
     # The copy grows: still no second thread, and the thread's watermark stays the first file's.
     with open(copy, "ab") as f:
         f.write(record(message={"role": "user", "content": "third"}))
     await ix.scan()
     await ix.catch_up(SID)
-    (thread,) = await store.threads.list_all()
+    (thread,) = await system_store.threads.list_all()
     assert (thread.path, thread.watermark, thread.user_messages) == (str(first), first.stat().st_size, 2)
-    dup = await store.threads.get_file(str(copy))
+    dup = await system_store.threads.get_file(str(copy))
     assert dup is not None and dup.error == "duplicate_session" and dup.watermark == 0
 
 
-async def test_appending_to_a_claude_session_reads_only_the_appended_bytes(store: Store, tmp_path: Path) -> None:
+async def test_appending_to_a_claude_session_reads_only_the_appended_bytes(system_store: Store, tmp_path: Path) -> None:
     facts = generate_claude_session(tmp_path, target_bytes=2_000_000, seed=3, subagents=1)
-    ix = indexer(store, tmp_path)
+    ix = indexer(system_store, tmp_path)
     await ix.scan()
     await ix.catch_up(facts.session_id)
     assert ix.last_catch_up_bytes == facts.size_bytes
-    before = await store.threads.get(facts.session_id)
+    before = await system_store.threads.get(facts.session_id)
     assert before is not None and before.user_messages == len(facts.user_messages)
     appended = append_claude_turn(facts, seed=1, target_bytes=2_048)
     await ix.refresh_paths([str(facts.path)])
@@ -186,13 +179,13 @@ async def test_appending_to_a_claude_session_reads_only_the_appended_bytes(store
     with open(facts.subagent_paths[0], "ab") as f:
         f.write(facts.subagent_paths[0].read_bytes().splitlines(keepends=True)[-1])
     await ix.refresh_paths([str(facts.subagent_paths[0])])
-    assert await store.threads.get(facts.session_id) == after
+    assert await system_store.threads.get(facts.session_id) == after
 
 
 # --- bad input: one clear event per file, no crash, the other files still indexed ------------------
 
 
-async def test_bad_claude_files(store: Store, tmp_path: Path) -> None:
+async def test_bad_claude_files(system_store: Store, tmp_path: Path) -> None:
     root = tmp_path / "projects"
     session_file(root, SID)
     bad: dict[str, Path] = {}
@@ -233,10 +226,10 @@ async def test_bad_claude_files(store: Store, tmp_path: Path) -> None:
     evil = root / "-home-me-app" / "66666666-6666-4666-8666-666666666666.jsonl"
     evil.write_bytes(record(sid=evil_sid))
 
-    ix = indexer(store, root)
+    ix = indexer(system_store, root)
     with capture_logs() as logs:
         await ix.scan()
-        for thread in await store.threads.list_all():
+        for thread in await system_store.threads.list_all():
             await ix.catch_up(thread.id)
     events = {(e["event"], e.get("path")) for e in logs}
     # One clear event names each bad file.
@@ -244,9 +237,9 @@ async def test_bad_claude_files(store: Store, tmp_path: Path) -> None:
     assert ("subagent_without_parent", str(orphan)) in events
     assert ("subagent_cwd_differs", str(drift)) in events
     assert ("file_not_indexed", str(summaries)) in events
-    assert (await store.threads.get_file(str(no_id))).error == "no_session_id"  # type: ignore[union-attr]
-    assert (await store.threads.get_file(str(summaries))).error == "no_session_id"  # type: ignore[union-attr]
-    threads = {t.id: t for t in await store.threads.list_all()}
+    assert (await system_store.threads.get_file(str(no_id))).error == "no_session_id"  # type: ignore[union-attr]
+    assert (await system_store.threads.get_file(str(summaries))).error == "no_session_id"  # type: ignore[union-attr]
+    threads = {t.id: t for t in await system_store.threads.list_all()}
     # The good session and the others are indexed; sub-agents never became threads.
     assert set(threads) == {SID, torn_sid, future_sid, evil_sid}
     assert threads[SID].cwd == CWD and threads[SID].user_messages == 1
@@ -258,7 +251,7 @@ async def test_bad_claude_files(store: Store, tmp_path: Path) -> None:
     assert (await ix.catch_up(torn_sid)).user_messages == 2  # type: ignore[union-attr]
     # Unknown record types are counted, not fatal; the session simply has no prompt.
     assert str(threads[future_sid].reason) == "no_user_messages"
-    assert json.loads(await store.threads.stats(future_sid) or "{}")["unknown_lines"] == 20
+    assert json.loads(await system_store.threads.stats(future_sid) or "{}")["unknown_lines"] == 20
     # The unsafe id is kept verbatim as the thread id (the trace file name slugs it).
     assert threads[evil_sid].user_messages == 1
     from memd.memory.files import trace_relpath
@@ -304,7 +297,7 @@ async def test_claude_sessions_follow_the_idle_gate_and_watermark_rules(tmp_path
         await store.close()
 
 
-async def test_worktrees_of_one_repository_share_a_project_for_both_agents(store: Store, tmp_path: Path) -> None:
+async def test_worktrees_of_one_repository_share_a_project_for_both_agents(system_store: Store, tmp_path: Path) -> None:
     main = tmp_path / "repo"
     (main / ".git" / "worktrees" / "feature").mkdir(parents=True)
     (main / ".git" / "worktrees" / "feature" / "commondir").write_text("../..\n")
@@ -319,6 +312,6 @@ async def test_worktrees_of_one_repository_share_a_project_for_both_agents(store
     codex.write_text(
         json.dumps({"timestamp": "2026-01-02T10:00:00Z", "type": "session_meta", "payload": payload}) + "\n"
     )
-    await indexer(store, claude_root, codex_root).scan()
-    threads = {t.agent: t for t in await store.threads.list_all()}
+    await indexer(system_store, claude_root, codex_root).scan()
+    threads = {t.agent: t for t in await system_store.threads.list_all()}
     assert threads[Agent.CLAUDE].project == threads[Agent.CODEX].project == str(main.resolve())

@@ -15,19 +15,7 @@ from pathlib import Path
 import pytest
 
 from memd.memory.files import file_id
-from tests.builders import memd_env
-
-
-def run_memd(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    home.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "-m", "memd", *args],
-        env=memd_env(home),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=home,
-    )
+from tests.builders import memd_env, run_memd
 
 
 def db(home: Path) -> sqlite3.Connection:

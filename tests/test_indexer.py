@@ -37,13 +37,6 @@ def rollout_path(root: Path, thread_id: str = TID, day: str = "2026/01/02") -> P
     return path
 
 
-@pytest.fixture
-async def system_store(tmp_path: Path):
-    s = await Store.open(tmp_path / "state" / "memd.sqlite3", clock=SystemClock())
-    yield s
-    await s.close()
-
-
 def make_indexer(store: Store, root: Path, **kw: object) -> Indexer:
     return Indexer(store, SystemClock(), roots=[root], max_line_bytes=int(kw.get("max_line_bytes", 64 << 20)),
                    include_sources=INCLUDE)
