@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from memd.clock import Clock, ManualClock
 from memd.config import Settings
@@ -17,6 +18,7 @@ from memd.faults import FaultLog
 from memd.schedule.retry import RetryPolicy
 from memd.store.records import JobKind, ThreadRecord
 from memd.store.store import Store
+from tests import fake_openai as fk
 
 #: A trace memory in the SPEC §6.3 skeleton, as the fake extractors return it.
 TRACE = (
@@ -138,3 +140,63 @@ class GatedExtractor:
 
     async def aclose(self) -> None:
         return None
+
+
+# --------------------------------------------------------------------------- the fake model server
+
+
+class RoutedFake(fk.FakeOpenAI):
+    """The fake server, plus ``route(body) -> Behaviour | None`` chosen per request body (e.g.
+    fail for one thread's marker, answer per thread). ``None`` keeps the queued/default one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.route: Callable[[dict[str, Any]], fk.Behaviour | None] | None = None
+
+    async def _record(self, request):  # type: ignore[no-untyped-def]
+        rec, behaviour = await super()._record(request)
+        if self.route is not None and rec.body is not None:
+            behaviour = self.route(rec.body) or behaviour
+        return rec, behaviour
+
+
+def trace_answer(marker: str) -> dict[str, str]:
+    """A model answer that follows the SPEC §6.3 skeleton and names ``marker``."""
+    return {
+        "trace_memory": f"# Pinned the toolchain ({marker})\nTrace context: demo, 2026-01-01, codex, gpt\n"
+        f"User preferences: none observed\n## Task: fix the build\nOutcome: success\n"
+        f"Key steps: pinned the toolchain; `make test` passes. {marker}\n",
+        "summary": f"make test passes after pinning the toolchain ({marker}).",
+    }
+
+
+def schema_name(body: dict[str, Any]) -> str:
+    """The structured-output schema name (Chat Completions ``response_format``, Responses
+    ``text.format``)."""
+    if "messages" in body:
+        return ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
+    return ((body.get("text") or {}).get("format") or {}).get("name", "")
+
+
+def user_content(body: dict[str, Any]) -> str:
+    """The user turn: chat ``messages[role=user]``, responses ``input``."""
+    if "messages" in body:
+        return next(m["content"] for m in body["messages"] if m["role"] == "user")
+    return body["input"]
+
+
+def consolidation_answer(body: dict[str, Any]) -> fk.Behaviour:
+    """A consolidation answer (a one-line handbook and one skill) with its token usage."""
+    return fk.ok(
+        {
+            "memory_md": "# Project handbook\n\n- Always pin the toolchain before `make test` (from the model).\n",
+            "skills": [
+                {
+                    "name": "Fix the build",
+                    "description": "How the build was fixed",
+                    "body": "1. Pin the toolchain.\n2. Run `make test`.",
+                }
+            ],
+        },
+        usage=(2000, 300, 0),
+    )

@@ -33,52 +33,13 @@ from memd.llm.budget import next_utc_midnight
 from memd.memory import files as memory_files
 from tests import fake_openai as fk
 from tests.builders import PLANTED, append_turn, memd_env, simple_turns, thread_id, write_rollout
+from tests.fakes import RoutedFake, consolidation_answer, schema_name, trace_answer, user_content
 
 API_KEY = "test-key-for-the-fake-server"
 REDACTED = "[REDACTED_SECRET]"
 
 
 # --------------------------------------------------------------------------- the fake server
-
-
-class RoutedFake(fk.FakeOpenAI):
-    """The fake server, plus ``route(body) -> Behaviour | None`` chosen per request body (e.g.
-    fail for one thread's marker, answer per thread). ``None`` keeps the queued/default one."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.route: Callable[[dict[str, Any]], fk.Behaviour | None] | None = None
-
-    async def _record(self, request):  # type: ignore[no-untyped-def]
-        rec, behaviour = await super()._record(request)
-        if self.route is not None and rec.body is not None:
-            behaviour = self.route(rec.body) or behaviour
-        return rec, behaviour
-
-
-def trace_answer(marker: str) -> dict[str, str]:
-    """A model answer that follows the SPEC §6.3 skeleton and names ``marker``."""
-    return {
-        "trace_memory": f"# Pinned the toolchain ({marker})\nTrace context: demo, 2026-01-01, codex, gpt\n"
-        f"User preferences: none observed\n## Task: fix the build\nOutcome: success\n"
-        f"Key steps: pinned the toolchain; `make test` passes. {marker}\n",
-        "summary": f"make test passes after pinning the toolchain ({marker}).",
-    }
-
-
-def schema_name(body: dict[str, Any]) -> str:
-    """The structured-output schema name (Chat Completions ``response_format``, Responses
-    ``text.format``)."""
-    if "messages" in body:
-        return ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
-    return ((body.get("text") or {}).get("format") or {}).get("name", "")
-
-
-def user_content(body: dict[str, Any]) -> str:
-    """The user turn: chat ``messages[role=user]``, responses ``input``."""
-    if "messages" in body:
-        return next(m["content"] for m in body["messages"] if m["role"] == "user")
-    return body["input"]
 
 
 def session_text(body: dict[str, Any]) -> str:
@@ -658,14 +619,6 @@ async def test_once_dry_run_estimates_the_tokens_and_sends_nothing(tmp_path, rou
 
 
 # --------------------------------------------------------------------------- subprocesses
-
-
-def consolidation_answer(body: dict[str, Any]) -> fk.Behaviour:
-    return fk.ok({
-        "memory_md": "# Project handbook\n\n- Always pin the toolchain before `make test` (from the model).\n",
-        "skills": [{"name": "Fix the build", "description": "How the build was fixed",
-                    "body": "1. Pin the toolchain.\n2. Run `make test`."}],
-    }, usage=(2000, 300, 0))
 
 
 async def run_memd(home: Path, *args: str, env_extra: dict[str, str], timeout_s: float = 120) -> tuple[int, str, str]:

@@ -21,7 +21,7 @@ from memd.store import backup
 from memd.store.schema import LATEST_VERSION
 from tests import fake_openai as fo
 from tests import faultkit as fk
-from tests.test_daemon_llm import RoutedFake, consolidation_answer, schema_name, trace_answer, user_content
+from tests.fakes import RoutedFake, consolidation_answer, schema_name, trace_answer, user_content
 
 
 def _memd(home: fk.MemdHome, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180):  # type: ignore[no-untyped-def]

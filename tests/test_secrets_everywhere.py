@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import run_memd
+from tests.builders import run_memd
 
 THREAD = "019c0000-0000-7000-8000-00000000beef"
 # Generated shapes, not real secrets (see memd.bench.redaction).
