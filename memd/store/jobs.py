@@ -32,6 +32,31 @@ _UPSERT_MEMORY = """
 """
 
 
+#: The most urgent claimable job of a kind, never reading a ``done`` or ``dead`` job: the first due
+#: row of ``jobs_pending`` and of ``jobs_error`` (partial indexes in claim order, schema version 7)
+#: and the best expired ``running`` job (through ``jobs_status``), then the best of those three.
+#: A waiting job is due when ``retry_at`` is unset or past; a running one when its lease expired.
+_CLAIM_CANDIDATE = """
+    SELECT rid AS rowid, key, status, owner, fencing_token FROM (
+        SELECT * FROM (
+            SELECT rowid AS rid, key, status, owner, fencing_token, priority, created_at FROM jobs
+            WHERE kind = :kind AND status = 'pending' AND (retry_at IS NULL OR retry_at <= :now)
+            ORDER BY priority DESC, created_at ASC, key ASC LIMIT 1)
+        UNION ALL
+        SELECT * FROM (
+            SELECT rowid AS rid, key, status, owner, fencing_token, priority, created_at FROM jobs
+            WHERE kind = :kind AND status = 'error' AND (retry_at IS NULL OR retry_at <= :now)
+            ORDER BY priority DESC, created_at ASC, key ASC LIMIT 1)
+        UNION ALL
+        SELECT * FROM (
+            SELECT rowid AS rid, key, status, owner, fencing_token, priority, created_at FROM jobs
+            WHERE kind = :kind AND status = 'running' AND (lease_until IS NULL OR lease_until <= :now)
+            ORDER BY priority DESC, created_at ASC, key ASC LIMIT 1))
+    ORDER BY priority DESC, created_at ASC, key ASC
+    LIMIT 1
+"""
+
+
 def _fence(job: JobRecord) -> dict[str, Any]:
     return {"kind": job.kind, "key": job.key, "owner": job.owner, "token": job.fencing_token}
 
@@ -133,24 +158,14 @@ class JobRepository:
                         last_error = 'lease expired ' || attempts || ' times (worker lost)',
                         updated_at = :now
                     WHERE kind = :kind AND status = 'running'
-                      AND COALESCE(lease_until, 0) <= :now AND attempts >= :max
+                      AND (lease_until IS NULL OR lease_until <= :now) AND attempts >= :max
                     RETURNING key, owner, attempts
                     """,
                     {"kind": kind, "now": now, "max": max_attempts},
                 )
                 for dead in buried:
                     log.error("job_dead_stalled", kind=kind, key=dead["key"], attempt=dead["attempts"])
-            candidate = await tx.one(
-                """
-                SELECT rowid, key, status, owner, fencing_token FROM jobs
-                WHERE kind = :kind AND (
-                    (status IN ('pending', 'error') AND COALESCE(retry_at, 0) <= :now)
-                    OR (status = 'running' AND COALESCE(lease_until, 0) <= :now))
-                ORDER BY priority DESC, created_at ASC, key ASC
-                LIMIT 1
-                """,
-                {"kind": kind, "now": now},
-            )
+            candidate = await tx.one(_CLAIM_CANDIDATE, {"kind": kind, "now": now})
             if candidate is None:
                 return None
             await tx.execute(
@@ -352,5 +367,9 @@ class JobRepository:
         """Return how many extract jobs wait to run (``pending`` or ``error``), due or not."""
         async with self._db.read("queue_depth") as tx:
             return await tx.scalar(
-                "SELECT COUNT(*) FROM jobs WHERE kind = ? AND status IN ('pending', 'error')", (JobKind.EXTRACT,)
+                """
+                SELECT (SELECT COUNT(*) FROM jobs WHERE kind = :kind AND status = 'pending')
+                     + (SELECT COUNT(*) FROM jobs WHERE kind = :kind AND status = 'error')
+                """,
+                {"kind": JobKind.EXTRACT},
             )

@@ -187,6 +187,17 @@ ALTER TABLE search_files ADD COLUMN clean INTEGER;
 -- after a kill -9 is not taken for the daemon (issue 13: stale claims are taken back at once).
 ALTER TABLE daemons ADD COLUMN proc_start TEXT;
 """,
+    7: """
+-- Claims are indexed queries over waiting jobs only (SPEC §15): a partial index in claim order
+-- for each waiting status, and one by status (running jobs, counts, retries), so a claim never
+-- reads a finished job however long the history.
+CREATE INDEX jobs_pending ON jobs(kind, priority DESC, created_at, key) WHERE status = 'pending';
+CREATE INDEX jobs_error ON jobs(kind, priority DESC, created_at, key) WHERE status = 'error';
+DROP INDEX jobs_claim;
+CREATE INDEX jobs_status ON jobs(status, kind);
+-- Projects waiting for consolidation, without reading the consolidated ones.
+CREATE INDEX projects_due ON projects(last_memory_at) WHERE memory_seq > consolidated_seq;
+""",
 }
 
 #: The schema version this code writes and understands.
