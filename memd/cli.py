@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -71,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="estimate the tokens a backfill would send; send nothing")
     p = sub.add_parser("scan", help="index the rollout roots (no extraction), print the status, exit")
     _add_source_flags(p)
-    p = sub.add_parser("status", help="threads, queue, jobs, leases, errors, tokens, projects")
-    p.add_argument("--json", action="store_true", help="one JSON object (keys documented in the README)")
+    p = sub.add_parser("status", help="daemon, totals, queue, problems, leases, recently active projects")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="one JSON object (keys documented in the README)")
+    view.add_argument("--threads", action="store_true", help="every thread, newest activity first")
+    view.add_argument("--project", metavar="PATH", help="one project (a project key or a path inside it)")
     p = sub.add_parser("show", help="print a project's MEMORY.md")
     p.add_argument("path", nargs="?", default=None, help="a project key or a path inside the project (default: cwd)")
     p.add_argument("--summary", action="store_true", help="print memory_summary.md instead")
@@ -481,23 +483,30 @@ async def _cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
             await indexer.catch_up(thread.id)
     finally:
         await daemon.close()
-    return await _cmd_status(argparse.Namespace(json=False), settings)  # after this process unregistered
+    # after this process unregistered
+    return await _cmd_status(argparse.Namespace(json=False, threads=False, project=None), settings)
 
 
-async def _print_status(store: Any, settings: Settings, extractor: str, reason: str, *, as_json: bool) -> int:
-    from memd.status import collect_status, render_status
+async def _print_status(store: Any, settings: Settings, extractor: str, reason: str, args: argparse.Namespace) -> int:
+    from memd import status
 
-    report = await collect_status(
-        store,
-        SystemClock(),
-        extractor=extractor,
-        extractor_reason=reason,
-        daily_token_budget=settings.daily_token_budget,
-    )
-    if as_json:
-        print(json.dumps(report, indent=2, sort_keys=False))
+    out = sys.stdout
+    budget = settings.daily_token_budget
+    if args.json:
+        await status.write_json(
+            store, SystemClock(), out, extractor=extractor, extractor_reason=reason, daily_token_budget=budget
+        )
+    elif args.threads:
+        if not await status.write_threads(store, out):
+            out.write("no threads yet\n")
+    elif args.project is not None:
+        if not await status.write_project(store, out, _project_candidates(args.project, settings.project_key)):
+            print(f"memd status: no project {args.project} (no thread and no memory)", file=sys.stderr)
+            return 1
     else:
-        sys.stdout.write(render_status(report))
+        await status.write_overview(
+            store, SystemClock(), out, extractor=extractor, extractor_reason=reason, daily_token_budget=budget
+        )
     return 0
 
 
@@ -520,7 +529,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     store = await Store.open(settings.db_path, clock=SystemClock())
     try:
         name, reason = await _running_extractor(store, settings)
-        return await _print_status(store, settings, name, reason, as_json=args.json)
+        return await _print_status(store, settings, name, reason, args)
     finally:
         await store.close()
 

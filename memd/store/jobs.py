@@ -373,3 +373,30 @@ class JobRepository:
                 """,
                 {"kind": JobKind.EXTRACT},
             )
+
+    async def page(
+        self, *, after: tuple[str, str] | None = None, limit: int = 500, status: JobStatus | None = None
+    ) -> list[JobRecord]:
+        """One page of jobs in ``(kind, key)`` order after the keyset cursor ``after``.
+
+        Args:
+            after: ``(kind, key)`` of the previous page's last job, ``None`` for the first page.
+            limit: jobs per page.
+            status: only jobs in this status (read through ``jobs_status``).
+        """
+        where = "status = :status AND" if status is not None else ""
+        async with self._db.read("jobs_page") as tx:
+            rows = await tx.rows(
+                f"""
+                SELECT * FROM jobs
+                WHERE {where} (:after_kind IS NULL OR (kind, key) > (:after_kind, :after_key))
+                ORDER BY kind, key LIMIT :limit
+                """,
+                {
+                    "status": status,
+                    "after_kind": after[0] if after else None,
+                    "after_key": after[1] if after else None,
+                    "limit": limit,
+                },
+            )
+        return [JobRecord.from_row(row) for row in rows]

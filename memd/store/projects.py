@@ -7,12 +7,15 @@ the ``memory_seq`` it covered, fenced by its lease.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 import structlog
 
 from memd.clock import Clock
 from memd.store.db import Database, Transaction
 from memd.store.leases import holds
-from memd.store.records import ProjectRecord
+from memd.store.records import ProjectRecord, ProjectStatus
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +38,15 @@ async def bump_project(tx: Transaction, project: str, now: float) -> None:
         """,
         (project, now),
     )
+
+
+#: Projects with their trace count, by project key after the keyset cursor ``:after``.
+_PROJECT_STATUS = """
+    SELECT p.*, (SELECT COUNT(m.path) FROM memories AS m WHERE m.project = p.project) AS traces
+    FROM projects AS p
+    WHERE {where}
+    ORDER BY p.project LIMIT :limit
+"""
 
 
 class ProjectRepository:
@@ -158,3 +170,31 @@ class ProjectRepository:
                 "UPDATE projects SET last_error = ?, failures = failures + 1, last_attempt_at = ? WHERE project = ?",
                 (short_error(error), now, project),
             )
+
+    async def status_page(self, *, after: str | None = None, limit: int = 500) -> list[ProjectStatus]:
+        """One page of projects with their trace counts, by project key after ``after``."""
+        async with self._db.read("project_status_page") as tx:
+            rows = await tx.rows(
+                _PROJECT_STATUS.format(where=":after IS NULL OR p.project > :after"), {"after": after, "limit": limit}
+            )
+        return [ProjectStatus.from_row(row) for row in rows]
+
+    async def status_of(self, projects: Sequence[str]) -> dict[str, ProjectStatus]:
+        """Those of ``projects`` that have a row, with their trace counts, keyed by project."""
+        async with self._db.read("project_status") as tx:
+            rows = await tx.rows(
+                _PROJECT_STATUS.format(where="p.project IN (SELECT value FROM json_each(:projects))"),
+                {"projects": json.dumps(list(projects)), "limit": len(projects)},
+            )
+        return {row["project"]: ProjectStatus.from_row(row) for row in rows}
+
+    async def failing(self, limit: int) -> tuple[list[ProjectRecord], int]:
+        """Projects whose last consolidation failed (most recent attempt first, at most ``limit``),
+        and how many there are in all."""
+        async with self._db.read("failing_projects") as tx:
+            rows = await tx.rows(
+                "SELECT * FROM projects WHERE last_error IS NOT NULL ORDER BY last_attempt_at DESC, project LIMIT ?",
+                (limit,),
+            )
+            total = await tx.scalar("SELECT COUNT(*) FROM projects WHERE last_error IS NOT NULL")
+        return [ProjectRecord.from_row(row) for row in rows], total

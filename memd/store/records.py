@@ -330,3 +330,86 @@ class StoreCounts:
     def from_row(cls, row: Row) -> Self:
         """The record of the one-row totals query."""
         return cls(**_values(cls, row))
+
+
+class ThreadState(StrEnum):
+    """Where a thread is on its way to a memory, as ``memd status`` shows it (SPEC §10)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    ERROR = "error"
+    DEAD = "dead"
+    DONE = "done"
+    #: Its memory predates new bytes.
+    STALE = "stale"
+    #: Eligible, with no memory or job yet (e.g. inside the idle gate).
+    WAITING = "waiting"
+    #: Not eligible (see the thread's ``reason``).
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadStatus:
+    """A thread with its extract job and memory, one row of ``memd status``.
+
+    Attributes:
+        thread: the thread.
+        job_status: its extract job's status, ``None`` without a job.
+        attempts: attempts of that job for its current input (0 without a job).
+        last_error: that job's last failure, one line.
+        memory_watermark: the watermark its memory was built from, ``None`` without a memory.
+    """
+
+    thread: ThreadRecord
+    job_status: JobStatus | None
+    attempts: int
+    last_error: str | None
+    memory_watermark: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``threads`` row joined with ``job_status``, ``job_attempts``,
+        ``job_last_error`` and ``memory_watermark``."""
+        return cls(
+            thread=ThreadRecord.from_row(row),
+            job_status=JobStatus(row["job_status"]) if row["job_status"] else None,
+            attempts=int(row["job_attempts"] or 0),
+            last_error=row["job_last_error"],
+            memory_watermark=row["memory_watermark"],
+        )
+
+    @property
+    def state(self) -> ThreadState:
+        """The thread's state: its job's unless done, else judged by its memory and eligibility."""
+        if self.job_status is not None and self.job_status is not JobStatus.DONE:
+            return ThreadState(self.job_status.value)
+        if self.memory_watermark is not None:
+            return ThreadState.DONE if self.memory_watermark >= self.thread.watermark else ThreadState.STALE
+        return ThreadState.WAITING if self.thread.eligible else ThreadState.SKIPPED
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectActivity:
+    """A project seen through its threads: how many, and the last activity of any (epoch s)."""
+
+    project: str
+    threads: int
+    last_active_at: float
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``(project, threads, last_active_at)`` aggregate row."""
+        return cls(project=row["project"], threads=int(row["threads"]), last_active_at=float(row["last_active_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectStatus:
+    """A project's memory freshness with the number of its trace files (memories with a file)."""
+
+    project: ProjectRecord
+    traces: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``projects`` row joined with ``traces``."""
+        return cls(project=ProjectRecord.from_row(row), traces=int(row["traces"] or 0))

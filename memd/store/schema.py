@@ -197,6 +197,11 @@ DROP INDEX jobs_claim;
 CREATE INDEX jobs_status ON jobs(status, kind);
 -- Projects waiting for consolidation, without reading the consolidated ones.
 CREATE INDEX projects_due ON projects(last_memory_at) WHERE memory_seq > consolidated_seq;
+-- memd status pages through threads by (updated_at, id) and finds recent projects in an index.
+DROP INDEX threads_updated;
+CREATE INDEX threads_updated ON threads(updated_at, id);
+DROP INDEX threads_project;
+CREATE INDEX threads_project ON threads(project, updated_at);
 """,
 }
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 from memd.store.db import Database
-from memd.store.records import FileRecord, ThreadRecord
+from memd.store.records import FileRecord, JobKind, ProjectActivity, ThreadRecord, ThreadStatus
 
 _UPSERT_FILE = """
     INSERT INTO files (path, kind, dev, inode, size, mtime, watermark, head_hash, thread_id, error)
@@ -41,6 +41,23 @@ _UPSERT_THREAD = """
 
 #: A thread as the indexer writes it: the record, its opaque stats JSON, and its file.
 ThreadWrite = tuple[ThreadRecord, str, FileRecord]
+
+
+#: A thread with its extract job and memory (:class:`ThreadStatus`), newest activity first, after
+#: the keyset cursor ``(:after_at, :after_id)`` (``NULL`` = from the start).
+_THREAD_STATUS = """
+    SELECT t.*, j.status AS job_status, j.attempts AS job_attempts, j.last_error AS job_last_error,
+           m.source_watermark AS memory_watermark
+    FROM threads AS t
+    LEFT JOIN jobs AS j ON j.kind = :kind AND j.key = t.id
+    LEFT JOIN memories AS m ON m.thread_id = t.id
+    WHERE {where} (:after_at IS NULL OR (t.updated_at, t.id) < (:after_at, :after_id))
+    ORDER BY t.updated_at DESC, t.id DESC
+    LIMIT :limit
+"""
+
+#: A keyset cursor over threads: ``(updated_at, id)`` of the last row of a page.
+ThreadCursor = tuple[float, str]
 
 
 def _json_list(values: Iterable[str]) -> str:
@@ -174,3 +191,56 @@ class ThreadRepository:
                 "UPDATE threads SET eligible = 0, reason = ? WHERE id = ? RETURNING 1", (reason, thread_id)
             )
         return bool(rows)
+
+    async def status_page(
+        self, *, after: ThreadCursor | None = None, limit: int = 500, project: str | None = None
+    ) -> list[ThreadStatus]:
+        """One page of threads with their extract job and memory, newest activity first.
+
+        Pages are read by keyset (each call is one short query), so listing every thread holds at
+        most one page in memory however long the history.
+
+        Args:
+            after: the cursor of the previous page's last row (``(updated_at, id)``), ``None``
+                for the first page.
+            limit: rows per page.
+            project: only this project's threads.
+        """
+        where = "t.project = :project AND" if project is not None else ""
+        params = {
+            "kind": JobKind.EXTRACT,
+            "after_at": after[0] if after else None,
+            "after_id": after[1] if after else None,
+            "limit": limit,
+            "project": project,
+        }
+        async with self._db.read("thread_status_page") as tx:
+            rows = await tx.rows(_THREAD_STATUS.format(where=where), params)
+        return [ThreadStatus.from_row(row) for row in rows]
+
+    async def recent_projects(self, limit: int) -> list[ProjectActivity]:
+        """The ``limit`` projects whose threads were active most recently, most recent first.
+
+        One pass over the ``(project, updated_at)`` index, never over the threads themselves.
+        """
+        async with self._db.read("recent_projects") as tx:
+            rows = await tx.rows(
+                """
+                SELECT project, COUNT(*) AS threads, MAX(updated_at) AS last_active_at
+                FROM threads GROUP BY project ORDER BY last_active_at DESC, project LIMIT ?
+                """,
+                (limit,),
+            )
+        return [ProjectActivity.from_row(row) for row in rows]
+
+    async def project_activity(self, project: str) -> ProjectActivity | None:
+        """The project's thread count and last activity, or ``None`` when it has no thread."""
+        async with self._db.read("project_activity") as tx:
+            row = await tx.one(
+                """
+                SELECT project, COUNT(*) AS threads, MAX(updated_at) AS last_active_at
+                FROM threads WHERE project = ? GROUP BY project
+                """,
+                (project,),
+            )
+        return ProjectActivity.from_row(row) if row else None
