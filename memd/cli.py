@@ -21,12 +21,13 @@ import structlog
 
 from memd import __version__
 from memd.clock import SystemClock
-from memd.config import Settings, load_settings
 from memd.errors import ConfigError, DatabaseDamaged, MemdError, StoreError, UsageError
 from memd.extract.redact import redact
 from memd.logging import configure_logging
 
 if TYPE_CHECKING:
+    from memd.config import Settings
+    from memd.consolidate.builtin import BuiltinResult
     from memd.daemon import Daemon
 
 log = structlog.get_logger(__name__)
@@ -78,8 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a project's MEMORY.md")
     p.add_argument("path", nargs="?", default=None, help="a project key or a path inside the project (default: cwd)")
     p.add_argument("--summary", action="store_true", help="print memory_summary.md instead")
-    p = sub.add_parser("consolidate", help="the built-in consolidator for one memory root")
-    p.add_argument("--root", type=Path, required=True, metavar="DIR", help="the project's memory root")
+    p = sub.add_parser("consolidate", help="the built-in consolidator for memory roots")
+    p.add_argument(
+        "--root", type=Path, action="append", required=True, metavar="DIR", help="a project's memory root (repeatable)"
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="the deterministic merge, without reading the configuration (the daemon's fast start; "
+        "needs --state-db and --max-unused-days)",
+    )
+    p.add_argument("--state-db", type=Path, metavar="FILE", help="with --offline: the state database (usage)")
+    p.add_argument(
+        "--max-unused-days", type=float, metavar="DAYS", help="with --offline: [consolidation] max_unused_days"
+    )
     p = sub.add_parser("retry", help="re-queue failed or dead threads")
     p.add_argument("thread", nargs="?", default=None)
     p = sub.add_parser("forget", help="remove a thread's memory and reconsolidate its project")
@@ -161,10 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("hooks", "mcp") and args.action is not None and args.agent is None:
         print(f"memd {args.command} {args.action}: choose an agent (claude or codex)", file=sys.stderr)
         return 2
-    if args.command == "context":
-        return _cmd_context(args)
-    if args.command == "mcp" and args.action is None:
-        return _cmd_mcp_serve(args)
+    fast = _without_settings(args)
+    if fast is not None:
+        return fast
     missing = [p for p in getattr(args, "sessions", None) or [] if not p.expanduser().is_dir()]
     if missing:
         print(parser.format_usage().rstrip(), file=sys.stderr)
@@ -172,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.config is not None:  # child processes (the consolidation command) read the same file
         os.environ["MEMD_CONFIG"] = str(args.config.expanduser().absolute())
+    from memd.config import load_settings  # pydantic-settings: imported only by commands that need it
+
     try:
         settings = load_settings(args.config, _overrides(args))
     except ConfigError as exc:
@@ -191,6 +205,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("command_failed", command=args.command, error=str(exc))
         print(f"memd {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _without_settings(args: argparse.Namespace) -> int | None:
+    """Run the commands that start without pydantic settings (their exit code), else ``None``:
+    ``memd context``, ``memd mcp`` (the server) and ``memd consolidate --offline`` (the daemon's
+    consolidation child)."""
+    if args.command == "context":
+        return _cmd_context(args)
+    if args.command == "mcp" and args.action is None:
+        return _cmd_mcp_serve(args)
+    if args.command == "consolidate" and args.offline:
+        return _consolidate_offline_args(args)
+    return None
 
 
 def entry() -> None:
@@ -564,8 +591,9 @@ async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
-def _retention_policy(root: Path, settings: Settings) -> Any:
-    """Usage of this memory root's project (from the state database, when there is one) and max_unused_days."""
+def _retention_policy(root: Path, db_path: Path, max_unused_days: float) -> Any:
+    """Usage of this memory root's project (from the state database, when there is one) and
+    ``max_unused_days``."""
     import sqlite3
 
     from memd.consolidate.retention import RetentionPolicy
@@ -574,7 +602,7 @@ def _retention_policy(root: Path, settings: Settings) -> Any:
     usage: dict[Any, Any] = {}
     try:
         project = (root / "PROJECT").read_text(encoding="utf-8").strip()
-        index = SearchIndex.open(settings.db_path)
+        index = SearchIndex.open(db_path)
         if index is not None and project:
             try:
                 usage = dict(index.usage(project))
@@ -582,55 +610,115 @@ def _retention_policy(root: Path, settings: Settings) -> Any:
                 index.close()
     except (OSError, sqlite3.Error) as exc:
         log.warning("usage_unavailable", root=str(root), error=str(exc))
-    return RetentionPolicy(usage=usage, max_unused_days=settings.consolidation.max_unused_days)
+    return RetentionPolicy(usage=usage, max_unused_days=max_unused_days)
 
 
-async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
-    """The built-in consolidator for one memory root (SPEC §7): one model request when the
-    model extractor is configured (refused, sending nothing, when today's token budget is
-    spent), else the deterministic merge; outputs staged and swapped in."""
-    from memd.consolidate.builtin import consolidate_root, offline_writer
-    from memd.consolidate.retention import retaining
+def _report_root(root: Path, outcome: BuiltinResult | MemdError) -> bool:
+    """Log one root's outcome and print its result line (read by the consolidation runner).
 
-    root = args.root.expanduser()
-    if not root.is_dir():
-        print(f"memd consolidate: {root} is not a directory", file=sys.stderr)
-        return 1
-    policy = _retention_policy(root, settings)
-    if settings.resolved_extractor()[0] == "openai":
-        from memd.consolidate.model import ModelWriter
-        from memd.daemon import llm_config
-        from memd.llm.budget import DailyBudget, TokenEstimator
-        from memd.llm.client import LLMClient
-        from memd.store.store import Store
+    Returns:
+        Whether the root was consolidated.
+    """
+    from memd.consolidate.builtin import RootOutcome
 
-        clock = SystemClock()
-        store = await Store.open(settings.db_path, clock=clock)
-        try:
-            await DailyBudget(settings.daily_token_budget, store.usage, clock).check()
-            estimator = TokenEstimator.from_json(await store.meta.get("token_estimator"))
-            model = settings.consolidation.model or settings.llm.model
-            client = LLMClient(llm_config(settings, model=model), usage=store.usage, clock=clock)
-            writer = ModelWriter(client, root=root, max_input_tokens=settings.llm.max_input_tokens, estimator=estimator)
-            try:
-                loop = asyncio.get_running_loop()
-                result = await asyncio.to_thread(
-                    consolidate_root, root, writer=retaining(writer.sync_writer(loop), policy)
-                )
-            finally:
-                await client.aclose()
-        finally:
-            await store.close()
-    else:
-        result = await asyncio.to_thread(consolidate_root, root, writer=retaining(offline_writer, policy))
+    if isinstance(outcome, MemdError):
+        print(f"memd consolidate: {outcome}", file=sys.stderr, flush=True)
+        print(RootOutcome(str(root), False, str(outcome)).line(), flush=True)
+        return False
     log.info(
         "consolidate_done",
         root=str(root),
-        traces=result.traces,
-        memory_changed=result.memory_changed,
-        skills_changed=result.skills_changed,
+        traces=outcome.traces,
+        memory_changed=outcome.memory_changed,
+        skills_changed=outcome.skills_changed,
     )
-    return 0
+    print(RootOutcome(str(root), True).line(), flush=True)
+    return True
+
+
+def _consolidate_offline(roots: Sequence[Path], *, db_path: Path, max_unused_days: float) -> int:
+    """The deterministic merge of each root in turn (with usage-based retention), without the
+    event loop or the model client.
+
+    Returns:
+        0 when every root was consolidated, else 1 (each root's outcome is on its result line).
+    """
+    from memd.consolidate.builtin import consolidate_root, offline_writer
+    from memd.consolidate.retention import retaining
+
+    ok = True
+    for given in roots:
+        root = given.expanduser()
+        try:
+            policy = _retention_policy(root, db_path, max_unused_days)
+            outcome: BuiltinResult | MemdError = consolidate_root(root, writer=retaining(offline_writer, policy))
+        except MemdError as exc:
+            outcome = exc
+        ok = _report_root(given, outcome) and ok
+    return 0 if ok else 1
+
+
+def _consolidate_offline_args(args: argparse.Namespace) -> int:
+    """``memd consolidate --offline``: what the daemon's child runs when its extractor is offline.
+    The configuration is not read (a fast start: no pydantic-settings); the daemon passes what
+    consolidation needs from it (``--state-db``, ``--max-unused-days``)."""
+    configure_logging(args.log_level or "info", stream=sys.stderr, redact=redact)
+    if args.state_db is None or args.max_unused_days is None:
+        print("memd consolidate: --offline needs --state-db and --max-unused-days", file=sys.stderr)
+        return 2
+    return _consolidate_offline(args.root, db_path=args.state_db, max_unused_days=args.max_unused_days)
+
+
+async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
+    """The built-in consolidator for each ``--root`` in turn (SPEC §7): one model request per
+    root when the model extractor is configured (refused, sending nothing, when today's token
+    budget is spent), else the deterministic merge; outputs staged and swapped in. Each root's
+    outcome is logged and printed as a result line; one failing root does not stop the others.
+
+    Returns:
+        0 when every root was consolidated, else 1.
+    """
+    max_unused_days = settings.consolidation.max_unused_days
+    if settings.resolved_extractor()[0] != "openai":
+        return await asyncio.to_thread(
+            _consolidate_offline, args.root, db_path=settings.db_path, max_unused_days=max_unused_days
+        )
+    from memd.consolidate.builtin import consolidate_root
+    from memd.consolidate.model import ModelWriter
+    from memd.consolidate.retention import retaining
+    from memd.daemon import llm_config
+    from memd.llm.budget import DailyBudget, TokenEstimator
+    from memd.llm.client import LLMClient
+    from memd.store.store import Store
+
+    clock = SystemClock()
+    ok = True
+    store = await Store.open(settings.db_path, clock=clock)
+    try:
+        estimator = TokenEstimator.from_json(await store.meta.get("token_estimator"))
+        model = settings.consolidation.model or settings.llm.model
+        client = LLMClient(llm_config(settings, model=model), usage=store.usage, clock=clock)
+        try:
+            for given in args.root:
+                root = given.expanduser()
+                try:
+                    await DailyBudget(settings.daily_token_budget, store.usage, clock).check()
+                    policy = _retention_policy(root, settings.db_path, max_unused_days)
+                    writer = ModelWriter(
+                        client, root=root, max_input_tokens=settings.llm.max_input_tokens, estimator=estimator
+                    )
+                    loop = asyncio.get_running_loop()
+                    outcome: BuiltinResult | MemdError = await asyncio.to_thread(
+                        consolidate_root, root, writer=retaining(writer.sync_writer(loop), policy)
+                    )
+                except MemdError as exc:
+                    outcome = exc
+                ok = _report_root(given, outcome) and ok
+        finally:
+            await client.aclose()
+    finally:
+        await store.close()
+    return 0 if ok else 1
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:

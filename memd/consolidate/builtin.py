@@ -148,6 +148,45 @@ class Consolidated:
 MemoryWriter = Callable[[ConsolidationInput], Consolidated]
 
 
+#: Prefix of the line ``memd consolidate`` prints on stdout after each memory root it was given,
+#: followed by the :class:`RootOutcome` as JSON. The consolidation runner reads these lines to
+#: settle each project of a batch under its own lease.
+RESULT_PREFIX = "memd-consolidate-result "
+
+
+@dataclass(frozen=True, slots=True)
+class RootOutcome:
+    """The outcome of one memory root in a ``memd consolidate --root A --root B ...`` run.
+
+    Attributes:
+        root: the memory root as it was given on the command line.
+        ok: it was consolidated.
+        error: why not (one line), ``None`` when ``ok``.
+    """
+
+    root: str
+    ok: bool
+    error: str | None = None
+
+    def line(self) -> str:
+        """The result line (``RESULT_PREFIX`` + JSON, no newline)."""
+        return RESULT_PREFIX + json.dumps({"root": self.root, "ok": self.ok, "error": self.error})
+
+    @classmethod
+    def parse(cls, line: str) -> RootOutcome | None:
+        """The outcome a result line carries; ``None`` for any other line (or a malformed one)."""
+        if not line.startswith(RESULT_PREFIX):
+            return None
+        try:
+            obj = json.loads(line[len(RESULT_PREFIX) :])
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("root"), str) or not isinstance(obj.get("ok"), bool):
+            return None
+        error = obj.get("error")
+        return cls(obj["root"], obj["ok"], error if isinstance(error, str) else None)
+
+
 @dataclass(frozen=True, slots=True)
 class BuiltinResult:
     """What :func:`consolidate_root` did.

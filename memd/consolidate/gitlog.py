@@ -40,10 +40,11 @@ _missing_logged = False
 def _git_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env["GIT_TERMINAL_PROMPT"] = "0"
+    env["LC_ALL"] = "C"  # messages in English: "nothing to commit" is recognised
     return env
 
 
-def _git(git: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _git(git: str, root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [git, "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args],
         cwd=root,
@@ -52,16 +53,20 @@ def _git(git: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=GIT_TIMEOUT_S,
-        check=True,
+        check=check,
     )
+
+
+#: Appended to ``.git/config`` at ``git init``: the identity of memd's commits, and files git
+#: creates from then on are 0600 and directories 0700. Written as text, not with ``git config``:
+#: a consolidation pays for every process it starts.
+_CONFIG = "[user]\n\tname = memd\n\temail = memd@localhost\n[core]\n\tsharedRepository = 0600\n"
 
 
 def _init(git: str, root: Path) -> None:
     _git(git, root, "-c", "init.defaultBranch=main", "init", "-q")
-    _git(git, root, "config", "user.name", "memd")
-    _git(git, root, "config", "user.email", "memd@localhost")
-    # Files git creates from now on are 0600 and directories 0700.
-    _git(git, root, "config", "core.sharedRepository", "0600")
+    with open(root / ".git" / "config", "a", encoding="utf-8") as handle:
+        handle.write(_CONFIG)
     log.info("git_repo_initialised", root=str(root))
 
 
@@ -101,7 +106,8 @@ def commit_memory_root(root: Path, message: str) -> bool:
 
     The repository is local to the memory root (``<root>/.git``) with a local identity
     ``memd <memd@localhost>``; temp files and staging directories are excluded; signing and
-    hooks are disabled for these commits.
+    hooks are disabled for these commits. Two git processes per call (``add``, ``commit``), one
+    more the first time (``init``).
 
     Args:
         root: the memory root.
@@ -125,12 +131,11 @@ def commit_memory_root(root: Path, message: str) -> bool:
             _init(git, root)
         _write_exclude(root)
         _git(git, root, "add", "-A")
-        status = _git(git, root, "status", "--porcelain")
-        if not status.stdout.strip():
-            make_git_private(root / ".git")
-            return False
-        _git(git, root, "commit", "-q", "--no-verify", "-m", message)
+        done = _git(git, root, "commit", "-q", "--no-verify", "-m", message, check=False)
         make_git_private(root / ".git")
+        if done.returncode == 1 and "nothing to commit" in done.stdout + done.stderr:
+            return False
+        done.check_returncode()
     except subprocess.CalledProcessError as exc:
         error = (exc.stderr or exc.stdout or "").strip()[-500:]
         log.warning("git_commit_failed", root=str(root), exit_code=exc.returncode, error=error)

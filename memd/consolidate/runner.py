@@ -1,15 +1,22 @@
-"""The consolidation runner: project lease, heartbeat, subprocess supervision (SPEC §7).
+"""The consolidation runner: project leases, heartbeat, subprocess supervision (SPEC §7).
 
-One :meth:`ConsolidationRunner.run` per project and trigger:
+:meth:`ConsolidationRunner.run` consolidates one project, :meth:`ConsolidationRunner.run_many`
+several: up to ``concurrency`` commands at once, and — when the command is memd's own consolidator,
+which takes several ``--root`` (:func:`batchable`) — up to ``batch_size`` projects per command, so
+that the interpreter's start-up is paid once per batch instead of once per project. Each project
+keeps its own lease and its own outcome:
 
 1. acquire the lease ``consolidate:<project>`` (another holder ⇒ skipped);
 2. prune ``trace_summaries/`` to the newest ``max_traces_per_project`` memories and rebuild
    ``memory_summary.md`` (the routing map);
 3. run the consolidation command (argv, never a shell) in the memory root, in its own process
-   group, with its output streamed to the log and only a bounded tail kept; renew the lease every
-   ``lease_s / 3``; a failed renewal or the timeout terminates the whole group (SIGTERM, then
-   SIGKILL after ``kill_grace_s``);
-4. record the result (fenced by the lease fencing_token) and release the lease on every exit path,
+   group, with its output streamed to the log and only a bounded tail kept; renew the leases every
+   ``lease_s / 3``; a failed renewal or the timeout (``timeout_s`` per project: since the start or
+   the previous project's result) terminates the whole group (SIGTERM, then SIGKILL after
+   ``kill_grace_s``);
+4. record each project's result (fenced by its lease's fencing token) as soon as it is known —
+   memd's consolidator prints a result line per root (:class:`~memd.consolidate.builtin.RootOutcome`);
+   for any other command the exit status decides — and release its lease, on every exit path,
    cancellation included.
 
 Timing of the subprocess (heartbeat, timeout, grace) is real time on the event loop: the child
@@ -19,6 +26,7 @@ runs in real time whatever clock the store uses. The injected clock only stamps 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import signal
@@ -31,7 +39,8 @@ from typing import Any
 import structlog
 
 from memd.clock import Clock, iso_utc
-from memd.consolidate.env import consolidation_env
+from memd.consolidate.builtin import RESULT_PREFIX, RootOutcome
+from memd.consolidate.env import consolidation_env, is_own_consolidator
 from memd.errors import LeaseLost, MemdError
 from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
 from memd.store.records import MemoryRecord
@@ -43,6 +52,10 @@ log = structlog.get_logger(__name__)
 SKIPPED_LEASE_HELD = "skipped: lease held"
 LEASE_LOST = "lease_lost"
 TIMEOUT = "timeout"
+#: The error of the other projects of a batch whose command was stopped for one project's lease.
+INTERRUPTED = "interrupted: the command was stopped for another project of its batch"
+#: Projects memd's own consolidator takes per command by default (see :func:`batchable`).
+BATCH_PROJECTS = 16
 
 
 class ConsolidationStatus(StrEnum):
@@ -57,6 +70,9 @@ class ConsolidationStatus(StrEnum):
     FAILED = "failed"  # preparation failed, the command failed to start or exited non-zero, ...
 
 
+_STATUS_OF_ERROR = {TIMEOUT: ConsolidationStatus.TIMEOUT, LEASE_LOST: ConsolidationStatus.LEASE_LOST}
+
+_RESULT_PREFIX_B = RESULT_PREFIX.encode()
 _READ_CHUNK_BYTES = 64 * 1024
 _LOG_LINE_MAX_CHARS = 1_000
 _MAX_LOGGED_LINES = 1_000
@@ -64,6 +80,38 @@ _GROUP_POLL_S = 0.05
 #: How often the supervisor looks at the leader's exit status while it waits. ``proc.wait()``
 #: also waits for the output pipe to close, which a leftover background process can hold open.
 _EXIT_POLL_S = 1.0
+
+
+def batchable(command: Sequence[str]) -> bool:
+    """Whether ``command`` is memd's own consolidator taking its root as ``--root {memory_root}``
+    (and no ``{project}``): it then takes several roots at once (``--root A --root B ...``)."""
+    joined = " ".join(command)
+    return (
+        is_own_consolidator(command)
+        and "consolidate" in command
+        and "{project}" not in joined
+        and joined.count("{memory_root}") == 1
+        and any(a == "--root" and b == "{memory_root}" for a, b in zip(command, command[1:], strict=False))
+    )
+
+
+def offline_command(command: Sequence[str], *, state_db: Path, max_unused_days: float) -> list[str]:
+    """memd's own consolidator told to use the deterministic merge without reading the
+    configuration (``--offline``: a faster start, no pydantic-settings), for a daemon whose
+    extractor is offline; the daemon passes what consolidation needs from the configuration.
+    Any other command is returned unchanged.
+
+    Args:
+        command: the configured ``[consolidation] command``.
+        state_db: the state database (usage of memory pieces, for retention).
+        max_unused_days: ``[consolidation] max_unused_days``.
+    """
+    argv = list(command)
+    if not batchable(argv) or "--offline" in argv:
+        return argv
+    at = argv.index("consolidate") + 1
+    flags = ["--offline", "--state-db", str(state_db), "--max-unused-days", f"{max_unused_days:g}"]
+    return [*argv[:at], *flags, *argv[at:]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +203,45 @@ async def _complete(coro: Awaitable[Any]) -> Any:
     return result
 
 
+@dataclass(slots=True)
+class _Item:
+    """One project of a batch while it is consolidated.
+
+    Attributes:
+        project: the project key.
+        seq: the ``memory_seq`` a success covers (``None``: read after the lease is taken).
+        bound: the logger bound to the project (and its fencing token once held).
+        started: the event loop's time at the start (for ``duration_s``).
+        started_at: the injected clock's time at the start.
+        fencing_token: the lease's, once acquired.
+        root: the memory root to run the command in (``None``: nothing to run).
+        status: how it ended (once ``settled``).
+        error: the result: ``None`` on success (once ``settled``).
+        exit_code: the command's exit status, once known.
+        output_tail: the end of the command's output.
+        settled: the result was recorded and the lease released.
+    """
+
+    project: str
+    seq: int | None
+    bound: Any
+    started: float
+    started_at: float
+    fencing_token: int | None = None
+    root: Path | None = None
+    status: ConsolidationStatus | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    output_tail: str = ""
+    settled: bool = False
+
+    @property
+    def lease_name(self) -> str:
+        return f"consolidate:{self.project}"
+
+
 class ConsolidationRunner:
-    """Runs the consolidation command for one project at a time under its lease (SPEC §7).
+    """Runs the consolidation command for projects, each under its lease (SPEC §7).
 
     Args:
         store: the state store (lease, memories, project freshness).
@@ -164,16 +249,22 @@ class ConsolidationRunner:
         memory_dir: the configured ``memory_dir`` (project roots live below it, SPEC §8).
         command: argv; ``{memory_root}`` and ``{project}`` are substituted in every element.
         lease_s: lease TTL; renewed every ``lease_s / 3`` while the command runs.
-        timeout_s: the command's wall-clock limit.
+        timeout_s: the command's wall-clock limit per project.
         kill_grace_s: seconds between SIGTERM and SIGKILL of the process group.
         max_traces_per_project: trace files kept by the prune step.
         owner: this daemon's lease owner (``host:pid:random``).
         env: the command's environment; ``None`` ⇒ the allow-list of :mod:`memd.consolidate.env`
             applied to this process's environment.
         output_cap_bytes: bytes of output kept as the tail.
-        on_lease_held: called when the project's lease is held by someone else; it takes back
+        concurrency: commands :meth:`run_many` runs at once.
+        batch_size: projects per command in :meth:`run_many`; more than 1 only for a
+            :func:`batchable` command.
+        on_lease_held: called when a project's lease is held by someone else; it takes back
             the claims of dead daemons and returns how many it found (then the lease is tried
             once more). ``None``: no such check.
+
+    Raises:
+        ValueError: ``batch_size`` > 1 for a command that is not :func:`batchable`.
     """
 
     def __init__(
@@ -190,6 +281,8 @@ class ConsolidationRunner:
         owner: str,
         env: Mapping[str, str] | None = None,
         output_cap_bytes: int = 64 * 1024,
+        concurrency: int = 1,
+        batch_size: int = 1,
         on_lease_held: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
@@ -206,6 +299,10 @@ class ConsolidationRunner:
         self.owner = owner
         self.env = dict(env) if env is not None else consolidation_env(self.command, uses_model=False)
         self.output_cap_bytes = int(output_cap_bytes)
+        self.concurrency = max(1, int(concurrency))
+        if batch_size > 1 and not batchable(self.command):
+            raise ValueError(f"only memd's own consolidator takes several projects at once, not {self.command[:3]}")
+        self.batch_size = max(1, int(batch_size))
 
     # ------------------------------------------------------------------ public
 
@@ -215,52 +312,121 @@ class ConsolidationRunner:
         Args:
             project: the project key.
             seq: the project's ``memory_seq`` read before the run (what a success covers);
-                ``None`` ⇒ read from ``store.get_project`` after taking the lease.
+                ``None`` ⇒ read from the store after taking the lease.
 
         Returns:
             The outcome; failures are outcomes (and recorded with
-            ``store.mark_consolidation_failed``), never exceptions.
+            ``store.projects.mark_failed``), never exceptions.
 
         Raises:
             asyncio.CancelledError: re-raised after the process group was terminated and the
                 lease released.
         """
+        [outcome] = await self.run_batch([(project, seq)])
+        return outcome
+
+    async def run_many(self, projects: Sequence[tuple[str, int | None]]) -> list[ConsolidationOutcome]:
+        """Consolidate several projects: at most ``concurrency`` commands at once, each taking up
+        to ``batch_size`` projects (evenly spread, so that every command has work).
+
+        Args:
+            projects: ``(project key, memory_seq or None)`` pairs (see :meth:`run`).
+
+        Returns:
+            One outcome per project, in the given order.
+
+        Raises:
+            asyncio.CancelledError: re-raised once every command was terminated and every lease
+                released.
+        """
+        if not projects:
+            return []
+        size = max(1, min(self.batch_size, math.ceil(len(projects) / self.concurrency)))
+        batches = [list(projects[i : i + size]) for i in range(0, len(projects), size)]
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(batch: list[tuple[str, int | None]]) -> list[ConsolidationOutcome]:
+            async with slots:
+                return await self.run_batch(batch)
+
+        tasks = [asyncio.ensure_future(one(batch)) for batch in batches]
+        try:
+            done = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [outcome for batch_outcomes in done for outcome in batch_outcomes]
+
+    async def run_batch(self, projects: Sequence[tuple[str, int | None]]) -> list[ConsolidationOutcome]:
+        """Consolidate ``projects`` with one command (several only for a :func:`batchable` one),
+        each project under its own lease, with its own result recorded and its lease released as
+        soon as its result is known.
+
+        Returns:
+            One outcome per project, in the given order.
+
+        Raises:
+            asyncio.CancelledError: after the process group was terminated and every lease
+                released.
+        """
+        if len(projects) > 1 and not batchable(self.command):
+            raise ValueError("only memd's own consolidator takes several projects at once")
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        started_at = self.clock.now()
-        lease_name = f"consolidate:{project}"
-        bound = log.bind(project=project)
-
-        def outcome(
-            status: ConsolidationStatus, exit_code: int | None, error: str | None, tail: str = ""
-        ) -> ConsolidationOutcome:
-            return ConsolidationOutcome(
-                project=project,
-                status=status,
-                exit_code=exit_code,
-                duration_s=loop.time() - started,
-                error=error,
-                output_tail=tail,
-                started_at=started_at,
-            )
-
+        items = [
+            _Item(project, seq, log.bind(project=project), loop.time(), self.clock.now()) for project, seq in projects
+        ]
         try:
-            fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
-            if fencing_token is None and self.on_lease_held is not None and await self.on_lease_held():
-                fencing_token = await self.store.leases.acquire(lease_name, self.owner, self.lease_s)
-        except MemdError as exc:
-            bound.warning("consolidate_lease_error", error=str(exc))
-            return outcome(ConsolidationStatus.LEASE_ERROR, None, f"lease_error: {exc}")
-        if fencing_token is None:
-            await self._log_lease_held(lease_name, bound)
-            return outcome(ConsolidationStatus.SKIPPED, None, SKIPPED_LEASE_HELD)
-        self._held_logged.pop(lease_name, None)
-        bound = bound.bind(fencing_token=fencing_token)
-        bound.info("consolidate_lease_acquired", lease=lease_name)
-        try:
-            return outcome(*await self._run_leased(project, seq, lease_name, fencing_token, bound))
+            for item in items:
+                await self._acquire(item)
+            for item in items:
+                if item.fencing_token is not None:
+                    await self._prepare_item(item)
+            to_run = [item for item in items if not item.settled and item.root is not None]
+            if to_run:
+                await self._run_command(to_run)
+            for item in items:  # nothing to run for it (no memory folder): recorded as done
+                if not item.settled and item.fencing_token is not None:
+                    await self._settle(item, None)
         finally:
-            await _complete(self._release(lease_name, fencing_token, bound))
+            for item in items:
+                if item.fencing_token is not None and not item.settled:
+                    item.settled = True
+                    await _complete(self._release(item.lease_name, item.fencing_token, item.bound))
+        return [self._outcome(item, loop.time()) for item in items]
+
+    # ------------------------------------------------------------------ steps
+
+    def _outcome(self, item: _Item, now: float) -> ConsolidationOutcome:
+        return ConsolidationOutcome(
+            project=item.project,
+            status=item.status or ConsolidationStatus.FAILED,
+            exit_code=item.exit_code,
+            duration_s=now - item.started,
+            error=item.error,
+            output_tail=item.output_tail,
+            started_at=item.started_at,
+        )
+
+    async def _acquire(self, item: _Item) -> None:
+        """Take the project's lease; a held or failing lease settles the item (skipped)."""
+        try:
+            fencing_token = await self.store.leases.acquire(item.lease_name, self.owner, self.lease_s)
+            if fencing_token is None and self.on_lease_held is not None and await self.on_lease_held():
+                fencing_token = await self.store.leases.acquire(item.lease_name, self.owner, self.lease_s)
+        except MemdError as exc:
+            item.bound.warning("consolidate_lease_error", error=str(exc))
+            item.status, item.error, item.settled = ConsolidationStatus.LEASE_ERROR, f"lease_error: {exc}", True
+            return
+        if fencing_token is None:
+            await self._log_lease_held(item.lease_name, item.bound)
+            item.status, item.error, item.settled = ConsolidationStatus.SKIPPED, SKIPPED_LEASE_HELD, True
+            return
+        self._held_logged.pop(item.lease_name, None)
+        item.fencing_token = fencing_token
+        item.bound = item.bound.bind(fencing_token=fencing_token)
+        item.bound.info("consolidate_lease_acquired", lease=item.lease_name)
 
     async def _log_lease_held(self, lease_name: str, bound: Any) -> None:
         """``consolidate_skipped`` (reason ``lease_held``) at info once per holder, then debug."""
@@ -275,32 +441,28 @@ class ConsolidationRunner:
         self._held_logged[lease_name] = holder
         bound.info("consolidate_skipped", reason="lease_held", holder=holder)
 
-    # ------------------------------------------------------------------ steps
-
-    async def _run_leased(
-        self, project: str, seq: int | None, lease_name: str, fencing_token: int, bound: Any
-    ) -> tuple[ConsolidationStatus, int | None, str | None, str]:
-        """Prepare, run and record under the lease: ``(status, exit_code, error or None, output tail)``."""
+    async def _prepare_item(self, item: _Item) -> None:
+        """Read the seq (when not given) and prepare the root; a failure settles the item."""
         try:
-            if seq is None:
-                record = await self.store.projects.get(project)
-                seq = record.memory_seq if record is not None else 0
-            root = await self._prepare(project, bound)
+            if item.seq is None:
+                record = await self.store.projects.get(item.project)
+                item.seq = record.memory_seq if record is not None else 0
+            item.root = await self._prepare(item.project, item.bound)
         except MemdError as exc:
-            failure = f"prepare_failed: {exc}"
-            bound.error("consolidate_failed", error=failure)
-            await self._record_failure(project, failure, bound)
-            return ConsolidationStatus.FAILED, None, failure, ""
+            error = f"prepare_failed: {exc}"
+            item.bound.error("consolidate_failed", error=error)
+            await self._record_failure(item.project, error, item.bound)
+            item.status, item.error = ConsolidationStatus.FAILED, error
+            await self._finish(item)
 
-        exit_code: int | None = None
-        error: str | None = None
-        tail = ""
-        if root is not None:  # None: every session of the project was a no-op, no memory folder (SPEC §19)
-            exit_code, error, tail = await self._run_command(root, project, lease_name, fencing_token, bound)
+    async def _settle(self, item: _Item, error: str | None) -> None:
+        """Record the item's result under its lease (a success is fenced by the lease's token),
+        log it and release the lease. Never raises except ``CancelledError``."""
         if error is None:
+            assert item.fencing_token is not None
             try:
                 recorded = await self.store.projects.mark_consolidated(
-                    project, seq, lease_name, self.owner, fencing_token
+                    item.project, item.seq or 0, item.lease_name, self.owner, item.fencing_token
                 )
             except LeaseLost:
                 recorded = False
@@ -309,13 +471,25 @@ class ConsolidationRunner:
                 error = f"record_failed: {exc}"
             if not recorded:
                 error = LEASE_LOST
+        item.error = error
         if error is None:
-            bound.info("consolidate_done", exit_code=exit_code, seq=seq)
-            return (ConsolidationStatus.DONE if root else ConsolidationStatus.NOTHING_TO_DO), exit_code, None, tail
-        bound.warning("consolidate_failed", error=error, exit_code=exit_code)
-        await self._record_failure(project, error, bound)
-        status = {TIMEOUT: ConsolidationStatus.TIMEOUT, LEASE_LOST: ConsolidationStatus.LEASE_LOST}
-        return status.get(error, ConsolidationStatus.FAILED), exit_code, error, tail
+            item.status = ConsolidationStatus.DONE if item.root is not None else ConsolidationStatus.NOTHING_TO_DO
+        else:
+            item.status = _STATUS_OF_ERROR.get(error, ConsolidationStatus.FAILED)
+        if error is None:
+            item.bound.info("consolidate_done", exit_code=item.exit_code, seq=item.seq)
+        else:
+            item.bound.warning("consolidate_failed", error=error, exit_code=item.exit_code)
+            await self._record_failure(item.project, error, item.bound)
+        await self._finish(item)
+
+    async def _finish(self, item: _Item) -> None:
+        """Release the item's lease (once)."""
+        if item.settled:
+            return
+        item.settled = True
+        if item.fencing_token is not None:
+            await _complete(self._release(item.lease_name, item.fencing_token, item.bound))
 
     async def _prepare(self, project: str, bound: Any) -> Path | None:
         """Prune the trace files and write ``memory_summary.md``; return the memory root, or
@@ -364,20 +538,72 @@ class ConsolidationRunner:
             bound.info("traces_pruned", count=len(pruned), kept=len(kept))
         return kept
 
-    def _argv(self, root: Path, project: str) -> list[str]:
-        return [part.replace("{memory_root}", str(root)).replace("{project}", project) for part in self.command]
+    def _argv(self, items: Sequence[_Item]) -> list[str]:
+        """The command for ``items``: placeholders substituted; for several items (a
+        :func:`batchable` command) the pair ``--root {memory_root}`` once per item."""
+        if len(items) == 1:
+            root, project = str(items[0].root), items[0].project
+            return [part.replace("{memory_root}", root).replace("{project}", project) for part in self.command]
+        at = self.command.index("{memory_root}")
+        roots = [arg for item in items for arg in ("--root", str(item.root))]
+        return [*self.command[: at - 1], *roots, *self.command[at + 1 :]]
 
-    async def _run_command(
-        self, root: Path, project: str, lease_name: str, fencing_token: int, bound: Any
-    ) -> tuple[int | None, str | None, str]:
-        """Run and supervise the command. Returns ``(exit_code, error or None, output tail)``."""
-        argv = self._argv(root, project)
+    async def _run_command(self, items: Sequence[_Item]) -> None:
+        """Run and supervise the command for ``items`` (their roots prepared); settle each.
+
+        The command runs in the first item's root. Results are settled as they arrive (a result
+        line per root); when the command ends, each item still without one is settled by the
+        exit status (a single item) or as failed (``no_result``, several items).
+        """
+        argv = self._argv(items)
+        bound = items[0].bound if len(items) == 1 else log.bind(batch=len(items), first_project=items[0].project)
         if not argv:
-            return None, "command_empty", ""
+            for item in items:
+                await self._settle(item, "command_empty")
+            return
+        proc = await self._spawn(argv, items[0].root)
+        if isinstance(proc, str):
+            for item in items:
+                await self._settle(item, proc)
+            return
+        for item in items:
+            item.bound.info("consolidate_started", command=argv[0], pid=proc.pid)
+        tail = _Tail(self.output_cap_bytes)
+        results: asyncio.Queue[RootOutcome] = asyncio.Queue()
+        assert proc.stdout is not None
+        on_result = results.put_nowait if is_own_consolidator(self.command) else None
+        pump = asyncio.ensure_future(self._pump(proc.stdout, tail, bound, on_result=on_result))
+        pending = {str(item.root): item for item in items}
         try:
-            proc = await asyncio.create_subprocess_exec(
+            stopped = await self._supervise(proc, pending, results, bound)
+            await self._drain(proc, pump, bound)
+        except BaseException:
+            await _complete(self._terminate(proc, bound))
+            pump.cancel()
+            raise
+        text = tail.text()
+        while not results.empty():
+            await self._result(pending, results.get_nowait())
+        for item in items:
+            item.exit_code, item.output_tail = proc.returncode, text
+        for root, item in list(pending.items()):
+            del pending[root]
+            error: str | None
+            if root in stopped:
+                error = stopped[root]
+            elif len(items) == 1:
+                error = None if proc.returncode == 0 else _exit_error(proc.returncode, text)
+            else:
+                error = _exit_error(proc.returncode, text) if proc.returncode else "no_result"
+            await self._settle(item, error)
+
+    async def _spawn(self, argv: Sequence[str], cwd: Path | None) -> Any:
+        """Start the command in its own process group: the process, or why it could not start
+        (``command_not_found: ...``, ``command_not_executable: ...``, ``command_failed_to_start: ...``)."""
+        try:
+            return await asyncio.create_subprocess_exec(
                 *argv,
-                cwd=root,
+                cwd=cwd,
                 env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -385,70 +611,99 @@ class ConsolidationRunner:
                 start_new_session=True,
             )
         except FileNotFoundError:
-            return None, f"command_not_found: {argv[0]}", ""
+            return f"command_not_found: {argv[0]}"
         except PermissionError:
-            return None, f"command_not_executable: {argv[0]}", ""
+            return f"command_not_executable: {argv[0]}"
         except OSError as exc:
-            return None, f"command_failed_to_start: {argv[0]}: {exc.strerror or exc}", ""
-        bound.info("consolidate_started", command=argv[0], pid=proc.pid)
-        tail = _Tail(self.output_cap_bytes)
-        assert proc.stdout is not None
-        pump = asyncio.ensure_future(self._pump(proc.stdout, tail, bound))
-        error: str | None = None
-        try:
-            error = await self._supervise(proc, lease_name, fencing_token, bound)
-            await self._drain(proc, pump, bound)
-        except BaseException:
-            await _complete(self._terminate(proc, bound))
-            pump.cancel()
-            raise
-        exit_code = proc.returncode
-        if error is None and exit_code != 0:
-            error = _exit_error(exit_code, tail.text())
-        return exit_code, error, tail.text()
+            return f"command_failed_to_start: {argv[0]}: {exc.strerror or exc}"
 
-    async def _supervise(self, proc: Any, lease_name: str, fencing_token: int, bound: Any) -> str | None:
-        """Wait for the command, renewing the lease; terminate it on timeout or lease loss."""
+    async def _result(self, pending: dict[str, _Item], result: RootOutcome) -> None:
+        """Settle the item a result line names (unknown roots are ignored)."""
+        item = pending.pop(result.root, None)
+        if item is None:
+            log.warning("consolidate_result_unknown_root", root=result.root)
+            return
+        await self._settle(item, None if result.ok else f"consolidate_failed: {result.error or 'no reason given'}")
+
+    async def _supervise(
+        self, proc: Any, pending: dict[str, _Item], results: asyncio.Queue[RootOutcome], bound: Any
+    ) -> dict[str, str]:
+        """Wait for the command, settling results as they arrive and renewing the leases of the
+        projects still pending; terminate it on a timeout or a lost lease.
+
+        Returns:
+            ``{root: error}`` for the projects still pending when the command was stopped
+            (``timeout``; ``lease_lost`` for the project whose lease was lost and
+            :data:`INTERRUPTED` for the others); ``{}`` when it exited by itself.
+        """
         loop = asyncio.get_running_loop()
         interval_s = self.lease_s / 3
         deadline = loop.time() + self.timeout_s
         next_renew = loop.time() + interval_s
         last_renewed = loop.time()
         waiter = asyncio.ensure_future(proc.wait())
+        getter: asyncio.Future[RootOutcome] | None = None
         try:
             while True:
+                if getter is None:
+                    getter = asyncio.ensure_future(results.get())
                 wake_s = min(deadline, next_renew, loop.time() + _EXIT_POLL_S) - loop.time()
-                await asyncio.wait({waiter}, timeout=max(0.0, wake_s))
+                await asyncio.wait({waiter, getter}, timeout=max(0.0, wake_s), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    result, getter = getter.result(), None
+                    await self._result(pending, result)
+                    deadline = loop.time() + self.timeout_s  # each project has timeout_s
+                    continue
                 if proc.returncode is not None:
-                    return None
+                    return {}
                 now = loop.time()
                 if now >= deadline:
                     bound.warning("consolidate_timeout", timeout_s=self.timeout_s, pid=proc.pid)
                     await self._terminate(proc, bound)
-                    return TIMEOUT
+                    return dict.fromkeys(pending, TIMEOUT)
                 if now < next_renew:
                     continue  # woken only to look at the exit status
-                try:
-                    renewed: bool | None = await self.store.leases.renew(
-                        lease_name, self.owner, fencing_token, self.lease_s
-                    )
-                except LeaseLost:
-                    renewed = False
-                except MemdError as exc:
-                    bound.warning("consolidate_renew_error", error=str(exc))
-                    renewed = None
-                if renewed:
+                renewed, lost = await self._renew(pending)
+                if lost is None and renewed:
                     last_renewed = now
                     next_renew = now + interval_s
-                elif renewed is None and now - last_renewed < self.lease_s:
-                    next_renew = now + min(interval_s, 1.0)
+                elif lost is None and now - last_renewed < self.lease_s:
+                    next_renew = now + min(interval_s, 1.0)  # the store failed: try again soon
                 else:
-                    bound.warning("consolidate_lease_lost", pid=proc.pid)
+                    lost = lost if lost is not None else next(iter(pending))
+                    pending[lost].bound.warning("consolidate_lease_lost", pid=proc.pid)
                     await self._terminate(proc, bound)
-                    return LEASE_LOST
+                    return {root: LEASE_LOST if root == lost else INTERRUPTED for root in pending}
         finally:
             if not waiter.done():
                 waiter.cancel()
+            if getter is not None:
+                if getter.done() and not getter.cancelled():
+                    results.put_nowait(getter.result())  # settled with the rest
+                else:
+                    getter.cancel()
+
+    async def _renew(self, pending: dict[str, _Item]) -> tuple[bool, str | None]:
+        """Renew the lease of every pending project.
+
+        Returns:
+            ``(all renewed, the root of a project whose lease was lost or None)``; a store
+            failure is not a loss (``(False, None)``: retried soon, until ``lease_s`` passed).
+        """
+        ok = True
+        for root, item in pending.items():
+            assert item.fencing_token is not None
+            try:
+                renewed = await self.store.leases.renew(item.lease_name, self.owner, item.fencing_token, self.lease_s)
+            except LeaseLost:
+                renewed = False
+            except MemdError as exc:
+                item.bound.warning("consolidate_renew_error", error=str(exc))
+                ok = False
+                continue
+            if not renewed:
+                return False, root
+        return ok, None
 
     async def _drain(self, proc: Any, pump: asyncio.Future[None], bound: Any) -> None:
         """After the leader exited: collect the rest of the output, kill leftover group members.
@@ -489,14 +744,26 @@ class ConsolidationRunner:
                 await asyncio.sleep(_GROUP_POLL_S)
         bound.info("consolidate_terminated", pgid=pgid, exit_code=proc.returncode)
 
-    async def _pump(self, stream: asyncio.StreamReader, tail: _Tail, bound: Any) -> None:
-        """Read merged output in chunks: keep the tail, log lines (the first 1 000, capped)."""
+    async def _pump(
+        self,
+        stream: asyncio.StreamReader,
+        tail: _Tail,
+        bound: Any,
+        *,
+        on_result: Callable[[RootOutcome], None] | None = None,
+    ) -> None:
+        """Read merged output in chunks: keep the tail, log lines (the first 1 000, capped), and
+        hand every result line (:class:`RootOutcome`) to ``on_result``."""
         pending = bytearray()
         logged = 0
         suppressed = 0
 
         def emit(raw: bytes) -> None:
             nonlocal logged, suppressed
+            if on_result is not None and raw.startswith(_RESULT_PREFIX_B):
+                result = RootOutcome.parse(raw.decode("utf-8", "replace").rstrip("\r"))
+                if result is not None:
+                    on_result(result)
             if logged >= _MAX_LOGGED_LINES:
                 suppressed += 1
                 return
@@ -582,7 +849,8 @@ def _exit_error(exit_code: int | None, tail: str) -> str:
         except ValueError:
             name = str(-exit_code)
         return f"killed_by_signal: {name}"
-    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    lines = (line.strip() for line in reversed(tail.splitlines()))
+    last = next((line for line in lines if line and not line.startswith(RESULT_PREFIX)), "")
     if len(last) > 300:
         last = last[:300] + "…"
     return f"exit_code {exit_code}: {last}" if last else f"exit_code {exit_code}"
