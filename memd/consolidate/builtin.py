@@ -66,9 +66,9 @@ from memd.memory.files import (
     TraceHeader,
     not_a_memory_root,
     parse_trace_file,
+    remove_stale_staging,
     slugify,
 )
-from memd.memory.recover import remove_stale_staging
 
 log = structlog.get_logger(__name__)
 

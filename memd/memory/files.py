@@ -39,6 +39,8 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -574,3 +576,36 @@ def trace_exists(root: Path, relpath: str, trace_memory: str | None = None) -> b
     except OSError:
         return False
     return parse_trace_file(text)[1] == trace_memory.rstrip("\n")
+
+
+def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
+    """Remove ``<root>/.staging-*`` directories (left by a crashed consolidation).
+
+    Args:
+        root: the memory root.
+        min_age_s: only directories whose mtime is at least this old are removed.
+
+    Returns:
+        The removed directory names.
+    """
+    removed = []
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    now = time.time()
+    for name in names:
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        path = Path(root) / name
+        try:
+            if path.is_symlink() or not path.is_dir():
+                continue
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            shutil.rmtree(path)
+        except OSError as exc:
+            log.warning("staging_remove_failed", path=str(path), error=str(exc))
+            continue
+        removed.append(name)
+    return removed

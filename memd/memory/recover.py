@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from memd.memory.files import (
     TraceHeader,
     not_a_memory_root,
     parse_trace_file,
+    remove_stale_staging,
 )
 from memd.store.records import MemoryRecord, ProjectRecord, ThreadRecord
 from memd.store.store import Store
@@ -52,39 +52,6 @@ class RecoveryReport:
     def removed(self) -> int:
         """How many temp files, staging directories and orphan traces were removed in total."""
         return len(self.temp_files) + len(self.staging_dirs) + len(self.orphan_traces)
-
-
-def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
-    """Remove ``<root>/.staging-*`` directories (left by a crashed consolidation).
-
-    Args:
-        root: the memory root.
-        min_age_s: only directories whose mtime is at least this old are removed.
-
-    Returns:
-        The removed directory names.
-    """
-    removed = []
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return []
-    now = time.time()
-    for name in names:
-        if not name.startswith(STAGING_PREFIX):
-            continue
-        path = Path(root) / name
-        try:
-            if path.is_symlink() or not path.is_dir():
-                continue
-            if now - path.stat().st_mtime < min_age_s:
-                continue
-            shutil.rmtree(path)
-        except OSError as exc:
-            log.warning("staging_remove_failed", path=str(path), error=str(exc))
-            continue
-        removed.append(name)
-    return removed
 
 
 def _remove_temp_files(root: Path, min_age_s: float) -> list[str]:
