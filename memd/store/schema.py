@@ -191,17 +191,17 @@ ALTER TABLE daemons ADD COLUMN proc_start TEXT;
 -- Claims are indexed queries over waiting jobs only (SPEC §15): a partial index in claim order
 -- for each waiting status, and one by status (running jobs, counts, retries), so a claim never
 -- reads a finished job however long the history.
-CREATE INDEX jobs_pending ON jobs(kind, priority DESC, created_at, key) WHERE status = 'pending';
-CREATE INDEX jobs_error ON jobs(kind, priority DESC, created_at, key) WHERE status = 'error';
-DROP INDEX jobs_claim;
-CREATE INDEX jobs_status ON jobs(status, kind);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(kind, priority DESC, created_at, key) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS jobs_error ON jobs(kind, priority DESC, created_at, key) WHERE status = 'error';
+DROP INDEX IF EXISTS jobs_claim;
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind);
 -- Projects waiting for consolidation, without reading the consolidated ones.
-CREATE INDEX projects_due ON projects(last_memory_at) WHERE memory_seq > consolidated_seq;
+CREATE INDEX IF NOT EXISTS projects_due ON projects(last_memory_at) WHERE memory_seq > consolidated_seq;
 -- memd status pages through threads by (updated_at, id) and finds recent projects in an index.
-DROP INDEX threads_updated;
-CREATE INDEX threads_updated ON threads(updated_at, id);
-DROP INDEX threads_project;
-CREATE INDEX threads_project ON threads(project, updated_at);
+DROP INDEX IF EXISTS threads_updated;
+CREATE INDEX IF NOT EXISTS threads_updated ON threads(updated_at, id);
+DROP INDEX IF EXISTS threads_project;
+CREATE INDEX IF NOT EXISTS threads_project ON threads(project, updated_at);
 """,
 }
 
