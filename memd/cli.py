@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 through main(), not sys.exit
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2 through main(), not sys.exit
         raise UsageError(f"{self.prog}: {message}")
 
 
@@ -165,23 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    if args.command == "service" and args.service_command is None:
-        print("memd service: choose an action (install)", file=sys.stderr)
-        return 2
-    if args.command in ("hooks", "mcp") and args.action is not None and args.agent is None:
-        print(f"memd {args.command} {args.action}: choose an agent (claude or codex)", file=sys.stderr)
-        return 2
+    usage_error = _usage_error(parser, args)
+    if usage_error is not None:
+        return usage_error
     fast = _without_settings(args)
     if fast is not None:
         return fast
-    missing = [p for p in getattr(args, "sessions", None) or [] if not p.expanduser().is_dir()]
-    if missing:
-        print(parser.format_usage().rstrip(), file=sys.stderr)
-        print(f"memd {args.command}: --sessions {missing[0]}: no such directory", file=sys.stderr)
-        return 2
     if args.config is not None:  # child processes (the consolidation command) read the same file
         os.environ["MEMD_CONFIG"] = str(args.config.expanduser().absolute())
     from memd.config import load_settings  # pydantic-settings: imported only by commands that need it
@@ -205,6 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("command_failed", command=args.command, error=str(exc))
         print(f"memd {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _usage_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
+    """Exit code 2 (with the message printed) for a command line that parsed but cannot run:
+    no command, a missing action or agent, a ``--sessions`` folder that does not exist."""
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "service" and args.service_command is None:
+        print("memd service: choose an action (install)", file=sys.stderr)
+        return 2
+    if args.command in ("hooks", "mcp") and args.action is not None and args.agent is None:
+        print(f"memd {args.command} {args.action}: choose an agent (claude or codex)", file=sys.stderr)
+        return 2
+    missing = [p for p in getattr(args, "sessions", None) or [] if not p.expanduser().is_dir()]
+    if missing:
+        print(parser.format_usage().rstrip(), file=sys.stderr)
+        print(f"memd {args.command}: --sessions {missing[0]}: no such directory", file=sys.stderr)
+        return 2
+    return None
 
 
 def _without_settings(args: argparse.Namespace) -> int | None:
@@ -417,7 +426,7 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
         paused = daemon.components.pool.paused_reason
         if paused:
             print(f"memd once: model work paused: {paused}; the remaining threads stay queued", file=sys.stderr)
-        auth_failed = bool(paused) and paused.startswith("model authentication failed")
+        auth_failed = paused is not None and paused.startswith("model authentication failed")
         return 1 if summary.failed or summary.consolidation_failed or auth_failed else 0
     finally:
         await daemon.close()
