@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from memd.daemon import Components
 
 from memd.bench import corpus
+from memd.bench.procfs import tree_cpu_s, vm_hwm_mb
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
 from memd.bench.read import READ_TARGETS, bench_context, bench_search
 from memd.bench.redaction import REDACTION_TARGETS, bench_redaction
@@ -601,56 +602,6 @@ def bench_pool(run_pool: PoolFn | None, *, n_jobs: int, concurrency: int, latenc
 
 # --- idle daemon ---------------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """``(ppid, cpu seconds incl. reaped children)`` of ``pid`` from ``/proc``, or ``None``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    # fields[0] is field 3 (state); ppid is field 4, utime..cstime are fields 14..17.
-    ppid = int(fields[1])
-    ticks = sum(int(x) for x in fields[11:15])
-    return ppid, ticks / _CLK_TCK
-
-
-def _tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of ``pid`` and its live descendants (reaped ones are in ``cutime``)."""
-    root = _proc_stat(pid)
-    if root is None:
-        return None
-    children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {pid: root[1]}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == pid:
-            continue
-        st = _proc_stat(int(name))
-        if st is not None:
-            children.setdefault(st[0], []).append(int(name))
-            cpu[int(name)] = st[1]
-    total, stack = 0.0, [pid]
-    while stack:
-        p = stack.pop()
-        total += cpu.get(p, 0.0)
-        stack.extend(children.get(p, []))
-    return total
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -722,7 +673,7 @@ def bench_idle(daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: fl
         )
         try:
             time.sleep(settle_s)
-            start = {p.pid: _tree_cpu_s(p.pid) for p in (daemon, naive)}
+            start = {p.pid: tree_cpu_s(p.pid) for p in (daemon, naive)}
             t0 = time.monotonic()
             while time.monotonic() - t0 < window_s and daemon.poll() is None:
                 time.sleep(min(0.5, window_s))
@@ -732,8 +683,8 @@ def bench_idle(daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: fl
                     keys,
                     f"daemon exited with code {daemon.returncode}: {_tail(err_path)}",
                 )
-            end = {p.pid: _tree_cpu_s(p.pid) for p in (daemon, naive)}
-            rss = {p.pid: _vm_hwm_mb(p.pid) for p in (daemon, naive)}
+            end = {p.pid: tree_cpu_s(p.pid) for p in (daemon, naive)}
+            rss = {p.pid: vm_hwm_mb(p.pid) for p in (daemon, naive)}
         finally:
             _stop(daemon)
             _stop(naive)

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.bench import corpus
+from memd.bench.procfs import tree_cpu_s, vm_hwm_mb
 
 #: SPEC §15 targets of the scale figures: key -> (comparison, threshold).
 SCALE_TARGETS: dict[str, tuple[str, float]] = {
@@ -169,54 +170,6 @@ def generate_scale_corpus(
 
 
 # --- child processes -----------------------------------------------------------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """``(ppid, CPU seconds incl. reaped children)`` of ``pid`` from ``/proc``, or ``None``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[1]), sum(int(x) for x in fields[11:15]) / _CLK_TCK
-
-
-def tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of ``pid`` and its live descendants (reaped ones are in its ``cutime``)."""
-    root = _proc_stat(pid)
-    if root is None:
-        return None
-    children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {pid: root[1]}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == pid:
-            continue
-        st = _proc_stat(int(name))
-        if st is not None:
-            children.setdefault(st[0], []).append(int(name))
-            cpu[int(name)] = st[1]
-    total, stack = 0.0, [pid]
-    while stack:
-        p = stack.pop()
-        total += cpu.get(p, 0.0)
-        stack.extend(children.get(p, []))
-    return total
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak RSS (``VmHWM``) of ``pid`` in MB, or ``None``."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
 
 def isolated_env(home: Path, code: Path | None) -> dict[str, str]:
     """The environment of a measured child: ``HOME``/``XDG_*`` under ``home``, no memd or model
