@@ -115,6 +115,8 @@ class ConsolidationSettings(BaseModel):
     timeout_s: float = Field(default=900.0, gt=0)
     kill_grace_s: float = Field(default=10.0, ge=0)
     max_traces_per_project: int = Field(default=10, ge=1)
+    #: Consolidation commands run at once (memd's own consolidator takes several projects each).
+    concurrency: int = Field(default=2, ge=1, le=16)
     model: str | None = None
     env: list[str] = Field(default_factory=list)
     #: MEMORY.md entries unused for this many days (on the project's own timeline) may fall out (SPEC §18).

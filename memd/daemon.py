@@ -32,7 +32,7 @@ import structlog
 from memd.clock import Clock, SystemClock, iso_utc, wait_any
 from memd.config import Settings
 from memd.consolidate.env import consolidation_env
-from memd.consolidate.runner import ConsolidationRunner
+from memd.consolidate.runner import BATCH_PROJECTS, ConsolidationRunner, batchable, offline_command
 from memd.consolidate.trigger import ConsolidationTrigger, TriggerSummary
 from memd.errors import MemdError
 from memd.extract.base import Extractor
@@ -255,11 +255,18 @@ async def build_components(
         on_done=lambda result: search.mark(result.project),
     )
     c = s.consolidation
+    # memd's own consolidator, offline, starts without the configuration and takes several projects
+    # per process (interpreter start-up is most of a consolidation's cost, SPEC §15).
+    command = c.command
+    if name == "offline":
+        command = offline_command(command, state_db=s.db_path, max_unused_days=c.max_unused_days)
     runner = ConsolidationRunner(
         store,
         clock,
         memory_dir=s.memory_dir,
-        command=c.command,
+        command=command,
+        concurrency=c.concurrency,
+        batch_size=BATCH_PROJECTS if batchable(command) else 1,
         lease_s=c.lease_s,
         timeout_s=c.timeout_s,
         kill_grace_s=c.kill_grace_s,

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from memd.bench.scale import generate_scale_corpus, project_cwd
 from memd.cli import main
 from memd.clock import FakeClock
+from memd.config import Settings
 from memd.consolidate.builtin import RESULT_PREFIX, RootOutcome
 from memd.consolidate.env import consolidation_env
 from memd.consolidate.runner import (
@@ -31,6 +33,7 @@ from memd.consolidate.runner import (
 from memd.memory import files as memory_files
 from memd.store.records import FileRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store
+from tests.fakes import run_once
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = "host:1:runner"
@@ -289,3 +292,19 @@ def test_the_offline_child_imports_no_settings_model_client_or_async_database(tm
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"code": 0, "loaded": []}, done.stderr[-2000:]
+
+
+async def test_memd_once_consolidates_every_project_with_a_few_offline_processes(tmp_path: Path) -> None:
+    made = generate_scale_corpus(tmp_path / "sessions", n_sessions=120, seed=3)  # 6 projects
+    settings = Settings(
+        sessions=[made.root], state_dir=tmp_path / "state", memory_dir=tmp_path / "memory", min_idle_s=0,
+        max_age_days=0, extractor="offline",
+    )  # fmt: skip
+    with capture_logs() as logs:
+        summary = await run_once(settings)
+    assert summary.consolidated == made.projects == 6 and summary.consolidation_failed == 0
+    started = [e for e in logs if e["event"] == "consolidate_started"]
+    assert len(started) == 6 and len({e["pid"] for e in started}) == 2, "two processes of three projects each"
+    assert {e["command"] for e in started} == {sys.executable}
+    for k in range(6):
+        assert (memory_files.project_root(settings.memory_dir, project_cwd(k)) / "MEMORY.md").is_file()

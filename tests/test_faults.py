@@ -534,6 +534,7 @@ def test_sigterm_terminates_the_consolidation_subprocess_and_releases_its_lease(
         shutdown_grace_s=1,
         consolidation__delay_s=0,
         consolidation__kill_grace_s=2,
+        consolidation__concurrency=1,  # one command at a time: the one whose pid is written
         consolidation__command=json.dumps([sys.executable, "-c", script, str(pid_file)]),
     )
     generate_corpus(home.sessions, n_files=3, size_mix=SMALL_SIZE_MIX, seed=4)

@@ -325,15 +325,19 @@ class ConsolidationRunner:
         [outcome] = await self.run_batch([(project, seq)])
         return outcome
 
-    async def run_many(self, projects: Sequence[tuple[str, int | None]]) -> list[ConsolidationOutcome]:
+    async def run_many(
+        self, projects: Sequence[tuple[str, int | None]], *, stopped: Callable[[], bool] = lambda: False
+    ) -> list[ConsolidationOutcome]:
         """Consolidate several projects: at most ``concurrency`` commands at once, each taking up
         to ``batch_size`` projects (evenly spread, so that every command has work).
 
         Args:
             projects: ``(project key, memory_seq or None)`` pairs (see :meth:`run`).
+            stopped: asked before each batch starts; ``True`` leaves the batches not started yet
+                (shutdown): their projects have no outcome.
 
         Returns:
-            One outcome per project, in the given order.
+            One outcome per project that ran, in the given order.
 
         Raises:
             asyncio.CancelledError: re-raised once every command was terminated and every lease
@@ -347,7 +351,7 @@ class ConsolidationRunner:
 
         async def one(batch: list[tuple[str, int | None]]) -> list[ConsolidationOutcome]:
             async with slots:
-                return await self.run_batch(batch)
+                return [] if stopped() else await self.run_batch(batch)
 
         tasks = [asyncio.ensure_future(one(batch)) for batch in batches]
         try:

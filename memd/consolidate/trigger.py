@@ -34,12 +34,13 @@ class TriggerSummary:
 
 
 class ConsolidationTrigger:
-    """Runs the consolidation of every due project, one after the other.
+    """Runs the consolidation of every due project: the runner takes them together (bounded
+    concurrency; memd's own consolidator several projects per process), each under its own lease.
 
     Args:
         store: the state store (which projects are due).
         clock: time source (fault times).
-        runner: consolidates one project under its lease.
+        runner: consolidates the projects, each under its lease.
         repair: writes missing trace files again before a run.
         faults: where survived faults are noted (``memd status``).
         after_run: awaited with the project key after each run (the search index follows).
@@ -70,12 +71,13 @@ class ConsolidationTrigger:
         Args:
             delay_s: the quiet period after a project's newest memory, seconds.
             min_interval_s: the least time between two attempts on one project, seconds.
-            stopped: asked before each project; ``True`` ends the pass early (shutdown).
+            stopped: asked before each project is prepared and before each batch starts; ``True``
+                ends the pass early (shutdown).
 
         Raises:
             StoreError: the list of due projects could not be read.
         """
-        consolidated = failed = 0
+        ready: list[tuple[str, int | None]] = []
         for due in await self._store.projects.due(delay_s, min_interval_s):
             if stopped():
                 break
@@ -87,9 +89,11 @@ class ConsolidationTrigger:
             except (MemoryWriteError, OSError) as exc:
                 self._faults.note("trace_repair_failed", exc, now_s=self._clock.now())
                 log.warning("trace_repair_failed", project=project.project, error=str(exc))
-            outcome = await self._runner.run(project.project, project.memory_seq)
+            ready.append((project.project, project.memory_seq))
+        consolidated = failed = 0
+        for outcome in await self._runner.run_many(ready, stopped=stopped):
             if self._after_run is not None:
-                await self._after_run(project.project)
+                await self._after_run(outcome.project)
             if outcome.status is ConsolidationStatus.LEASE_ERROR:
                 self._faults.note("consolidate_lease_error", outcome.error or "", now_s=self._clock.now())
             consolidated += int(outcome.ok)
