@@ -421,7 +421,8 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
             f" in {summary.duration_s:.1f} s"
         )
         print(f"memory: {settings.memory_dir}")
-        for line in _once_explanation(summary, settings):
+        known = await daemon.components.store.threads.count() if not summary.extracted else 0
+        for line in _once_explanation(summary, settings, known):
             print(line, file=sys.stderr if summary.failed else sys.stdout)
         paused = daemon.components.pool.paused_reason
         if paused:
@@ -432,9 +433,10 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
         await daemon.close()
 
 
-def _once_explanation(summary: Any, settings: Settings) -> list[str]:
+def _once_explanation(summary: Any, settings: Settings, known_threads: int = 0) -> list[str]:
     """Why ``memd once`` did what it did: the failures (how many, and why), or, when nothing was
-    extracted, what held the sessions back (idle gate, age limit, nothing eligible)."""
+    extracted, what held the sessions back (idle gate, age limit, nothing eligible, or
+    ``known_threads`` sessions unchanged since an earlier run planned them)."""
     lines: list[str] = []
     if summary.failed:
         lines.append(f"memd once: {summary.failed} extraction(s) failed:")
@@ -464,6 +466,8 @@ def _once_explanation(summary: Any, settings: Settings) -> list[str]:
         reasons.append(f"{plan.not_eligible} not eligible (source excluded, or no user message)")
     if plan.dead:
         reasons.append(f"{plan.dead} gave up after their attempts (memd retry)")
+    if not reasons and known_threads:  # planning looks only at sessions changed since the last pass
+        reasons.append(f"{known_threads} known sessions unchanged since they were last planned")
     if not reasons:
         roots = ", ".join(str(p) for p in settings.sessions)
         reasons.append(f"nothing eligible: no sessions found under {roots}")
@@ -480,12 +484,17 @@ async def _dry_run(daemon: Daemon) -> int:
     """
     from memd.errors import RolloutError
     from memd.extract.openai_extractor import render_prompt
+    from memd.store.records import JobKind, JobStatus
 
     c = daemon.components
     await c.indexer.scan()
     plan = await c.scheduler.plan()
+    # A pass looks only at changed threads: jobs queued by an earlier pass are estimated too.
+    queued = dict.fromkeys(plan.queued_ids)
+    for status in (JobStatus.PENDING, JobStatus.ERROR):
+        queued.update(dict.fromkeys(j.key for j in await c.store.jobs.list_all(JobKind.EXTRACT, status)))
     total_tokens = total_bytes = threads = unreadable = 0
-    for thread_id in plan.queued_ids:
+    for thread_id in queued:
         thread = await c.store.threads.get(thread_id)
         if thread is None:
             continue

@@ -612,6 +612,10 @@ async def test_once_dry_run_estimates_the_tokens_and_sends_nothing(tmp_path, rou
     tokens = int(out.split("about ", 1)[1].split(" input tokens", 1)[0])
     system_bytes = len(render("extract_system.md.j2").encode())
     assert tokens >= 3 * system_bytes / 4  # prompts included
+    # Again: planning looks only at changed threads, the jobs queued by the first run are estimated too.
+    assert await asyncio.to_thread(main, ["once", "--dry-run", "--min-idle", "0", "--max-age-days", "0"]) == 0
+    again = capsys.readouterr().out
+    assert "3 threads would be extracted" in again and f"about {tokens} input tokens" in again
     assert routed_server.requests == []
     assert db_rows(settings, "SELECT * FROM memories") == []
     assert db_rows(settings, "SELECT * FROM usage") == []

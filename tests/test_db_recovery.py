@@ -54,13 +54,15 @@ def test_backup_keeps_two_private_copies(tmp_path: Path) -> None:
 
 async def test_a_migration_backs_up_first(tmp_path: Path) -> None:
     from memd.clock import FakeClock
+    from memd.store.db import split_statements
+    from memd.store.schema import MIGRATIONS
     from memd.store.store import Store
 
     db = tmp_path / "memd.sqlite3"
-    store = await Store.open(db, clock=FakeClock())
-    await store.close()
-    conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE daemons DROP COLUMN proc_start")  # back to the schema before v6
+    conn = sqlite3.connect(db)  # a database written by a memd that knew schema version 5
+    for version in range(1, 6):
+        for statement in split_statements(MIGRATIONS[version]):
+            conn.execute(statement)
     conn.execute("PRAGMA user_version = 5")
     conn.commit()
     conn.close()

@@ -80,3 +80,8 @@ def test_zero_extracted_says_why(tmp_path: Path) -> None:
     aged = _once(home, "--sessions", str(home.sessions))
     assert aged.returncode == 0, aged.stderr[-1000:]
     assert "older than max_age_days = 30" in aged.stdout
+
+    done = _once(home, "--sessions", str(home.sessions), "--max-age-days", "0")
+    assert done.returncode == 0, done.stderr[-1000:]
+    again = _once(home, "--sessions", str(home.sessions), "--max-age-days", "0")  # nothing changed since
+    assert "0 extracted: 4 known sessions unchanged since they were last planned" in again.stdout, again.stdout

@@ -85,9 +85,12 @@ async def test_threads_older_than_max_age_days_wait_for_a_backfill(tmp_path, man
     rollout(tmp_path, 2, manual_clock, idle_s=29 * DAY_S)
     summary = await plan(make(manual_store, manual_clock, tmp_path, min_idle_s=0, max_age_days=30))
     assert (summary.queued_ids, summary.too_old) == ([thread_id(2)], 1)
-    # max_age_days = 0 is no limit (what `memd backfill` and `--max-age-days 0` use).
+    # max_age_days = 0 is no limit (what `memd backfill` and `--max-age-days 0` use): the old
+    # thread, never planned, is planned now; the other one was planned already.
     summary = await plan(make(manual_store, manual_clock, tmp_path, min_idle_s=0, max_age_days=0))
-    assert sorted(summary.queued_ids) == [thread_id(1), thread_id(2)]
+    assert (summary.queued_ids, summary.too_old, summary.looked_at) == ([thread_id(1)], 0, 1)
+    pending = await manual_store.jobs.list_all("extract", "pending")
+    assert {j.key for j in pending} == {thread_id(1), thread_id(2)}
 
 
 async def test_sessions_that_are_not_interactive_or_have_no_user_message_never_get_a_job(tmp_path, manual_store, manual_clock):
@@ -119,8 +122,8 @@ async def test_a_memory_covering_the_watermark_is_left_alone_and_a_grown_thread_
     memory = await manual_store.memories.get(thread_id(1))
     assert memory is not None and memory.source_watermark == path.stat().st_size
 
-    summary = await plan(scheduler)
-    assert (summary.queued, summary.up_to_date) == (0, 1)
+    summary = await plan(scheduler)  # nothing changed: nothing is looked at
+    assert (summary.queued, summary.looked_at) == (0, 0)
     assert (await manual_store.jobs.get("extract", thread_id(1))).status == "done"
 
     append_turn(path, "Also add the tests to CI")  # the thread grows ...
@@ -141,7 +144,7 @@ async def test_a_forgotten_memory_is_not_extracted_again_until_the_thread_grows(
     await pool_for(manual_store, manual_clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
     await manual_store.memories.delete(thread_id(1))  # `memd forget`
     summary = await plan(scheduler)
-    assert (summary.queued, summary.up_to_date) == (0, 1)
+    assert (summary.queued, summary.looked_at) == (0, 0)
     assert await manual_store.jobs.claim("extract", "host:1:a", 900) is None
     append_turn(path, "and one more thing")
     touch(path, manual_clock.now() - 10)
@@ -173,7 +176,7 @@ async def test_failures_back_off_exponentially_end_dead_and_a_growing_thread_res
 
     manual_clock.advance(30 * DAY_S - 1000)
     summary = await plan(scheduler)
-    assert (summary.queued, summary.dead) == (0, 1)  # dead for this input: never retried by itself
+    assert (summary.queued, summary.looked_at) == (0, 0)  # dead for this input: never retried by itself
     await pool.run(asyncio.Event(), burst=True)
     assert len(extractor.started) == 4
 

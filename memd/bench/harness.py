@@ -602,6 +602,7 @@ def bench_pool(run_pool: PoolFn | None, *, n_jobs: int, concurrency: int, latenc
 
 # --- idle daemon ---------------------------------------------------------------------------------
 
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -171,6 +171,7 @@ def generate_scale_corpus(
 
 # --- child processes -----------------------------------------------------------------------------
 
+
 def isolated_env(home: Path, code: Path | None) -> dict[str, str]:
     """The environment of a measured child: ``HOME``/``XDG_*`` under ``home``, no memd or model
     settings from this shell, ``PYTHONPATH`` = ``code`` (the checkout under test) when given."""

@@ -549,7 +549,8 @@ class Indexer:
                 eligible=reason is None,
                 reason=reason,
             )
-            await self._store.threads.record(record, self._stats_json(stats), new_file)
+            # What the scheduler reads is not a change to plan again (only the indexer's are).
+            await self._store.threads.record(record, self._stats_json(stats), new_file, changed=False)
             self.last_catch_up_bytes = bytes_read
             log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, offset=offset)
             return record

@@ -5,6 +5,11 @@ user message), has been idle for ``min_idle_s`` (the idle gate: no new bytes), i
 is within ``max_age_days`` (0 = no limit), and it has no memory or its memory was built from an
 older watermark. Jobs carry ``priority = updated_at`` so workers take the newest first.
 
+Planning is driven by change (SPEC §15): a pass looks only at the threads the indexer marked as
+changed (a new, grown, replaced or moved rollout, seen by the watcher or the reconcile scan) whose
+idle gate has passed, found through an index; it never walks every thread. The idle cost of the
+daemon is therefore the same with 20,000 learned threads as with 10.
+
 Failures retry with exponential backoff (``retry_base_s`` doubling, capped at ``retry_cap_s``)
 and end ``dead`` after ``max_attempts``; a thread that grows resets its attempts (the store does
 this when the input watermark moves).
@@ -19,7 +24,7 @@ import structlog
 from memd.clock import Clock
 from memd.errors import StoreError
 from memd.ingest.indexer import Indexer
-from memd.store.records import JobStatus
+from memd.store.records import JobStatus, ThreadRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -43,6 +48,7 @@ class PlanSummary:
             ``plan_thread_failed``; they are looked at again next pass).
         dead: threads whose job exhausted its attempts for this watermark (``memd retry``).
         queued_ids: the ids of the queued threads.
+        looked_at: changed threads this pass read and decided on (the others waited).
     """
 
     queued: int = 0
@@ -54,6 +60,7 @@ class PlanSummary:
     failed: int = 0
     dead: int = 0
     queued_ids: list[str] = field(default_factory=list)
+    looked_at: int = 0
 
 
 class Scheduler:
@@ -75,53 +82,36 @@ class Scheduler:
         self.max_age_days = max_age_days
 
     async def plan(self) -> PlanSummary:
-        """Check every thread once and upsert extract jobs for the candidates.
+        """Plan the threads whose rollout changed since they were last planned.
 
-        Reads a candidate's body (catch-up) only after the cheap checks (age, idle gate) pass,
-        so the cost is proportional to what changed.
+        Only changed threads past their idle gate and within the age limit are read (catch-up:
+        the bytes after their watermark) and decided; the index gives them, and counts the
+        changed threads still inside the gate (``idle_wait``, ``next_due_s``) or too old. A
+        thread's mark is cleared once it is decided, and only if no change was recorded since it
+        was read: a rollout that grows during the pass is looked at by the next one. A thread
+        that grew while it was read (its last activity is inside the gate again) and a thread
+        whose reading failed keep their mark.
+
+        Raises:
+            StoreError: the database failed; the pass is retried as a whole.
         """
         now = self._clock.now()
         summary = PlanSummary()
-        memories = await self._store.memories.watermarks()
-        for thread in await self._store.threads.list_all():
-            if self.max_age_days > 0 and now - thread.updated_at > self.max_age_days * DAY_S:
-                summary.too_old += 1
-                continue
-            if thread.reason is not None and not thread.reason.provisional:
-                summary.not_eligible += 1
-                continue
-            idle_for = now - thread.updated_at
-            if idle_for < self.min_idle_s:
-                summary.idle_wait += 1
-                wait = self.min_idle_s - idle_for
-                summary.next_due_s = wait if summary.next_due_s is None else min(summary.next_due_s, wait)
-                continue
-            try:
-                current = await self._indexer.catch_up(thread.id) or thread
-            except StoreError:
-                raise  # the whole pass fails and is retried (the database is shared by all)
-            except Exception as exc:  # one unreadable thread never blocks the others
-                log.error("plan_thread_failed", thread_id=thread.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-                summary.failed += 1
-                continue
-            if not current.eligible:
-                summary.not_eligible += 1
-                continue
-            if now - current.updated_at < self.min_idle_s:  # it grew while we looked
-                summary.idle_wait += 1
-                continue
-            done_watermark = memories.get(current.id)
-            if done_watermark is not None and done_watermark >= current.watermark:
-                summary.up_to_date += 1
-                continue
-            job = await self._store.jobs.upsert_extract(current.id, current.watermark, priority=current.updated_at)
-            if job.status is JobStatus.DEAD:
-                summary.dead += 1
-            elif job.status in (JobStatus.DONE, JobStatus.RUNNING):
-                summary.up_to_date += 1
-            else:
-                summary.queued += 1
-                summary.queued_ids.append(current.id)
+        ready_before = now - self.min_idle_s
+        active_after = now - self.max_age_days * DAY_S if self.max_age_days > 0 else 0.0
+        candidates = await self._store.threads.plan_candidates(ready_before=ready_before, active_after=active_after)
+        memories = await self._store.memories.watermarks_of(c.thread.id for c in candidates)
+        planned: list[tuple[str, int]] = []
+        for candidate in candidates:
+            if await self._decide(candidate.thread, memories, now, summary):
+                planned.append((candidate.thread.id, candidate.plan_pending))
+        summary.looked_at = len(candidates)
+        await self._store.threads.mark_planned(planned)
+        backlog = await self._store.threads.plan_backlog(ready_before=ready_before, active_after=active_after)
+        summary.idle_wait = backlog.waiting
+        summary.too_old = backlog.too_old
+        if backlog.next_ready_at is not None:
+            summary.next_due_s = max(0.0, backlog.next_ready_at + self.min_idle_s - now)
         if summary.queued or summary.failed:
             log.info(
                 "plan_done",
@@ -134,3 +124,40 @@ class Scheduler:
                 dead=summary.dead,
             )
         return summary
+
+    async def _decide(self, thread: ThreadRecord, memories: dict[str, int], now: float, summary: PlanSummary) -> bool:
+        """Read one changed thread forward and queue its extraction when it is a candidate.
+
+        Returns:
+            Whether it was decided (its mark may be cleared): ``False`` when reading it failed
+            or it grew while it was read (it is inside its idle gate again).
+        """
+        if thread.reason is not None and not thread.reason.provisional:
+            summary.not_eligible += 1
+            return True
+        try:
+            current = await self._indexer.catch_up(thread.id) or thread
+        except StoreError:
+            raise  # the whole pass fails and is retried (the database is shared by all)
+        except Exception as exc:  # one unreadable thread never blocks the others
+            log.error("plan_thread_failed", thread_id=thread.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            summary.failed += 1
+            return False
+        if not current.eligible:
+            summary.not_eligible += 1
+            return True
+        if now - current.updated_at < self.min_idle_s:
+            return False  # it grew while we looked: planned again once idle
+        done_watermark = memories.get(current.id)
+        if done_watermark is not None and done_watermark >= current.watermark:
+            summary.up_to_date += 1
+            return True
+        job = await self._store.jobs.upsert_extract(current.id, current.watermark, priority=current.updated_at)
+        if job.status is JobStatus.DEAD:
+            summary.dead += 1
+        elif job.status in (JobStatus.DONE, JobStatus.RUNNING):
+            summary.up_to_date += 1
+        else:
+            summary.queued += 1
+            summary.queued_ids.append(current.id)
+        return True

@@ -6,7 +6,8 @@ A memory row is written by the fenced commit of its extract job
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from memd.clock import Clock
 from memd.store.db import Database
@@ -54,6 +55,16 @@ class MemoryRepository:
         """Return ``{thread id: source_watermark}`` for every memory (scheduler, status)."""
         async with self._db.read("memory_watermarks") as tx:
             rows = await tx.rows("SELECT thread_id, source_watermark FROM memories")
+        return {row["thread_id"]: int(row["source_watermark"]) for row in rows}
+
+    async def watermarks_of(self, thread_ids: Iterable[str]) -> dict[str, int]:
+        """Return ``{thread id: source_watermark}`` for those of ``thread_ids`` that have a memory
+        (one query; the scheduler asks only about the threads it looks at)."""
+        async with self._db.read("memory_watermarks_of") as tx:
+            rows = await tx.rows(
+                "SELECT thread_id, source_watermark FROM memories WHERE thread_id IN (SELECT value FROM json_each(?))",
+                (json.dumps(sorted(set(thread_ids))),),
+            )
         return {row["thread_id"]: int(row["source_watermark"]) for row in rows}
 
     async def delete(self, thread_id: str) -> MemoryRecord | None:

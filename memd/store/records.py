@@ -413,3 +413,40 @@ class ProjectStatus:
     def from_row(cls, row: Row) -> Self:
         """The record of a ``projects`` row joined with ``traces``."""
         return cls(project=ProjectRecord.from_row(row), traces=int(row["traces"] or 0))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCandidate:
+    """A thread whose rollout changed since it was last planned, past its idle gate.
+
+    Attributes:
+        thread: the thread as stored.
+        plan_pending: the changes recorded since it was last planned, as read; the scheduler
+            clears the mark only if it is still this value (see
+            :meth:`~memd.store.threads.ThreadRepository.mark_planned`).
+    """
+
+    thread: ThreadRecord
+    plan_pending: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        """The record of a ``threads`` row (with its ``plan_pending`` column)."""
+        return cls(thread=ThreadRecord.from_row(row), plan_pending=int(row["plan_pending"]))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanBacklog:
+    """Changed threads a planning pass leaves for later, counted through the ``threads_plan`` index.
+
+    Attributes:
+        waiting: changed threads inside the idle gate (active after the pass's cut-off).
+        next_ready_at: the earliest last activity among them (epoch s; it leaves the gate
+            ``min_idle_s`` later), ``None`` when none waits.
+        too_old: changed threads whose last activity is older than the age limit (a backfill
+            reaches them).
+    """
+
+    waiting: int
+    next_ready_at: float | None
+    too_old: int

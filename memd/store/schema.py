@@ -203,6 +203,16 @@ CREATE INDEX IF NOT EXISTS threads_updated ON threads(updated_at, id);
 DROP INDEX IF EXISTS threads_project;
 CREATE INDEX IF NOT EXISTS threads_project ON threads(project, updated_at);
 """,
+    8: """
+-- Event-driven planning (SPEC §15): a pass looks only at threads whose rollout changed since they
+-- were last planned. plan_pending counts the changes the indexer recorded (a new, grown, replaced
+-- or moved file); the scheduler sets it back to 0 only if it is still the count it read before
+-- deciding (compare-and-clear: a change during the pass is planned by the next). The partial
+-- index gives the changed threads by last activity: ready (past the idle gate), waiting, or too old.
+-- Every thread of an older database is looked at once.
+ALTER TABLE threads ADD COLUMN plan_pending INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX IF NOT EXISTS threads_plan ON threads(updated_at) WHERE plan_pending > 0;
+""",
 }
 
 #: The schema version this code writes and understands.

@@ -10,7 +10,15 @@ import json
 from collections.abc import Iterable, Sequence
 
 from memd.store.db import Database
-from memd.store.records import FileRecord, JobKind, ProjectActivity, ThreadRecord, ThreadStatus
+from memd.store.records import (
+    FileRecord,
+    JobKind,
+    PlanBacklog,
+    PlanCandidate,
+    ProjectActivity,
+    ThreadRecord,
+    ThreadStatus,
+)
 
 _UPSERT_FILE = """
     INSERT INTO files (path, kind, dev, inode, size, mtime, watermark, head_hash, thread_id, error)
@@ -21,14 +29,17 @@ _UPSERT_FILE = """
         head_hash = excluded.head_hash, thread_id = excluded.thread_id, error = excluded.error
 """
 
+#: ``:plan_bump`` is 1 when the write records a change of the rollout (the scheduler must look at
+#: the thread again), 0 when it records what the scheduler itself read (catch-up).
 _UPSERT_THREAD = """
     INSERT INTO threads (id, path, project, cwd, source, originator, cli_version,
         model, title, created_at, updated_at, watermark, user_messages,
-        skipped_lines, eligible, reason, agent, stats)
+        skipped_lines, eligible, reason, agent, stats, plan_pending)
     VALUES (:id, :path, :project, :cwd, :source, :originator, :cli_version,
         :model, :title, :created_at, :updated_at, :watermark, :user_messages,
-        :skipped_lines, :eligible, :reason, :agent, :stats)
+        :skipped_lines, :eligible, :reason, :agent, :stats, :plan_bump)
     ON CONFLICT(id) DO UPDATE SET
+        plan_pending = threads.plan_pending + excluded.plan_pending,
         path = excluded.path, project = excluded.project, cwd = excluded.cwd,
         source = excluded.source, originator = excluded.originator,
         cli_version = excluded.cli_version, model = excluded.model,
@@ -55,6 +66,20 @@ _THREAD_STATUS = """
     ORDER BY t.updated_at DESC, t.id DESC
     LIMIT :limit
 """
+
+#: Planning reads only changed threads, through the partial index ``threads_plan`` (schema
+#: version 8): those past the idle gate and within the age limit, ...
+_PLAN_CANDIDATES = """
+    SELECT * FROM threads
+    WHERE plan_pending > 0 AND updated_at BETWEEN :after AND :before
+    ORDER BY updated_at DESC, id
+"""
+#: ... those still inside the idle gate (how many, and the earliest last activity) ...
+_PLAN_WAITING = (
+    "SELECT COUNT(*) AS n, MIN(updated_at) AS first FROM threads WHERE plan_pending > 0 AND updated_at > :before"
+)
+#: ... and those older than the age limit.
+_PLAN_TOO_OLD = "SELECT COUNT(*) FROM threads WHERE plan_pending > 0 AND updated_at < :after"
 
 #: A keyset cursor over threads: ``(updated_at, id)`` of the last row of a page.
 ThreadCursor = tuple[float, str]
@@ -120,7 +145,7 @@ class ThreadRepository:
 
     # ------------------------------------------------------------------ threads
 
-    async def record(self, thread: ThreadRecord, stats_json: str, file: FileRecord) -> None:
+    async def record(self, thread: ThreadRecord, stats_json: str, file: FileRecord, *, changed: bool = True) -> None:
         """Upsert a thread and the file it was read from, in one transaction.
 
         A thread seen at a new path (archived: moved to ``archived_sessions``) keeps its id and
@@ -131,10 +156,15 @@ class ThreadRepository:
             thread: the thread's metadata and watermark.
             stats_json: an opaque JSON string the indexer persists with the thread.
             file: the rollout file's record (its ``watermark`` is normally ``thread.watermark``).
+            changed: the write records a change of the rollout, so the scheduler looks at the
+                thread again (``plan_pending`` + 1); ``False`` for what the scheduler's own
+                catch-up read.
         """
-        await self.record_many([(thread, stats_json, file)])
+        await self.record_many([(thread, stats_json, file)], changed=changed)
 
-    async def record_many(self, threads: Sequence[ThreadWrite], *, files: Sequence[FileRecord] = ()) -> None:
+    async def record_many(
+        self, threads: Sequence[ThreadWrite], *, files: Sequence[FileRecord] = (), changed: bool = True
+    ) -> None:
         """Upsert many threads with their files, and files without a thread, in one transaction.
 
         The batch form of :meth:`record` and :meth:`record_file` for the indexer: one
@@ -144,11 +174,12 @@ class ThreadRepository:
         Args:
             threads: ``(thread, stats_json, file)`` triples as for :meth:`record`.
             files: file records without a thread (unreadable or not a session, with ``error``).
+            changed: see :meth:`record`.
         """
         if not threads and not files:
             return
         file_rows = [f.params() for f in files] + [f.params() for _, _, f in threads]
-        thread_rows = [t.params(stats) for t, stats, _ in threads]
+        thread_rows = [{**t.params(stats), "plan_bump": int(changed)} for t, stats, _ in threads]
         async with self._db.write("record_threads") as tx:
             await tx.executemany(_UPSERT_FILE, file_rows)
             if thread_rows:
@@ -173,6 +204,11 @@ class ThreadRepository:
         async with self._db.read("get_thread_stats") as tx:
             row = await tx.one("SELECT stats FROM threads WHERE id = ?", (thread_id,))
         return str(row["stats"]) if row else None
+
+    async def count(self) -> int:
+        """Return how many threads are known (one index count)."""
+        async with self._db.read("count_threads") as tx:
+            return int(await tx.scalar("SELECT COUNT(*) FROM threads"))
 
     async def list_all(self) -> list[ThreadRecord]:
         """Return every thread, most recent activity (``updated_at``) first."""
@@ -244,3 +280,47 @@ class ThreadRepository:
                 (project,),
             )
         return ProjectActivity.from_row(row) if row else None
+
+    # ------------------------------------------------------------------ planning (SPEC §15)
+
+    async def plan_candidates(self, *, ready_before: float, active_after: float) -> list[PlanCandidate]:
+        """The threads whose rollout changed since they were last planned and whose last activity
+        lies in ``[active_after, ready_before]`` (past the idle gate, within the age limit), newest
+        first — read through the ``threads_plan`` index, never by walking every thread.
+
+        Args:
+            ready_before: the idle gate's cut-off (now − ``min_idle_s``), epoch s.
+            active_after: the age limit's cut-off (now − ``max_age_days``; 0 for no limit).
+        """
+        async with self._db.read("plan_candidates") as tx:
+            rows = await tx.rows(_PLAN_CANDIDATES, {"after": active_after, "before": ready_before})
+        return [PlanCandidate.from_row(row) for row in rows]
+
+    async def plan_backlog(self, *, ready_before: float, active_after: float) -> PlanBacklog:
+        """Count the changed threads left out of :meth:`plan_candidates` (two index ranges)."""
+        async with self._db.read("plan_backlog") as tx:
+            waiting = await tx.one(_PLAN_WAITING, {"before": ready_before})
+            too_old = await tx.scalar(_PLAN_TOO_OLD, {"after": active_after})
+        assert waiting is not None
+        first = waiting["first"]
+        return PlanBacklog(int(waiting["n"]), float(first) if first is not None else None, too_old)
+
+    async def mark_planned(self, planned: Sequence[tuple[str, int]]) -> int:
+        """Clear the planning mark of threads the scheduler decided on, in one transaction — each
+        only if its ``plan_pending`` is still the value read before deciding (a change recorded
+        meanwhile keeps it marked for the next pass).
+
+        Args:
+            planned: ``(thread id, plan_pending as read)`` pairs.
+
+        Returns:
+            How many marks were cleared.
+        """
+        if not planned:
+            return 0
+        async with self._db.write("mark_planned") as tx:
+            before = await tx.scalar("SELECT total_changes()")
+            await tx.executemany(
+                "UPDATE threads SET plan_pending = 0 WHERE id = ? AND plan_pending = ?", [tuple(p) for p in planned]
+            )
+            return await tx.scalar("SELECT total_changes()") - before
