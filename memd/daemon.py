@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -48,12 +46,13 @@ from memd.llm.budget import TokenEstimator
 from memd.memory import files as memory_files
 from memd.memory.recover import MemoryRepair
 from memd.read.upkeep import SearchRefresher, UsageRecorder
+from memd.schedule.peers import PeerReaper
 from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import PlanSummary, Scheduler
 from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
 from memd.service.signals import ShutdownSignals
 from memd.store.backup import backup_if_due, is_damage
-from memd.store.daemons import daemon_alive, process_start_id, same_process
+from memd.store.daemons import process_start_id
 from memd.store.records import JobKind
 from memd.store.store import Store, make_owner
 
@@ -72,8 +71,6 @@ POOL_POLL_S = 30.0
 WATCH_RESTART_CAP_S = 60.0
 #: How often the daemon's registration is refreshed and its newest fault saved, seconds.
 HEARTBEAT_S = 30.0
-#: Dead peers are looked for at most this often after start-up (a held lease asks each poll), seconds.
-TAKE_BACK_MIN_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,28 +85,6 @@ class OnceSummary:
     duration_s: float
     plan: PlanSummary | None = None
     failures: tuple[tuple[str, str], ...] = ()
-
-
-class _TombstoneReader:
-    """``memd forget``'s tombstones (``<memory_dir>/FORGOTTEN``), re-read only when the file changes
-    (one stat per call: the indexer asks for every new thread)."""
-
-    def __init__(self, memory_dir: Path) -> None:
-        self._path = Path(memory_dir) / memory_files.TOMBSTONE_FILE
-        self._memory_dir = Path(memory_dir)
-        self._seen: tuple[int, int] | None = None
-        self._ids: frozenset[str] = frozenset()
-
-    def __call__(self) -> frozenset[str]:
-        try:
-            st = self._path.stat()
-            key: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            key = None
-        if key != self._seen:
-            self._seen = key
-            self._ids = memory_files.read_tombstones(self._memory_dir) if key else frozenset()
-        return self._ids
 
 
 def llm_config(settings: Settings, *, model: str | None = None) -> LLMConfig:
@@ -144,6 +119,7 @@ class Components:
         requests: builds a thread's extraction request (reads the rollout).
         indexer, scheduler, pool, repair, runner, trigger: the pipeline's stages (SPEC §2).
         search: keeps the search index in line with the memory files (SPEC §18).
+        peers: takes back what dead daemons on this host still hold.
     """
 
     settings: Settings
@@ -163,6 +139,7 @@ class Components:
     runner: ConsolidationRunner
     trigger: ConsolidationTrigger
     search: SearchRefresher
+    peers: PeerReaper
 
     async def aclose(self) -> None:
         """Close the extractor's clients, save the calibration, close the store."""
@@ -231,7 +208,7 @@ async def build_components(
         include_sources=s.include_sources,
         project_rule=s.project_key,
         clean_text=lambda text: redact(text)[0],
-        forgotten=_TombstoneReader(s.memory_dir),
+        forgotten=memory_files.TombstoneReader(s.memory_dir),
     )
     job = ExtractJob(
         store,
@@ -260,6 +237,7 @@ async def build_components(
     command = c.command
     if name == "offline":
         command = offline_command(command, state_db=s.db_path, max_unused_days=c.max_unused_days)
+    peers = PeerReaper(store, clock, owner=owner)
     runner = ConsolidationRunner(
         store,
         clock,
@@ -273,6 +251,8 @@ async def build_components(
         max_traces_per_project=c.max_traces_per_project,
         owner=owner,
         env=consolidation_env(c.command, uses_model=name == "openai", extra_names=c.env),
+        # A lease held by a daemon that died is taken back before consolidation gives up.
+        on_lease_held=peers.take_back,
     )
     repair = MemoryRepair(
         store, clock, memory_dir=s.memory_dir, max_traces_per_project=c.max_traces_per_project, faults=faults
@@ -300,6 +280,7 @@ async def build_components(
         runner=runner,
         trigger=ConsolidationTrigger(store, clock, runner=runner, repair=repair, faults=faults, after_run=consolidated),
         search=search,
+        peers=peers,
     )
 
 
@@ -316,11 +297,8 @@ class Daemon:
         self._plan_now = asyncio.Event()
         self._queue_depth = 0
         self._saved_fault: Fault | None = None
-        self._last_take_back = -math.inf
         #: Set when a loop met a damaged database: serve() stops and returns 1.
         self.damaged = False
-        # A lease held by a daemon that died is taken back before consolidation gives up.
-        components.runner.on_lease_held = self.take_back_dead_peers
 
     @classmethod
     async def open(
@@ -345,9 +323,9 @@ class Daemon:
         s = c.settings
         await c.store.daemons.register(c.owner, os.getpid(), socket.gethostname(), process_start_id(os.getpid()))
         # What a daemon killed on this host still holds is taken back now, not when it expires.
-        await self.take_back_dead_peers()
+        await c.peers.take_back()
         await c.store.meta.set("extractor", f"{c.extractor_name}: {c.extractor_reason}")
-        others_alive = await self._other_daemon_alive()
+        others_alive = await c.peers.other_alive()
         await c.repair.recover_all(min_age_s=max(s.extract_lease_s, s.consolidation.timeout_s) if others_alive else 0.0)
         # The search index follows the memory files: checked once per project at start (a stat per
         # file), then after each extraction and consolidation (SPEC §18).
@@ -361,39 +339,6 @@ class Daemon:
             state_dir=str(s.state_dir),
             memory_dir=str(s.memory_dir),
         )
-
-    async def take_back_dead_peers(self) -> int:
-        """Take back the claims and leases of daemons on this host that died without stopping
-        (``kill -9``, a crash): their pid is gone or belongs to another process now (the start time
-        differs from the one registered). Checked at start-up, on every heartbeat and when a lease
-        blocks consolidation; at most once per :data:`TAKE_BACK_MIN_INTERVAL_S` after start-up.
-
-        Returns:
-            The number of dead daemons whose claims were taken back (event ``daemon_taken_back``).
-        """
-        c = self.components
-        now = c.clock.now()
-        if now - self._last_take_back < TAKE_BACK_MIN_INTERVAL_S:
-            return 0
-        self._last_take_back = now
-        host = socket.gethostname()
-        dead = [
-            d
-            for d in await c.store.daemons.list_all()
-            if d.owner != c.owner and d.stopped_at is None and d.host == host and not same_process(d.pid, d.proc_start)
-        ]
-        if not dead:
-            return 0
-        jobs, leases = await c.store.daemons.take_back([d.owner for d in dead])
-        for d in dead:
-            log.warning("daemon_taken_back", dead_owner=d.owner, pid=d.pid, jobs=jobs, leases=leases)
-        return len(dead)
-
-    async def _other_daemon_alive(self) -> bool:
-        """Whether another registered daemon is running on this state (it may be writing)."""
-        c = self.components
-        now = c.clock.now()
-        return any(d.owner != c.owner and daemon_alive(d, now) for d in await c.store.daemons.list_all())
 
     async def close(self) -> None:
         """Save the newest fault, unregister, and release every component (the database last)."""
@@ -686,7 +631,7 @@ class Daemon:
 
         async def tick() -> None:
             await c.store.daemons.heartbeat(c.owner)
-            await self.take_back_dead_peers()
+            await c.peers.take_back()
             saved = await asyncio.to_thread(backup_if_due, c.settings.db_path)
             if saved is not None:
                 log.info("store_backed_up", path=str(saved), reason="daily")

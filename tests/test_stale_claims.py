@@ -137,3 +137,28 @@ def test_restart_after_kill9_resumes_in_flight_sessions_at_once(tmp_path: Path) 
     reclaimed = {e["key"] for e in fk.named(events, "job_reclaimed")}
     assert set(in_flight) <= reclaimed
     print(f"kill -9 + restart: {len(in_flight)} in-flight sessions resumed and extracted in {resumed_s:.1f} s")
+
+
+async def test_the_reaper_judges_only_this_hosts_dead_daemons_and_looks_at_most_every_interval(
+    manual_store, manual_clock
+) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    from memd.schedule.peers import PeerReaper
+
+    host = socket.gethostname()
+    await manual_store.daemons.register("me", os.getpid(), host, process_start_id(os.getpid()))
+    await manual_store.daemons.register("alive", os.getpid(), host, process_start_id(os.getpid()))
+    await manual_store.daemons.register("dead", _dead_pid(), host, None)
+    await manual_store.daemons.register("elsewhere", _dead_pid(), "another-host", None)
+    reaper = PeerReaper(manual_store, manual_clock, owner="me", min_interval_s=5.0)
+    assert await reaper.other_alive()  # "alive" runs (this very process)
+
+    assert await reaper.take_back() == 1
+    stopped = {d.owner for d in await manual_store.daemons.list_all() if d.stopped_at is not None}
+    assert stopped == {"dead"}  # a pid on another host is never judged here
+
+    await manual_store.daemons.register("dead-too", _dead_pid(), host, None)
+    assert await reaper.take_back() == 0  # within the interval: it does not look
+    manual_clock.advance(5.0)
+    assert await reaper.take_back() == 1

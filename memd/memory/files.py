@@ -125,6 +125,35 @@ def read_tombstones(memory_dir: Path) -> frozenset[str]:
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
+class TombstoneReader:
+    """``memd forget``'s tombstones (``<memory_dir>/FORGOTTEN``), re-read only when the file changes.
+
+    Calling it costs one ``stat`` (the indexer asks for every new thread); the ids are re-read when
+    the file's mtime or size changed, and are empty while the file does not exist.
+
+    Args:
+        memory_dir: the memory directory that holds ``FORGOTTEN``.
+    """
+
+    def __init__(self, memory_dir: Path) -> None:
+        self._memory_dir = Path(memory_dir)
+        self._path = self._memory_dir / TOMBSTONE_FILE
+        self._seen: tuple[int, int] | None = None
+        self._ids: frozenset[str] = frozenset()
+
+    def __call__(self) -> frozenset[str]:
+        """The forgotten thread ids as of now."""
+        try:
+            st = self._path.stat()
+            key: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._seen:
+            self._seen = key
+            self._ids = read_tombstones(self._memory_dir) if key else frozenset()
+        return self._ids
+
+
 def add_tombstone(memory_dir: Path, thread_id: str) -> None:
     """Record ``thread_id`` in ``<memory_dir>/FORGOTTEN`` (0600, atomic).
 

@@ -294,7 +294,7 @@ class DaemonRecord:
     ``owner`` is the ``host:pid:random`` owner string the daemon also uses for claims and leases;
     ``stopped_at`` is ``None`` while it runs (or if it died without unregistering — compare
     ``heartbeat_at`` with the time to tell). ``proc_start`` is the process identity
-    (:func:`memd.service.process.process_start_id`) recorded at registration, ``None`` when unknown.
+    (:func:`memd.store.daemons.process_start_id`) recorded at registration, ``None`` when unknown.
     """
 
     owner: str
