@@ -602,7 +602,7 @@ def test_install_unit_writes_unit_and_dropin(tmp_path: Path) -> None:
     assert result.message.splitlines() == [
         f"wrote {unit_path}",
         f"wrote {dropin}",
-        f"API key (optional): OPENAI_API_KEY=... in {config_home / 'memd' / 'env'} (chmod 600)",
+        f"model API key (optional): MEMD_LLM__API_KEY=... in {config_home / 'memd' / 'env'} (chmod 600)",
         "then run:",
         "  systemctl --user daemon-reload",
         "  systemctl --user enable --now memd",

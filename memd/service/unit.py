@@ -33,7 +33,7 @@ UNIT_TEMPLATE = f"""\
 #   systemctl --user daemon-reload
 #   systemctl --user enable --now memd
 #   loginctl enable-linger "$USER"    # keep it running while you are logged out
-# The API key goes into ~/.config/memd/env (mode 0600) as OPENAI_API_KEY=...
+# To use a model, put MEMD_LLM__API_KEY=... into ~/.config/memd/env (mode 0600).
 # Logs: journalctl --user -u memd. State: memd status.
 
 [Unit]
@@ -219,7 +219,7 @@ class InstallResult:
         lines = [f"{'removed' if not p.exists() else 'wrote'} {p}" for p in self.changed]
         if not self.changed:
             lines.append(f"{self.unit_path} is up to date")
-        lines.append(f"API key (optional): OPENAI_API_KEY=... in {self.env_file} (chmod 600)")
+        lines.append(f"model API key (optional): MEMD_LLM__API_KEY=... in {self.env_file} (chmod 600)")
         lines.append("then run:")
         lines.extend(f"  {command}" for command in self.commands)
         return "\n".join(lines)
