@@ -22,7 +22,8 @@ assistant message as a response item and as an ``agent_message`` event. The user
 the one :func:`memd.rollout.session.real_user_messages` counts (events when the rollout has
 any); the assistant copy kept is the response item (it carries ``phase``) when the rollout has
 any. Unified-exec polls (``write_stdin`` with no input) are folded into the command they poll:
-a command renders once, with its output and exit code, where it was started.
+a command renders once, with its output and exit code, where it was started (with its first
+end event; a second end event for the same call renders on its own).
 
 Rendering, one block per turn (a blank line before each user message)::
 
@@ -42,6 +43,12 @@ to the budget; then the texts of the kept units are redacted (SPEC §14) in one 
 units where a secret was found are rendered again (and the budget checked again), so the
 returned items and text never contain a detected secret, and text that is dropped anyway is
 not scanned.
+
+Streaming (SPEC §15: memory bounded by the output, not by the file): :class:`InputBuilder` takes
+the items in batches as the transcript is read. Each item is capped as it arrives, so its raw text
+is not kept, and a unit that can no longer fit the budget, whatever the rest of the file holds,
+is dropped at once (its items only counted); the result is the same as :func:`build_input`'s
+over the whole item list (see :class:`InputBuilder` for why).
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 
@@ -99,16 +108,41 @@ _MEMD_BLOCK = re.compile(
 )
 _PLAN_MARK = {"completed": "[x]", "in_progress": "[>]", "pending": "[ ]"}
 
+#: ``(user origin, assistant origin)``: which copy of each message a rollout keeps depends on
+#: whether the WHOLE rollout has a user event / an assistant response item, which an
+#: incremental builder knows only at the end; so assistant finality is tracked under each pair
+#: (bit ``h`` of ``_Unit.final_in`` for ``_HYPOTHESES[h]``).
+_HYPOTHESES: tuple[tuple[str, str], ...] = (
+    ("event", "response"),
+    ("event", "event"),
+    ("response", "response"),
+    ("response", "event"),
+)
+#: Bytes reserved per kept unit (and once more) for the ``[... N items omitted ...]`` markers.
+_MARKER_ROOM_BYTES = 40
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)
 class _Unit:
-    """One rendered block: an item, or a tool call with the outputs folded into it."""
+    """One rendered block: an item, or a tool call with the outputs folded into it.
+
+    ``seq`` numbers units in creation order; ``origin`` is the message origin a user or
+    assistant unit exists under; ``final_in`` (assistant) has bit ``h`` set when the unit is a
+    final answer under ``_HYPOTHESES[h]``; ``text`` is the rendering, ``""`` until rendered or
+    after the unit changed; a ``pruned`` unit cannot fit the budget any more and keeps only
+    its ``indices`` (counted in ``[... N items omitted ...]``).
+    """
 
     kind: str
     indices: list[int]
+    seq: int = 0
+    origin: str | None = None
     final: bool = False
+    final_in: int = 0
     session: str | None = None  # unified-exec session id of a command
+    ended: bool = False  # a command whose end event came
     text: str = ""
+    pruned: bool = False
 
 
 def build_input(
@@ -122,7 +156,8 @@ def build_input(
     """Filter, cap, redact and render one session for an extractor (SPEC §6.2).
 
     Args:
-        parsed: the parsed rollout (Codex rollout format, any variant).
+        parsed: the parsed rollout (Codex rollout format, any variant; or a Claude Code
+            transcript parsed into the same items).
         tool_output_cap_bytes: per tool output, head + tail kept (bytes).
         user_message_cap_bytes: per user message, final answer and shell command (bytes).
         max_input_tokens: token budget of ``text``; tokens are estimated as
@@ -135,30 +170,426 @@ def build_input(
         dropped items shows as ``[... N items omitted ...]``; ``omitted_items`` counts the
         dropped items. Never raises on any parsed input.
     """
-    items = parsed.items
-    units = _group(items)
-    capped = _cap_items(items, units, tool_output_cap_bytes, user_message_cap_bytes)
-    shown = _apply(items, capped)
-    patches = {i: _patch_stats(_patch_text(items[i])) for u in units if u.kind == "patch" for i in u.indices[:1]}
-    for unit in units:
-        unit.text = _render(unit, shown, patches)
-    units = [u for u in units if u.text]
+    builder = InputBuilder(
+        tool_output_cap_bytes=tool_output_cap_bytes,
+        user_message_cap_bytes=user_message_cap_bytes,
+        max_input_tokens=max_input_tokens,
+        bytes_per_token=bytes_per_token,
+        bounded=False,
+    )
+    builder.add(parsed.items, parsed.item_line_bytes)
+    return builder.finish()
 
-    budget_bytes = int(max_input_tokens * bytes_per_token)
-    kept, omitted = _fit(units, budget_bytes)
-    # Redact what is kept (only that leaves the machine) and render again where a secret was
-    # found; a replacement can make a unit longer, so the budget is checked once more.
-    kept_units = [u for u, keep in zip(units, kept, strict=True) if keep]
-    changed, redactions = _redact(shown, {i: capped[i] for u in kept_units for i in u.indices})
-    if changed:
+
+class InputBuilder:
+    """Builds one session's input from its items, fed in file order in batches (SPEC §6.2, §15).
+
+    :meth:`add` the items of a transcript (with their source line sizes) batch by batch, then
+    :meth:`finish` once: the result is :func:`build_input`'s over the whole item list. Each item
+    is capped as it arrives (its raw text is not kept). With ``bounded`` (the default) memory is
+    bounded by the output, not by the file: after each batch, the units that cannot fit the
+    budget whatever the rest of the file holds are dropped, keeping only their item counts.
+
+    Why a dropped unit could never have been kept: the budget is filled newest-first after the
+    required units (every user message, the last final answer), stopping at the first unit that
+    does not fit, so a unit is kept only if the required units plus every non-required unit from
+    it to the end fit. Each unit has a lower bound on its final size whatever comes later (its
+    size for a unit nothing can change or that only grows, the ``$ command`` line of a command
+    whose output may still be replaced by its end event, 0 for an assistant message); a unit is
+    dropped once those bounds alone exceed the budget, and an assistant message only once a later
+    final answer exists under every origin the rest of the file could still settle on.
+
+    Args:
+        tool_output_cap_bytes: per tool output, head + tail kept (bytes).
+        user_message_cap_bytes: per user message, final answer and shell command (bytes).
+        max_input_tokens: token budget of the text (tokens = ``bytes / bytes_per_token``).
+        bytes_per_token: the calibration of the estimate.
+        bounded: drop what cannot fit as the items come (``False``: keep every capped item until
+            :meth:`finish`, as :func:`build_input` does).
+    """
+
+    def __init__(
+        self,
+        *,
+        tool_output_cap_bytes: int = 4096,
+        user_message_cap_bytes: int = 32768,
+        max_input_tokens: int = 120_000,
+        bytes_per_token: float = 4.0,
+        bounded: bool = True,
+    ) -> None:
+        self._output_cap = tool_output_cap_bytes
+        self._message_cap = user_message_cap_bytes
+        self._max_input_tokens = max_input_tokens
+        self._bytes_per_token = bytes_per_token
+        self._budget_bytes = int(max_input_tokens * bytes_per_token)
+        self._bounded = bounded
+        self._finished = False
+        self._n = 0  # items seen
+        self._seq = 0  # units opened
+        self._units: list[_Unit] = []  # every unit in file order, pruned ones included
+        self._shown: dict[int, Item] = {}  # capped items of the live units, by item index
+        self._line_bytes: dict[int, int] = {}  # their source line sizes (when not 0)
+        self._commentary: dict[int, AssistantMessage] = {}  # assistant text at the commentary cap
+        self._patches: dict[int, _PatchStats] = {}  # per-file counts of a patch call's full input
+        self._by_call: dict[str, _Unit] = {}
+        self._sessions: dict[str, _Unit] = {}
+        self._user_events = False  # a user_message event was seen: response copies are dropped
+        self._assistant_responses = False  # an assistant response item was seen: event copies are dropped
+        self._last_assistant: list[_Unit | None] = [None] * len(_HYPOTHESES)
+        self._latest_final = [-1] * len(_HYPOTHESES)  # seq of the newest final answer per hypothesis
+        # Bounded mode: units before the frontier are pruned, user messages, or assistant
+        # messages held until a later final answer exists (``_held``).
+        self._frontier = 0
+        self._held: list[_Unit] = []
+        self._pruned_low = 0  # lower bounds of the pruned units' sizes
+        self._user_bytes = 0  # sizes of the user units that surely stay (event origin)
+        self._user_count = 0
+        self._pruned_any = False
+        self._unpruned_bytes = 0  # source line bytes added since the last pass
+
+    @property
+    def held_items(self) -> int:
+        """How many (capped) items the builder holds now: what its memory is proportional to."""
+        return len(self._shown)
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def add(self, items: Sequence[Item], line_bytes: Sequence[int] = ()) -> None:
+        """Take the next items of the transcript, in file order.
+
+        Args:
+            items: parsed items (:attr:`ParsedRollout.items` or a slice of them).
+            line_bytes: ``line_bytes[k]`` is the source line size of ``items[k]``
+                (:attr:`ParsedRollout.item_line_bytes`); missing entries count 0.
+
+        Raises:
+            RuntimeError: called after :meth:`finish`.
+        """
+        if self._finished:
+            raise RuntimeError("InputBuilder.add after finish")
+        base = self._n
+        known = len(line_bytes)
+        for k, item in enumerate(items):
+            self._take(base + k, item, line_bytes[k] if k < known else 0)
+        self._n = base + len(items)
+        if self._bounded:
+            # A pass costs a look at every unit not yet pruned: run one per budget's worth of
+            # source lines, which keeps the items held between passes bounded by the budget too.
+            self._unpruned_bytes += sum(line_bytes)
+            if self._unpruned_bytes >= self._budget_bytes:
+                self._unpruned_bytes = 0
+                self._prune()
+
+    def _take(self, i: int, it: Item, size: int) -> None:
+        if isinstance(it, ToolOutput):
+            self._output(i, it, size)
+        elif isinstance(it, ToolCall):
+            self._call(i, it, size)
+        elif isinstance(it, UserMessage):
+            self._user(i, it, size)
+        elif isinstance(it, AssistantMessage):
+            self._assistant(i, it, size)
+        elif isinstance(it, CommandEnd):
+            self._command_end(i, it, size)
+        elif isinstance(it, PatchApplied):
+            unit = self._by_call.get(it.call_id) if it.call_id else None
+            if unit is None or unit.kind != "patch":
+                self._open("patch_applied", i, it, size)
+            else:
+                self._join(unit, i, it, size)
+        elif isinstance(it, Reasoning):
+            if it.summary.strip():
+                summary = _head(it.summary, REASONING_CAP_BYTES)
+                self._open("reasoning", i, it if summary is it.summary else replace(it, summary=summary), size)
+        elif isinstance(it, Compaction):
+            if it.message.strip():
+                message = _cap(it.message, self._message_cap)
+                self._open("compaction", i, it if message is it.message else replace(it, message=message), size)
+        elif isinstance(it, TurnEvent):
+            self._event(i, it, size)
+
+    def _open(self, kind: str, i: int, shown: Item, size: int) -> _Unit:
+        unit = _Unit(kind, [i], seq=self._seq)
+        self._seq += 1
+        self._units.append(unit)
+        self._shown[i] = shown
+        if size:
+            self._line_bytes[i] = size
+        return unit
+
+    def _join(self, unit: _Unit, i: int, shown: Item, size: int) -> None:
+        unit.indices.append(i)
+        if unit.pruned:
+            return  # counted among the omitted items; nothing to keep
+        unit.text = ""
+        self._shown[i] = shown
+        if size:
+            self._line_bytes[i] = size
+
+    def _user(self, i: int, it: UserMessage, size: int) -> None:
+        if it.injected:
+            return
+        if it.origin == "event":
+            if not self._user_events:
+                self._user_events = True
+                self._vanish("user", "response")
+        elif self._user_events:
+            return  # the response copy of a message its event already gave
+        self._boundary(it.origin)
+        text = _strip_memd_blocks(it.text) if MEMD_MEMORY_MARKER in it.text else it.text
+        capped = _cap(text, self._message_cap)
+        unit = self._open("user", i, it if capped is it.text else replace(it, text=capped), size)
+        unit.origin = it.origin
+        if self._bounded and it.origin == "event":
+            unit.text = _render(unit, self._shown, self._patches)
+            self._user_bytes += _utf8_len(unit.text) + 2
+            self._user_count += 1
+
+    def _assistant(self, i: int, it: AssistantMessage, size: int) -> None:
+        if it.origin == "response":
+            if not self._assistant_responses:
+                self._assistant_responses = True
+                self._vanish("assistant", "event")
+        elif self._assistant_responses:
+            return  # the event copy of an answer its response item already gave
+        if not it.text.strip():
+            return
+        text = _cap(it.text, self._message_cap)
+        unit = self._open("assistant", i, it if text is it.text else replace(it, text=text), size)
+        unit.origin = it.origin
+        commentary = _cap(it.text, COMMENTARY_CAP_BYTES)
+        if commentary is not text:
+            self._commentary[i] = replace(it, text=commentary)
+        mine = [h for h, (_, origin) in enumerate(_HYPOTHESES) if origin == it.origin]
+        for h in mine:
+            if it.phase == "final_answer":
+                unit.final_in |= 1 << h
+                self._latest_final[h] = unit.seq
+            if it.phase != "commentary":
+                self._last_assistant[h] = unit
+
+    def _boundary(self, user_origin: str | None) -> None:
+        """A turn ended (a kept user message of ``user_origin``; ``None``: a task_complete event or
+        the end of the file): the last non-commentary answer of the turn is its final answer."""
+        for h, (origin, _) in enumerate(_HYPOTHESES):
+            if user_origin is not None and origin != user_origin:
+                continue
+            unit = self._last_assistant[h]
+            if unit is not None:
+                unit.final_in |= 1 << h
+                self._latest_final[h] = max(self._latest_final[h], unit.seq)
+                self._last_assistant[h] = None
+
+    def _vanish(self, kind: str, origin: str) -> None:
+        """Drop the ``origin`` copies of ``kind`` messages: the other copy turned out to be kept."""
+
+        def gone(unit: _Unit) -> bool:
+            return unit.kind == kind and unit.origin == origin
+
+        if not any(gone(u) for u in self._units):
+            return
+        self._frontier -= sum(1 for u in self._units[: self._frontier] if gone(u))
+        for unit in self._units:
+            if gone(unit):
+                for i in unit.indices:
+                    self._forget(i)
+        self._units = [u for u in self._units if not gone(u)]
+        self._held = [u for u in self._held if not gone(u)]
+
+    def _call(self, i: int, it: ToolCall, size: int) -> None:
+        shown = _capped_call(it, self._message_cap)
+        kind = _tool_kind(it, self._sessions)
+        if kind is None:  # a poll of a running command: folded into it
+            target = self._sessions.get(_stdin_session(it.arguments) or "")
+            if target is not None:
+                self._join(target, i, shown, size)
+                if it.call_id:
+                    self._by_call[it.call_id] = target
+                return
+            kind = "tool"
+        unit = self._open(kind, i, shown, size)
+        if kind == "patch":
+            self._patches[i] = _patch_stats(_patch_text(it))
+        if it.call_id:
+            self._by_call[it.call_id] = unit
+
+    def _output(self, i: int, it: ToolOutput, size: int) -> None:
+        output = _cap(it.output, self._output_cap)
+        shown = it if output is it.output else replace(it, output=output)
+        unit = self._by_call.get(it.call_id) if it.call_id else None
+        if unit is None:
+            self._open("output", i, shown, size)
+            return
+        self._join(unit, i, shown, size)
+        if unit.kind == "command" and unit.session is None:
+            match = _SESSION_RUNNING.search(it.output[:2000])
+            if match:
+                unit.session = match.group(1)
+                self._sessions[unit.session] = unit
+
+    def _command_end(self, i: int, it: CommandEnd, size: int) -> None:
+        command = _cap(it.command, self._message_cap)
+        output = _cap(it.output, self._output_cap)
+        same = command is it.command and output is it.output
+        shown = it if same else replace(it, command=command, output=output)
+        unit = self._by_call.get(it.call_id) if it.call_id else None
+        if unit is None or unit.kind != "command" or unit.ended:
+            unit = self._open("command", i, shown, size)
+        else:
+            self._join(unit, i, shown, size)
+        unit.ended = True
+
+    def _event(self, i: int, it: TurnEvent, size: int) -> None:
+        if it.type == "task_complete":
+            self._boundary(None)
+        elif it.type in ("error", "turn_aborted", "thread_rolled_back"):
+            text = _cap(it.text, EVENT_TEXT_CAP_BYTES) if it.text else it.text
+            self._open("event", i, it if text is it.text else replace(it, text=text), size)
+
+    def _forget(self, i: int) -> None:
+        self._shown.pop(i, None)
+        self._line_bytes.pop(i, None)
+        self._commentary.pop(i, None)
+        self._patches.pop(i, None)
+
+    # --- bounded memory ----------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        """Drop the units that cannot fit the budget whatever comes later (see the class doc)."""
+        tail = self._units[self._frontier :]
+        lows = [self._low(u) for u in tail]
+        if self._pruned_low + self._user_bytes + sum(lows) <= self._budget_bytes:
+            return  # everything may still fit (the budget check of _fit keeps all then)
+        self._held = [u for u in self._held if not self._drop(u, 0)]
+        room = self._budget_bytes - self._user_bytes - _MARKER_ROOM_BYTES * (self._user_count + 1)
+        newer = 0
+        for n in range(len(tail) - 1, -1, -1):
+            newer += lows[n]
+            if newer > room:
+                break
+        else:
+            return
+        for unit, low in zip(tail[: n + 1], lows[: n + 1], strict=True):
+            if unit.kind != "user" and not self._drop(unit, low):
+                self._held.append(unit)
+        self._frontier += n + 1
+
+    def _low(self, unit: _Unit) -> int:
+        """A lower bound of the unit's final size in the budget (bytes), whatever comes later."""
+        kind = unit.kind
+        if kind == "user" or kind == "assistant":
+            return 0  # user sizes are counted apart; an assistant answer's cap is not known yet
+        if kind == "command" and not unit.ended:  # its end event may still replace its output
+            first = self._shown[unit.indices[0]]
+            if isinstance(first, ToolCall):
+                command = first.command if first.command is not None else first.arguments
+                return _utf8_len(f"$ {command.strip()}") + 2 if command else 4
+        if not unit.text:
+            unit.text = _render(unit, self._shown, self._patches)
+        low = _utf8_len(unit.text) + 2
+        if kind == "command":  # ended: only a later exit code may still replace the last line
+            low -= _utf8_len(unit.text) - _utf8_len(unit.text.rsplit("\n", 1)[0])
+        return low
+
+    def _drop(self, unit: _Unit, low: int) -> bool:
+        """Prune ``unit`` (known not to fit) unless it may still be required; ``True`` if pruned."""
+        if unit.kind == "assistant" and (unit.origin != "response" or self._may_be_last_final(unit)):
+            return False
+        unit.pruned = True
+        unit.text = ""
+        self._pruned_any = True
+        self._pruned_low += low
+        for i in unit.indices:
+            self._forget(i)
+        return True
+
+    def _may_be_last_final(self, unit: _Unit) -> bool:
+        first = self._shown[unit.indices[0]]
+        if isinstance(first, AssistantMessage) and first.phase == "commentary":
+            return False  # never a final answer
+        users = ("event",) if self._user_events else ("event", "response")
+        return any(
+            self._latest_final[h] <= unit.seq
+            for h, (user, assistant) in enumerate(_HYPOTHESES)
+            if user in users and assistant == "response"
+        )
+
+    # --- result ------------------------------------------------------------------------------
+
+    def finish(self) -> BuiltInput:
+        """The built input (see :func:`build_input` for its shape). Never raises on any items.
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        if self._finished:
+            raise RuntimeError("InputBuilder.finish called twice")
+        self._finished = True
+        self._boundary(None)
+        chosen = (
+            "event" if self._user_events else "response",
+            "response" if self._assistant_responses else "event",
+        )
+        h = _HYPOTHESES.index(chosen)
+        shown = self._shown
+        for unit in self._units:
+            if unit.kind == "assistant":
+                unit.final = bool(unit.final_in >> h & 1)
+                if not unit.final and not unit.pruned and unit.indices[0] in self._commentary:
+                    shown[unit.indices[0]] = self._commentary[unit.indices[0]]
+            if not unit.pruned and (not unit.text or unit.kind == "assistant"):
+                unit.text = _render(unit, shown, self._patches)
+        units = [u for u in self._units if u.text or u.pruned]
+        kept, omitted = _fit(units, self._budget_bytes, pruned=self._pruned_any)
+        kept, omitted, redactions = self._redact_kept(units, kept, omitted)
+        return self._result(units, kept, omitted, redactions)
+
+    def _redact_kept(self, units: list[_Unit], kept: list[bool], omitted: int) -> tuple[list[bool], int, int]:
+        """Redact what is kept (only that leaves the machine) and render again where a secret was
+        found; a replacement can make a unit longer, so the budget is checked once more."""
+        shown = self._shown
+        kept_units = [u for u, keep in zip(units, kept, strict=True) if keep]
+        changed, redactions = _redact(shown, {i: _text_fields(shown[i]) for u in kept_units for i in u.indices})
+        if not changed:
+            return kept, omitted, redactions
         for unit in kept_units:
             if not changed.isdisjoint(unit.indices):
-                unit.text = _render(unit, shown, patches)
-        again, dropped = _fit(kept_units, budget_bytes)
+                unit.text = _render(unit, shown, self._patches)
+        again, dropped = _fit(kept_units, self._budget_bytes)
         if dropped:
             drop = {id(u) for u, keep in zip(kept_units, again, strict=True) if not keep}
             kept = [keep and id(u) not in drop for u, keep in zip(units, kept, strict=True)]
             omitted += dropped
+        return kept, omitted, redactions
+
+    def _result(self, units: list[_Unit], kept: list[bool], omitted: int, redactions: int) -> BuiltInput:
+        text = _join_text(units, kept)
+        kept_indices = sorted(i for unit, keep in zip(units, kept, strict=True) if keep for i in unit.indices)
+        raw_json_bytes = sum(self._line_bytes.get(i, 0) for i in kept_indices)
+        text_bytes = _utf8_len(text)
+        bytes_per_token = self._bytes_per_token
+        est_tokens = int(text_bytes / bytes_per_token) if bytes_per_token > 0 else text_bytes
+        if est_tokens > self._max_input_tokens:
+            log.warning(
+                "input_over_budget",
+                est_tokens=est_tokens,
+                max_input_tokens=self._max_input_tokens,
+                reason="user messages and the last final answer alone exceed the budget",
+            )
+        return BuiltInput(
+            items=tuple(self._shown[i] for i in kept_indices),
+            text=text,
+            raw_json_bytes=raw_json_bytes,
+            text_bytes=text_bytes,
+            est_tokens=est_tokens,
+            omitted_items=omitted,
+            redactions=redactions,
+        )
+
+
+def _join_text(units: list[_Unit], kept: list[bool]) -> str:
+    """The kept units' texts in file order, a blank line before each user message, each run of
+    dropped items as ``[... N items omitted ...]``."""
     parts: list[str] = []
     gap = 0
     for unit, keep in zip(units, kept, strict=True):
@@ -173,177 +604,65 @@ def build_input(
         parts.append(unit.text)
     if gap:
         parts.append(f"[... {gap} items omitted ...]")
-    text = "\n".join(parts)
-
-    kept_indices = sorted(i for unit, keep in zip(units, kept, strict=True) if keep for i in unit.indices)
-    line_bytes = parsed.item_line_bytes
-    raw_json_bytes = sum(line_bytes[i] for i in kept_indices if i < len(line_bytes))
-    text_bytes = _utf8_len(text)
-    est_tokens = int(text_bytes / bytes_per_token) if bytes_per_token > 0 else text_bytes
-    if est_tokens > max_input_tokens:
-        log.warning(
-            "input_over_budget",
-            est_tokens=est_tokens,
-            max_input_tokens=max_input_tokens,
-            reason="user messages and the last final answer alone exceed the budget",
-        )
-    return BuiltInput(
-        items=tuple(shown[i] for i in kept_indices),
-        text=text,
-        raw_json_bytes=raw_json_bytes,
-        text_bytes=text_bytes,
-        est_tokens=est_tokens,
-        omitted_items=omitted,
-        redactions=redactions,
-    )
+    return "\n".join(parts)
 
 
-# --- grouping -------------------------------------------------------------------------------
+# --- grouping and capping -------------------------------------------------------------------
 
 
-def _group(items: list[Item]) -> list[_Unit]:
-    """Select the items to keep and group tool calls with their outputs, in file order."""
-    user_events = any(isinstance(it, UserMessage) and it.origin == "event" for it in items)
-    assistant_responses = any(isinstance(it, AssistantMessage) and it.origin == "response" for it in items)
-    user_origin = "event" if user_events else "response"
-    assistant_origin = "response" if assistant_responses else "event"
-
-    units: list[_Unit] = []
-    by_call: dict[str, _Unit] = {}
-    sessions: dict[str, _Unit] = {}
-    last_assistant: _Unit | None = None
-
-    def turn_boundary() -> None:
-        nonlocal last_assistant
-        if last_assistant is not None:
-            last_assistant.final = True
-        last_assistant = None
-
-    for i, it in enumerate(items):
-        if isinstance(it, UserMessage):
-            if it.origin != user_origin or it.injected:
-                continue
-            turn_boundary()
-            units.append(_Unit("user", [i]))
-        elif isinstance(it, AssistantMessage):
-            if it.origin != assistant_origin or not it.text.strip():
-                continue
-            unit = _Unit("assistant", [i], final=it.phase == "final_answer")
-            units.append(unit)
-            if it.phase != "commentary":
-                last_assistant = unit
-        elif isinstance(it, Reasoning):
-            if it.summary.strip():
-                units.append(_Unit("reasoning", [i]))
-        elif isinstance(it, ToolCall):
-            unit = _tool_unit(it, i, sessions)
-            if unit is None:  # a poll of a running command: folded into it
-                target = sessions.get(_stdin_session(it.arguments) or "")
-                if target is not None:
-                    target.indices.append(i)
-                    if it.call_id:
-                        by_call[it.call_id] = target
-                    continue
-                unit = _Unit("tool", [i])
-            units.append(unit)
-            if it.call_id:
-                by_call[it.call_id] = unit
-        elif isinstance(it, ToolOutput):
-            unit = by_call.get(it.call_id) if it.call_id else None
-            if unit is None:
-                units.append(_Unit("output", [i]))
-                continue
-            unit.indices.append(i)
-            if unit.kind == "command" and unit.session is None:
-                match = _SESSION_RUNNING.search(it.output[:2000])
-                if match:
-                    unit.session = match.group(1)
-                    sessions[unit.session] = unit
-        elif isinstance(it, CommandEnd):
-            unit = by_call.get(it.call_id) if it.call_id else None
-            if unit is None or unit.kind != "command":
-                units.append(_Unit("command", [i]))
-            else:
-                unit.indices.append(i)
-        elif isinstance(it, PatchApplied):
-            unit = by_call.get(it.call_id) if it.call_id else None
-            if unit is None or unit.kind != "patch":
-                units.append(_Unit("patch_applied", [i]))
-            else:
-                unit.indices.append(i)
-        elif isinstance(it, Compaction):
-            if it.message.strip():
-                units.append(_Unit("compaction", [i]))
-        elif isinstance(it, TurnEvent):
-            if it.type == "task_complete":
-                turn_boundary()
-            elif it.type in ("error", "turn_aborted", "thread_rolled_back"):
-                units.append(_Unit("event", [i]))
-    turn_boundary()
-    return units
-
-
-def _tool_unit(call: ToolCall, index: int, sessions: dict[str, _Unit]) -> _Unit | None:
-    """The unit a tool call opens, or ``None`` for a ``write_stdin`` poll (no input)."""
+def _tool_kind(call: ToolCall, sessions: dict[str, _Unit]) -> str | None:
+    """The kind of unit a tool call opens, or ``None`` for a ``write_stdin`` poll (no input) of
+    a running command."""
     if call.kind == "shell":
-        return _Unit("command", [index])
+        return "command"
     if call.kind == "patch":
-        return _Unit("patch", [index])
+        return "patch"
     if call.kind == "web_search":
-        return _Unit("web_search", [index])
+        return "web_search"
     if call.name == "write_stdin":
         args = _json_object(call.arguments)
         chars = args.get("chars") if args else None
         if not chars and _stdin_session(call.arguments) in sessions:
             return None
-        return _Unit("stdin", [index])
+        return "stdin"
     if call.name == "update_plan":
-        return _Unit("plan", [index])
-    return _Unit("tool", [index])
+        return "plan"
+    return "tool"
 
 
-# --- capping and redaction ------------------------------------------------------------------
+def _capped_call(call: ToolCall, message_cap: int) -> ToolCall:
+    """The call with its command capped at ``message_cap`` and its arguments by kind."""
+    command = _cap(call.command, message_cap) if call.command is not None else None
+    if call.kind == "patch":
+        arguments = _cap(call.arguments, PATCH_HUNKS_CAP_BYTES + 512)
+    elif call.kind == "shell":
+        arguments = _cap(call.arguments, SHELL_ARGS_CAP_BYTES)
+    else:
+        arguments = _cap(call.arguments, TOOL_ARGS_CAP_BYTES)
+    if command is call.command and arguments is call.arguments:
+        return call
+    return replace(call, command=command, arguments=arguments)
 
 
-def _cap_items(items: list[Item], units: list[_Unit], output_cap: int, message_cap: int) -> dict[int, dict[str, str]]:
-    """The capped text fields of every kept item: ``{index: {field: text}}``."""
-    capped: dict[int, dict[str, str]] = {}
-    for unit in units:
-        for i in unit.indices:
-            it = items[i]
-            if isinstance(it, UserMessage):
-                text = _strip_memd_blocks(it.text) if MEMD_MEMORY_MARKER in it.text else it.text
-                capped[i] = {"text": _cap(text, message_cap)}
-            elif isinstance(it, AssistantMessage):
-                cap = message_cap if unit.final else COMMENTARY_CAP_BYTES
-                capped[i] = {"text": _cap(it.text, cap)}
-            elif isinstance(it, Reasoning):
-                capped[i] = {"summary": _head(it.summary, REASONING_CAP_BYTES)}
-            elif isinstance(it, ToolCall):
-                fields: dict[str, str] = {}
-                if it.command is not None:
-                    fields["command"] = _cap(it.command, message_cap)
-                if it.kind == "patch":
-                    fields["arguments"] = _cap(it.arguments, PATCH_HUNKS_CAP_BYTES + 512)
-                elif it.kind == "shell":
-                    fields["arguments"] = _cap(it.arguments, SHELL_ARGS_CAP_BYTES)
-                else:
-                    fields["arguments"] = _cap(it.arguments, TOOL_ARGS_CAP_BYTES)
-                capped[i] = fields
-            elif isinstance(it, ToolOutput):
-                capped[i] = {"output": _cap(it.output, output_cap)}
-            elif isinstance(it, CommandEnd):
-                capped[i] = {
-                    "command": _cap(it.command, message_cap),
-                    "output": _cap(it.output, output_cap),
-                }
-            elif isinstance(it, Compaction):
-                capped[i] = {"message": _cap(it.message, message_cap)}
-            elif isinstance(it, TurnEvent) and it.text:
-                capped[i] = {"text": _cap(it.text, EVENT_TEXT_CAP_BYTES)}
-            else:
-                capped[i] = {}
-    return capped
+def _text_fields(item: Item) -> dict[str, str]:
+    """The (capped) text fields of a kept item that redaction scans: ``{field: text}``."""
+    if isinstance(item, UserMessage | AssistantMessage):
+        return {"text": item.text}
+    if isinstance(item, Reasoning):
+        return {"summary": item.summary}
+    if isinstance(item, ToolCall):
+        if item.command is None:
+            return {"arguments": item.arguments}
+        return {"command": item.command, "arguments": item.arguments}
+    if isinstance(item, ToolOutput):
+        return {"output": item.output}
+    if isinstance(item, CommandEnd):
+        return {"command": item.command, "output": item.output}
+    if isinstance(item, Compaction):
+        return {"message": item.message}
+    if isinstance(item, TurnEvent) and item.text:
+        return {"text": item.text}
+    return {}
 
 
 def _cap(text: str, max_bytes: int) -> str:
@@ -351,18 +670,6 @@ def _cap(text: str, max_bytes: int) -> str:
     if len(text) <= max_bytes and text.isascii():
         return text
     return cut_middle(text, max_bytes)
-
-
-def _apply(items: list[Item], capped: dict[int, dict[str, str]]) -> dict[int, Item]:
-    """The kept items with their capped fields: ``{index: item}`` (the item itself when no
-    field was cut)."""
-    shown: dict[int, Item] = {}
-    for i, fields in capped.items():
-        it = items[i]
-        if any(getattr(it, name) is not text for name, text in fields.items()):
-            it = replace(it, **fields)  # type: ignore[arg-type]
-        shown[i] = it
-    return shown
 
 
 def _redact(shown: dict[int, Item], capped: dict[int, dict[str, str]]) -> tuple[set[int], int]:
@@ -484,7 +791,7 @@ def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
 
 @dataclass(slots=True)
 class _PatchStats:
-    """Per-file ``(action, added, removed)`` of one apply_patch input, in order."""
+    """Per-file ``(path, action, added, removed)`` of one apply_patch input, in order."""
 
     files: list[tuple[str, str, int, int]] = field(default_factory=list)
 
@@ -495,35 +802,34 @@ def _patch_text(call: Item) -> str:
     text = call.command if call.command is not None else call.arguments
     if text.lstrip().startswith("{"):
         args = _json_object(text)
-        if args and isinstance(args.get("input"), str):
-            return args["input"]
+        patch = args.get("input") if args else None
+        if isinstance(patch, str):
+            return patch
     return text
 
 
 def _patch_stats(patch: str) -> _PatchStats:
-    stats = _PatchStats()
-    current: list | None = None
+    names: list[tuple[str, str]] = []
+    added: list[int] = []
+    removed: list[int] = []
     for line in patch.splitlines():
         if line.startswith("***"):
             m = _PATCH_HEADER.match(line)
             if m:
-                action = {
-                    "Add File": "add",
-                    "Update File": "update",
-                    "Delete File": "delete",
-                    "Move to": "move",
-                }[m.group(1)]
-                current = [m.group(2), action, 0, 0]
-                stats.files.append(current)  # type: ignore[arg-type]
+                names.append((m.group(2), _PATCH_ACTIONS[m.group(1)]))
+                added.append(0)
+                removed.append(0)
             continue
-        if current is None:
+        if not names:
             continue
         if line.startswith("+"):
-            current[2] += 1
+            added[-1] += 1
         elif line.startswith("-"):
-            current[3] += 1
-    stats.files = [tuple(f) for f in stats.files]  # type: ignore[misc]
-    return stats
+            removed[-1] += 1
+    return _PatchStats([(path, action, a, r) for (path, action), a, r in zip(names, added, removed, strict=True)])
+
+
+_PATCH_ACTIONS = {"Add File": "add", "Update File": "update", "Delete File": "delete", "Move to": "move"}
 
 
 def _render_patch(unit: _Unit, items: dict[int, Item], stats: _PatchStats) -> str:
@@ -640,7 +946,7 @@ def _stdin_session(arguments: str) -> str | None:
     return None
 
 
-def _json_object(text: str) -> dict | None:
+def _json_object(text: str) -> dict[str, Any] | None:
     if not text or not text.lstrip().startswith("{"):
         return None
     try:
@@ -653,25 +959,26 @@ def _json_object(text: str) -> dict | None:
 # --- budget ---------------------------------------------------------------------------------
 
 
-def _fit(units: list[_Unit], budget_bytes: int) -> tuple[list[bool], int]:
+def _fit(units: list[_Unit], budget_bytes: int, *, pruned: bool = False) -> tuple[list[bool], int]:
     """Which units to keep under ``budget_bytes``, and how many items were dropped.
 
     Everything fits → all kept. Else every user message and the last final answer are kept,
-    then the newest other units while they fit (a contiguous recent window).
+    then the newest other units while they fit (a contiguous recent window). ``pruned``: some
+    units were pruned while streaming (so not everything fits, and the window ends before the
+    newest pruned unit at the latest).
     """
     sizes = [_utf8_len(u.text) + 2 for u in units]
-    if sum(sizes) <= budget_bytes:
+    if not pruned and sum(sizes) <= budget_bytes:
         return [True] * len(units), 0
     keep = [u.kind == "user" for u in units]
     finals = [n for n, u in enumerate(units) if u.kind == "assistant" and u.final]
     if finals:
         keep[finals[-1]] = True
-    marker_room = 40
-    used = sum(s for s, k in zip(sizes, keep, strict=True) if k) + marker_room * (keep.count(True) + 1)
+    used = sum(s for s, k in zip(sizes, keep, strict=True) if k) + _MARKER_ROOM_BYTES * (keep.count(True) + 1)
     for n in range(len(units) - 1, -1, -1):
         if keep[n]:
             continue
-        if used + sizes[n] > budget_bytes:
+        if units[n].pruned or used + sizes[n] > budget_bytes:
             break
         keep[n] = True
         used += sizes[n]

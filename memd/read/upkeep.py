@@ -16,8 +16,8 @@ from pathlib import Path
 import structlog
 
 from memd.memory.files import project_root
-from memd.read.usage import citation_uses, tool_uses
-from memd.rollout.records import Item
+from memd.read.usage import CITATION_OPEN, READ_TOOL, SEARCH_TOOL, citation_uses, tool_uses
+from memd.rollout.records import AssistantMessage, Item, ToolCall
 from memd.store.records import ThreadRecord
 from memd.store.search import SearchIndex
 
@@ -36,8 +36,16 @@ class UsageRecorder:
         self._db_path = db_path
         self._memory_dir = memory_dir
 
+    def wants(self, item: Item) -> bool:
+        """Whether ``item`` may show a use: a call of memd's search / read tools (its output is the
+        evidence) or an assistant message with a citation block."""
+        if isinstance(item, ToolCall):
+            return item.name in (SEARCH_TOOL, READ_TOOL)
+        return isinstance(item, AssistantMessage) and CITATION_OPEN in item.text
+
     def __call__(self, thread: ThreadRecord, items: Sequence[Item]) -> None:
-        """Record the uses found in ``items`` (a parsed rollout of ``thread``). Blocking; never raises."""
+        """Record the uses found in ``items`` (the items of ``thread``'s rollout that :meth:`wants`
+        took, and the outputs of those calls, in file order). Blocking; never raises."""
         events = tool_uses(items, thread_id=thread.id, default_ts=thread.updated_at)
         events += citation_uses(
             items,

@@ -32,6 +32,8 @@ from memd.store.search import MEMORY_FILE, UseEvent, chunk_memory_md, entry_key
 #: Tool names of memd's MCP server as both agents record them.
 SEARCH_TOOL = "mcp__memd__memory_search"
 READ_TOOL = "mcp__memd__memory_read"
+#: Opens a Codex citation block in an assistant message.
+CITATION_OPEN = "<oai-mem-citation>"
 
 _CITATION = re.compile(r"<oai-mem-citation>(.*?)</oai-mem-citation>", re.DOTALL)
 _ENTRIES = re.compile(r"<citation_entries>(.*?)</citation_entries>", re.DOTALL)
@@ -155,7 +157,7 @@ def citation_uses(
     events: list[UseEvent] = []
     number = 0
     for item in items:
-        if not isinstance(item, AssistantMessage) or "<oai-mem-citation>" not in item.text:
+        if not isinstance(item, AssistantMessage) or CITATION_OPEN not in item.text:
             continue
         ts = item.ts or default_ts
         for block in _CITATION.findall(item.text):

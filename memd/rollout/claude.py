@@ -25,11 +25,12 @@ Mapping (what :class:`ClaudeParser` yields):
   :class:`UserMessage` ``injected=True``; ``[Request interrupted by user…]`` →
   :class:`TurnEvent` ``turn_aborted``;
 * assistant ``text`` blocks → one :class:`AssistantMessage` per ``message.id`` (later lines of the
-  same message are merged into it); ``thinking`` is dropped; ``tool_use`` → :class:`ToolCall` (Bash
-  ``input.command`` is a shell command; Edit / Write / MultiEdit / NotebookEdit become ``patch`` calls
-  whose ``arguments`` is the change written as an apply_patch text, so downstream code reads one patch
-  format); ``usage`` → :class:`TokenUsage` (deduplicated by :class:`UsageTally`); a new model →
-  :class:`TurnContext`; an API error message (``isApiErrorMessage``) → :class:`TurnEvent` ``error``;
+  same message are merged into it, until an assistant line of another message); ``thinking`` is
+  dropped; ``tool_use`` → :class:`ToolCall` (Bash ``input.command`` is a shell command; Edit / Write /
+  MultiEdit / NotebookEdit become ``patch`` calls whose ``arguments`` is the change written as an
+  apply_patch text, so downstream code reads one patch format); ``usage`` → :class:`TokenUsage`
+  (deduplicated by :class:`UsageTally`); a new model → :class:`TurnContext`; an API error message
+  (``isApiErrorMessage``) → :class:`TurnEvent` ``error``;
 * ``tool_result`` → :class:`ToolOutput` with ``is_error`` and ``<system-reminder>`` blocks removed; a
   Bash result states its exit code as ``Exit code N`` when it failed; a Bash result Claude Code did not
   flag as an error, that was not interrupted, not sent to the background and carries no
@@ -480,6 +481,22 @@ class ClaudeParser:
             if not known:
                 res.unknown_lines += 1
 
+    def take_items(self, *, final: bool = False) -> tuple[list[Item], list[int]]:
+        """Remove and return the items that later lines can no longer change, with their line
+        sizes (:attr:`ParsedRollout.item_line_bytes`), for a reader that consumes a transcript in
+        batches and must not hold all of it; counters and meta stay in :attr:`result`.
+
+        The open assistant message (a later line of the same message may still add text to it)
+        and the items after it are held back, unless ``final`` (the whole file was fed).
+        """
+        res = self._result
+        keep = len(res.items) if final or self._message_index is None else self._message_index
+        items, sizes = res.items[:keep], res.item_line_bytes[:keep]
+        del res.items[:keep], res.item_line_bytes[:keep]
+        if self._message_index is not None:
+            self._message_index = None if final else self._message_index - keep
+        return items, sizes
+
     def feed_malformed(self, count: int, reason: str) -> None:
         """Count ``count`` lines the reader rejected without parsing (e.g. ``line_too_long``).
 
@@ -605,6 +622,10 @@ class ClaudeParser:
         if not isinstance(message, dict):
             return
         message_id = _str(message.get("id"))
+        if message_id and message_id != self._message_id:
+            # Another message began: the open one is complete (Claude Code writes the lines of one
+            # message together), so its item can be handed on (take_items).
+            self._message_index = None
         model = _str(message.get("model"))
         if model and model != "<synthetic>" and model != self._model:
             self._model = model

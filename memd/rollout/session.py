@@ -117,6 +117,19 @@ class RolloutParser:
                 add_line_bytes(line_bytes)
                 line_bytes = 0  # a line's bytes are counted once, with its first item
 
+    def take_items(self, *, final: bool = False) -> tuple[list[Item], list[int]]:
+        """Remove and return the items parsed so far with their line sizes
+        (:attr:`ParsedRollout.item_line_bytes`), for a reader that consumes a transcript in
+        batches and must not hold all of it; counters and metas stay in :attr:`result`.
+
+        Args:
+            final: the whole file was fed (no item is held back; Codex items never are).
+        """
+        res = self._result
+        items, sizes = res.items, res.item_line_bytes
+        res.items, res.item_line_bytes = [], []
+        return items, sizes
+
     def feed_malformed(self, count: int, reason: str) -> None:
         """Count ``count`` lines the reader rejected without parsing (e.g. ``line_too_long``).
 
@@ -160,6 +173,11 @@ class TranscriptParser(Protocol):
 
     def feed_malformed(self, count: int, reason: str) -> None:
         """Count lines the reader rejected without parsing."""
+        ...
+
+    def take_items(self, *, final: bool = False) -> tuple[list[Item], list[int]]:
+        """Remove and return the items that later lines can no longer change, with their line
+        sizes (all of them when ``final``)."""
         ...
 
 
