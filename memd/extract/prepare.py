@@ -25,7 +25,7 @@ from memd.store.threads import ThreadRepository
 #: Lines handed to the parser at a time while a rollout is streamed ...
 PARSE_BATCH_LINES = 4096
 #: ... and at most about this many bytes of them (lines of a large rollout are long).
-PARSE_BATCH_BYTES = 4 << 20
+PARSE_BATCH_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,11 @@ CLAUDE_HEAD_MAX_LINE_BYTES = 4 << 20
 #: Files indexed per worker-thread round trip and per write transaction.
 BATCH_FILES = 500
 
+#: Lines parsed and folded into a thread's statistics at a time while a file is read ...
+FOLD_BATCH_LINES = 2048
+#: ... and at most about this many bytes of them (a huge rollout's lines are long).
+FOLD_BATCH_BYTES = 1 << 20
+
 #: The statistics of a thread whose body is not read yet (shared, never mutated).
 _FRESH_STATS = ThreadStats()
 _FRESH_STATS_JSON = _FRESH_STATS.to_json()
@@ -568,11 +573,14 @@ class Indexer:
         parser = new_parser(agent, path=path, from_start=offset == 0)
         try:
             batch: list[bytes] = []
+            size = 0
             for line in stream:
                 batch.append(line)
-                if len(batch) >= 2048:
+                size += len(line)
+                if len(batch) >= FOLD_BATCH_LINES or size >= FOLD_BATCH_BYTES:
                     parser.feed(batch)
                     batch.clear()
+                    size = 0
                     stats.feed(parser.result)  # fold and drop the items: memory stays bounded
                     parser = new_parser(agent, path=path, from_start=False)
             parser.feed(batch)
