@@ -29,6 +29,7 @@ TINY = BenchSizes(
     pool_latency_s=0.02,
     idle_settle_s=0.3,
     idle_window_s=2.0,
+    large_rollout_bytes=3_000_000,
 )
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -100,6 +101,8 @@ def test_run_bench_writes_every_key(tmp_path: Path) -> None:
             and "not available" in doc["notes"]["input_ratio_real"]
         )
     assert _is_number(doc["index_cold_s_per_10k"]) and _is_number(doc["index_warm_s_per_10k"])
+    assert _is_number(doc["peak_rss_large_mb"]) and _is_number(doc["baseline_peak_rss_large_mb"])
+    assert doc["peak_rss_large_mb"] > 0 and "3 MB rollout" in doc["notes"]["peak_rss_large_mb"]
 
     table = "\n".join(lines)
     for key in FIGURE_KEYS:

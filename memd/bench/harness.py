@@ -34,6 +34,8 @@ Figures (JSON keys; ``baseline_<key>`` beside each where a baseline applies):
 * ``quality_fact_recall`` / ``quality_filler_ratio`` — memory quality of ``memd once`` (offline)
   over the real rollouts against hand-read facts; see :mod:`memd.bench.quality`.
 * ``redaction_recall`` / ``redaction_false_positive_rate`` — see :mod:`memd.bench.redaction`.
+* ``peak_rss_large_mb`` — peak RSS of ``memd once`` extracting one very large rollout; see
+  :mod:`memd.bench.large`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from memd.daemon import Components
 
 from memd.bench import corpus
+from memd.bench.large import LARGE_TARGETS, bench_large_rollout
 from memd.bench.procfs import tree_cpu_s, vm_hwm_mb
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
 from memd.bench.read import READ_TARGETS, bench_context, bench_search
@@ -105,6 +108,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     **QUALITY_TARGETS,
     **REDACTION_TARGETS,
     **READ_TARGETS,
+    **LARGE_TARGETS,
 }
 
 #: The figure keys, in table order.
@@ -156,6 +160,7 @@ class BenchSizes:
         idle_settle_s: wait after the daemon starts before measuring.
         idle_window_s: CPU measurement window (scaled to 10 minutes).
         seed: corpus seed.
+        large_rollout_bytes: the rollout ``peak_rss_large_mb`` extracts (0: not measured).
     """
 
     append_rollout_bytes: int
@@ -168,10 +173,11 @@ class BenchSizes:
     idle_settle_s: float
     idle_window_s: float
     seed: int = 0
+    large_rollout_bytes: int = 0
 
     @classmethod
     def full(cls) -> BenchSizes:
-        """The SPEC §15 workload: 200 MB rollout, 10 000 files, 120 s idle window."""
+        """The SPEC §15 workload: 200 MB rollout, 10 000 files, 120 s idle window, 300 MB extracted."""
         return cls(
             append_rollout_bytes=200_000_000,
             append_repeats=30,
@@ -182,6 +188,7 @@ class BenchSizes:
             pool_latency_s=0.25,
             idle_settle_s=10.0,
             idle_window_s=120.0,
+            large_rollout_bytes=300_000_000,
         )
 
     @classmethod
@@ -198,6 +205,7 @@ class BenchSizes:
             pool_latency_s=0.25,
             idle_settle_s=5.0,
             idle_window_s=60.0,
+            large_rollout_bytes=100_000_000,
         )
 
 
@@ -866,6 +874,10 @@ def _steps(
         value, note = bench_search(workdir)
         return [Figure("search_ms", value, None, note)]
 
+    def large() -> list[Figure]:
+        value, baseline, note = bench_large_rollout(workdir, rollout_bytes=sizes.large_rollout_bytes, seed=sizes.seed)
+        return [Figure("peak_rss_large_mb", value, baseline, note)]
+
     return [
         _Step(
             list(QUALITY_TARGETS),
@@ -901,6 +913,11 @@ def _steps(
         _Step(list(REDACTION_TARGETS), "secret redaction corpus", bench_redaction),
         _Step(["context_ms"], "memd context as a fresh process (SessionStart hook)", context),
         _Step(["search_ms"], "memory_search over 1,000 trace memories", search),
+        _Step(
+            ["peak_rss_large_mb"],
+            f"extracting one {sizes.large_rollout_bytes / 1e6:.0f} MB rollout (memd once, peak RSS)",
+            large,
+        ),
         _Step(
             ["idle_cpu_s_per_10min", "rss_mb"],
             f"idle daemon ({sizes.idle_window_s:g}s window)",
