@@ -711,48 +711,92 @@ def _redact(shown: dict[int, Item], capped: dict[int, dict[str, str]]) -> tuple[
 
 
 def _render(unit: _Unit, items: dict[int, Item], patches: dict[int, _PatchStats]) -> str:
+    """The text block of ``unit`` (see the module doc), from the (capped) ``items`` it names;
+    ``""`` when its first item is not of the unit's kind."""
     first = items.get(unit.indices[0])
+    if unit.kind in _CALL_KINDS:
+        return _render_call(unit, first, items, patches)
+    if unit.kind == "command":
+        return _render_command(unit, items)
+    return _render_single(unit, first)
+
+
+#: Units opened by a non-shell tool call (the outputs folded into them).
+_CALL_KINDS = frozenset({"patch", "web_search", "plan", "tool", "stdin"})
+
+
+def _render_single(unit: _Unit, first: Item | None) -> str:
+    """A unit of one item: a message, a reasoning summary, an unanswered output, an event."""
     kind = unit.kind
     if kind == "user" and isinstance(first, UserMessage):
         return f"user: {first.text.strip()}"
     if kind == "assistant" and isinstance(first, AssistantMessage):
-        label = "assistant" if unit.final or first.phase != "commentary" else "assistant (commentary)"
-        return f"{label}: {first.text.strip()}"
+        commentary = not unit.final and first.phase == "commentary"
+        return f"{'assistant (commentary)' if commentary else 'assistant'}: {first.text.strip()}"
     if kind == "reasoning" and isinstance(first, Reasoning):
         return "thinking: " + " ".join(first.summary.split())
-    if kind == "command":
-        return _render_command(unit, items)
-    if kind == "patch" and isinstance(first, ToolCall):
-        return _render_patch(unit, items, patches[unit.indices[0]])
-    if kind == "web_search" and isinstance(first, ToolCall):
-        return f"web_search: {_one_line(first.arguments)}"
-    if kind == "plan" and isinstance(first, ToolCall):
-        return _render_plan(first) + _render_outputs(unit, items, skip_first=True, plan=True)
-    if kind in ("tool", "stdin") and isinstance(first, ToolCall):
-        if kind == "stdin":
-            args = _json_object(first.arguments) or {}
-            chars = json.dumps(args.get("chars", ""))
-            head = f"stdin (session {args.get('session_id', '?')}): {chars}"
-        else:
-            head = f"tool {first.name}: {_one_line(first.arguments)}"
-        return head + _render_outputs(unit, items, skip_first=True)
     if kind == "output" and isinstance(first, ToolOutput):
         return "output:" + _indented_output(first.output, first.exit_code, error=first.is_error)
     if kind == "patch_applied" and isinstance(first, PatchApplied):
-        status = "applied" if first.success else "FAILED"
-        return f"patch {status}: {', '.join(first.files) or '(no files)'}"
+        return f"patch {'applied' if first.success else 'FAILED'}: {', '.join(first.files) or '(no files)'}"
     if kind == "compaction" and isinstance(first, Compaction):
         return f"compaction summary: {first.message.strip()}"
     if kind == "event" and isinstance(first, TurnEvent):
-        if first.type == "error":
-            return f"error: {(first.text or '').strip()}"
-        if first.type == "turn_aborted":
-            return f"[turn aborted: {first.text or 'no reason given'}]"
-        return f"[rolled back {first.num_turns if first.num_turns is not None else '?'} turns]"
+        return _render_event(first)
     return ""
 
 
+def _render_event(event: TurnEvent) -> str:
+    if event.type == "error":
+        return f"error: {(event.text or '').strip()}"
+    if event.type == "turn_aborted":
+        return f"[turn aborted: {event.text or 'no reason given'}]"
+    return f"[rolled back {event.num_turns if event.num_turns is not None else '?'} turns]"
+
+
+def _render_call(unit: _Unit, call: Item | None, items: dict[int, Item], patches: dict[int, _PatchStats]) -> str:
+    """A non-shell tool call with its outputs: a patch, a web search, a plan, a stdin write, another tool."""
+    if not isinstance(call, ToolCall):
+        return ""
+    kind = unit.kind
+    if kind == "patch":
+        return _render_patch(unit, items, patches[unit.indices[0]])
+    if kind == "web_search":
+        return f"web_search: {_one_line(call.arguments)}"
+    if kind == "plan":
+        return _render_plan(call) + _render_outputs(unit, items, skip_first=True, plan=True)
+    if kind == "stdin":
+        args = _json_object(call.arguments) or {}
+        head = f"stdin (session {args.get('session_id', '?')}): {json.dumps(args.get('chars', ''))}"
+    else:
+        head = f"tool {call.name}: {_one_line(call.arguments)}"
+    return head + _render_outputs(unit, items, skip_first=True)
+
+
 def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
+    """A shell command: ``$ command``, its output (the end event's aggregated output supersedes
+    the polled chunks) and its exit code."""
+    command, bodies, exit_code, error, end = _command_parts(unit, items)
+    if end is not None:
+        command = command or end.command
+        if end.exit_code is not None:
+            exit_code = end.exit_code
+        if end.output.strip():
+            bodies = [end.output]
+    lines = [f"$ {command.strip()}"]
+    body = "\n".join(b.rstrip("\n") for b in bodies)
+    if body.strip():
+        lines.append(_indent(body))
+    if exit_code is not None:
+        lines.append(f"exit {exit_code}")
+    elif error:
+        lines.append("error")  # the tool reported a failure without an exit code (Claude Code)
+    return "\n".join(lines)
+
+
+def _command_parts(unit: _Unit, items: dict[int, Item]) -> tuple[str, list[str], int | None, bool, CommandEnd | None]:
+    """``(command, output bodies, exit code, error, end event)`` gathered from a command unit's
+    call, polled outputs and (last) end event."""
     command = ""
     bodies: list[str] = []
     exit_code: int | None = None
@@ -772,21 +816,7 @@ def _render_command(unit: _Unit, items: dict[int, Item]) -> str:
             error = error or it.is_error
         elif isinstance(it, CommandEnd):
             end = it
-    if end is not None:
-        command = command or end.command
-        if end.exit_code is not None:
-            exit_code = end.exit_code
-        if end.output.strip():
-            bodies = [end.output]  # the aggregated output supersedes the polled chunks
-    lines = [f"$ {command.strip()}"]
-    body = "\n".join(b.rstrip("\n") for b in bodies)
-    if body.strip():
-        lines.append(_indent(body))
-    if exit_code is not None:
-        lines.append(f"exit {exit_code}")
-    elif error:
-        lines.append("error")  # the tool reported a failure without an exit code (Claude Code)
-    return "\n".join(lines)
+    return command, bodies, exit_code, error, end
 
 
 @dataclass(slots=True)
