@@ -4,9 +4,13 @@ A child process runs ``memd once`` with the offline extractor over a sessions tr
 generated rollout (:func:`memd.bench.corpus.generate_rollout`, Codex 0.125 envelope; 100 MB in
 ``--quick``, 300 MB in the full run), in a temporary ``HOME`` and ``XDG_*`` tree without an API key:
 it indexes the file, streams it into the extraction input, extracts and consolidates that one
-session. The figure is the child's peak resident set (``ru_maxrss`` from ``os.wait4``) in MB
-(MiB). Baseline: the same command over a 1 MB rollout, measured in the same run (what memd costs
-whatever the size of the file). Memory bounded by the output means the two stay close.
+session. The figure is the peak resident set of that process in MB (MiB): its ``VmHWM`` (Linux
+``/proc/self/status``, ``proc(5)``), read by the process itself as it exits. Not ``ru_maxrss`` of
+the child: Linux carries the parent's resident set at the fork into it (``exec`` keeps the old
+high-water mark), so a bench process that has grown would be measured instead. The consolidation
+command ``memd once`` starts is a process of its own, not counted. Baseline: the same command over
+a 1 MB rollout, measured in the same run (what memd costs whatever the size of the file). Memory
+bounded by the output means the two stay close.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def bench_large_rollout(workdir: Path, *, rollout_bytes: int, seed: int = 0) -> 
         return None, None, error
     baseline, error = _peak_rss_mb(workdir / "large-rollout-baseline", BASELINE_ROLLOUT_BYTES, seed)
     note = (
-        f"memd once (offline) over one {rollout_bytes / 1e6:.0f} MB rollout, child ru_maxrss; "
+        f"memd once (offline) over one {rollout_bytes / 1e6:.0f} MB rollout, its VmHWM; "
         f"baseline: the same over {BASELINE_ROLLOUT_BYTES / 1e6:.0f} MB"
     )
     return peak, baseline, note if baseline is not None else f"{note} ({error})"
@@ -59,24 +63,46 @@ def _peak_rss_mb(root: Path, rollout_bytes: int, seed: int) -> tuple[float | Non
     sessions = home / ".codex" / "sessions"
     rollout = sessions / "2026" / "03" / "01" / f"rollout-2026-03-01T10-00-00-{_THREAD_ID}.jsonl"
     generate_rollout(rollout, target_bytes=rollout_bytes, variant="0.125", seed=seed, thread_id=_THREAD_ID)
-    argv = [sys.executable, "-m", "memd", "once", "--sessions", str(sessions), "--min-idle", "0"]
-    argv += ["--max-age-days", "0"]
+    hwm_path = root / "once.vmhwm"
+    argv = [sys.executable, "-c", _REPORTING_CHILD, str(hwm_path), "once", "--sessions", str(sessions)]
+    argv += ["--min-idle", "0", "--max-age-days", "0"]
     err_path = root / "once.stderr"
     try:
         with open(root / "once.stdout", "wb") as out, open(err_path, "wb") as err:
             try:
-                child = subprocess.Popen(argv, env=_isolated_env(home), cwd=root, stdout=out, stderr=err)
+                code = subprocess.run(argv, env=_isolated_env(home), cwd=root, stdout=out, stderr=err).returncode
             except OSError as exc:
                 return None, f"memd once could not start: {exc}"
-            _, status, usage = os.wait4(child.pid, 0)
-            child.returncode = os.waitstatus_to_exitcode(status)
     finally:
         rollout.unlink(missing_ok=True)
-    if child.returncode != 0:
+    if code != 0:
         tail = err_path.read_text(errors="replace").strip().splitlines()[-3:]
-        return None, f"memd once exited with code {child.returncode}: {' | '.join(tail)}"
-    # Linux reports KiB, macOS bytes.
-    return usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10), ""
+        return None, f"memd once exited with code {code}: {' | '.join(tail)}"
+    try:
+        return int(hwm_path.read_text()) / 1024, ""  # kB
+    except (OSError, ValueError):
+        return None, "the child did not report its VmHWM (no /proc/self/status?)"
+
+
+#: ``python -c`` program: ``memd`` with ``argv[2:]``, then the process's own ``VmHWM`` (kB) written
+#: to ``argv[1]`` as it exits, whatever the exit code.
+_REPORTING_CHILD = """
+import sys
+report = sys.argv.pop(1)
+def vm_hwm_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next((line.split()[1] for line in f if line.startswith("VmHWM:")), "")
+    except OSError:
+        return ""
+try:
+    from memd.cli import main
+    code = main(sys.argv[1:])
+finally:
+    with open(report, "w") as f:
+        f.write(vm_hwm_kb())
+sys.exit(code)
+"""
 
 
 def _isolated_env(home: Path) -> dict[str, str]:
