@@ -183,7 +183,7 @@ class RequestBuilder:
         threads: the store's thread repository (a rebuild looks the thread up again).
         limits: line and tool-output caps.
         estimator: the calibrated bytes-per-token estimate (read at each build).
-        observe: sees every parsed rollout (see :data:`RolloutObserver`).
+        observe: sees the wanted items of every rollout read (see :class:`RolloutObserver`).
     """
 
     def __init__(
