@@ -13,8 +13,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from memd.clock import Clock
-from memd.store.db import Database
+from memd.store.db import Repository
 from memd.store.records import DaemonRecord
 
 #: A daemon whose heartbeat is older than this is shown as not running (seconds). The daemon
@@ -108,17 +107,8 @@ def daemon_alive(record: DaemonRecord, now_s: float, *, host: str | None = None)
 DAEMON_KEEP_S = 7 * 24 * 3600.0
 
 
-class DaemonRepository:
-    """Daemon registrations. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source for every timestamp written.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class DaemonRepository(Repository):
+    """Daemon registrations. See :class:`~memd.store.db.Repository`."""
 
     async def register(self, owner: str, pid: int, host: str, proc_start: str | None = None) -> None:
         """Record a daemon start (``started_at`` = ``heartbeat_at`` = now).

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from memd.clock import Clock
 from memd.errors import StoreError
 from memd.store.schema import LATEST_VERSION, MIGRATIONS
 
@@ -345,3 +346,19 @@ class Transaction:
         """Run a one-value query (``COUNT(*)``, ``SUM(...)``) and return it as an int (0 when NULL)."""
         row = await self.one(sql, params)
         return int(row[0] or 0) if row is not None else 0
+
+
+class Repository:
+    """Base of the repositories: one per aggregate, over the shared :class:`Database`.
+
+    Built by :class:`~memd.store.store.Store`; every method raises what :class:`Database` raises
+    (:class:`~memd.errors.StoreError` and its subclasses).
+
+    Args:
+        db: the database.
+        clock: the time source for every timestamp written or compared.
+    """
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock

@@ -11,8 +11,7 @@ from typing import Any
 
 import structlog
 
-from memd.clock import Clock
-from memd.store.db import Database
+from memd.store.db import Repository
 from memd.store.projects import bump_project, short_error
 from memd.store.records import JobKind, JobRecord, JobStatus, MemoryRecord
 
@@ -67,17 +66,8 @@ def _refused(op: str, job: JobRecord) -> None:
     )
 
 
-class JobRepository:
-    """Jobs. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source for every timestamp written or compared.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class JobRepository(Repository):
+    """Jobs. See :class:`~memd.store.db.Repository`."""
 
     async def upsert_extract(self, thread_id: str, input_watermark: int, priority: float) -> JobRecord:
         """Make sure an extract job covers ``input_watermark`` bytes of the thread.

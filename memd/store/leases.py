@@ -9,8 +9,7 @@ takeover bumps the fencing token). A released lease has no owner, so its old tok
 
 from __future__ import annotations
 
-from memd.clock import Clock
-from memd.store.db import Database, Transaction
+from memd.store.db import Repository, Transaction
 from memd.store.records import LeaseRecord
 
 
@@ -22,17 +21,8 @@ async def holds(tx: Transaction, name: str, owner: str, fencing_token: int) -> b
     return row is not None
 
 
-class LeaseRepository:
-    """Leases. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source for every timestamp written or compared.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class LeaseRepository(Repository):
+    """Leases. See :class:`~memd.store.db.Repository`."""
 
     async def acquire(self, name: str, owner: str, ttl_s: float) -> int | None:
         """Take the lease ``name`` for ``ttl_s`` seconds if it is free, released or expired.

@@ -9,24 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from memd.clock import Clock
-from memd.store.db import Database
+from memd.store.db import Repository
 from memd.store.jobs import _UPSERT_MEMORY
 from memd.store.projects import bump_project
 from memd.store.records import MemoryRecord
 
 
-class MemoryRepository:
-    """Memories. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source for every timestamp written.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class MemoryRepository(Repository):
+    """Memories. See :class:`~memd.store.db.Repository`."""
 
     async def get(self, thread_id: str) -> MemoryRecord | None:
         """Return the thread's memory, or ``None``."""

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from memd.clock import Clock
-from memd.store.db import Database, Transaction
+from memd.store.db import Repository, Transaction
 from memd.store.leases import holds
 from memd.store.records import ProjectRecord, ProjectStatus
 
@@ -49,17 +48,8 @@ _PROJECT_STATUS = """
 """
 
 
-class ProjectRepository:
-    """Projects. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source for every timestamp written or compared.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class ProjectRepository(Repository):
+    """Projects. See :class:`~memd.store.db.Repository`."""
 
     async def ensure(self, project: str, memory_root: str) -> ProjectRecord:
         """Create the project row if missing and set its ``memory_root`` (directory path).

@@ -6,21 +6,11 @@ It is the :class:`~memd.llm.client.UsageSink` the model client records to, and t
 
 from __future__ import annotations
 
-from memd.clock import Clock
-from memd.store.db import Database
+from memd.store.db import Repository
 
 
-class UsageRepository:
-    """Model usage. Built by :class:`~memd.store.store.Store`; see :class:`Database` for errors.
-
-    Args:
-        db: the database.
-        clock: the time source of the recorded times.
-    """
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
+class UsageRepository(Repository):
+    """Model usage. See :class:`~memd.store.db.Repository`."""
 
     async def record_usage(
         self, phase: str, model: str, input_tokens: int, output_tokens: int, cached_tokens: int
