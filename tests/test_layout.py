@@ -46,19 +46,44 @@ def _layer(module: str) -> str:
 
 
 def _runtime_imports(tree: ast.Module) -> list[str]:
-    """``memd`` modules imported outside ``if TYPE_CHECKING:`` blocks."""
+    """``memd`` modules imported outside ``if TYPE_CHECKING:`` blocks (``from memd.x import y``,
+    ``from memd import x`` and ``import memd.x``). Relative imports are refused by
+    :func:`test_no_relative_imports`, so they need no resolving here."""
     typing_only: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             typing_only.update(id(n) for n in ast.walk(node))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and id(node) not in typing_only:
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "memd":
                 found += [f"memd.{alias.name}" for alias in node.names]
             elif node.module.startswith("memd."):
                 found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("memd.")]
     return found
+
+
+def test_the_import_reader_sees_every_form() -> None:
+    tree = ast.parse(
+        "import memd.read.mcp\nfrom memd.store import db\nfrom memd import daemon\nimport json\n"
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import memd.cli\n"
+    )
+    assert _runtime_imports(tree) == ["memd.read.mcp", "memd.store", "memd.daemon"]
+
+
+def test_no_relative_imports() -> None:
+    """Every import names its module in full, so the layer check reads each one."""
+    relative = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert relative == []
 
 
 def test_imports_point_down_the_data_flow() -> None:

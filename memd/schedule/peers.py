@@ -11,6 +11,7 @@ never judged by their pid; their claims expire with their leases.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 
@@ -18,6 +19,7 @@ import structlog
 
 from memd.clock import Clock
 from memd.store.daemons import daemon_alive, same_process
+from memd.store.records import DaemonRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -62,21 +64,25 @@ class PeerReaper:
         if now - self._last_look < self._min_interval_s:
             return 0
         self._last_look = now
-        host = socket.gethostname()
-        dead = [
-            d
-            for d in await self._store.daemons.list_all()
-            if d.owner != self._owner
-            and d.stopped_at is None
-            and d.host == host
-            and not same_process(d.pid, d.proc_start)
-        ]
+        registered = await self._store.daemons.list_all()
+        dead = await asyncio.to_thread(self._dead_on_this_host, registered)  # reads /proc
         if not dead:
             return 0
         jobs, leases = await self._store.daemons.take_back([d.owner for d in dead])
         for d in dead:
             log.warning("daemon_taken_back", dead_owner=d.owner, pid=d.pid, jobs=jobs, leases=leases)
         return len(dead)
+
+    def _dead_on_this_host(self, registered: list[DaemonRecord]) -> list[DaemonRecord]:
+        host = socket.gethostname()
+        return [
+            d
+            for d in registered
+            if d.owner != self._owner
+            and d.stopped_at is None
+            and d.host == host
+            and not same_process(d.pid, d.proc_start)
+        ]
 
     async def other_alive(self) -> bool:
         """Whether another registered daemon is running on this state (it may be writing).
@@ -85,4 +91,7 @@ class PeerReaper:
             StoreError: the database failed.
         """
         now = self._clock.now()
-        return any(d.owner != self._owner and daemon_alive(d, now) for d in await self._store.daemons.list_all())
+        registered = await self._store.daemons.list_all()
+        return await asyncio.to_thread(
+            lambda: any(d.owner != self._owner and daemon_alive(d, now) for d in registered)  # reads /proc
+        )
