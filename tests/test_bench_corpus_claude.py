@@ -1,4 +1,4 @@
-"""The synthetic Claude Code session generator (memd.bench.corpus): layouts, determinism, and the
+"""The synthetic Claude Code session generator (memd.bench.corpus_claude): layouts, determinism, and the
 parser against the facts the generator knows by construction."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memd.bench.corpus import (
+from memd.bench.corpus_claude import (
     CLAUDE_VARIANTS,
     append_claude_turn,
     claude_relpath,

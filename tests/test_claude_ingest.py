@@ -55,7 +55,7 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 from structlog.testing import capture_logs  # noqa: E402
 
-from memd.bench.corpus import append_claude_turn, generate_claude_session  # noqa: E402
+from memd.bench.corpus_claude import append_claude_turn, generate_claude_session  # noqa: E402
 from memd.clock import SystemClock  # noqa: E402
 from memd.ingest.indexer import Indexer  # noqa: E402
 from memd.rollout.records import Agent  # noqa: E402

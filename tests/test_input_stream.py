@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from memd.bench import corpus
+from memd.bench import corpus, corpus_claude
 from memd.extract import prepare
 from memd.extract.base import BuiltInput
 from memd.extract.input_builder import InputBuilder, build_input
@@ -114,11 +114,11 @@ def test_synthetic_codex_rollouts_stream_to_the_same_input(
     assert _assert_same(path, Agent.CODEX, monkeypatch, (1, 50)) == 2  # both small budgets drop items
 
 
-@pytest.mark.parametrize("variant", corpus.CLAUDE_VARIANTS)
+@pytest.mark.parametrize("variant", corpus_claude.CLAUDE_VARIANTS)
 def test_synthetic_claude_sessions_stream_to_the_same_input(
     variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    facts = corpus.generate_claude_session(tmp_path, target_bytes=400_000, variant=variant, seed=5, subagents=0)
+    facts = corpus_claude.generate_claude_session(tmp_path, target_bytes=400_000, variant=variant, seed=5, subagents=0)
     assert _assert_same(facts.path, Agent.CLAUDE, monkeypatch, (1, 50)) == 2
 
 

@@ -38,9 +38,8 @@ spliced into the lines as bytes, so a 200 MB rollout is written in a few seconds
 Determinism: the same arguments (``seed`` included) give byte-identical files. File names use the
 thread's start time in UTC (the generator's "local time" is UTC).
 
-Claude Code sessions (:func:`generate_claude_session`, :func:`generate_claude_corpus`,
-:func:`append_claude_turn`) are written in Claude Code's own layout, 2.0 and 2.1, with sub-agents
-and compaction; see the section comment above :data:`CLAUDE_VARIANTS`.
+Claude Code sessions are written by :mod:`memd.bench.corpus_claude`, which shares this module's
+text material (:data:`WORDS`, :func:`master_text`, :func:`text_block`) and :class:`LineWriter`.
 """
 
 from __future__ import annotations
@@ -99,8 +98,9 @@ PROJECTS: tuple[tuple[str, str], ...] = (
 
 #: Model-visible cap on unified-exec outputs (the full text is in ``exec_command_end``).
 _MODEL_OUTPUT_CAP = 32 * 1024
-_SENTINEL = "@@MEMD_BENCH_BIG@@"
-_SENTINEL_B = _SENTINEL.encode()
+#: Placeholder string in a line's JSON that :class:`LineWriter` replaces with a precomputed block.
+SENTINEL = "@@MEMD_BENCH_BIG@@"
+SENTINEL_BYTES = SENTINEL.encode()
 _FLUSH_BYTES = 8 << 20
 #: A turn smaller than this is not started; the file is considered full.
 _MIN_TURN_BYTES = 2_500
@@ -223,14 +223,14 @@ class AppendedTurn:
 
 # --- precomputed text ----------------------------------------------------------------------------
 
-_WORDS = (
+WORDS = (
     "config parser request handler session token cache index module worker queue retry "
     "timeout schema migration record thread project memory summary rollout offset client "
     "server stream buffer payload metrics router service adapter loader builder registry "
     "invoice customer order cart checkout price tax ledger event batch pipeline stage sink "
     "source window watermark lease owner fence backoff budget redact secret user assistant"
 ).split()
-_MODULES = (
+MODULES = (
     "config",
     "parser",
     "handlers",
@@ -260,7 +260,7 @@ _ERRORS = (
 
 
 def _line_listing(r: random.Random) -> str:
-    name = f"{r.choice(_MODULES)}_{r.choice(_WORDS)}.{r.choice(('py', 'ts', 'json', 'md', 'toml'))}"
+    name = f"{r.choice(MODULES)}_{r.choice(WORDS)}.{r.choice(('py', 'ts', 'json', 'md', 'toml'))}"
     kind = "drwxr-xr-x" if r.random() < 0.15 else "-rw-r--r--"
     return (
         f"{kind}  1 dev  staff  {r.randint(64, 90_000):>6} Mar {r.randint(1, 28):>2} "
@@ -270,7 +270,7 @@ def _line_listing(r: random.Random) -> str:
 
 def _line_log(r: random.Random) -> str:
     x = r.random()
-    mod, w1, w2 = r.choice(_MODULES), r.choice(_WORDS), r.choice(_WORDS)
+    mod, w1, w2 = r.choice(MODULES), r.choice(WORDS), r.choice(WORDS)
     if x < 0.45:
         status = "PASSED" if r.random() < 0.9 else "SKIPPED"
         return f"tests/test_{mod}.py::test_{w1}_{w2} {status} [{r.randint(1, 100):>3}%]"
@@ -283,7 +283,7 @@ def _line_log(r: random.Random) -> str:
 
 def _line_source(r: random.Random) -> str:
     x = r.random()
-    w1, w2, w3 = r.choice(_WORDS), r.choice(_WORDS), r.choice(_WORDS)
+    w1, w2, w3 = r.choice(WORDS), r.choice(WORDS), r.choice(WORDS)
     if x < 0.15:
         return f"def {w1}_{w2}(self, {w3}: str | None = None) -> dict[str, int]:"
     if x < 0.3:
@@ -299,16 +299,16 @@ def _line_source(r: random.Random) -> str:
 
 def _line_error(r: random.Random) -> str:
     x = r.random()
-    mod = r.choice(_MODULES)
+    mod = r.choice(MODULES)
     if x < 0.3:
-        func = f"{r.choice(_WORDS)}_{r.choice(_WORDS)}"
+        func = f"{r.choice(WORDS)}_{r.choice(WORDS)}"
         return f'  File "src/{mod}.py", line {r.randint(1, 800)}, in {func}'
     if x < 0.45:
-        return f"    return self._{r.choice(_WORDS)}[{r.choice(_WORDS)}]"
+        return f"    return self._{r.choice(WORDS)}[{r.choice(WORDS)}]"
     if x < 0.6:
         return r.choice(_ERRORS)
     if x < 0.8:
-        return f"FAILED tests/test_{mod}.py::test_{r.choice(_WORDS)} - {r.choice(_ERRORS)}"
+        return f"FAILED tests/test_{mod}.py::test_{r.choice(WORDS)} - {r.choice(_ERRORS)}"
     return "Traceback (most recent call last):"
 
 
@@ -317,13 +317,15 @@ _MASTER_CHARS = 600_000
 _BLOCK_POWERS = range(7, 20)  # 128 B .. 512 KiB
 
 
-def _esc(text: str) -> str:
+def json_body(text: str) -> str:
     """JSON string body (without quotes) of ``text``, as serde_json writes it (UTF-8 kept)."""
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 @cache
-def _master(kind: str) -> str:
+def master_text(kind: str) -> str:
+    """About 600,000 characters of one kind of tool output (``listing``, ``log``, ``source``,
+    ``error``), generated once per process from a fixed seed; blocks are slices of it."""
     r = random.Random(f"memd-bench-master-{kind}")
     make = _KINDS[kind]
     parts: list[str] = []
@@ -336,30 +338,33 @@ def _master(kind: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Block:
+class TextBlock:
+    """A slice of :func:`master_text` with its JSON string bodies precomputed (spliced into lines)."""
+
     text: str
     esc1: bytes  # JSON string body of text
     esc2: bytes  # JSON string body of a JSON string body of text (output nested in a JSON string)
 
 
 @cache
-def _block(kind: str, power: int) -> _Block:
-    master = _master(kind)
+def text_block(kind: str, power: int) -> TextBlock:
+    """A cached block of at most ``2**power`` characters of ``kind``, cut at a line end."""
+    master = master_text(kind)
     cut = master.rfind("\n", 0, 1 << power)
     text = master[: cut + 1] if cut > 0 else master[: 1 << power]
-    e1 = _esc(text)
-    return _Block(text=text, esc1=e1.encode(), esc2=_esc(e1).encode())
+    e1 = json_body(text)
+    return TextBlock(text=text, esc1=e1.encode(), esc2=json_body(e1).encode())
 
 
-def _exact_block(kind: str, n_chars: int) -> _Block:
+def exact_text_block(kind: str, n_chars: int) -> TextBlock:
     """A block of about ``n_chars`` characters (escaped on the fly; for the last turn only)."""
-    master = _master(kind)
+    master = master_text(kind)
     n_chars = max(1, min(n_chars, len(master)))
     text = master[:n_chars]
     if not text.endswith("\n"):
         text += "\n"
-    e1 = _esc(text)
-    return _Block(text=text, esc1=e1.encode(), esc2=_esc(e1).encode())
+    e1 = json_body(text)
+    return TextBlock(text=text, esc1=e1.encode(), esc2=json_body(e1).encode())
 
 
 @cache
@@ -378,10 +383,10 @@ def _instructions_master() -> str:
     ]
     n = 0
     while n < 30_000:
-        heading = f"\n## {r.choice(_WORDS).title()} {r.choice(_WORDS)}\n\n"
-        body = " ".join(r.choice(_WORDS) for _ in range(r.randint(30, 90)))
+        heading = f"\n## {r.choice(WORDS).title()} {r.choice(WORDS)}\n\n"
+        body = " ".join(r.choice(WORDS) for _ in range(r.randint(30, 90)))
         bullets = "\n".join(
-            f"- Prefer {r.choice(_WORDS)} over {r.choice(_WORDS)} when {r.choice(_WORDS)} is {r.choice(_WORDS)}."
+            f"- Prefer {r.choice(WORDS)} over {r.choice(WORDS)} when {r.choice(WORDS)} is {r.choice(WORDS)}."
             for _ in range(r.randint(2, 6))
         )
         part = heading + body + ".\n" + bullets + "\n"
@@ -393,7 +398,8 @@ def _instructions_master() -> str:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _fmt_ts(t_s: float) -> str:
+def iso_ms(t_s: float) -> str:
+    """``t_s`` (epoch seconds) as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC, as both agents write it."""
     ms_total = int(t_s * 1000)
     s, ms = divmod(ms_total, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{ms:03d}Z"
@@ -447,7 +453,7 @@ def _default_identity(variant: str, source: Any) -> tuple[str | None, str | None
     return "codex_cli_rs", f"{variant}.0"
 
 
-class _Writer:
+class LineWriter:
     """Buffers complete lines and tracks bytes, lines and the clock of one file."""
 
     def __init__(self, f: BinaryIO, r: random.Random, t_s: float, *, ordinal: bool) -> None:
@@ -468,7 +474,7 @@ class _Writer:
         """Write ``{"timestamp", ["ordinal",] "type", "payload"}``; ``big`` replaces the
         sentinel string inside ``payload`` (already JSON-escaped)."""
         self.tick()
-        obj: dict[str, Any] = {"timestamp": _fmt_ts(self.t)}
+        obj: dict[str, Any] = {"timestamp": iso_ms(self.t)}
         if self._ordinal:
             obj["ordinal"] = self._next_ordinal
             self._next_ordinal += 1
@@ -484,7 +490,7 @@ class _Writer:
     def _put(self, obj: dict[str, Any], big: bytes | None) -> None:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
         if big is not None:
-            pre, post = data.split(_SENTINEL_B, 1)
+            pre, post = data.split(SENTINEL_BYTES, 1)
             data = b"".join((pre, big, post, b"\n"))
         else:
             data += b"\n"
@@ -507,7 +513,7 @@ class _Session:
 
     def __init__(
         self,
-        w: _Writer,
+        w: LineWriter,
         r: random.Random,
         *,
         variant: str,
@@ -547,22 +553,22 @@ class _Session:
         return "gAAAAAB" + pool[off : off + n]
 
     def words(self, lo: int, hi: int) -> str:
-        return " ".join(self.r.choices(_WORDS, k=self.r.randint(lo, hi)))
+        return " ".join(self.r.choices(WORDS, k=self.r.randint(lo, hi)))
 
     def rel_file(self) -> str:
-        return f"src/{self.package}/{self.r.choice(_MODULES)}.py"
+        return f"src/{self.package}/{self.r.choice(MODULES)}.py"
 
     def user_prompt(self) -> str:
         r = self.r
-        mod = r.choice(_MODULES)
+        mod = r.choice(MODULES)
         templates = (
             f"fix the failing test in tests/test_{mod}.py",
-            f"add a --{r.choice(_WORDS)} option to the {mod} command and document it",
+            f"add a --{r.choice(WORDS)} option to the {mod} command and document it",
             f"why does `pytest -q tests/test_{mod}.py` fail with {r.choice(_ERRORS)}?",
-            f"refactor {self.rel_file()} so the {r.choice(_WORDS)} logic lives in one place",
-            f"Please review the {r.choice(_WORDS)} changes; keep the public API stable.\n"
+            f"refactor {self.rel_file()} so the {r.choice(WORDS)} logic lives in one place",
+            f"Please review the {r.choice(WORDS)} changes; keep the public API stable.\n"
             f"Constraints:\n- no new dependencies\n- tests must stay green",
-            f"the {r.choice(_WORDS)} → {r.choice(_WORDS)} conversion is wrong for naïve dates, café orders show 0 €",
+            f"the {r.choice(WORDS)} → {r.choice(WORDS)} conversion is wrong for naïve dates, café orders show 0 €",
             f"run the linters and fix what they report in {mod}",
             f"{self.words(8, 30)}?",
         )
@@ -660,7 +666,7 @@ class _Session:
             payload = {
                 "turn_id": self.turn_id,
                 "cwd": self.cwd,
-                "current_date": _fmt_ts(self.w.t)[:10],
+                "current_date": iso_ms(self.w.t)[:10],
                 "timezone": "UTC",
                 "approval_policy": "on-request",
                 "sandbox_policy": {
@@ -700,7 +706,7 @@ class _Session:
             )
         return (
             f"<environment_context>\n  <cwd>{self.cwd}</cwd>\n  <shell>zsh</shell>\n"
-            f"  <current_date>{_fmt_ts(self.w.t)[:10]}</current_date>\n"
+            f"  <current_date>{iso_ms(self.w.t)[:10]}</current_date>\n"
             "  <timezone>UTC</timezone>\n</environment_context>"
         )
 
@@ -746,7 +752,7 @@ class _Session:
     def pick_command(self, failing: bool) -> tuple[str, str]:
         """``(command, output kind)``."""
         r = self.r
-        mod = r.choice(_MODULES)
+        mod = r.choice(MODULES)
         if failing:
             return r.choice(
                 (
@@ -760,7 +766,7 @@ class _Session:
             (
                 ("ls -la", "listing"),
                 ("git status --short", "listing"),
-                (f'rg -n "{r.choice(_WORDS)}" src/{self.package}', "source"),
+                (f'rg -n "{r.choice(WORDS)}" src/{self.package}', "source"),
                 (f"sed -n '1,200p' {self.rel_file()}", "source"),
                 (f"cat src/{self.package}/{mod}.py", "source"),
                 ("pytest -q", "log"),
@@ -771,13 +777,13 @@ class _Session:
             )
         )
 
-    def output_block(self, kind: str, budget_bytes: int, *, exact: bool, factor: float) -> _Block:
+    def output_block(self, kind: str, budget_bytes: int, *, exact: bool, factor: float) -> TextBlock:
         """A block whose escaped size is about ``budget_bytes`` (``factor`` = escape growth)."""
         raw = int(max(0, budget_bytes) / factor)
         if exact:
-            return _exact_block(kind, max(raw, 1))
+            return exact_text_block(kind, max(raw, 1))
         power = max(7, min(19, int(math.log2(raw)) if raw >= 2 else 7))
-        return _block(kind, power)
+        return text_block(kind, power)
 
     def shell_round(self, out_budget: int, exact: bool) -> None:
         r = self.r
@@ -799,7 +805,7 @@ class _Session:
             )
             inner = json.dumps(
                 {
-                    "output": _SENTINEL,
+                    "output": SENTINEL,
                     "metadata": {"exit_code": exit_code, "duration_seconds": duration},
                 },
                 separators=(",", ":"),
@@ -821,7 +827,7 @@ class _Session:
                     },
                 )
                 block = self.output_block(kind, out_budget, exact=exact, factor=1.08)
-                out = f"Exit code: {exit_code}\nWall time: {duration} seconds\nOutput:\n{_SENTINEL}"
+                out = f"Exit code: {exit_code}\nWall time: {duration} seconds\nOutput:\n{SENTINEL}"
                 w.envelope(
                     "response_item",
                     {"type": "function_call_output", "call_id": cid, "output": out},
@@ -844,7 +850,7 @@ class _Session:
                 block = self.output_block(kind, out_budget, exact=exact, factor=1.35)
                 inner = json.dumps(
                     {
-                        "output": _SENTINEL,
+                        "output": SENTINEL,
                         "metadata": {"exit_code": exit_code, "duration_seconds": duration},
                     },
                     separators=(",", ":"),
@@ -859,7 +865,7 @@ class _Session:
         # 0.104+: unified exec; full output in exec_command_end, capped copy for the model.
         share = out_budget / 2 if out_budget <= 2 * _MODEL_OUTPUT_CAP else out_budget - _MODEL_OUTPUT_CAP
         block = self.output_block(kind, int(share), exact=exact, factor=1.08)
-        model = block if len(block.text) <= _MODEL_OUTPUT_CAP else _block(kind, _MODEL_OUTPUT_CAP.bit_length() - 1)
+        model = block if len(block.text) <= _MODEL_OUTPUT_CAP else text_block(kind, _MODEL_OUTPUT_CAP.bit_length() - 1)
         model_text, model_esc = model.text, model.esc1
         args = {
             "cmd": command,
@@ -891,7 +897,7 @@ class _Session:
             "source": "unified_exec_startup",
             "stdout": "",
             "stderr": "",
-            "aggregated_output": _SENTINEL,
+            "aggregated_output": SENTINEL,
             "exit_code": exit_code,
             "duration": {"secs": int(duration), "nanos": r.randint(0, 999_999_999)},
             "formatted_output": "",
@@ -921,7 +927,7 @@ class _Session:
             out2 = (
                 f"Chunk ID: {r.getrandbits(24):06x}\nWall time: 0.0000 seconds\n"
                 f"Process exited with code {exit_code}\n"
-                f"Original token count: {tokens}\nOutput:\n{_SENTINEL}"
+                f"Original token count: {tokens}\nOutput:\n{SENTINEL}"
             )
             w.envelope(
                 "response_item",
@@ -930,7 +936,7 @@ class _Session:
             )
         else:
             w.envelope("event_msg", end, block.esc1)
-            out = f"{chunk}Process exited with code {exit_code}\nOriginal token count: {tokens}\nOutput:\n{_SENTINEL}"
+            out = f"{chunk}Process exited with code {exit_code}\nOriginal token count: {tokens}\nOutput:\n{SENTINEL}"
             w.envelope(
                 "response_item",
                 {"type": "function_call_output", "call_id": cid, "output": out},
@@ -941,7 +947,7 @@ class _Session:
         r = self.r
         rel = self.rel_file()
         add = r.random() < 0.25
-        src = _master("source")
+        src = master_text("source")
         n = max(80, min(8_000, budget))
         off = r.randint(0, len(src) - n - 1)
         lines = src[off : off + n].split("\n")[1:-1] or ["pass"]
@@ -949,7 +955,7 @@ class _Session:
             body = f"*** Add File: {rel}\n" + "\n".join("+" + ln for ln in lines)
         else:
             half = max(1, len(lines) // 3)
-            body = f"*** Update File: {rel}\n@@ def {r.choice(_WORDS)}_{r.choice(_WORDS)}\n" + "\n".join(
+            body = f"*** Update File: {rel}\n@@ def {r.choice(WORDS)}_{r.choice(WORDS)}\n" + "\n".join(
                 ("-" if i < half else "+") + ln for i, ln in enumerate(lines)
             )
         patch = f"*** Begin Patch\n{body}\n*** End Patch"
@@ -1108,10 +1114,10 @@ class _Session:
         instructions = _instructions_master()[: max(200, min(22_000, self.target // 8))]
         git = {
             "commit_hash": f"{self.r.getrandbits(160):040x}",
-            "branch": self.r.choice(("main", "develop", f"feat/{self.r.choice(_WORDS)}")),
+            "branch": self.r.choice(("main", "develop", f"feat/{self.r.choice(WORDS)}")),
             "repository_url": f"git@github.com:example/{self.package}.git",
         }
-        ts = _fmt_ts(started_at)
+        ts = iso_ms(started_at)
         if self.v == 0:
             header = {
                 "id": thread_id,
@@ -1220,7 +1226,7 @@ class _Session:
         """A 0.146 ``world_state`` line (the full state on the first turn)."""
         w = self.w
         state: dict[str, Any] = {
-            "environments": {"current_date": _fmt_ts(w.t)[:10], "timezone": "UTC"},
+            "environments": {"current_date": iso_ms(w.t)[:10], "timezone": "UTC"},
             "model": self.model,
         }
         if first:
@@ -1416,7 +1422,7 @@ def generate_rollout(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        w = _Writer(f, r, start_s, ordinal=v >= 146)
+        w = LineWriter(f, r, start_s, ordinal=v >= 146)
         s = _Session(
             w,
             r,
@@ -1592,14 +1598,14 @@ def append_turn(path: Path, *, seed: int = 0, target_bytes: int = 1024, ts_s: fl
     r = random.Random(f"memd-bench-append:{seed}")
     v = _vkey(variant)
     buf = io.BytesIO()
-    w = _Writer(buf, r, time.time() if ts_s is None else ts_s, ordinal=v >= 146)
+    w = LineWriter(buf, r, time.time() if ts_s is None else ts_s, ordinal=v >= 146)
     s = _Session(w, r, variant=variant, cwd=cwd, package="atlas", target_bytes=target_bytes, source=source)
     user = f"{s.user_prompt()} ({r.getrandbits(32):08x})"
     answer = "Done: " + s.words(4, 10) + "."
     command, kind = s.pick_command(False)
     cid = s.call_id()
     s.turn_id = _uuid7(r, w.t)
-    filler = _SENTINEL
+    filler = SENTINEL
     if v == 0:
         w.bare(s.user_item(user))
         w.bare(
@@ -1657,7 +1663,7 @@ def append_turn(path: Path, *, seed: int = 0, target_bytes: int = 1024, ts_s: fl
             }
     # Size the output so that the turn is about target_bytes: measure the rest first.
     tail = io.BytesIO()
-    w2 = _Writer(tail, r, w.t, ordinal=False)
+    w2 = LineWriter(tail, r, w.t, ordinal=False)
     if v == 0:
         w2.bare(
             {
@@ -1679,7 +1685,7 @@ def append_turn(path: Path, *, seed: int = 0, target_bytes: int = 1024, ts_s: fl
     w.flush()
     probe = len(json.dumps(out, separators=(",", ":")).encode()) + 40
     room = max(16, target_bytes - w.bytes - w2.bytes - probe)
-    block = _exact_block(kind, int(room / (1.3 if v < 104 else 1.05)))
+    block = exact_text_block(kind, int(room / (1.3 if v < 104 else 1.05)))
     big = block.esc1 if v >= 104 else block.esc2
     if v == 0:
         w.bare(out, big)
@@ -1736,559 +1742,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-# --- Claude Code sessions ------------------------------------------------------------------------
-#
-# Claude Code transcript layout (SPEC §3.4), modelled on the real files in
-# ``../shared/rollouts/claude``: ``<root>/<encoded cwd>/<sessionId>.jsonl``, where the folder name is
-# the cwd with every non-alphanumeric character replaced by ``-``. Sub-agents: 2.1.x writes
-# ``<sessionId>/subagents/agent-<id>.jsonl`` (and ``agent-acompact-<id>.jsonl`` for compaction),
-# 2.0.x writes ``agent-<id>.jsonl`` beside the session (a "Warmup" sidechain with the parent's
-# sessionId). Records: ``file-history-snapshot`` first, user prompts (string content), the
-# ``/clear`` caveat + command + stdout triple, assistant lines one content block each (thinking,
-# text, tool_use) sharing ``message.id`` and repeating ``usage`` with a growing ``output_tokens``,
-# tool results with ``toolUseResult`` and ``<system-reminder>`` blocks, ``is_error`` results with
-# and without ``Exit code N``, ``progress`` hook records, ``system`` ``turn_duration``, interrupt
-# markers, ``compact_boundary`` + ``isCompactSummary``, ``summary`` / ``ai-title`` records.
-
-#: Claude Code layouts the generator writes: ``2.0`` (``agent-*.jsonl`` beside the session, no
-#: ``entrypoint``) and ``2.1`` (``<sessionId>/subagents/``, ``entrypoint``).
-CLAUDE_VARIANTS: tuple[str, ...] = ("2.0", "2.1")
-_CLAUDE_VERSIONS = {"2.0": "2.0.76", "2.1": "2.1.39"}
-_CLAUDE_MODEL = "claude-sonnet-4-5-20250929"
-_REMINDER = (
-    "\n\n<system-reminder>\nWhenever you read a file, you should consider whether it would be considered "
-    "malware.\n</system-reminder>\n"
-)
-_CAVEAT = (
-    "Caveat: The messages below were generated by the user while running local commands. DO NOT respond "
-    "to these messages or otherwise consider them in your response unless the user explicitly asks you to."
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ClaudeSessionFacts:
-    """What one generated Claude Code session holds, known by construction.
-
-    Attributes:
-        path: the session file (``<root>/<encoded cwd>/<sessionId>.jsonl``).
-        subagent_paths: the sub-agent transcripts written for it (they never become threads);
-            the compaction summariser's ``agent-acompact-*`` file is among them for 2.1.
-        session_id: ``sessionId`` (the thread id).
-        variant: one of :data:`CLAUDE_VARIANTS`.
-        version: the Claude Code ``version`` on every record.
-        entrypoint: ``entrypoint`` on every record, ``None`` for 2.0.
-        cwd: the session cwd.
-        started_at / updated_at: first and last record timestamps, epoch seconds.
-        size_bytes / lines: of the session file.
-        turns: user turns written.
-        user_messages: the real user prompts, in order.
-        commands: Bash commands in call order with their exit codes (a failed one states
-            ``Exit code 1``).
-        tool_errors: tool results flagged ``is_error`` without an exit code.
-        patched_files: files of Edit / Write calls that succeeded, de-duplicated, in order.
-        compactions: ``compact_boundary`` + ``isCompactSummary`` pairs.
-        output_tokens: the session's output tokens, each response counted once.
-    """
-
-    path: Path
-    subagent_paths: tuple[Path, ...]
-    session_id: str
-    variant: str
-    version: str
-    entrypoint: str | None
-    cwd: str
-    started_at: float
-    updated_at: float
-    size_bytes: int
-    lines: int
-    turns: int
-    user_messages: tuple[str, ...]
-    commands: tuple[CommandFact, ...]
-    tool_errors: int
-    patched_files: tuple[str, ...]
-    compactions: int
-    output_tokens: int
-
-
-def claude_relpath(cwd: str, session_id: str) -> Path:
-    """Claude Code path of a session under a projects root: ``<encoded cwd>/<sessionId>.jsonl``
-    (every non-alphanumeric character of the cwd becomes ``-``, as Claude Code encodes it)."""
-    encoded = "".join(c if c.isalnum() and c.isascii() else "-" for c in cwd)
-    return Path(encoded) / f"{session_id}.jsonl"
-
-
-def _uuid4(r: random.Random) -> str:
-    h = f"{r.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) % 4]}{h[17:20]}-{h[20:32]}"
-
-
-class _ClaudeSession:
-    """Writes the records of one Claude Code session (see the section comment)."""
-
-    def __init__(
-        self,
-        w: _Writer,
-        r: random.Random,
-        *,
-        session_id: str,
-        variant: str,
-        cwd: str,
-        entrypoint: str | None,
-        sidechain: bool = False,
-        agent_id: str | None = None,
-    ) -> None:
-        self.w = w
-        self.r = r
-        self.session_id = session_id
-        self.variant = variant
-        self.cwd = cwd
-        self.entrypoint = entrypoint
-        self.sidechain = sidechain
-        self.agent_id = agent_id
-        self.parent: str | None = None
-        self.turns = 0
-        self.user_messages: list[str] = []
-        self.commands: list[CommandFact] = []
-        self.patched: dict[str, None] = {}
-        self.tool_errors = 0
-        self.compactions = 0
-        self.output_tokens = 0
-        self.first_ts: float | None = None
-
-    def base(self, type_: str) -> dict[str, Any]:
-        uuid = _uuid4(self.r)
-        obj: dict[str, Any] = {"parentUuid": self.parent, "isSidechain": self.sidechain, "userType": "external"}
-        obj.update(cwd=self.cwd, sessionId=self.session_id, version=_CLAUDE_VERSIONS[self.variant], gitBranch="main")
-        if self.agent_id is not None:
-            obj["agentId"] = self.agent_id
-        if self.entrypoint is not None:
-            obj["entrypoint"] = self.entrypoint
-        obj.update(type=type_, uuid=uuid)
-        self.parent = uuid
-        return obj
-
-    def put(self, obj: dict[str, Any], big: bytes | None = None) -> None:
-        self.w.tick(0.05, 3.0)
-        if "uuid" in obj:
-            obj["timestamp"] = _fmt_ts(self.w.t)
-            self.first_ts = self.w.t if self.first_ts is None else self.first_ts
-        self.w._put(obj, big)
-
-    def user_text(self, text: str, **extra: Any) -> None:
-        obj = self.base("user")
-        obj["message"] = {"role": "user", "content": text}
-        obj.update(extra)
-        self.put(obj)
-
-    def prompt(self, text: str) -> None:
-        self.user_text(text)
-        self.user_messages.append(text)
-
-    def assistant(self, blocks: list[dict[str, Any]], big: bytes | None = None) -> None:
-        """One response: one line per block, sharing message.id, usage growing on the last line."""
-        message_id = "msg_01" + "".join(
-            self.r.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz") for _ in range(22)
-        )
-        request_id = "req_011C" + "".join(self.r.choice("ABCDEFGHJKLMNPQRSTUVWXYZ123456789") for _ in range(18))
-        final_out = self.r.randint(20, 900)
-        for n, block in enumerate(blocks):
-            obj = self.base("assistant")
-            out = final_out if n == len(blocks) - 1 else self.r.randint(1, 12)
-            obj["message"] = {
-                "model": _CLAUDE_MODEL,
-                "id": message_id,
-                "type": "message",
-                "role": "assistant",
-                "content": [block],
-                "stop_reason": None,
-                "usage": {
-                    "input_tokens": 3,
-                    "cache_creation_input_tokens": 120,
-                    "cache_read_input_tokens": 18_000,
-                    "output_tokens": out,
-                    "service_tier": "standard",
-                },
-            }
-            obj["requestId"] = request_id
-            self.put(obj, big if _SENTINEL in json.dumps(block) else None)
-        self.output_tokens += final_out
-
-    def tool_result(
-        self,
-        call_id: str,
-        content: str,
-        *,
-        is_error: bool = False,
-        tool_use_result: Any = None,
-        big: bytes | None = None,
-    ) -> None:
-        obj = self.base("user")
-        block: dict[str, Any] = {"tool_use_id": call_id, "type": "tool_result", "content": content}
-        if is_error:
-            block["is_error"] = True
-        obj["message"] = {"role": "user", "content": [block]}
-        if tool_use_result is not None:
-            obj["toolUseResult"] = tool_use_result
-        self.put(obj, big)
-
-    def progress(self) -> None:
-        obj = self.base("progress")
-        obj["data"] = {"type": "hook_progress", "hookEvent": "PostToolUse", "hookName": "PostToolUse:Bash"}
-        obj["toolUseID"] = f"toolu_{self.r.getrandbits(64):016x}"
-        self.put(obj)
-
-    def call_id(self) -> str:
-        return "toolu_01" + "".join(
-            self.r.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789") for _ in range(22)
-        )
-
-    def bash(self, command: str, kind: str, budget: int, *, fail: bool) -> None:
-        cid = self.call_id()
-        self.assistant(
-            [{"type": "tool_use", "id": cid, "name": "Bash", "input": {"command": command, "description": "Run"}}]
-        )
-        if self.r.random() < 0.5:
-            self.progress()
-        block = (
-            _exact_block(kind, max(64, budget))
-            if budget < 4096
-            else _block(kind, max(7, min(19, int(math.log2(budget)))))
-        )
-        if fail:
-            self.tool_result(
-                cid, f"Exit code 1\n{_SENTINEL}", is_error=True, tool_use_result="Error: Exit code 1", big=block.esc1
-            )
-            self.commands.append(CommandFact(command, 1))
-        else:
-            tur = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
-            self.tool_result(cid, _SENTINEL, tool_use_result=tur, big=block.esc1)
-            self.commands.append(CommandFact(command, 0))
-
-    def edit(self, rel: str, *, fail: bool) -> None:
-        cid = self.call_id()
-        path = f"{self.cwd}/{rel}"
-        if self.r.random() < 0.3:
-            tool = {
-                "type": "tool_use",
-                "id": cid,
-                "name": "Write",
-                "input": {"file_path": path, "content": _master("source")[:600]},
-            }
-        else:
-            old, new = _master("source")[:160], _master("source")[160:400]
-            tool = {
-                "type": "tool_use",
-                "id": cid,
-                "name": "Edit",
-                "input": {"file_path": path, "old_string": old, "new_string": new},
-            }
-        self.assistant([tool])
-        if fail:
-            self.tool_result(
-                cid,
-                "<tool_use_error>File has not been read yet. Read it first before writing to it.</tool_use_error>",
-                is_error=True,
-            )
-            self.tool_errors += 1
-        else:
-            self.tool_result(cid, f"The file {path} has been updated.", tool_use_result={"filePath": path})
-            self.patched.setdefault(path, None)
-
-    def read(self, rel: str, budget: int) -> None:
-        cid = self.call_id()
-        path = f"{self.cwd}/{rel}"
-        self.assistant([{"type": "tool_use", "id": cid, "name": "Read", "input": {"file_path": path}}])
-        block = _block("source", max(7, min(19, int(math.log2(max(128, budget))))))
-        reminder = _esc(_REMINDER).encode()
-        self.tool_result(
-            cid, _SENTINEL, tool_use_result={"type": "text", "file": {"filePath": path}}, big=block.esc1 + reminder
-        )
-
-
-def _claude_turn(s: _ClaudeSession, budget: int, *, first: bool) -> None:
-    r = s.r
-    s.turns += 1
-    words = " ".join(r.choice(_WORDS) for _ in range(r.randint(4, 14)))
-    module = r.choice(_MODULES)
-    s.prompt(f"please fix the {module} {words} ({s.turns})")
-    s.assistant(
-        [
-            {
-                "type": "thinking",
-                "thinking": f"The user wants {words}. Let me look at {module}.",
-                "signature": "EqgB" + "x" * 60,
-            },
-            {"type": "text", "text": f"I'll look at the {module} module first."},
-        ]
-    )
-    spent = 1_500
-    n = 0
-    while spent < budget and n < 40:
-        n += 1
-        x = r.random()
-        chunk = min(budget - spent, r.choice((600, 2_000, 8_000, 30_000)))
-        if x < 0.45:
-            fail = r.random() < 0.15
-            command = r.choice(
-                (
-                    f"pytest -q tests/test_{module}.py",
-                    f"rg -n {r.choice(_WORDS)} src/",
-                    "git status --short",
-                    f"python -m {module}",
-                )
-            )
-            s.bash(command, "error" if fail else r.choice(("log", "listing")), chunk, fail=fail)
-        elif x < 0.7:
-            s.read(f"src/{module}.py", chunk)
-        else:
-            s.edit(f"src/{module}_{r.choice(_WORDS)}.py", fail=r.random() < 0.1)
-        spent += chunk + 900
-    if r.random() < 0.1:
-        s.user_text("[Request interrupted by user]")
-    s.assistant([{"type": "text", "text": f"Done: the {module} {words} is fixed and the tests pass."}])
-    sysrec = s.base("system")
-    sysrec.update(subtype="turn_duration", durationMs=r.randint(2_000, 90_000), isMeta=False)
-    s.put(sysrec)
-
-
-def _claude_compaction(s: _ClaudeSession) -> None:
-    boundary = s.base("system")
-    boundary.update(subtype="compact_boundary", content="Conversation compacted", level="info", isMeta=False)
-    boundary["compactMetadata"] = {"trigger": "auto", "preTokens": 155_000}
-    s.put(boundary)
-    summary = "This session is being continued from a previous conversation that ran out of context. " + " ".join(
-        s.r.choice(_WORDS) for _ in range(120)
-    )
-    s.user_text(summary, isCompactSummary=True, isVisibleInTranscriptOnly=True)
-    s.compactions += 1
-
-
-def _claude_subagent(
-    path: Path, r: random.Random, parent: _ClaudeSession, agent_id: str, prompt: str, t_s: float
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        w = _Writer(f, r, t_s, ordinal=False)
-        sub = _ClaudeSession(
-            w,
-            r,
-            session_id=parent.session_id,
-            variant=parent.variant,
-            cwd=parent.cwd,
-            entrypoint=parent.entrypoint,
-            sidechain=True,
-            agent_id=agent_id,
-        )
-        sub.user_text(prompt)
-        sub.assistant([{"type": "text", "text": f"Looking into it: {' '.join(r.choice(_WORDS) for _ in range(8))}."}])
-        sub.bash(f"rg -n {r.choice(_WORDS)} src/", "listing", 1_500, fail=False)
-        sub.assistant([{"type": "text", "text": "Found it in src/" + r.choice(_MODULES) + ".py."}])
-        w.flush()
-
-
-def generate_claude_session(
-    root: Path,
-    *,
-    target_bytes: int,
-    variant: str = "2.1",
-    seed: int = 0,
-    cwd: str | None = None,
-    start_s: float | None = None,
-    session_id: str | None = None,
-    entrypoint: str | None = "cli",
-    subagents: int = 1,
-    compaction: bool | None = None,
-) -> ClaudeSessionFacts:
-    """Write one synthetic Claude Code session of about ``target_bytes`` bytes under ``root``.
-
-    Claude Code transcript format (SPEC §3.4) in the layout of ``variant`` (see the section comment
-    above): the session at :func:`claude_relpath`, its sub-agents beside it (2.0:
-    ``agent-<id>.jsonl``) or under ``<sessionId>/subagents/`` (2.1, plus an ``agent-acompact-*`` file
-    when the session was compacted).
-
-    Args:
-        root: the projects root (``~/.claude/projects`` shape); created if missing.
-        target_bytes: wanted size of the session file in bytes (≥ about 6 KB is honoured).
-        variant: ``2.0`` or ``2.1``.
-        seed: makes the content deterministic.
-        cwd: session cwd; default one of :data:`PROJECTS` chosen by ``seed``.
-        start_s: first record time, epoch seconds; default from :data:`DEFAULT_START_S` and ``seed``.
-        session_id: the session id; default a random UUID derived from ``seed``.
-        entrypoint: the ``entrypoint`` of 2.1 records (``cli``; ``sdk-cli`` for ``claude -p``);
-            ignored for 2.0, which records none.
-        subagents: Task sub-agents to write (each a tool call in the parent and a transcript).
-        compaction: write a compaction in the middle; default: when the session has ≥ 6 turns.
-
-    Returns:
-        The :class:`ClaudeSessionFacts`.
-
-    Raises:
-        ValueError: unknown ``variant`` or ``target_bytes`` ≤ 0.
-        OSError: a file cannot be written.
-    """
-    if variant not in CLAUDE_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {CLAUDE_VARIANTS}")
-    if target_bytes <= 0:
-        raise ValueError("target_bytes must be positive")
-    r = random.Random(f"memd-bench-claude:{seed}:{variant}")
-    cwd = cwd or r.choice(PROJECTS)[0]
-    start_s = DEFAULT_START_S + r.uniform(0, 14 * 86_400) if start_s is None else start_s
-    session_id = session_id or _uuid4(r)
-    entry = entrypoint if variant == "2.1" else None
-    path = Path(root) / claude_relpath(cwd, session_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n_turns = max(1, min(2_000, int(target_bytes / 40_000) + 1))
-    compact_at = n_turns // 2 if (compaction if compaction is not None else n_turns >= 6) else -1
-    sub_paths: list[Path] = []
-    with open(path, "wb") as f:
-        w = _Writer(f, r, start_s, ordinal=False)
-        s = _ClaudeSession(w, r, session_id=session_id, variant=variant, cwd=cwd, entrypoint=entry)
-        s.put(
-            {
-                "type": "file-history-snapshot",
-                "messageId": _uuid4(r),
-                "snapshot": {"trackedFileBackups": {}},
-                "isSnapshotUpdate": False,
-            }
-        )
-        if r.random() < 0.5:
-            s.put({"type": "summary", "summary": "An earlier session of this project", "leafUuid": _uuid4(r)})
-        s.user_text(_CAVEAT, isMeta=True)
-        s.user_text(
-            "<command-name>/clear</command-name>\n            <command-message>clear</command-message>\n"
-            "            <command-args></command-args>"
-        )
-        s.user_text("<local-command-stdout></local-command-stdout>")
-        for turn in range(n_turns):
-            remaining = target_bytes - w.bytes
-            if turn and remaining < 3_000:
-                break
-            budget = remaining if turn == n_turns - 1 else max(3_000, remaining // (n_turns - turn))
-            if turn == compact_at:
-                _claude_compaction(s)
-            _claude_turn(s, budget, first=turn == 0)
-            if turn < subagents:
-                agent_id = f"a{r.getrandbits(28):07x}"
-                cid = s.call_id()
-                prompt = f"Find where {r.choice(_WORDS)} is handled"
-                task = {
-                    "type": "tool_use",
-                    "id": cid,
-                    "name": "Task",
-                    "input": {"description": "Explore", "prompt": prompt, "subagent_type": "Explore"},
-                }
-                s.assistant([task])
-                sub = (
-                    path.parent / session_id / "subagents" if variant == "2.1" else path.parent
-                ) / f"agent-{agent_id}.jsonl"
-                _claude_subagent(sub, r, s, agent_id, prompt, w.t)
-                sub_paths.append(sub)
-                report = f"Found it in src/{r.choice(_MODULES)}.py.\nagentId: {agent_id}"
-                s.tool_result(
-                    cid, report, tool_use_result={"agentId": agent_id, "status": "completed", "totalTokens": 4_000}
-                )
-        if s.compactions and variant == "2.1":
-            sub = path.parent / session_id / "subagents" / f"agent-acompact-{r.getrandbits(24):06x}.jsonl"
-            _claude_subagent(sub, r, s, sub.stem[len("agent-") :], "Summarize this conversation", w.t)
-            sub_paths.append(sub)
-        s.put({"type": "ai-title", "sessionId": session_id, "aiTitle": "Fix the " + r.choice(_MODULES) + " module"})
-        w.flush()
-    return ClaudeSessionFacts(
-        path=path,
-        subagent_paths=tuple(sub_paths),
-        session_id=session_id,
-        variant=variant,
-        version=_CLAUDE_VERSIONS[variant],
-        entrypoint=entry,
-        cwd=cwd,
-        started_at=s.first_ts if s.first_ts is not None else start_s,
-        updated_at=int(w.t * 1000) / 1000,
-        size_bytes=w.bytes,
-        lines=w.lines,
-        turns=s.turns,
-        user_messages=tuple(s.user_messages),
-        commands=tuple(s.commands),
-        tool_errors=s.tool_errors,
-        patched_files=tuple(s.patched),
-        compactions=s.compactions,
-        output_tokens=s.output_tokens,
-    )
-
-
-def generate_claude_corpus(
-    root: Path, *, n_sessions: int, seed: int = 0, size_mix: Sequence[tuple[int, int, float]] = DEFAULT_SIZE_MIX
-) -> list[ClaudeSessionFacts]:
-    """Write ``n_sessions`` Claude Code sessions under ``root`` (a projects root), alternating the
-    2.0 and 2.1 layouts, with sub-agents, some compactions and one ``claude -p`` (``sdk-cli``)
-    session in every ten.
-
-    Args:
-        root: the projects root; created if missing.
-        n_sessions: number of sessions (≥ 0).
-        seed: makes the corpus deterministic.
-        size_mix: buckets ``(min_bytes, max_bytes, weight)`` (see :data:`DEFAULT_SIZE_MIX`).
-
-    Returns:
-        The facts of every session, in generation order.
-
-    Raises:
-        ValueError: ``n_sessions`` < 0 or an empty ``size_mix``.
-    """
-    if n_sessions < 0:
-        raise ValueError("n_sessions must be ≥ 0")
-    if not size_mix:
-        raise ValueError("size_mix is empty")
-    out: list[ClaudeSessionFacts] = []
-    for i in range(n_sessions):
-        r = random.Random(f"memd-bench-claude-corpus:{seed}:{i}")
-        lo, hi, _ = r.choices(size_mix, [m[2] for m in size_mix])[0]
-        out.append(
-            generate_claude_session(
-                root,
-                target_bytes=int(math.exp(r.uniform(math.log(lo), math.log(max(lo, hi))))),
-                variant=CLAUDE_VARIANTS[i % len(CLAUDE_VARIANTS)],
-                seed=r.getrandbits(63),
-                cwd=r.choice(PROJECTS)[0],
-                entrypoint="sdk-cli" if i % 10 == 9 else "cli",
-                subagents=r.randint(0, 2),
-            )
-        )
-    return out
-
-
-def append_claude_turn(
-    facts: ClaudeSessionFacts, *, seed: int = 0, target_bytes: int = 1024, ts_s: float | None = None
-) -> AppendedTurn:
-    """Append one small turn (prompt, one Bash call with output, answer) to a generated Claude
-    session, as complete lines written with one ``write`` call.
-
-    Args:
-        facts: the session (its path, id, variant, cwd and entrypoint are used).
-        seed: makes the appended content deterministic.
-        target_bytes: wanted size of the appended lines in bytes (≥ about 2 KB is honoured).
-        ts_s: time of the first appended record, epoch seconds (default: now).
-
-    Returns:
-        The :class:`AppendedTurn`.
-
-    Raises:
-        OSError: the file cannot be appended to.
-    """
-    r = random.Random(f"memd-bench-claude-append:{seed}")
-    buf = io.BytesIO()
-    w = _Writer(buf, r, time.time() if ts_s is None else ts_s, ordinal=False)
-    s = _ClaudeSession(
-        w, r, session_id=facts.session_id, variant=facts.variant, cwd=facts.cwd, entrypoint=facts.entrypoint
-    )
-    user = f"now check the {r.choice(_MODULES)} ({r.getrandbits(32):08x})"
-    s.prompt(user)
-    command = f"git diff --stat src/{r.choice(_MODULES)}.py"
-    s.bash(command, "listing", max(64, target_bytes - 1_900), fail=False)
-    s.assistant([{"type": "text", "text": "Done."}])
-    w.flush()
-    data = buf.getvalue()
-    with open(facts.path, "ab") as f:
-        f.write(data)
-    return AppendedTurn(bytes_appended=len(data), user_message=user, command=CommandFact(command, 0), lines=w.lines)
