@@ -57,6 +57,8 @@ class HeadProblem(StrEnum):
     NO_SESSION_META = "no_session_meta"
     #: Claude Code records, but none of the first :data:`CLAUDE_HEAD_LINES` carries ``sessionId``.
     NO_SESSION_ID = "no_session_id"
+    #: Reading the head failed unexpectedly (logged as ``head_failed``); tried again on change.
+    HEAD_FAILED = "head_failed"
 
 
 class FileRole(StrEnum):
@@ -140,6 +142,8 @@ class IndexSummary:
         unchanged: files that cost only their stat.
         indexed: files whose head was (re)read.
         removed: files that disappeared since the last scan.
+        failed: files whose head could not be read for an unexpected reason (``head_failed``;
+            recorded as not indexed, tried again when they change).
         problems: file-system problems reported by the scan (missing roots, loops, ...).
     """
 
@@ -147,6 +151,7 @@ class IndexSummary:
     unchanged: int = 0
     indexed: int = 0
     removed: int = 0
+    failed: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -251,6 +256,7 @@ class Indexer:
             indexed=summary.indexed,
             new_threads=new_threads,
             removed=summary.removed,
+            failed=summary.failed,
             problems=len(summary.problems),
         )
         return summary
@@ -316,49 +322,56 @@ class Indexer:
 
     def _read_heads(self, changed: Sequence[tuple[rollout_files.FileStat, FileRecord | None]]) -> list[_Head]:
         """The file-system part of indexing (runs in a worker thread): read and parse each head,
-        and resolve its project key (which may look for ``.git`` on disk)."""
+        and resolve its project key (which may look for ``.git`` on disk).
+
+        An unexpected error on one file (a bug met by a strange head) never fails the batch: it is
+        logged (``head_failed``, error, with the traceback) and the file is recorded as not indexed
+        (:attr:`HeadProblem.HEAD_FAILED`; tried again when it changes).
+        """
         heads: list[_Head] = []
         projects: dict[str | None, str] = {}  # cwd -> project key, within this batch
         for st, prev in changed:
-            head = reader.read_head(st.path, max_line_bytes=self._max_line_bytes)
-            if isinstance(head, rollout_files.ReadFailure):  # logged by sources
-                heads.append(_Head(st=st, prev=prev, failure=head))
-                continue
-            meta = None
-            if head.complete and head.first_line:
-                meta = parse_session_meta(head.first_line)
-            is_claude = False
-            if meta is None and (head.complete or head.oversized):
-                meta, is_claude = self._claude_head(head.stat.path)
-            reason = None
-            if meta is None:
-                if head.stat.size == 0:
-                    reason = HeadProblem.EMPTY_FILE
-                elif is_claude:
-                    reason = HeadProblem.NO_SESSION_ID
-                elif head.oversized:
-                    reason = HeadProblem.FIRST_LINE_TOO_LONG
-                elif not head.complete:
-                    reason = HeadProblem.PARTIAL_FIRST_LINE
-                else:
-                    reason = HeadProblem.NO_SESSION_META
-            project = ""
-            if meta is not None:
-                project = projects.get(meta.cwd) or projects.setdefault(
-                    meta.cwd, project_key(meta.cwd, rule=self._project_rule)
+            try:
+                heads.append(self._read_head(st, prev, projects))
+            except Exception as exc:  # one file never fails the batch (SPEC §13)
+                log.error(
+                    "head_failed",
+                    path=st.path,
+                    error=f"{type(exc).__name__}: {exc}",
+                    action="recorded as not indexed; tried again when the file changes",
+                    exc_info=exc,
                 )
-            heads.append(
-                _Head(
-                    st=head.stat,
-                    prev=prev,
-                    head_hash=head.head_hash,
-                    meta=meta,
-                    reason=reason,
-                    project=project,
-                    claude=is_claude or (meta is not None and meta.agent is Agent.CLAUDE),
-                )
-            )
+                heads.append(_Head(st=st, prev=prev, reason=HeadProblem.HEAD_FAILED))
         return heads
+
+    def _read_head(self, st: rollout_files.FileStat, prev: FileRecord | None, projects: dict[str | None, str]) -> _Head:
+        """Read and parse one file's head (see :meth:`_read_heads`); ``projects`` caches project keys."""
+        head = reader.read_head(st.path, max_line_bytes=self._max_line_bytes)
+        if isinstance(head, rollout_files.ReadFailure):  # logged by memd.ingest.files
+            return _Head(st=st, prev=prev, failure=head)
+        meta = None
+        if head.complete and head.first_line:
+            meta = parse_session_meta(head.first_line)
+        is_claude = False
+        if meta is None and (head.complete or head.oversized):
+            meta, is_claude = self._claude_head(head.stat.path)
+        reason = None
+        if meta is None:
+            reason = _head_problem(head, is_claude=is_claude)
+        project = ""
+        if meta is not None:
+            project = projects.get(meta.cwd) or projects.setdefault(
+                meta.cwd, project_key(meta.cwd, rule=self._project_rule)
+            )
+        return _Head(
+            st=head.stat,
+            prev=prev,
+            head_hash=head.head_hash,
+            meta=meta,
+            reason=reason,
+            project=project,
+            claude=is_claude or (meta is not None and meta.agent is Agent.CLAUDE),
+        )
 
     def _claude_head(self, path: str) -> tuple[SessionMeta | None, bool]:
         """Read a transcript's first lines as Claude Code's: ``(meta, looks like Claude)``.
@@ -399,6 +412,7 @@ class Indexer:
         meta = head.meta
         kind = Agent.CLAUDE if head.claude else Agent.CODEX
         if meta is None:
+            summary.failed += head.reason is HeadProblem.HEAD_FAILED
             batch.files.append(_file(st, head.head_hash, None, 0, error=head.reason, kind=kind))
             log.info("file_not_indexed", path=st.path, reason=head.reason, agent=str(kind))
             return 0
@@ -601,6 +615,19 @@ def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
         and (prev.dev, prev.inode, prev.size, prev.mtime) == (st.dev, st.inode, st.size, st.mtime)
         and not (prev.error or "").startswith("unreadable")  # retried on every scan
     )
+
+
+def _head_problem(head: reader.HeadRead, *, is_claude: bool) -> HeadProblem:
+    """Why a head that names no session does not (``files.error`` of the file)."""
+    if head.stat.size == 0:
+        return HeadProblem.EMPTY_FILE
+    if is_claude:
+        return HeadProblem.NO_SESSION_ID
+    if head.oversized:
+        return HeadProblem.FIRST_LINE_TOO_LONG
+    if not head.complete:
+        return HeadProblem.PARTIAL_FIRST_LINE
+    return HeadProblem.NO_SESSION_META
 
 
 def _stem(path: str) -> str:

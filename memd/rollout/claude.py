@@ -392,7 +392,7 @@ def looks_like_claude(lines: Iterable[bytes]) -> bool:
     that does not (yet) name its session, not a foreign file. Never raises."""
     for raw in lines:
         obj = _load(raw)
-        if isinstance(obj, dict) and "payload" not in obj and obj.get("type") in _CLAUDE_TYPES:
+        if isinstance(obj, dict) and "payload" not in obj and _one_of(obj.get("type"), _CLAUDE_TYPES):
             return True
     return False
 
@@ -554,7 +554,7 @@ class ClaudeParser:
             return self._system(obj, ts)
         if kind == "attachment":
             attachment = obj.get("attachment")
-            return isinstance(attachment, dict) and attachment.get("type") in _ATTACHMENT_TYPES
+            return isinstance(attachment, dict) and _one_of(attachment.get("type"), _ATTACHMENT_TYPES)
         if kind == "progress":
             if not isinstance(obj.get("data"), dict):
                 self._result.bad_values += 1  # e.g. ``data`` given as a JSON string
@@ -693,7 +693,7 @@ class ClaudeParser:
         if subtype == "compact_boundary":
             self._add(TurnEvent(type="context_compacted", ts=ts))
             return True
-        return subtype in _SYSTEM_SUBTYPES or subtype is None
+        return subtype is None or _one_of(subtype, _SYSTEM_SUBTYPES)
 
     def _title(self, obj: dict[str, Any], kind: str, ts: float | None) -> None:
         key, title_kind = {
@@ -952,6 +952,12 @@ def _title_kind(kind: str) -> Literal["custom", "ai", "summary"]:
     if kind == "custom":
         return "custom"
     return "ai" if kind == "ai" else "summary"
+
+
+def _one_of(value: Any, names: frozenset[str]) -> bool:
+    """Whether a record's field is one of ``names``: a string in the set (a list, an object or a
+    number given where a type name belongs is none of them; a set lookup of those would raise)."""
+    return isinstance(value, str) and value in names
 
 
 def _str(value: Any) -> str:

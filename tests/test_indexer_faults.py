@@ -1,0 +1,288 @@
+"""The indexer and the rollout sniffers against hostile input and transient faults (SPEC §3.3, §4, §13).
+
+One strange file never stops a scan; a read that fails while planning never loses a session; a move to the
+archive or a root that is briefly missing never makes memd read a file again from its start.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from memd.clock import SystemClock
+from memd.ingest.indexer import HeadProblem, Indexer
+from memd.rollout import claude, codex
+from memd.rollout.records import Agent
+from memd.rollout.session import ThreadStats, new_parser
+from memd.store.store import Store
+
+INCLUDE = ("cli", "vscode", "unknown", "custom")
+TID = "019b0000-1111-7222-8333-444455556666"
+
+
+def meta_line(thread_id: str = TID, cwd: str = "/work/proj") -> bytes:
+    payload = {
+        "id": thread_id,
+        "timestamp": "2026-01-02T10:00:00Z",
+        "cwd": cwd,
+        "originator": "codex_cli_rs",
+        "cli_version": "0.77.0",
+        "source": "cli",
+    }
+    return (
+        json.dumps({"timestamp": "2026-01-02T10:00:00Z", "type": "session_meta", "payload": payload}).encode() + b"\n"
+    )
+
+
+def user_line(text: str) -> bytes:
+    return (
+        json.dumps(
+            {
+                "timestamp": "2026-01-02T10:00:05Z",
+                "type": "event_msg",
+                "payload": {"type": "user_message", "message": text},
+            }
+        ).encode()
+        + b"\n"
+    )
+
+
+def rollout_path(root: Path, thread_id: str = TID, day: str = "2026/01/02") -> Path:
+    path = root / day / f"rollout-2026-01-02T10-00-00-{thread_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_indexer(store: Store, *roots: Path) -> Indexer:
+    return Indexer(store, SystemClock(), roots=list(roots), max_line_bytes=1 << 20, include_sources=INCLUDE)
+
+
+# --- hostile types in the head --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [["user"], {"a": "user"}, 3, None, 1.5, True])
+def test_looks_like_claude_reads_a_hostile_type_as_not_claude(kind: object) -> None:
+    assert claude.looks_like_claude([json.dumps({"type": kind}).encode()]) is False
+    assert claude.looks_like_claude([json.dumps({"type": kind}).encode(), b'{"type": "user"}']) is True
+
+
+async def test_a_head_with_a_list_type_does_not_stop_the_scan(system_store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    good = rollout_path(root)
+    good.write_bytes(meta_line() + user_line("fix the build"))
+    weird = root / "weird.jsonl"
+    weird.write_bytes(b'{"type": ["user"]}\n{"type": {"nested": 1}, "sessionId": ["s"]}\n')
+    ix = make_indexer(system_store, root)
+    summary = await ix.scan()
+    assert summary.files_seen == 2 and summary.failed == 0
+    assert [t.id for t in await system_store.threads.list_all()] == [TID]
+    record = await system_store.threads.get_file(str(weird))
+    assert record is not None and record.error == HeadProblem.NO_SESSION_META and record.thread_id is None
+    # The watcher's path gives the same answer.
+    weird.write_bytes(weird.read_bytes() + b'{"type": [1, 2]}\n')
+    again = await ix.refresh_paths([str(weird), str(good)])
+    assert again.indexed == 1 and again.unchanged == 1
+
+
+async def test_an_unexpected_head_error_is_one_file_not_the_batch(
+    system_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "sessions"
+    good = rollout_path(root)
+    good.write_bytes(meta_line() + user_line("fix the build"))
+    odd = root / "odd.jsonl"
+    odd.write_bytes(b'{"type": "user", "no": "session id"}\n')
+    real_session_meta = claude.session_meta
+
+    def exploding(lines: Any, *, name_hint: str | None = None) -> Any:
+        if name_hint == "odd":
+            raise RuntimeError("a bug met by a strange head")
+        return real_session_meta(lines, name_hint=name_hint)
+
+    monkeypatch.setattr(claude, "session_meta", exploding)
+    ix = make_indexer(system_store, root)
+    with capture_logs() as logs:
+        summary = await ix.scan()
+    assert summary.files_seen == 2 and summary.indexed == 2 and summary.failed == 1
+    assert (await system_store.threads.get(TID)) is not None
+    record = await system_store.threads.get_file(str(odd))
+    assert record is not None and record.error == HeadProblem.HEAD_FAILED
+    failed = [e for e in logs if e["event"] == "head_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == str(odd) and "RuntimeError" in failed[0]["error"]
+    assert [e["failed"] for e in logs if e["event"] == "scan_done"] == [1]
+    # Unchanged, it is not read again; once it changes (and the bug is gone) it is.
+    assert (await ix.scan()).unchanged == 2
+    monkeypatch.setattr(claude, "session_meta", real_session_meta)
+    odd.write_bytes(odd.read_bytes() + b'{"type": "user", "sessionId": "abc", "cwd": "/p"}\n')
+    refreshed = await ix.refresh_paths([str(odd)])
+    assert refreshed.failed == 0
+    record = await system_store.threads.get_file(str(odd))
+    assert record is not None and record.error is None and record.thread_id == "abc"
+
+
+# --- a seeded fuzz of the sniffers and the parsers ------------------------------------------------------------
+
+_HOSTILE: list[object] = [
+    None,
+    0,
+    -1,
+    1.5,
+    True,
+    [],
+    ["user"],
+    {},
+    {"a": 1},
+    "",
+    "x",
+    [{"type": "text"}],
+    {"type": ["x"]},
+    10**30,
+    "2026-01-01T00:00:00Z",
+]
+_TYPES = [
+    "user",
+    "assistant",
+    "system",
+    "summary",
+    "progress",
+    "attachment",
+    "session_meta",
+    "response_item",
+    "event_msg",
+    "turn_context",
+    "compacted",
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "local_shell_call",
+    "web_search_call",
+    "reasoning",
+    "user_message",
+    "agent_message",
+    "token_count",
+    "task_complete",
+    "exec_command_end",
+    "patch_apply_end",
+    "tool_use",
+    "tool_result",
+    "text",
+    "image",
+    "compact_boundary",
+    "ai-title",
+    "custom-title",
+    "file-history-snapshot",
+    "thread_rolled_back",
+]
+_KEYS = [
+    "type",
+    "payload",
+    "sessionId",
+    "cwd",
+    "version",
+    "gitBranch",
+    "entrypoint",
+    "timestamp",
+    "isSidechain",
+    "agentId",
+    "message",
+    "content",
+    "subtype",
+    "attachment",
+    "data",
+    "summary",
+    "aiTitle",
+    "customTitle",
+    "isCompactSummary",
+    "toolUseResult",
+    "isMeta",
+    "requestId",
+    "usage",
+    "id",
+    "role",
+    "name",
+    "arguments",
+    "call_id",
+    "output",
+    "source",
+    "originator",
+    "cli_version",
+    "git",
+    "session_id",
+    "memory_mode",
+    "thread_source",
+    "info",
+    "record_type",
+    "input",
+    "tool_use_id",
+    "is_error",
+    "text",
+    "model",
+    "action",
+    "command",
+    "changes",
+    "success",
+    "exit_code",
+    "aggregated_output",
+    "phase",
+    "isApiErrorMessage",
+]
+
+
+def _value(rng: random.Random, depth: int) -> object:
+    roll = rng.random()
+    if depth > 3 or roll < 0.4:
+        return rng.choice(_HOSTILE + _TYPES)
+    if roll < 0.7:
+        return _object(rng, depth + 1)
+    return [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+
+
+def _object(rng: random.Random, depth: int = 0) -> dict[str, object]:
+    obj = {rng.choice(_KEYS): _value(rng, depth) for _ in range(rng.randint(0, 6))}
+    if rng.random() < 0.6:
+        obj["type"] = rng.choice(_TYPES + _HOSTILE)
+    return obj
+
+
+def test_sniffers_and_parsers_take_hostile_types_without_raising(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lists, objects, numbers and null where strings belong: the sniffers never raise, and the parsers
+    never need their last-resort guard (an error there would silently drop a record as unknown)."""
+    errors: list[str] = []
+    real_record = claude.ClaudeParser._record
+    real_object = codex._parse_object
+
+    def watched_record(self: claude.ClaudeParser, obj: dict[str, Any]) -> bool:
+        try:
+            return real_record(self, obj)
+        except Exception as exc:
+            errors.append(f"claude: {exc!r} on {obj!r}")
+            raise
+
+    def watched_object(obj: dict[str, Any], first: bool) -> Any:
+        try:
+            return real_object(obj, first)
+        except Exception as exc:
+            errors.append(f"codex: {exc!r} on {obj!r}")
+            raise
+
+    monkeypatch.setattr(claude.ClaudeParser, "_record", watched_record)
+    monkeypatch.setattr(codex, "_parse_object", watched_object)
+    rng = random.Random(20261129)
+    for _ in range(3000):
+        lines = [json.dumps(_object(rng)).encode() for _ in range(rng.randint(1, 4))]
+        claude.looks_like_claude(lines)
+        claude.session_meta(lines, name_hint=rng.choice([None, "x"]))
+        codex.parse_session_meta(lines[0])
+        for agent in (Agent.CODEX, Agent.CLAUDE):
+            parser = new_parser(agent, path="fuzz.jsonl", from_start=True)
+            parser.feed(lines)
+            stats = ThreadStats()
+            stats.feed(parser.result)
+            ThreadStats.from_json(stats.to_json())
+    assert errors == []
