@@ -82,3 +82,54 @@ async def test_a_crash_between_writing_the_new_name_and_moving_the_row_leaves_on
     assert names == [crashed.name]
     assert memory_files.parse_trace_file(crashed.read_text())[1] == BODY
     assert (await store.memories.get(TID)).path == f"trace_summaries/{crashed.name}"  # type: ignore[union-attr]
+
+
+def _trace(root: Path, thread_id: str, slug: str) -> str:
+    """Commit a trace file of ``thread_id`` named after ``slug``; return its relpath."""
+    relpath = memory_files.trace_relpath(thread_id, slug)
+    header = memory_files.TraceHeader(thread_id, PROJECT, PROJECT, f"/s/rollout-{thread_id}.jsonl", 1_761_000_000.0)
+    memory_files.stage_file(
+        root, relpath, memory_files.render_trace_file(header, f"# {slug}"), thread_id=thread_id
+    ).commit()
+    return relpath
+
+
+async def test_start_up_keeps_a_trace_whose_thread_has_no_row(store: Store, tmp_path: Path) -> None:
+    """A reinstall (state removed, memories kept) or a ``memd db recover`` that could not take a trace
+    back leaves trace files no row names: they are the only copy of those memories and stay."""
+    memory_dir = tmp_path / "memory"
+    root, legacy = await _memory_with_legacy_file(store, memory_dir)  # the project has a row now
+    indexed_no_row = "019a085e-0000-7000-8000-000000000001"
+    thread = ThreadRecord(
+        id=indexed_no_row, path="/s/other.jsonl", project=PROJECT, cwd=PROJECT, source="cli", originator="codex_cli_rs",
+        cli_version="0.47.0", model="m", title="t", created_at=1.0, updated_at=2.0, watermark=10, user_messages=1,
+        skipped_lines=0, eligible=True, reason=None,
+    )  # fmt: skip
+    await store.threads.record(thread, "{}", FileRecord(thread.path, "codex", 1, 3, 10, 1.0, 10, "", indexed_no_row))
+    kept_indexed = _trace(root, indexed_no_row, "an old session")
+    kept_unknown = _trace(root, "019a085e-0000-7000-8000-000000000002", "rollout gone")
+
+    await _repair(store, memory_dir).recover_all(min_age_s=0)
+
+    assert (root / kept_indexed).is_file() and (root / kept_unknown).is_file()
+    await _repair(store, memory_dir).recover_all(min_age_s=0)  # and at every later start
+    assert (root / kept_indexed).is_file() and (root / kept_unknown).is_file()
+
+
+async def test_start_up_removes_superseded_and_forgotten_traces(store: Store, tmp_path: Path) -> None:
+    memory_dir = tmp_path / "memory"
+    root, legacy = await _memory_with_legacy_file(store, memory_dir)
+    await _repair(store, memory_dir).recover_all(min_age_s=0)  # the legacy name is migrated
+    row = await store.memories.get(TID)
+    assert row is not None and row.path is not None
+    # A crash after the row of a retitled thread committed, before its old file was removed:
+    old_name = root / "trace_summaries" / f"{TID}_an_older_title.md"
+    old_name.write_text((root / row.path).read_text())
+    forgotten_id = "019a085e-0000-7000-8000-000000000003"
+    forgotten = _trace(root, forgotten_id, "forgotten session")
+    memory_files.add_tombstone(memory_dir, forgotten_id)
+
+    await _repair(store, memory_dir).recover_all(min_age_s=0)
+
+    assert sorted(p.name for p in (root / "trace_summaries").iterdir()) == [Path(row.path).name]
+    assert not (root / forgotten).exists()

@@ -319,7 +319,8 @@ def parse_trace_file(text: str) -> tuple[TraceHeader, str]:
     return header, body
 
 
-def _read_header(path: Path) -> TraceHeader | None:
+def read_trace_header(path: Path) -> TraceHeader | None:
+    """The header of the trace file ``path`` (its first 16 KiB read), or ``None`` when unreadable."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(_HEADER_READ_BYTES)
@@ -551,7 +552,7 @@ def _thread_files(root: Path, thread_id: str) -> list[Path]:
         path = directory / name
         if path.is_symlink() or not path.is_file():
             continue
-        header = _read_header(path)
+        header = read_trace_header(path)
         if header is not None and header.thread_id == thread_id:
             found.append(path)
     return found

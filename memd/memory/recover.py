@@ -104,14 +104,15 @@ def recover(root: Path, keep: Callable[[str], bool] | Iterable[str], *, min_age_
     """Clean a memory root at start-up after a possible crash (see the module docstring).
 
     Removes: stray ``*.tmp-memd-*`` files anywhere under ``root`` (a crash between stage and
-    commit), stale ``.staging-*`` directories (a crashed consolidation), and orphan trace files:
-    ``trace_summaries/*.md`` whose relpath is not kept (a crash after a rename but before the
-    old file of a retitled thread was removed, or a forgotten thread).
+    commit), stale ``.staging-*`` directories (a crashed consolidation), and the trace files
+    ``trace_summaries/*.md`` that ``keep`` refuses. :class:`MemoryRepair` refuses only superseded
+    ones (a crash after a rename but before the old file of a retitled thread was removed, or a
+    forgotten thread), never a trace whose thread has no row.
 
     Args:
         root: the memory root (a missing root is an empty report).
-        keep: the trace relpaths the database references (``MemoryRecord.path``), as a set or a
-            predicate on a relpath such as ``trace_summaries/x_y.md``.
+        keep: the trace relpaths to keep, as a set or a predicate on a relpath such as
+            ``trace_summaries/x_y.md``.
         min_age_s: only temp files and staging dirs at least this old (mtime) are removed —
             pass a positive value when another daemon may be writing the same memory root.
 
@@ -187,7 +188,9 @@ class MemoryRepair:
         """Finish what a crash interrupted, in every project's memory root, once at start-up.
 
         Temporary files of interrupted writes, stale consolidation staging directories and
-        trace files no ``memories`` row names are removed; legacy trace names are migrated; a
+        superseded trace files (their thread's row names another file, or ``memd forget`` removed
+        the thread) are removed — a trace whose thread has no row is kept; legacy trace names are
+        migrated; a
         trace among the project's newest ``max_traces_per_project`` whose file is missing or
         differs (a crash between the row's commit and the rename) is written again from the row.
 
@@ -211,9 +214,10 @@ class MemoryRepair:
         migrated = await self.migrate_names(project)
         memories = await self._store.memories.list_for_project(project.project)
         keep = {m.path for m in memories if m.path}
+        superseded = await self._superseded(project, root, keep)
 
         def kept(relpath: str) -> bool:
-            if relpath in keep:
+            if relpath not in superseded:
                 return True
             if not min_age_s:
                 return False
@@ -232,6 +236,28 @@ class MemoryRepair:
                 rewritten=rewritten,
                 renamed=migrated,
             )
+
+    async def _superseded(self, project: ProjectRecord, root: Path, named: set[str]) -> set[str]:
+        """The trace files no row of ``project`` names that may go: those whose thread has a
+        ``memories`` row naming another file (a retitled or moved thread, a no-op memory) and
+        those of a thread ``memd forget`` removed (tombstone). A trace whose thread has no row
+        (a database rebuilt after a reinstall, a session ``memd db recover`` could not take back)
+        is kept: it is the only copy of that memory."""
+        unnamed = await asyncio.to_thread(_unnamed_traces, root, named)
+        if not unnamed:
+            return set()
+        forgotten = await asyncio.to_thread(memory_files.read_tombstones, self._memory_dir)
+        superseded: set[str] = set()
+        for relpath, thread_id in unnamed.items():
+            if thread_id in forgotten:
+                superseded.add(relpath)
+                continue
+            row = await self._store.memories.get(thread_id)
+            if row is None:
+                log.info("trace_kept_without_row", project=project.project, path=relpath, thread_id=thread_id)
+            elif (row.project, row.path) != (project.project, relpath):
+                superseded.add(relpath)
+        return superseded
 
     async def repair_traces(self, project: ProjectRecord, memories: list[MemoryRecord] | None = None) -> int:
         """Write again, from their rows, the project's newest trace files that are missing.
@@ -265,8 +291,8 @@ class MemoryRepair:
 
         Per file: the trace is written under its new name with the full header (agent, session
         date, source watermark), the row is moved to it, and committing the new file removes the
-        old one. A crash at any point leaves either name, never both (an unnamed file is an
-        orphan that :func:`recover` removes), so the migration simply runs again.
+        old one. A crash at any point leaves either name, never both (a file its row no longer
+        names is superseded: :func:`recover` removes it), so the migration simply runs again.
 
         Returns:
             How many files were renamed.
@@ -294,6 +320,25 @@ class MemoryRepair:
         if renamed:
             log.info("trace_files_renamed", project=project.project, count=renamed)
         return renamed
+
+
+def _unnamed_traces(root: Path, named: set[str]) -> dict[str, str]:
+    """``{relpath: thread id}`` of the ``trace_summaries/*.md`` files of ``root`` not in ``named``
+    whose header names a thread (a file without one is not memd's and is left alone)."""
+    trace_dir = root / TRACE_DIR
+    try:
+        names = sorted(os.listdir(trace_dir))
+    except OSError:
+        return {}
+    unnamed: dict[str, str] = {}
+    for name in names:
+        relpath = f"{TRACE_DIR}/{name}"
+        if not name.endswith(".md") or relpath in named:
+            continue
+        header = memory_files.read_trace_header(trace_dir / name)
+        if header is not None and header.thread_id:
+            unnamed[relpath] = header.thread_id
+    return unnamed
 
 
 def _write_trace(root: Path, relpath: str, content: str, thread_id: str) -> None:
