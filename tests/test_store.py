@@ -702,3 +702,35 @@ async def test_tasks_sharing_one_store_do_not_interleave_transactions(store: Sto
     jobs = await asyncio.gather(*(store.jobs.claim("extract", f"w{i}", 60) for i in range(25)))
     claimed = [j.key for j in jobs if j is not None]
     assert sorted(claimed) == sorted(f"t{i}" for i in range(20))
+
+
+async def test_forget_ends_the_extract_job_and_fences_out_a_running_claim(store: Store) -> None:
+    await add_thread(store, "running")
+    await store.jobs.upsert_extract("running", 100, 2.0)
+    job = await store.jobs.claim("extract", "W", 60)
+    assert job is not None and job.key == "running"
+    await add_thread(store, "queued")
+    await store.jobs.upsert_extract("queued", 100, 1.0)
+
+    assert await store.threads.mark_forgotten("running") and await store.threads.mark_forgotten("queued")
+
+    assert await store.jobs.finish_extract(job, make_memory("running")) is False
+    assert await store.memories.get("running") is None
+    ended = await store.jobs.get("extract", "running")
+    assert ended is not None and (ended.status, ended.last_error, ended.owner) == ("dead", "forgotten", None)
+    assert ended.fencing_token == job.fencing_token + 1
+    assert await store.jobs.claim("extract", "W", 60) is None  # the queued one is dead too
+    assert await store.jobs.retry() == 0 and await store.jobs.retry("queued") == 0
+
+
+async def test_finishing_the_extraction_of_a_forgotten_thread_writes_nothing(store: Store) -> None:
+    """A thread indexed as forgotten (its tombstone read into a rebuilt database) whose job still
+    ran: the commit is refused and the job ends dead."""
+    thread = dataclasses.replace(make_thread("gone"), eligible=False, reason=Ineligible.parse("forgotten"))
+    await store.threads.record(thread, "{}", make_file(thread.path, "gone", 100))
+    await store.jobs.upsert_extract("gone", 100, 1.0)
+    job = await store.jobs.claim("extract", "W", 60)
+    assert job is not None
+    assert await store.jobs.finish_extract(job, make_memory("gone")) is False
+    assert await store.memories.get("gone") is None
+    assert (await store.jobs.get("extract", "gone")).status == "dead"  # type: ignore[union-attr]

@@ -184,7 +184,10 @@ class ExtractJob:
         if not committed:
             if staged is not None:
                 await asyncio.to_thread(staged.abort)
-            raise LeaseLost(f"extract job for {memory.thread_id} lost its lease (fencing token {job.fencing_token})")
+            raise LeaseLost(
+                f"extract job for {memory.thread_id} lost its lease or its thread was forgotten"
+                f" (fencing token {job.fencing_token}); nothing was written"
+            )
         if staged is None:
             await asyncio.to_thread(memory_files.remove_trace, root, memory.thread_id)
             return

@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from memd.rollout.project import ReasonKind
 from memd.store.db import Repository
 from memd.store.projects import bump_project, short_error
 from memd.store.records import JobKind, JobRecord, JobStatus, MemoryRecord
@@ -53,6 +54,16 @@ _CLAIM_CANDIDATE = """
             ORDER BY priority DESC, created_at ASC, key ASC LIMIT 1))
     ORDER BY priority DESC, created_at ASC, key ASC
     LIMIT 1
+"""
+
+
+#: The thread was removed by ``memd forget`` (no memory of it may be written again).
+_FORGOTTEN = "SELECT 1 FROM threads WHERE id = :id AND NOT eligible AND reason = :reason"
+#: A claimed job ends ``dead`` because its thread was forgotten (fenced like every write of a claim).
+_END_FENCED = """
+    UPDATE jobs SET status = 'dead', owner = NULL, lease_until = NULL, retry_at = NULL,
+        last_error = 'forgotten', updated_at = :now
+    WHERE kind = :kind AND key = :key AND owner = :owner AND fencing_token = :token AND status = 'running'
 """
 
 
@@ -218,7 +229,9 @@ class JobRepository(Repository):
                 must exist in ``threads``.
 
         Returns:
-            ``False``, writing nothing, when the claim was lost (event ``job_fence_refused``).
+            ``False``, writing nothing, when the claim was lost (event ``job_fence_refused``), or
+            when ``memd forget`` removed the thread meanwhile (its reason is ``forgotten``): then the
+            job becomes ``dead`` and no memory is written (event ``extract_refused_forgotten``).
 
         Raises:
             ValueError: ``job`` is not the extract job of ``memory.thread_id``.
@@ -228,6 +241,10 @@ class JobRepository(Repository):
             raise ValueError(f"job {job.kind}/{job.key} does not match memory {memory.thread_id}")
         now = self._clock.now()
         async with self._db.write("finish_extract") as tx:
+            if await tx.one(_FORGOTTEN, {"id": job.key, "reason": ReasonKind.FORGOTTEN}) is not None:
+                await tx.execute(_END_FENCED, {"now": now, **_fence(job)})
+                log.warning("extract_refused_forgotten", key=job.key, fencing_token=job.fencing_token)
+                return False
             rows = await tx.rows(
                 """
                 UPDATE jobs SET
@@ -318,7 +335,8 @@ class JobRepository(Repository):
         return bool(rows)
 
     async def retry(self, thread_id: str | None = None) -> int:
-        """Make ``dead``/``error`` extract jobs ``pending`` with attempts 0 (``memd retry``).
+        """Make ``dead``/``error`` extract jobs ``pending`` with attempts 0 (``memd retry``); the job
+        of a thread ``memd forget`` removed stays ``dead``.
 
         Args:
             thread_id: only this thread's job; ``None`` for all.
@@ -334,9 +352,10 @@ class JobRepository(Repository):
                     last_error = NULL, updated_at = :now
                 WHERE kind = :kind AND status IN ('dead', 'error')
                   AND (:key IS NULL OR key = :key)
+                  AND key NOT IN (SELECT id FROM threads WHERE NOT eligible AND reason = :forgotten)
                 RETURNING 1
                 """,
-                {"kind": JobKind.EXTRACT, "key": thread_id, "now": now},
+                {"kind": JobKind.EXTRACT, "key": thread_id, "now": now, "forgotten": ReasonKind.FORGOTTEN},
             )
         return len(rows)
 

@@ -81,6 +81,13 @@ _PLAN_WAITING = (
 #: ... and those older than the age limit.
 _PLAN_TOO_OLD = "SELECT COUNT(*) FROM threads WHERE plan_pending > 0 AND updated_at < :after"
 
+#: ``memd forget`` ends the thread's extract job: dead, unclaimed, its fencing token bumped.
+_END_FORGOTTEN_JOB = """
+    UPDATE jobs SET status = 'dead', owner = NULL, lease_until = NULL, retry_at = NULL,
+        fencing_token = fencing_token + 1, last_error = 'forgotten'
+    WHERE kind = :kind AND key = :key
+"""
+
 #: A keyset cursor over threads: ``(updated_at, id)`` of the last row of a page.
 ThreadCursor = tuple[float, str]
 
@@ -219,6 +226,10 @@ class ThreadRepository:
     async def mark_forgotten(self, thread_id: str, reason: str = "forgotten") -> bool:
         """Make a thread ineligible for good (``memd forget``): ``eligible = 0`` and ``reason``.
 
+        In the same transaction its extract job ends: ``dead`` (``last_error`` ``forgotten``), its
+        claim dropped and its fencing token bumped, so a queued or retrying job is never claimed
+        and a running one is fenced out (its commit writes nothing).
+
         Returns:
             Whether the thread exists.
         """
@@ -226,6 +237,7 @@ class ThreadRepository:
             rows = await tx.rows(
                 "UPDATE threads SET eligible = 0, reason = ? WHERE id = ? RETURNING 1", (reason, thread_id)
             )
+            await tx.execute(_END_FORGOTTEN_JOB, {"kind": JobKind.EXTRACT, "key": thread_id})
         return bool(rows)
 
     async def status_page(
