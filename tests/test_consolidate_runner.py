@@ -412,3 +412,50 @@ def test_render_memory_summary_folds_lines_and_stays_small() -> None:
     text = render_memory_summary(PROJECT, many)
     assert len(text.encode()) <= 7_200  # about 1,800 tokens at 4 bytes a token
     assert text.rstrip().endswith("older sessions: see `trace_summaries/` and MEMORY.md")
+
+
+async def test_the_prune_spares_a_trace_re_extracted_after_the_list_was_read(
+    store: Store, clock: FakeClock, memory_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        await _add_memory(store, memory_dir, f"t{i}", clock.now() - 1000 + i, f"summary {i}")
+    stale = await store.memories.list_for_project(PROJECT)  # t0 is the oldest: beyond the newest 2
+    # Meanwhile a worker extracts t0 again (it grew), under the same name.
+    root = memory_files.project_root(memory_dir, PROJECT)
+    relpath = memory_files.trace_relpath("t0", "title t0")
+    await store.jobs.upsert_extract("t0", 200, clock.now())
+    job = await store.jobs.claim("extract", "worker", 60)
+    assert job is not None and job.key == "t0"
+    header = memory_files.TraceHeader("t0", PROJECT, PROJECT, "/rollouts/t0.jsonl", clock.now(), source_watermark=200)
+    staged = memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, "# fresh"))
+    fresh = MemoryRecord("t0", PROJECT, relpath, "# fresh", "fresh", 200, clock.now(), "offline", 0, 0)
+    assert await store.jobs.finish_extract(job, fresh)
+    staged.commit()
+
+    async def read_before_the_commit(project: str) -> list[MemoryRecord]:
+        return stale
+
+    monkeypatch.setattr(store.memories, "list_for_project", read_before_the_commit)
+    runner = _runner(store, clock, memory_dir, _py("pass"), max_traces_per_project=2)
+    assert (await runner.run(PROJECT)).ok
+    assert memory_files.parse_trace_file((root / relpath).read_text())[1] == "# fresh"
+
+
+async def test_a_trace_without_a_row_counts_among_the_newest_traces(
+    store: Store, clock: FakeClock, memory_dir: Path
+) -> None:
+    for i in range(2):
+        await _add_memory(store, memory_dir, f"t{i}", clock.now() - 1000 + i, f"summary {i}")
+    root = memory_files.project_root(memory_dir, PROJECT)
+
+    def rowless(thread_id: str, updated_at: float) -> Path:
+        header = memory_files.TraceHeader(thread_id, PROJECT, PROJECT, f"/gone/{thread_id}.jsonl", updated_at)
+        relpath = memory_files.trace_relpath(thread_id, "kept after a reinstall")
+        memory_files.stage_file(root, relpath, memory_files.render_trace_file(header, "# old")).commit()
+        return root / relpath
+
+    newer, older = rowless("r-new", clock.now() - 500), rowless("r-old", clock.now() - 5000)
+    runner = _runner(store, clock, memory_dir, _py("pass"), max_traces_per_project=3)
+    assert (await runner.run(PROJECT)).ok
+    assert newer.is_file() and not older.exists()  # r-new, t1, t0 are the newest 3
+    assert len(list((root / "trace_summaries").iterdir())) == 3

@@ -7,8 +7,9 @@ that the interpreter's start-up is paid once per batch instead of once per proje
 keeps its own lease and its own outcome:
 
 1. acquire the lease ``consolidate:<project>`` (another holder ⇒ skipped);
-2. prune ``trace_summaries/`` to the newest ``max_traces_per_project`` memories and rebuild
-   ``memory_summary.md`` (the routing map);
+2. prune ``trace_summaries/`` to the newest ``max_traces_per_project`` memories (a trace file whose
+   thread has no row counts among them by its header; a file re-extracted after the rows were read
+   is never removed) and rebuild ``memory_summary.md`` (the routing map);
 3. run the consolidation command (argv, never a shell) in the memory root, in its own process
    group, with its output streamed to the log and only a bounded tail kept; renew the leases every
    ``lease_s / 3``; a failed renewal or the timeout (``timeout_s`` per project: since the start or
@@ -42,7 +43,16 @@ from memd.clock import Clock, iso_utc
 from memd.consolidate.builtin import RESULT_PREFIX, RootOutcome
 from memd.consolidate.env import consolidation_env, is_own_consolidator
 from memd.errors import LeaseLost, MemdError
-from memd.memory.files import TRACE_DIR, ensure_project_root, project_root, safe_target, write_file_atomic
+from memd.memory.files import (
+    TRACE_DIR,
+    ensure_project_root,
+    project_root,
+    read_trace_header,
+    safe_target,
+    trace_exists,
+    trace_headers,
+    write_file_atomic,
+)
 from memd.store.records import MemoryRecord
 from memd.store.store import Store
 
@@ -504,7 +514,30 @@ class ConsolidationRunner:
             MemdError: the folder or a file cannot be written, or the store fails.
         """
         memories = await self.store.memories.list_for_project(project)
-        return await asyncio.to_thread(self._prepare_files, project, memories, bound)
+        root = await asyncio.to_thread(self._prepare_files, project, memories, bound)
+        if root is not None:
+            await self._prune_rowless(root, memories, bound)
+        return root
+
+    async def _prune_rowless(self, root: Path, memories: Sequence[MemoryRecord], bound: Any) -> None:
+        """Trace files whose thread has no row (kept at start-up: a reinstall, a ``memd db recover``
+        that could not take them back) count among the newest ``max_traces_per_project``: each is
+        removed once that many newer traces (by the session's last activity in the headers) are on
+        disk, as a row's file would be. Rows are read after the files are listed, so a file whose
+        row was committed meanwhile is never taken for one without a row."""
+        named = {m.path for m in memories if m.path}
+        on_disk = await asyncio.to_thread(trace_headers, root)
+        candidates = {rel: h for rel, h in on_disk.items() if rel not in named and h.thread_id}
+        if not candidates:
+            return
+        rows = await self.store.memories.watermarks_of(h.thread_id for h in candidates.values())
+        rowless = {rel for rel, h in candidates.items() if h.thread_id not in rows}
+        keep_n = max(0, self.max_traces_per_project)
+        counted = [(h.updated_at, rel) for rel, h in on_disk.items() if rel in rowless or rel in named]
+        old = [rel for _, rel in sorted(counted, reverse=True)[keep_n:] if rel in rowless]
+        pruned = await asyncio.to_thread(_unlink_traces, root, old, bound)
+        if pruned:
+            bound.info("traces_pruned", count=pruned, reason="no row, older than the newest traces")
 
     def _prepare_files(self, project: str, memories: Sequence[MemoryRecord], bound: Any) -> Path | None:
         """The file-system part of :meth:`_prepare` (runs in a worker thread)."""
@@ -519,8 +552,10 @@ class ConsolidationRunner:
     def _prune(self, root: Path, memories: Sequence[MemoryRecord], bound: Any) -> list[MemoryRecord]:
         """Delete trace files of memories beyond the newest N; return the kept memories.
 
-        ``memories`` is newest first. Only files named by an older memory row are removed, so a
-        trace file committed by a worker after the list was read is never touched.
+        ``memories`` is newest first. Only files named by an older memory row are removed, and only
+        while they still hold that row's memory (header ``source_watermark``, else the body), so a
+        trace file committed by a worker after the list was read — even under the same name — is
+        never touched.
         """
         with_files = [m for m in memories if m.path]
         kept = with_files[: max(0, self.max_traces_per_project)]
@@ -530,6 +565,8 @@ class ConsolidationRunner:
             assert memory.path is not None
             if memory.path in kept_paths or not memory.path.startswith(TRACE_DIR + "/"):
                 continue
+            if not _holds(root, memory):
+                continue  # missing, or re-extracted since the list was read: the fresh file stays
             try:
                 os.unlink(safe_target(root, memory.path))
             except FileNotFoundError:
@@ -844,6 +881,36 @@ def render_memory_summary(project: str, memories: Sequence[MemoryRecord]) -> str
         lines.append(line)
         size += len(line.encode()) + 1
     return "\n".join(lines) + "\n"
+
+
+def _holds(root: Path, memory: MemoryRecord) -> bool:
+    """Whether ``memory.path`` still holds that row's memory: its header names the thread and the
+    row's source watermark (a file written before headers had one: its body is the row's)."""
+    assert memory.path is not None
+    try:
+        header = read_trace_header(safe_target(root, memory.path))
+    except MemdError:
+        return False
+    if header is None or header.thread_id != memory.thread_id:
+        return False
+    if header.source_watermark:
+        return header.source_watermark == memory.source_watermark
+    return trace_exists(root, memory.path, memory.trace_memory)
+
+
+def _unlink_traces(root: Path, relpaths: Sequence[str], bound: Any) -> int:
+    """Remove the trace files ``relpaths``; return how many were removed (failures are logged)."""
+    removed = 0
+    for relpath in relpaths:
+        try:
+            os.unlink(safe_target(root, relpath))
+        except FileNotFoundError:
+            continue
+        except (OSError, MemdError) as exc:
+            bound.warning("trace_prune_failed", path=relpath, error=str(exc))
+            continue
+        removed += 1
+    return removed
 
 
 def _exit_error(exit_code: int | None, tail: str) -> str:

@@ -329,6 +329,25 @@ def read_trace_header(path: Path) -> TraceHeader | None:
     return parse_trace_file(head.decode("utf-8", "replace"))[0]
 
 
+def trace_headers(root: Path) -> dict[str, TraceHeader]:
+    """``{relpath: header}`` of every ``trace_summaries/*.md`` file of ``root`` (symlinks and
+    unreadable files left out; empty when there is no such directory)."""
+    directory = Path(root) / TRACE_DIR
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    headers: dict[str, TraceHeader] = {}
+    for name in names:
+        path = directory / name
+        if not name.endswith(".md") or path.is_symlink():
+            continue
+        header = read_trace_header(path)
+        if header is not None:
+            headers[f"{TRACE_DIR}/{name}"] = header
+    return headers
+
+
 # --------------------------------------------------------------------------- low-level helpers
 
 

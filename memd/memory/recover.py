@@ -325,20 +325,8 @@ class MemoryRepair:
 def _unnamed_traces(root: Path, named: set[str]) -> dict[str, str]:
     """``{relpath: thread id}`` of the ``trace_summaries/*.md`` files of ``root`` not in ``named``
     whose header names a thread (a file without one is not memd's and is left alone)."""
-    trace_dir = root / TRACE_DIR
-    try:
-        names = sorted(os.listdir(trace_dir))
-    except OSError:
-        return {}
-    unnamed: dict[str, str] = {}
-    for name in names:
-        relpath = f"{TRACE_DIR}/{name}"
-        if not name.endswith(".md") or relpath in named:
-            continue
-        header = memory_files.read_trace_header(trace_dir / name)
-        if header is not None and header.thread_id:
-            unnamed[relpath] = header.thread_id
-    return unnamed
+    headers = memory_files.trace_headers(root)
+    return {rel: header.thread_id for rel, header in headers.items() if rel not in named and header.thread_id}
 
 
 def _write_trace(root: Path, relpath: str, content: str, thread_id: str) -> None:
