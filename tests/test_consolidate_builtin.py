@@ -513,3 +513,30 @@ def test_consolidate_refuses_a_folder_memd_did_not_make(tmp_path: Path) -> None:
     with pytest.raises(ConsolidationError, match="not the one-line project key memd writes"):
         consolidate_root(repo)
     assert not (repo / ".git").exists() and not (repo / "MEMORY.md").exists()
+
+
+def test_a_crash_inside_the_skills_swap_loses_no_skill(root: Path) -> None:
+    """Killed between the two renames of the swap: the old ``skills/`` sits in the staging directory
+    and there is no ``skills/``. The next consolidation puts it back before removing the leftovers."""
+    old_skill = render_skill(Skill("deploy", "how to deploy", "1. `make deploy`"))
+    stale = root / ".staging-0123456789abcdef"
+    (stale / "skills.old" / "deploy").mkdir(parents=True)
+    (stale / "skills.old" / "deploy" / "SKILL.md").write_text(old_skill)
+    (stale / "skills" / "half").mkdir(parents=True)
+    (stale / "MEMORY.md").write_text("half-written")
+    assert not (root / "skills").exists()
+
+    consolidate_root(root, git=False)
+
+    assert not stale.exists()
+    assert (root / "skills" / "deploy" / "SKILL.md").read_text() == old_skill
+    assert not (root / "skills" / "half").exists()
+
+
+def test_stale_staging_never_replaces_existing_skills(root: Path) -> None:
+    (root / "skills" / "current").mkdir(parents=True)
+    (root / "skills" / "current" / "SKILL.md").write_text("current")
+    stale = root / ".staging-fedcba9876543210"
+    (stale / "skills.old" / "older").mkdir(parents=True)
+    memory_files.remove_stale_staging(root)
+    assert not stale.exists() and sorted(p.name for p in (root / "skills").iterdir()) == ["current"]

@@ -61,6 +61,7 @@ from memd.extract.redact import redact
 from memd.memory.files import (
     DIR_MODE,
     FILE_MODE,
+    OLD_SKILLS,
     STAGING_PREFIX,
     TRACE_DIR,
     TraceHeader,
@@ -462,8 +463,10 @@ def _stage_skills(root: Path, staging: Path, result: Consolidated) -> bool:
 
 
 def _swap_skills(root: Path, staging: Path) -> None:
-    """Rename the staged ``skills/`` into place, keeping the old one in the staging directory."""
-    skills_dir, old_skills = root / SKILLS_DIR, staging / "skills.old"
+    """Rename the staged ``skills/`` into place, keeping the old one in the staging directory (a crash
+    between the two renames leaves no ``skills/``: :func:`~memd.memory.files.remove_stale_staging`
+    puts the old one back)."""
+    skills_dir, old_skills = root / SKILLS_DIR, staging / OLD_SKILLS
     staged_skills = staging / SKILLS_DIR
     if not staged_skills.exists():
         os.mkdir(staged_skills, DIR_MODE)
@@ -498,8 +501,8 @@ def _swap(root: Path, staging: Path, result: Consolidated) -> tuple[bool, bool]:
         except OSError:
             if skills_changed:
                 os.rename(root / SKILLS_DIR, staging / "skills.new")
-                if (staging / "skills.old").exists():
-                    os.rename(staging / "skills.old", root / SKILLS_DIR)
+                if (staging / OLD_SKILLS).exists():
+                    os.rename(staging / OLD_SKILLS, root / SKILLS_DIR)
             raise
     if memory_changed or skills_changed:
         _fsync_dir(root)

@@ -627,8 +627,27 @@ def trace_exists(root: Path, relpath: str, trace_memory: str | None = None) -> b
     return parse_trace_file(text)[1] == trace_memory.rstrip("\n")
 
 
+#: The skills folder of a memory root, and where a consolidation's swap keeps the previous one
+#: (inside its staging directory) until the new one is in place.
+SKILLS_DIR = "skills"
+OLD_SKILLS = "skills.old"
+
+
+def _restore_skills(root: Path, staging: Path) -> None:
+    """A crash between the two renames of the skills swap left no ``skills/``: put the previous one
+    (``<staging>/skills.old``) back before the staging directory goes."""
+    skills, old = Path(root) / SKILLS_DIR, staging / OLD_SKILLS
+    if os.path.lexists(skills) or old.is_symlink() or not old.is_dir():
+        return
+    os.rename(old, skills)
+    log.warning("skills_restored", root=str(root), source=str(old))
+
+
 def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
     """Remove ``<root>/.staging-*`` directories (left by a crashed consolidation).
+
+    A crash in the middle of the skills swap (the old ``skills/`` moved into the staging directory,
+    the new one not yet in place) leaves no ``skills/``: the old one is moved back first.
 
     Args:
         root: the memory root.
@@ -652,6 +671,7 @@ def remove_stale_staging(root: Path, *, min_age_s: float = 0.0) -> list[str]:
                 continue
             if now - path.stat().st_mtime < min_age_s:
                 continue
+            _restore_skills(Path(root), path)
             shutil.rmtree(path)
         except OSError as exc:
             log.warning("staging_remove_failed", path=str(path), error=str(exc))
