@@ -664,6 +664,16 @@ def _report_root(root: Path, outcome: BuiltinResult | MemdError) -> bool:
     return True
 
 
+def _unexpected(root: Path, exc: Exception) -> MemdError:
+    """An unexpected exception of one root's consolidation, logged with its traceback and turned
+    into that root's failed outcome (the message redacted, SPEC §14)."""
+    from memd.errors import ConsolidationError
+
+    message = redact(f"{type(exc).__name__}: {exc}")[0]
+    log.error("consolidate_root_crashed", root=str(root), error=message, exc_info=True)
+    return ConsolidationError(f"unexpected error: {message}")
+
+
 def _consolidate_offline(roots: Sequence[Path], *, db_path: Path, max_unused_days: float) -> int:
     """The deterministic merge of each root in turn (with usage-based retention), without the
     event loop or the model client.
@@ -682,6 +692,8 @@ def _consolidate_offline(roots: Sequence[Path], *, db_path: Path, max_unused_day
             outcome: BuiltinResult | MemdError = consolidate_root(root, writer=retaining(offline_writer, policy))
         except MemdError as exc:
             outcome = exc
+        except Exception as exc:  # one root's unexpected failure never fails the rest of the batch
+            outcome = _unexpected(root, exc)
         ok = _report_root(given, outcome) and ok
     return 0 if ok else 1
 
@@ -741,6 +753,8 @@ async def _cmd_consolidate(args: argparse.Namespace, settings: Settings) -> int:
                     )
                 except MemdError as exc:
                     outcome = exc
+                except Exception as exc:  # one root's unexpected failure never fails the rest of the batch
+                    outcome = _unexpected(root, exc)
                 ok = _report_root(given, outcome) and ok
         finally:
             await client.aclose()

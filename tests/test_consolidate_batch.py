@@ -308,3 +308,27 @@ async def test_memd_once_consolidates_every_project_with_a_few_offline_processes
     assert {e["command"] for e in started} == {sys.executable}
     for k in range(6):
         assert (memory_files.project_root(settings.memory_dir, project_cwd(k)) / "MEMORY.md").is_file()
+
+
+def test_an_unexpected_error_in_one_root_fails_that_root_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memd.consolidate.builtin as builtin
+
+    roots = [memory_files.ensure_project_root(tmp_path / "projects", project_key(k)) for k in range(3)]
+    real = builtin.consolidate_root
+    secret = "sk-proj-Q7hB2kLm9XwP4rT6yV8nZ1cF3gJ5sD0aE2uI4oK6"
+
+    def buggy(root: Path, **kw: object) -> object:
+        if root == roots[1]:
+            raise KeyError(f"a bug holding {secret}")
+        return real(root, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtin, "consolidate_root", buggy)
+    offline = ["consolidate", "--offline", "--state-db", str(tmp_path / "none.sqlite3"), "--max-unused-days", "90"]
+    assert main(offline + [a for r in roots for a in ("--root", str(r))]) == 1
+    captured = capsys.readouterr()
+    results = [r for r in (RootOutcome.parse(line) for line in captured.out.splitlines()) if r]
+    assert [(r.root, r.ok) for r in results] == [(str(roots[0]), True), (str(roots[1]), False), (str(roots[2]), True)]
+    assert "unexpected error: KeyError" in (results[1].error or "")
+    assert secret not in captured.out and secret not in captured.err
