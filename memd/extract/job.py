@@ -120,9 +120,8 @@ class ExtractJob:
         self, thread: ThreadRecord, request: ExtractionRequest, result: ExtractionResult, output: NormalisedOutput
     ) -> tuple[MemoryRecord, str | None]:
         """The memory row and the trace file's content (``None`` for a no-op)."""
-        # The trace file's slug comes from the extractor's name for the main task (SPEC §8).
-        # The slug comes from the main task: the extractor's name for it, else the trace's first
-        # task (a model's output), else the thread's title (SPEC §8).
+        # The trace file's slug comes from the main task: the extractor's name for it, else the
+        # trace's first task (a model's output), else the thread's title (SPEC §8).
         title = result.title or first_task_name(output.trace_memory) or thread.title or "trace"
         relpath = None if output.noop else memory_files.trace_relpath(thread.id, title)
         memory = MemoryRecord(

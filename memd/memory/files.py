@@ -29,7 +29,8 @@ Crash analysis:
   holds another body, rewrites the file from the row (or re-runs extraction for that thread).
   The database row is the truth; the file is always derivable from it.
 * crash after step 3: the new pair is in place; a leftover trace file of the same thread under
-  an older title slug is an orphan that :func:`recover` removes (its relpath is not in ``keep``).
+  an older title slug is superseded (its thread's row names the new file): :func:`recover` removes
+  it at start-up. A trace whose thread has no row at all is kept (it is the only copy).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Repairing memory roots after a crash (SPEC §5 invariant), and renaming legacy trace files.
 
 :func:`recover` removes what interrupted writes left in one memory root: temp files, stale staging
-directories and orphan trace files. :class:`MemoryRepair` does it for every project of a store at
+directories and superseded trace files (never one whose thread has no row: the only copy of that
+memory). :class:`MemoryRepair` does it for every project of a store at
 start-up, writes again from their ``memories`` rows the trace files a crash lost (before each
 consolidation too), and renames trace files written before thread ids were kept verbatim in file
 names (SPEC §8), once, leaving no duplicate. See :mod:`memd.memory.files` for the write protocol.
