@@ -960,9 +960,9 @@ async def _db_recover(settings: Settings) -> int:
         threads = {}
         for thread_id in {t.header.thread_id for t in traces}:
             # Read the session to its end (as the scheduler does) so its watermark is current.
-            thread = await indexer.catch_up(thread_id)
-            if thread is not None:
-                threads[thread_id] = thread
+            caught = await indexer.catch_up(thread_id)
+            if caught is not None:
+                threads[thread_id] = caught.thread
         rows = []
         stale = 0
         for trace in traces:

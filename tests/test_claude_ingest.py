@@ -134,7 +134,7 @@ async def test_sdk_sessions_are_not_eligible(system_store: Store, tmp_path: Path
     session_file(tmp_path, SID, record(entrypoint="sdk-cli"))
     ix = indexer(system_store, tmp_path)
     await ix.scan()
-    thread = await ix.catch_up(SID)
+    thread = (await ix.catch_up(SID)).thread  # type: ignore[union-attr]
     assert thread is not None and not thread.eligible and str(thread.reason) == "source:sdk:sdk-cli"
 
 
@@ -171,7 +171,7 @@ async def test_appending_to_a_claude_session_reads_only_the_appended_bytes(syste
     assert before is not None and before.user_messages == len(facts.user_messages)
     appended = append_claude_turn(facts, seed=1, target_bytes=2_048)
     await ix.refresh_paths([str(facts.path)])
-    after = await ix.catch_up(facts.session_id)
+    after = (await ix.catch_up(facts.session_id)).thread  # type: ignore[union-attr]
     assert ix.last_catch_up_bytes == appended.bytes_appended  # not the 2 MB before it
     assert after is not None and after.user_messages == before.user_messages + 1
     assert after.watermark == facts.size_bytes + appended.bytes_appended
@@ -248,7 +248,7 @@ async def test_bad_claude_files(system_store: Store, tmp_path: Path) -> None:
     with open(torn, "ab") as f:
         f.write(record(sid=torn_sid)[40:])
     await ix.scan()
-    assert (await ix.catch_up(torn_sid)).user_messages == 2  # type: ignore[union-attr]
+    assert (await ix.catch_up(torn_sid)).thread.user_messages == 2  # type: ignore[union-attr]
     # Unknown record types are counted, not fatal; the session simply has no prompt.
     assert str(threads[future_sid].reason) == "no_user_messages"
     assert json.loads(await system_store.threads.stats(future_sid) or "{}")["unknown_lines"] == 20

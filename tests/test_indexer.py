@@ -80,7 +80,7 @@ async def test_append_reads_only_the_appended_bytes(system_store: Store, tmp_pat
         handle.write(appended)
     summary = await ix.scan()
     assert summary.indexed == 1
-    thread = await ix.catch_up(TID)
+    thread = (await ix.catch_up(TID)).thread  # type: ignore[union-attr]
     assert ix.last_catch_up_bytes == len(appended)
     assert thread is not None and thread.user_messages == 20_001
     assert thread.watermark == path.stat().st_size
@@ -93,13 +93,13 @@ async def test_partial_last_line_waits_for_its_newline(system_store: Store, tmp_
     path.write_bytes(meta_line() + user_line("first") + full[:10])
     ix = make_indexer(system_store, root)
     await ix.scan()
-    thread = await ix.catch_up(TID)
+    thread = (await ix.catch_up(TID)).thread  # type: ignore[union-attr]
     assert thread is not None and thread.user_messages == 1
     assert thread.watermark == len(meta_line() + user_line("first"))
     with path.open("ab") as handle:
         handle.write(full[10:])
     await ix.scan()
-    thread = await ix.catch_up(TID)
+    thread = (await ix.catch_up(TID)).thread  # type: ignore[union-attr]
     assert thread is not None and thread.user_messages == 2 and thread.watermark == path.stat().st_size
 
 
@@ -132,7 +132,7 @@ async def test_replaced_file_is_read_again_from_zero(system_store: Store, tmp_pa
     replacement.write_bytes(meta_line() + user_line("only one"))
     os.replace(replacement, path)
     await ix.scan()
-    thread = await ix.catch_up(TID)
+    thread = (await ix.catch_up(TID)).thread  # type: ignore[union-attr]
     assert thread is not None and thread.user_messages == 1
     assert thread.watermark == path.stat().st_size
 
@@ -191,7 +191,7 @@ async def test_oversized_line_is_skipped_and_counted(system_store: Store, tmp_pa
     ix = make_indexer(system_store, root, max_line_bytes=1 << 20)
     await ix.scan()
     with capture_logs() as logs:
-        thread = await ix.catch_up(TID)
+        thread = (await ix.catch_up(TID)).thread  # type: ignore[union-attr]
     assert thread is not None and thread.skipped_lines == 1 and thread.user_messages == 1
     assert thread.watermark == path.stat().st_size
     assert [e for e in logs if e["event"] == "line_oversized"], logs

@@ -7,6 +7,7 @@ archive or a root that is briefly missing never makes memd read a file again fro
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,16 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from memd.clock import SystemClock
-from memd.ingest.indexer import HeadProblem, Indexer
+from memd.clock import ManualClock, SystemClock
+from memd.ingest import files as rollout_files
+from memd.ingest.indexer import HeadProblem, Indexer, ReadOutcome
 from memd.rollout import claude, codex
+from memd.rollout.project import NOT_READ_YET
 from memd.rollout.records import Agent
 from memd.rollout.session import ThreadStats, new_parser
+from memd.schedule.scheduler import Scheduler
 from memd.store.store import Store
+from tests.builders import simple_turns, thread_id, write_rollout
 
 INCLUDE = ("cli", "vscode", "unknown", "custom")
 TID = "019b0000-1111-7222-8333-444455556666"
@@ -286,3 +291,66 @@ def test_sniffers_and_parsers_take_hostile_types_without_raising(monkeypatch: py
             stats.feed(parser.result)
             ThreadStats.from_json(stats.to_json())
     assert errors == []
+
+
+# --- a read that fails while planning -------------------------------------------------------------------------
+
+
+def _deny_once(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
+    """Make the next binary open of ``path`` fail with EACCES (once); returns the paths denied."""
+    denied: list[str] = []
+    real_open = rollout_files._open_binary
+
+    def denying_open(target: str) -> Any:
+        if target == str(path) and not denied:
+            denied.append(target)
+            raise PermissionError(13, "Permission denied", target)
+        return real_open(target)
+
+    monkeypatch.setattr(rollout_files, "_open_binary", denying_open)
+    return denied
+
+
+async def test_a_read_error_while_planning_keeps_the_thread_for_the_next_pass(
+    tmp_path: Path, manual_store: Store, manual_clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tid = thread_id(1)
+    path = write_rollout(tmp_path / "sessions", tid, tmp_path / "proj", simple_turns("t1"))
+    os.utime(path, (manual_clock.now() - 600, manual_clock.now() - 600))  # finished, idle
+    indexer = Indexer(manual_store, manual_clock, roots=[tmp_path / "sessions"], max_line_bytes=1 << 20,
+                      include_sources=INCLUDE, project_rule="cwd")  # fmt: skip
+    scheduler = Scheduler(manual_store, indexer, manual_clock, min_idle_s=60, max_age_days=30)
+    await indexer.scan()
+    denied = _deny_once(monkeypatch, path)
+    with capture_logs() as logs:
+        first = await scheduler.plan()
+    assert denied == [str(path)]
+    assert (first.failed, first.queued, first.not_eligible) == (1, 0, 0)
+    assert [e["thread_id"] for e in logs if e["event"] == "plan_thread_unread"] == [tid]
+    stored = await manual_store.threads.get(tid)
+    assert stored is not None and stored.reason == NOT_READ_YET and stored.watermark == 0  # nothing lost
+    # The error cleared: the next pass reads the session and queues its extraction.
+    second = await scheduler.plan()
+    assert (second.failed, second.queued_ids) == (0, [tid])
+    job = await manual_store.jobs.get("extract", tid)
+    assert job is not None and job.input_watermark == path.stat().st_size
+
+
+async def test_catch_up_says_whether_it_read(
+    system_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "sessions"
+    path = rollout_path(root)
+    path.write_bytes(meta_line() + user_line("fix the build"))
+    ix = make_indexer(system_store, root)
+    await ix.scan()
+    _deny_once(monkeypatch, path)
+    failed = await ix.catch_up(TID)
+    assert failed is not None and failed.outcome is ReadOutcome.FAILED and not failed.read_ok
+    assert failed.thread.watermark == 0 and failed.thread.reason == NOT_READ_YET
+    read = await ix.catch_up(TID)
+    assert read is not None and read.read_ok and read.thread.watermark == path.stat().st_size
+    path.unlink()
+    gone = await ix.catch_up(TID)
+    assert gone is not None and gone.outcome is ReadOutcome.VANISHED and gone.thread == read.thread
+    assert await ix.catch_up("no-such-thread") is None

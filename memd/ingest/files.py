@@ -201,6 +201,23 @@ def read_errors() -> tuple[type[Exception], ...]:
     return (OSError, zstd_error) if isinstance(zstd_error, type) else (OSError,)
 
 
+def stat_rollout(path: str) -> FileStat | ReadFailure:
+    """``stat`` one rollout file (following symlinks), telling a vanished file from an unreadable one.
+
+    Returns:
+        Its :class:`FileStat`, or a :class:`ReadFailure` (logged once): ``vanished`` when no file is
+        at ``path``, ``unreadable`` when it cannot be stat-ed or is not a regular file.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return read_failure(path, exc)
+    if not stat_mod.S_ISREG(st.st_mode):
+        log.warning("file_unreadable", path=path, detail="not a regular file")
+        return ReadFailure(path=path, reason="unreadable", detail="not a regular file")
+    return FileStat.from_os(path, st)
+
+
 def open_rollout(path: str) -> tuple[BinaryIO, FileStat] | ReadFailure:
     """Open a rollout once and ``fstat`` the open descriptor.
 

@@ -155,6 +155,35 @@ class IndexSummary:
     problems: list[str] = field(default_factory=list)
 
 
+class ReadOutcome(StrEnum):
+    """What :meth:`Indexer.catch_up` could do with a thread's rollout."""
+
+    #: Read up to its last complete line (possibly nothing new).
+    READ = "read"
+    #: No file at the thread's path: nothing to read until it reappears (a change the indexer records).
+    VANISHED = "vanished"
+    #: Unreadable this time (permission denied, I/O error, replaced mid-read): try again later.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """The result of :meth:`Indexer.catch_up`.
+
+    Attributes:
+        thread: the thread as stored after the read (unchanged unless ``outcome`` is ``read``).
+        outcome: whether the rollout was read (see :class:`ReadOutcome`).
+    """
+
+    thread: ThreadRecord
+    outcome: ReadOutcome
+
+    @property
+    def read_ok(self) -> bool:
+        """The rollout was read to its last complete line."""
+        return self.outcome is ReadOutcome.READ
+
+
 class Indexer:
     """Keeps ``files`` and ``threads`` in step with the rollout roots.
 
@@ -526,62 +555,75 @@ class Indexer:
             agent=meta.agent,
         )
 
-    async def catch_up(self, thread_id: str) -> ThreadRecord | None:
-        """Read a thread's rollout forward from its offset and update its statistics.
+    async def catch_up(self, thread_id: str) -> CatchUp | None:
+        """Read a thread's rollout forward from its watermark and update its statistics.
 
         Returns:
-            The updated thread, or ``None`` when the thread is unknown. A file replaced or
-            truncated since it was indexed is read again from 0.
+            ``None`` when the thread is unknown, else a :class:`CatchUp`: the thread as stored
+            after the read, and whether the read happened (``read``), found no file
+            (``vanished``: nothing to read until it reappears, which the indexer records as a
+            change) or failed this time (``failed``: permission denied, an I/O error, the file
+            replaced mid-read; the thread is as before and the caller tries again later). A file
+            replaced or truncated since it was indexed is read again from 0.
         """
         async with self._lock:
             thread = await self._store.threads.get(thread_id)
             if thread is None:
                 return None
             file = await self._store.threads.get_file(thread.path)
-            if file is None:
-                return thread
-            st = await asyncio.to_thread(scan.stat_path, file.path)
-            if st is None:
-                return thread
+            st = await asyncio.to_thread(rollout_files.stat_rollout, thread.path)
+            if isinstance(st, rollout_files.ReadFailure) or file is None:
+                # No record: the file was forgotten (gone) and, if it is back, not indexed yet.
+                outcome = ReadOutcome.VANISHED if _vanished(st) else ReadOutcome.FAILED
+                log.info("catch_up_failed", thread_id=thread_id, path=thread.path, outcome=str(outcome))
+                return CatchUp(thread, outcome)
             if st.size == file.watermark and st.inode == file.inode and thread.reason != NOT_READ_YET:
-                return thread
+                return CatchUp(thread, ReadOutcome.READ)
             stats = ThreadStats.from_json(await self._store.threads.stats(thread_id))
-            offset = file.watermark
+            watermark = file.watermark
             if st.inode != file.inode or st.size < file.watermark:
-                offset, stats = 0, ThreadStats()
-            read = await asyncio.to_thread(self._read_forward, file.path, offset, st.inode, stats, thread.agent)
-            if read is None:
-                return thread
-            offset, bytes_read, last_stat = read
-            new_file = _file(last_stat or st, file.head_hash, thread_id, offset, kind=thread.agent)
-            reason = thread.reason if thread.reason is not None and not thread.reason.provisional else None
-            if reason is None and stats.user_messages == 0:
-                reason = NO_USER_MESSAGES
-            record = replace(
-                thread,
-                model=stats.model or thread.model,
-                title=self._clean(stats.title) if stats.title else thread.title,
-                updated_at=new_file.mtime,
-                watermark=offset,
-                user_messages=stats.user_messages,
-                skipped_lines=stats.skipped_lines,
-                eligible=reason is None,
-                reason=reason,
-            )
-            # What the scheduler reads is not a change to plan again (only the indexer's are).
-            await self._store.threads.record(record, self._stats_json(stats), new_file, changed=False)
+                watermark, stats = 0, ThreadStats()
+            read = await asyncio.to_thread(self._read_forward, file.path, watermark, st.inode, stats, thread.agent)
+            if isinstance(read, ReadOutcome):
+                return CatchUp(thread, read)
+            watermark, bytes_read, last_stat = read
+            record = await self._record_read(thread, file, last_stat or st, watermark, stats)
             self.last_catch_up_bytes = bytes_read
-            log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, offset=offset)
-            return record
+            log.debug("thread_caught_up", thread_id=thread_id, bytes_read=bytes_read, watermark=watermark)
+            return CatchUp(record, ReadOutcome.READ)
+
+    async def _record_read(
+        self, thread: ThreadRecord, file: FileRecord, st: rollout_files.FileStat, watermark: int, stats: ThreadStats
+    ) -> ThreadRecord:
+        """Store what :meth:`catch_up` read: the thread's new watermark, statistics and verdict."""
+        new_file = _file(st, file.head_hash, thread.id, watermark, kind=thread.agent)
+        reason = thread.reason if thread.reason is not None and not thread.reason.provisional else None
+        if reason is None and stats.user_messages == 0:
+            reason = NO_USER_MESSAGES
+        record = replace(
+            thread,
+            model=stats.model or thread.model,
+            title=self._clean(stats.title) if stats.title else thread.title,
+            updated_at=new_file.mtime,
+            watermark=watermark,
+            user_messages=stats.user_messages,
+            skipped_lines=stats.skipped_lines,
+            eligible=reason is None,
+            reason=reason,
+        )
+        # What the scheduler reads is not a change to plan again (only the indexer's are).
+        await self._store.threads.record(record, self._stats_json(stats), new_file, changed=False)
+        return record
 
     def _read_forward(
         self, path: str, offset: int, inode: int, stats: ThreadStats, agent: Agent
-    ) -> tuple[int, int, rollout_files.FileStat | None] | None:
+    ) -> tuple[int, int, rollout_files.FileStat | None] | ReadOutcome:
         """Fold the complete lines after ``offset`` into ``stats`` (parsed as ``agent``'s).
 
         Returns:
-            ``(new offset, bytes read, fstat of the file)`` or ``None`` when the file vanished,
-            is unreadable, or was replaced while reading (the next scan re-indexes it).
+            ``(new offset, bytes read, fstat of the file)``, or :attr:`ReadOutcome.VANISHED` when
+            the file is gone, :attr:`ReadOutcome.FAILED` when it is unreadable or was replaced
+            while reading (the next scan re-indexes it).
         """
         stream = reader.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
         parser = new_parser(agent, path=path, from_start=offset == 0)
@@ -599,12 +641,17 @@ class Indexer:
                     parser = new_parser(agent, path=path, from_start=False)
             parser.feed(batch)
         except rollout_files.RolloutReadError as exc:
-            log.info("catch_up_failed", path=path, reason=str(exc))
-            return None
+            outcome = ReadOutcome.VANISHED if exc.reason == "vanished" else ReadOutcome.FAILED
+            log.info("catch_up_failed", path=path, outcome=str(outcome), reason=str(exc))
+            return outcome
         if stream.oversized_lines:
             parser.feed_malformed(stream.oversized_lines, "line_too_long")
         stats.feed(parser.result)
         return stream.watermark, stream.bytes_read, stream.stat
+
+
+def _vanished(st: rollout_files.FileStat | rollout_files.ReadFailure) -> bool:
+    return isinstance(st, rollout_files.ReadFailure) and st.reason == "vanished"
 
 
 def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:

@@ -23,7 +23,7 @@ import structlog
 
 from memd.clock import Clock
 from memd.errors import StoreError
-from memd.ingest.indexer import Indexer
+from memd.ingest.indexer import Indexer, ReadOutcome
 from memd.store.records import JobStatus, ThreadRecord
 from memd.store.store import Store
 
@@ -44,8 +44,9 @@ class PlanSummary:
             covers it (done — e.g. a memory removed by ``memd forget`` — or running elsewhere).
         not_eligible: threads excluded by source or with no user message.
         next_due_s: seconds until the next thread leaves the idle gate (None = none waiting).
-        failed: threads skipped this pass because reading them failed unexpectedly (event
-            ``plan_thread_failed``; they are looked at again next pass).
+        failed: threads skipped this pass because reading them failed (an unreadable rollout:
+            event ``plan_thread_unread``; an unexpected error: ``plan_thread_failed``); they keep
+            their mark and are looked at again next pass.
         dead: threads whose job exhausted its attempts for this watermark (``memd retry``).
         queued_ids: the ids of the queued threads.
         looked_at: changed threads this pass read and decided on (the others waited).
@@ -136,13 +137,19 @@ class Scheduler:
             summary.not_eligible += 1
             return True
         try:
-            current = await self._indexer.catch_up(thread.id) or thread
+            caught = await self._indexer.catch_up(thread.id)
         except StoreError:
             raise  # the whole pass fails and is retried (the database is shared by all)
         except Exception as exc:  # one unreadable thread never blocks the others
             log.error("plan_thread_failed", thread_id=thread.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             summary.failed += 1
             return False
+        if caught is not None and caught.outcome is ReadOutcome.FAILED:
+            # Unreadable this time (already logged): the mark stays, the next pass reads it again.
+            log.info("plan_thread_unread", thread_id=thread.id, action="kept for the next pass")
+            summary.failed += 1
+            return False
+        current = caught.thread if caught is not None else thread
         if not current.eligible:
             summary.not_eligible += 1
             return True
