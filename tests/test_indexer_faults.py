@@ -354,3 +354,112 @@ async def test_catch_up_says_whether_it_read(
     gone = await ix.catch_up(TID)
     assert gone is not None and gone.outcome is ReadOutcome.VANISHED and gone.thread == read.thread
     assert await ix.catch_up("no-such-thread") is None
+
+
+# --- moves and missing roots never cost a re-read -------------------------------------------------------------
+
+
+async def test_an_archive_move_seen_by_the_watcher_keeps_the_thread(system_store: Store, tmp_path: Path) -> None:
+    sessions, archive = tmp_path / "sessions", tmp_path / "archived_sessions"
+    archive.mkdir()
+    path = rollout_path(sessions)
+    path.write_bytes(meta_line() + user_line("fix the build") + user_line("and the docs"))
+    ix = make_indexer(system_store, sessions, archive)
+    await ix.scan()
+    before = await ix.catch_up(TID)
+    assert before is not None and before.thread.eligible and before.thread.user_messages == 2
+    moved = archive / path.name
+    os.rename(path, moved)
+    with capture_logs() as logs:
+        summary = await ix.refresh_paths([str(path), str(moved)])  # one watcher batch names both
+    assert summary.removed == 1 and summary.indexed == 1
+    assert [e["moved"] for e in logs if e["event"] == "thread_indexed"] == [True]
+    thread = await system_store.threads.get(TID)
+    assert thread is not None and thread.path == str(moved)
+    # Same thread, same statistics, same watermark: nothing is read again.
+    assert (thread.watermark, thread.user_messages, thread.eligible) == (moved.stat().st_size, 2, True)
+    record = await system_store.threads.get_file(str(moved))
+    assert record is not None and record.watermark == moved.stat().st_size
+    after = await ix.catch_up(TID)
+    assert after is not None and after.read_ok and ix.last_catch_up_bytes == 0
+
+
+async def test_a_missing_root_does_not_forget_its_files(system_store: Store, tmp_path: Path) -> None:
+    sessions = tmp_path / "sessions"
+    path = rollout_path(sessions)
+    path.write_bytes(meta_line() + user_line("fix the build"))
+    ix = make_indexer(system_store, sessions)
+    await ix.scan()
+    read = await ix.catch_up(TID)
+    assert read is not None and read.read_ok
+    sessions.rename(tmp_path / "unmounted")  # a network share away, a disk not mounted yet
+    with capture_logs() as logs:
+        away = await ix.scan()
+    assert away.removed == 0 and away.files_seen == 0
+    assert [e["event"] for e in logs if e["event"] == "root_missing"] == ["root_missing"]
+    assert await system_store.threads.get_file(str(path)) is not None
+    (tmp_path / "unmounted").rename(sessions)
+    back = await ix.scan()
+    assert (back.unchanged, back.indexed) == (1, 0)  # not new: its watermark stands
+    thread = await system_store.threads.get(TID)
+    assert thread is not None and thread.watermark == path.stat().st_size and thread.eligible
+
+
+async def test_an_unreadable_directory_does_not_forget_its_files(
+    system_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memd.ingest import scan as scan_module
+
+    sessions = tmp_path / "sessions"
+    hidden = rollout_path(sessions, thread_id(1), day="2026/01/01")
+    hidden.write_bytes(meta_line(thread_id(1)) + user_line("one"))
+    deleted = rollout_path(sessions, thread_id(2), day="2026/01/02")
+    deleted.write_bytes(meta_line(thread_id(2)) + user_line("two"))
+    ix = make_indexer(system_store, sessions)
+    await ix.scan()
+    deleted.unlink()
+    real_scandir = scan_module._scandir
+
+    def denying_scandir(path: str) -> Any:
+        if path == str(hidden.parent):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    real_exists = os.path.exists
+
+    def exists(path: Any) -> bool:  # what stat says under a directory without search permission
+        return False if str(path).startswith(str(hidden.parent) + "/") else real_exists(path)
+
+    monkeypatch.setattr(scan_module, "_scandir", denying_scandir)
+    monkeypatch.setattr(os.path, "exists", exists)
+    summary = await ix.scan()
+    assert summary.removed == 1  # the deleted file is forgotten ...
+    assert await system_store.threads.get_file(str(deleted)) is None
+    assert await system_store.threads.get_file(str(hidden)) is not None  # ... the unseen one is kept
+
+
+async def test_an_append_keeps_an_eligible_thread_eligible(system_store: Store, tmp_path: Path) -> None:
+    sessions = tmp_path / "sessions"
+    path = rollout_path(sessions)
+    path.write_bytes(meta_line() + user_line("fix the build"))
+    quiet = rollout_path(sessions, thread_id(3))
+    quiet.write_bytes(meta_line(thread_id(3)))
+    ix = make_indexer(system_store, sessions)
+    await ix.scan()
+    await ix.catch_up(TID)
+    await ix.catch_up(thread_id(3))
+    with path.open("ab") as handle:
+        handle.write(user_line("and the docs"))
+    with quiet.open("ab") as handle:
+        handle.write(b'{"type": "event_msg", "payload": {"type": "token_count", "info": null}}\n')
+    summary = await ix.refresh_paths([str(path), str(quiet)])
+    assert summary.indexed == 2
+    # The stored statistics stand for the bytes already read: the verdict comes from them.
+    grown = await system_store.threads.get(TID)
+    assert grown is not None and (grown.eligible, grown.reason, grown.user_messages) == (True, None, 1)
+    silent = await system_store.threads.get(thread_id(3))
+    assert silent is not None and not silent.eligible and str(silent.reason) == "no_user_messages"
+    read = await ix.catch_up(TID)
+    assert (
+        read is not None and read.thread.user_messages == 2 and ix.last_catch_up_bytes == len(user_line("and the docs"))
+    )

@@ -270,12 +270,12 @@ class Indexer:
                 else:
                     changed.append((st, prev))
             new_threads = await self._index(changed, summary, log_each=log.debug)
-            root_prefixes = tuple(str(r).rstrip("/") + "/" for r in self.roots)
-            gone = [
-                path
-                for path in known
-                if path not in seen and path.startswith(root_prefixes) and not os.path.exists(path)
-            ]
+            # Files under a root or directory the walk could not read were not seen, not gone:
+            # forgetting them would make memd read every one again from 0 when the root returns.
+            roots = _prefixes(self.roots)
+            blind = _prefixes(p.path for p in result.problems if p.kind in _BLIND_SPOTS)
+            unseen = [p for p in known if p not in seen and p.startswith(roots) and not p.startswith(blind)]
+            gone = await asyncio.to_thread(_absent, unseen) if unseen else []
             if gone:
                 summary.removed += await self._store.threads.forget_files(gone)
         log.info(
@@ -298,12 +298,17 @@ class Indexer:
         result = await asyncio.to_thread(scan.restat_paths, list(paths))
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
+            # A move (Codex archiving a session) is a vanished path and a new one in one batch:
+            # the new path takes over the old record (same dev and inode), as in scan().
+            moved_from: dict[tuple[int, int], FileRecord] = {}
             if result.vanished:
+                vanished = await self._store.threads.get_files(result.vanished)
+                moved_from = {(f.dev, f.inode): f for f in vanished.values()}
                 summary.removed += await self._store.threads.forget_files(result.vanished)
             known = await self._store.threads.get_files(st.path for st in result.files)
             changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
             for st in result.files:
-                prev = known.get(st.path)
+                prev = known.get(st.path) or moved_from.get((st.dev, st.inode))
                 summary.files_seen += 1
                 if _unchanged(prev, st):
                     summary.unchanged += 1
@@ -473,7 +478,8 @@ class Indexer:
                 log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
         file = _file(st, head.head_hash, meta.thread_id, offset, kind=kind)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
-        record = self._thread_record(meta, head.project, file, stats, verdict.reason)
+        reason = self._reason(meta, stats, verdict.reason, read=keep and offset > 0)
+        record = self._thread_record(meta, head.project, file, stats, reason)
         stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else self._stats_json(stats)
         batch.threads.append((record, stats_json, file))
         batch.thread_ids.add(meta.thread_id)
@@ -527,13 +533,27 @@ class Indexer:
         else:
             log.debug("subagent_attached", path=st.path, thread_id=meta.thread_id, agent_id=meta.subagent_id)
 
+    def _reason(
+        self, meta: SessionMeta, stats: ThreadStats, head_reason: Ineligible | None, *, read: bool
+    ) -> Ineligible | None:
+        """Why an indexed thread is not a candidate (``None``: it is): forgotten, the head's reason,
+        else — when ``stats`` cover the bytes read so far (``read``: a grown or moved file keeps
+        them) — the verdict they give, as :meth:`catch_up` would; a thread not read yet waits."""
+        if meta.thread_id in self._forgotten():
+            return FORGOTTEN
+        if head_reason is not None:
+            return head_reason
+        if not read:
+            return NOT_READ_YET
+        return NO_USER_MESSAGES if stats.user_messages == 0 else None
+
     def _thread_record(
         self,
         meta: SessionMeta,
         project: str,
         file: FileRecord,
         stats: ThreadStats,
-        head_reason: Ineligible | None,
+        reason: Ineligible | None,
     ) -> ThreadRecord:
         return ThreadRecord(
             id=meta.thread_id,
@@ -550,8 +570,8 @@ class Indexer:
             watermark=file.watermark,
             user_messages=stats.user_messages,
             skipped_lines=stats.skipped_lines,
-            eligible=False,
-            reason=FORGOTTEN if meta.thread_id in self._forgotten() else head_reason or NOT_READ_YET,
+            eligible=reason is None,
+            reason=reason,
             agent=meta.agent,
         )
 
@@ -567,6 +587,7 @@ class Indexer:
             replaced or truncated since it was indexed is read again from 0.
         """
         async with self._lock:
+            self.last_catch_up_bytes = 0
             thread = await self._store.threads.get(thread_id)
             if thread is None:
                 return None
@@ -648,6 +669,20 @@ class Indexer:
             parser.feed_malformed(stream.oversized_lines, "line_too_long")
         stats.feed(parser.result)
         return stream.watermark, stream.bytes_read, stream.stat
+
+
+#: Scan problems that leave a directory's files unseen without telling whether they exist.
+_BLIND_SPOTS = frozenset({"root_missing", "root_not_dir", "dir_unreadable"})
+
+
+def _prefixes(dirs: Iterable[str | Path]) -> tuple[str, ...]:
+    """Path prefixes matching everything under ``dirs`` (for ``str.startswith``)."""
+    return tuple(str(d).rstrip("/") + "/" for d in dirs)
+
+
+def _absent(paths: Sequence[str]) -> list[str]:
+    """The paths with nothing at them (runs in a worker thread: one ``stat`` each)."""
+    return [path for path in paths if not os.path.exists(path)]
 
 
 def _vanished(st: rollout_files.FileStat | rollout_files.ReadFailure) -> bool:
