@@ -463,3 +463,40 @@ async def test_an_append_keeps_an_eligible_thread_eligible(system_store: Store, 
     assert (
         read is not None and read.thread.user_messages == 2 and ix.last_catch_up_bytes == len(user_line("and the docs"))
     )
+
+
+# --- the head read is bounded even when every line is oversized ------------------------------------------------
+
+
+def test_head_lines_stop_at_max_bytes_when_every_line_is_oversized(tmp_path: Path) -> None:
+    from memd.ingest.reader import read_head_lines
+
+    path = tmp_path / "huge-lines.jsonl"
+    line = b'{"type": "user", "pasted": "' + b"x" * (5 << 20) + b'"}\n'  # each line over 4 MiB
+    path.write_bytes(line * 3)  # 15 MB
+    reads: list[int] = []
+    real_open = rollout_files._open_binary
+
+    def counting_open(target: str) -> Any:
+        handle = real_open(target)
+        real_read = handle.read
+
+        def read(size: int = -1) -> bytes:
+            data = real_read(size)
+            reads.append(len(data))
+            return data
+
+        handle.read = read  # type: ignore[method-assign]
+        return handle
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout_files, "_open_binary", counting_open)
+        lines = read_head_lines(path, max_lines=50, max_line_bytes=4 << 20, max_bytes=100_000)
+    assert lines == []
+    # Reading stops once past max_bytes, the line in progress followed only until it is known to be
+    # oversized (past max_line_bytes): about 4 MiB read of 15 MB, never the whole file.
+    assert sum(reads) <= 100_000 + (4 << 20) + (64 << 10)
+    # A line in progress that fits is still finished past max_bytes.
+    small = tmp_path / "small-lines.jsonl"
+    small.write_bytes(b'{"type": "user", "n": 1}\n' + b'{"type": "user", "pad": "' + b"y" * 200_000 + b'"}\n')
+    assert len(read_head_lines(small, max_lines=50, max_line_bytes=4 << 20, max_bytes=100_000)) == 2

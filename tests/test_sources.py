@@ -666,7 +666,7 @@ def test_read_lines_until_stops_at_the_watermark(tmp_path: Path) -> None:
     stream = read_lines_until(path, 16, MiB, chunk_bytes=5)
     assert list(stream) == [b'{"a":1}', b'{"b":2}']
     assert stream.watermark == 16 and stream.bytes_read == 16
-    later = read_lines_until(path, None, MiB, start_offset=16)
+    later = read_lines_until(path, None, MiB, start_watermark=16)
     assert list(later) == [b'{"c":3}'] and later.watermark == 24
 
 

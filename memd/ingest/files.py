@@ -19,8 +19,9 @@ import functools
 import os
 import stat as stat_mod
 from dataclasses import dataclass
+from enum import StrEnum
 from types import ModuleType
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import structlog
 
@@ -99,6 +100,27 @@ class FileStat:
         return self.path.endswith(ZST_SUFFIX)
 
 
+class FailureReason(StrEnum):
+    """Why one rollout could not be read (:class:`ReadFailure`, :class:`RolloutReadError`)."""
+
+    #: Deleted or moved between stat and read: the caller forgets it or waits for its new path.
+    VANISHED = "vanished"
+    #: Permission denied, an I/O error, corrupt zstd, not a regular file: recorded, retried later.
+    UNREADABLE = "unreadable"
+    #: ``*.jsonl.zst`` without ``zstandard`` installed: skipped.
+    UNSUPPORTED = "unsupported"
+    #: Shorter than the watermark to read to, or another inode (streaming reader only).
+    REPLACED = "replaced"
+
+    def record_error(self, detail: str) -> str:
+        """The ``files.error`` text of a file that failed this way: ``"<reason>: <detail>"``."""
+        return f"{self.value}: {detail}"
+
+    def recorded_in(self, error: str | None) -> bool:
+        """Whether a stored ``files.error`` says the file failed this way (see :meth:`record_error`)."""
+        return error is not None and (error == self.value or error.startswith(self.value + ":"))
+
+
 @dataclass(frozen=True, slots=True)
 class ReadFailure:
     """A rollout that could not be read this time (never raised, returned).
@@ -113,20 +135,21 @@ class ReadFailure:
     """
 
     path: str
-    reason: Literal["vanished", "unreadable", "unsupported"]
+    reason: FailureReason
     detail: str
 
 
 class RolloutReadError(RolloutError):
-    """A rollout could not be streamed by :func:`read_lines_until`.
+    """A rollout could not be streamed by :func:`memd.ingest.reader.read_lines_until`.
 
     Attributes:
         path: the file.
         reason: ``vanished``, ``unreadable``, ``unsupported`` (as :class:`ReadFailure`) or
-            ``replaced`` (the file is shorter than the requested end offset or its inode changed).
+            ``replaced`` (the file is shorter than the requested end watermark or its inode changed).
+        detail: the OS error text (or what changed).
     """
 
-    def __init__(self, path: str, reason: str, detail: str) -> None:
+    def __init__(self, path: str, reason: FailureReason, detail: str) -> None:
         super().__init__(f"{reason}: {path}: {detail}")
         self.path = path
         self.reason = reason
@@ -189,9 +212,9 @@ def read_failure(path: str, exc: Exception) -> ReadFailure:
     detail = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         log.info("file_vanished", path=path, detail=detail, action="skipped until it reappears")
-        return ReadFailure(path=path, reason="vanished", detail=detail)
+        return ReadFailure(path=path, reason=FailureReason.VANISHED, detail=detail)
     log.warning("file_unreadable", path=path, detail=detail, action="recorded; retried on change")
-    return ReadFailure(path=path, reason="unreadable", detail=detail)
+    return ReadFailure(path=path, reason=FailureReason.UNREADABLE, detail=detail)
 
 
 def read_errors() -> tuple[type[Exception], ...]:
@@ -214,7 +237,7 @@ def stat_rollout(path: str) -> FileStat | ReadFailure:
         return read_failure(path, exc)
     if not stat_mod.S_ISREG(st.st_mode):
         log.warning("file_unreadable", path=path, detail="not a regular file")
-        return ReadFailure(path=path, reason="unreadable", detail="not a regular file")
+        return ReadFailure(path=path, reason=FailureReason.UNREADABLE, detail="not a regular file")
     return FileStat.from_os(path, st)
 
 
@@ -228,7 +251,7 @@ def open_rollout(path: str) -> tuple[BinaryIO, FileStat] | ReadFailure:
     zstd = load_zstandard() if compressed else None
     if compressed and zstd is None:
         warn_zstd_unavailable(path)
-        return ReadFailure(path=path, reason="unsupported", detail="zstandard is not installed")
+        return ReadFailure(path=path, reason=FailureReason.UNSUPPORTED, detail="zstandard is not installed")
     try:
         raw = _open_binary(path)
     except OSError as exc:
@@ -241,7 +264,7 @@ def open_rollout(path: str) -> tuple[BinaryIO, FileStat] | ReadFailure:
     if not stat_mod.S_ISREG(st.st_mode):
         raw.close()
         log.warning("file_unreadable", path=path, detail="not a regular file")
-        return ReadFailure(path=path, reason="unreadable", detail="not a regular file")
+        return ReadFailure(path=path, reason=FailureReason.UNREADABLE, detail="not a regular file")
     if zstd is None:
         return raw, FileStat.from_os(path, st)
     stream = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)

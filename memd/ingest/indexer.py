@@ -2,14 +2,14 @@
 
 Two operations, both incremental:
 
-* :meth:`Indexer.refresh` — one ``stat``; an unchanged file (same dev, inode, size, mtime) costs
-  nothing more. A new or replaced file gets a bounded read of its first line (the Codex
+* :meth:`Indexer.scan` / :meth:`Indexer.refresh_paths` — one ``stat``; an unchanged file (same dev,
+  inode, size, mtime) costs nothing more. A new or replaced file gets a bounded read of its first line (the Codex
   ``session_meta``) — or, when that is no session header, of its first :data:`CLAUDE_HEAD_LINES`
   lines (a Claude Code transcript names its session on the first record carrying ``sessionId``) —
   and its thread row. Indexing never parses a body.
-* :meth:`Indexer.catch_up` — reads a thread's rollout from its stored byte offset to the last
-  complete line and folds the new lines into the thread's running statistics (real user
-  messages, title, model, skipped lines). The cost is proportional to the appended bytes.
+* :meth:`Indexer.catch_up` — reads a thread's rollout from its stored watermark (the byte offset just
+  past the last line consumed) to the last complete line and folds the new lines into the thread's
+  running statistics (real user messages, title, model, skipped lines). The cost is proportional to the appended bytes.
 
 Claude Code (SPEC §3.4): one session is one thread, keyed by ``sessionId``. A sub-agent transcript
 (``agent-*.jsonl`` beside the session, or under ``<sessionId>/subagents/``; recognised by its content:
@@ -37,6 +37,7 @@ import structlog
 from memd.clock import Clock
 from memd.ingest import files as rollout_files
 from memd.ingest import reader, scan
+from memd.ingest.files import FailureReason
 from memd.rollout import claude
 from memd.rollout.codex import parse_session_meta
 from memd.rollout.project import FORGOTTEN, NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
@@ -438,8 +439,8 @@ class Indexer:
         """
         st, prev = head.st, head.prev
         if head.failure is not None:
-            if head.failure.reason == "unreadable" and prev is None:
-                error = f"unreadable: {head.failure.detail}"
+            if head.failure.reason is FailureReason.UNREADABLE and prev is None:
+                error = FailureReason.UNREADABLE.record_error(head.failure.detail)
                 batch.files.append(_file(st, "", None, 0, error=error))
             return 0
         summary.indexed += 1
@@ -467,18 +468,18 @@ class Indexer:
         if prev is not None and prev.thread_id == meta.thread_id and not prev.error:
             keep = change == reader.Change.GROWN
             if prev.path != st.path and st.size >= prev.watermark:
-                keep = True  # moved (archived): same inode, keep the offset and statistics
+                keep = True  # moved (archived): same inode, keep the watermark and statistics
         if keep:
             assert prev is not None
-            offset = prev.watermark
+            watermark = prev.watermark
             stats = ThreadStats.from_json(await self._store.threads.stats(meta.thread_id))
         else:
-            offset, stats = 0, _FRESH_STATS
+            watermark, stats = 0, _FRESH_STATS
             if existing_path is not None and not moved and prev is not None:
                 log.info("rollout_replaced", thread_id=meta.thread_id, path=st.path, change=str(change))
-        file = _file(st, head.head_hash, meta.thread_id, offset, kind=kind)
+        file = _file(st, head.head_hash, meta.thread_id, watermark, kind=kind)
         verdict = eligibility(meta, 1, self._include)  # conditions that depend on the head only
-        reason = self._reason(meta, stats, verdict.reason, read=keep and offset > 0)
+        reason = self._reason(meta, stats, verdict.reason, read=keep and watermark > 0)
         record = self._thread_record(meta, head.project, file, stats, reason)
         stats_json = _FRESH_STATS_JSON if stats is _FRESH_STATS else self._stats_json(stats)
         batch.threads.append((record, stats_json, file))
@@ -637,17 +638,19 @@ class Indexer:
         return record
 
     def _read_forward(
-        self, path: str, offset: int, inode: int, stats: ThreadStats, agent: Agent
+        self, path: str, watermark: int, inode: int, stats: ThreadStats, agent: Agent
     ) -> tuple[int, int, rollout_files.FileStat | None] | ReadOutcome:
-        """Fold the complete lines after ``offset`` into ``stats`` (parsed as ``agent``'s).
+        """Fold the complete lines after ``watermark`` into ``stats`` (parsed as ``agent``'s).
 
         Returns:
-            ``(new offset, bytes read, fstat of the file)``, or :attr:`ReadOutcome.VANISHED` when
+            ``(new watermark, bytes read, fstat of the file)``, or :attr:`ReadOutcome.VANISHED` when
             the file is gone, :attr:`ReadOutcome.FAILED` when it is unreadable or was replaced
             while reading (the next scan re-indexes it).
         """
-        stream = reader.read_lines_until(path, None, self._max_line_bytes, start_offset=offset, expect_inode=inode)
-        parser = new_parser(agent, path=path, from_start=offset == 0)
+        stream = reader.read_lines_until(
+            path, None, self._max_line_bytes, start_watermark=watermark, expect_inode=inode
+        )
+        parser = new_parser(agent, path=path, from_start=watermark == 0)
         try:
             batch: list[bytes] = []
             size = 0
@@ -662,7 +665,7 @@ class Indexer:
                     parser = new_parser(agent, path=path, from_start=False)
             parser.feed(batch)
         except rollout_files.RolloutReadError as exc:
-            outcome = ReadOutcome.VANISHED if exc.reason == "vanished" else ReadOutcome.FAILED
+            outcome = ReadOutcome.VANISHED if exc.reason is FailureReason.VANISHED else ReadOutcome.FAILED
             log.info("catch_up_failed", path=path, outcome=str(outcome), reason=str(exc))
             return outcome
         if stream.oversized_lines:
@@ -686,7 +689,7 @@ def _absent(paths: Sequence[str]) -> list[str]:
 
 
 def _vanished(st: rollout_files.FileStat | rollout_files.ReadFailure) -> bool:
-    return isinstance(st, rollout_files.ReadFailure) and st.reason == "vanished"
+    return isinstance(st, rollout_files.ReadFailure) and st.reason is FailureReason.VANISHED
 
 
 def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
@@ -695,7 +698,7 @@ def _unchanged(prev: FileRecord | None, st: rollout_files.FileStat) -> bool:
         prev is not None
         and prev.path == st.path
         and (prev.dev, prev.inode, prev.size, prev.mtime) == (st.dev, st.inode, st.size, st.mtime)
-        and not (prev.error or "").startswith("unreadable")  # retried on every scan
+        and not FailureReason.UNREADABLE.recorded_in(prev.error)  # retried on every scan
     )
 
 
@@ -721,19 +724,19 @@ def _file(
     st: rollout_files.FileStat,
     head_hash: str,
     thread_id: str | None,
-    offset: int,
+    watermark: int,
     *,
     error: str | None = None,
     kind: Agent = Agent.CODEX,
 ) -> FileRecord:
     return FileRecord(
         path=st.path,
-        kind=str(kind),
+        kind=kind,
         dev=st.dev,
         inode=st.inode,
         size=st.size,
         mtime=st.mtime,
-        watermark=offset,
+        watermark=watermark,
         head_hash=head_hash,
         thread_id=thread_id,
         error=error,

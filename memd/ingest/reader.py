@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import structlog
 
 from memd.ingest.files import (
     DEFAULT_CHUNK_BYTES,
     HEAD_HASH_BYTES,
+    FailureReason,
     FileStat,
     ReadFailure,
     RolloutReadError,
@@ -218,7 +219,13 @@ class _Progress:
 
 
 def _split_lines(
-    stream: BinaryIO, *, end: int | None, max_line_bytes: int, chunk_bytes: int, progress: _Progress
+    stream: BinaryIO,
+    *,
+    end: int | None,
+    max_line_bytes: int,
+    chunk_bytes: int,
+    progress: _Progress,
+    max_read_bytes: int | None = None,
 ) -> Iterator[bytes]:
     """Yield complete lines from the stream's current position (= ``progress.offset``).
 
@@ -226,13 +233,17 @@ def _split_lines(
     ``max_line_bytes`` is streamed past without being held: at most ``max_line_bytes +
     chunk_bytes`` bytes are buffered. ``progress.offset`` is advanced past each complete line
     (kept or oversized) before the line is yielded; a trailing line without ``\\n`` is left
-    unconsumed and sets ``partial_tail``.
+    unconsumed and sets ``partial_tail``. Once ``progress.bytes_read`` reaches ``max_read_bytes``
+    no further chunk is read, except to finish a line in progress that fits ``max_line_bytes``
+    (an oversized one is not followed to its end).
     """
     carry: list[bytes] = []  # pieces of the current incomplete line (empty while skipping)
     carry_len = 0  # length of the current incomplete line, held or skipped
     skipping = False  # inside an oversized line: count its bytes, keep none
     pos = progress.offset
     while end is None or pos < end:
+        if max_read_bytes is not None and progress.bytes_read >= max_read_bytes and (skipping or not carry_len):
+            break
         want = chunk_bytes if end is None else min(chunk_bytes, end - pos)
         chunk = stream.read(want)
         if not chunk:
@@ -373,13 +384,16 @@ class LineStream:
 
     Attributes:
         path: the rollout file.
-        start_offset: first byte to read (a line boundary).
-        end_offset: stop at this byte offset (a watermark, i.e. a line boundary); ``None`` reads to
-            the size seen when the file is opened (EOF for ``*.jsonl.zst``).
+        start_watermark: first byte to read (a watermark: a line boundary already consumed).
+        end_watermark: stop at this watermark (a line boundary); ``None`` reads to the size seen
+            when the file is opened (EOF for ``*.jsonl.zst``).
         max_line_bytes: longest line yielded; longer lines are skipped and counted.
         chunk_bytes: size of one read.
         expect_inode: when set, a file with another inode raises ``RolloutReadError("replaced")``.
-        watermark: after iteration, the offset just past the last complete line consumed.
+        max_read_bytes: read no further chunk once this many bytes were read, except to finish a
+            line in progress that may still fit ``max_line_bytes`` (at most about ``max_read_bytes +
+            max_line_bytes + chunk_bytes`` are read); ``None``: no limit.
+        watermark: during and after iteration, the offset just past the last complete line consumed.
         bytes_read: bytes read so far.
         oversized_lines: lines skipped for being longer than ``max_line_bytes``.
         partial_tail: iteration ended inside a line without ``\\n`` (not yielded).
@@ -387,11 +401,12 @@ class LineStream:
     """
 
     path: str
-    start_offset: int
-    end_offset: int | None
+    start_watermark: int
+    end_watermark: int | None
     max_line_bytes: int
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     expect_inode: int | None = None
+    max_read_bytes: int | None = None
     watermark: int = 0
     bytes_read: int = 0
     oversized_lines: int = 0
@@ -403,24 +418,29 @@ class LineStream:
 
         Raises:
             RolloutReadError: the file vanished, is unreadable, needs ``zstandard``, or was
-                replaced (other inode, or shorter than ``end_offset``). Logged once.
+                replaced (other inode, or shorter than ``end_watermark``). Logged once.
         """
         opened = open_rollout(self.path)
         if isinstance(opened, ReadFailure):
             raise RolloutReadError(self.path, opened.reason, opened.detail)
         stream, self.stat = opened
-        progress = _Progress(offset=self.start_offset)
+        progress = _Progress(offset=self.start_watermark)
         try:
             with stream:
                 self._check(self.stat)
                 if self.stat.compressed:
-                    progress.bytes_read = _skip_decompressed(stream, self.start_offset, self.chunk_bytes)
-                    end = self.end_offset
+                    progress.bytes_read = _skip_decompressed(stream, self.start_watermark, self.chunk_bytes)
+                    end = self.end_watermark
                 else:
-                    stream.seek(self.start_offset)
-                    end = self.stat.size if self.end_offset is None else self.end_offset
+                    stream.seek(self.start_watermark)
+                    end = self.stat.size if self.end_watermark is None else self.end_watermark
                 for line in _split_lines(
-                    stream, end=end, max_line_bytes=self.max_line_bytes, chunk_bytes=self.chunk_bytes, progress=progress
+                    stream,
+                    end=end,
+                    max_line_bytes=self.max_line_bytes,
+                    chunk_bytes=self.chunk_bytes,
+                    progress=progress,
+                    max_read_bytes=self.max_read_bytes,
                 ):
                     self._sync(progress)
                     yield line
@@ -442,17 +462,17 @@ class LineStream:
         reason = None
         if self.expect_inode is not None and st.inode != self.expect_inode:
             reason = "inode_changed"
-        elif not st.compressed and self.end_offset is not None and st.size < self.end_offset:
+        elif not st.compressed and self.end_watermark is not None and st.size < self.end_watermark:
             reason = "truncated"
         if reason is not None:
             log.info(
                 "file_replaced",
                 path=self.path,
                 reason=reason,
-                end_offset=self.end_offset,
+                end_watermark=self.end_watermark,
                 action="not read; the reader re-indexes it",
             )
-            raise RolloutReadError(self.path, "replaced", reason)
+            raise RolloutReadError(self.path, FailureReason.REPLACED, reason)
 
     def _sync(self, progress: _Progress) -> None:
         self.watermark = progress.offset
@@ -463,14 +483,15 @@ class LineStream:
 
 def read_lines_until(
     path: str | Path,
-    end_offset: int | None,
+    end_watermark: int | None,
     max_line_bytes: int,
     *,
-    start_offset: int = 0,
+    start_watermark: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     expect_inode: int | None = None,
+    max_read_bytes: int | None = None,
 ) -> LineStream:
-    """Stream the complete lines of a rollout from ``start_offset`` up to ``end_offset``.
+    """Stream the complete lines of a rollout from ``start_watermark`` up to ``end_watermark``.
 
     For the extraction worker, which reads whole files (up to hundreds of MB) from 0 to the
     thread's watermark: memory stays bounded by ``max_line_bytes + chunk_bytes``. Oversized lines
@@ -478,26 +499,31 @@ def read_lines_until(
 
     Args:
         path: the rollout file.
-        end_offset: the watermark to stop at (bytes), or ``None`` for the current size.
+        end_watermark: the watermark to stop at (bytes), or ``None`` for the current size.
         max_line_bytes: longest line yielded, in bytes without the ``\\n``.
-        start_offset: where to start (bytes, a line boundary).
+        start_watermark: where to start (bytes, a line boundary already consumed).
         chunk_bytes: size of one read, in bytes.
         expect_inode: the inode the watermark belongs to, if known.
+        max_read_bytes: stop reading once this many bytes were read (see :class:`LineStream`).
 
     Returns:
         A :class:`LineStream`; iterating it may raise :class:`RolloutReadError` (never
         :class:`OSError`).
+
+    Raises:
+        ValueError: ``end_watermark`` is before ``start_watermark``.
     """
-    if end_offset is not None and end_offset < start_offset:
-        raise ValueError(f"end_offset {end_offset} < start_offset {start_offset}")
+    if end_watermark is not None and end_watermark < start_watermark:
+        raise ValueError(f"end_watermark {end_watermark} < start_watermark {start_watermark}")
     return LineStream(
         path=os.fspath(path),
-        start_offset=start_offset,
-        end_offset=end_offset,
+        start_watermark=start_watermark,
+        end_watermark=end_watermark,
         max_line_bytes=max_line_bytes,
         chunk_bytes=chunk_bytes,
         expect_inode=expect_inode,
-        watermark=start_offset,
+        max_read_bytes=max_read_bytes,
+        watermark=start_watermark,
     )
 
 
@@ -520,13 +546,13 @@ def read_head_lines(
         max_lines: lines wanted at most (e.g. 50).
         max_line_bytes: longest line returned, in bytes without the ``\\n``.
         max_bytes: stop reading once this many bytes were read (the line in progress is finished
-            only if it fits ``max_line_bytes``).
+            only if it fits ``max_line_bytes``), also when every line is oversized.
 
     Returns:
         The lines (without ``\\n``), or a :class:`ReadFailure` (logged once). Never raises
         :class:`OSError`.
     """
-    stream = read_lines_until(path, None, max_line_bytes, chunk_bytes=_HEAD_LINES_CHUNK_BYTES)
+    stream = read_lines_until(path, None, max_line_bytes, chunk_bytes=_HEAD_LINES_CHUNK_BYTES, max_read_bytes=max_bytes)
     lines: list[bytes] = []
     it = iter(stream)
     try:
@@ -535,13 +561,8 @@ def read_head_lines(
             if len(lines) >= max_lines or stream.bytes_read >= max_bytes:
                 break
     except RolloutReadError as exc:
-        return ReadFailure(path=exc.path, reason=_failure_reason(exc.reason), detail=exc.detail)
+        reason = FailureReason.UNREADABLE if exc.reason is FailureReason.REPLACED else exc.reason
+        return ReadFailure(path=exc.path, reason=reason, detail=exc.detail)
     finally:
         it.close()  # type: ignore[attr-defined]  # a generator: closes the file now
     return lines
-
-
-def _failure_reason(reason: str) -> Literal["vanished", "unreadable", "unsupported"]:
-    if reason in ("vanished", "unsupported"):
-        return "vanished" if reason == "vanished" else "unsupported"
-    return "unreadable"

@@ -79,7 +79,7 @@ class FileRecord:
     """
 
     path: str
-    kind: str
+    kind: Agent
     dev: int
     inode: int
     size: int
@@ -91,12 +91,16 @@ class FileRecord:
 
     @classmethod
     def from_row(cls, row: Row) -> Self:
-        """The record of a ``files`` row."""
-        return cls(**_values(cls, row))
+        """The record of a ``files`` row (``kind`` is stored as text)."""
+        values = _values(cls, row)
+        values["kind"] = Agent(values["kind"])
+        return cls(**values)
 
     def params(self) -> dict[str, Any]:
         """The record as named SQL parameters."""
-        return _params(self)
+        params = _params(self)
+        params["kind"] = str(self.kind)
+        return params
 
 
 @dataclass(frozen=True, slots=True)
