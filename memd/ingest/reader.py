@@ -70,11 +70,11 @@ class TailRead:
         new_watermark: byte offset just past the last complete line consumed (the new watermark of
             the file); a partial last line is not consumed. ``0`` when ``replaced``.
         bytes_read: bytes read from the file in this call (for a plain file: exactly the bytes
-            from ``offset`` to the size seen by ``fstat``).
+            from ``watermark`` to the size seen by ``fstat``).
         oversized_lines: complete lines longer than ``max_line_bytes``, skipped and not held in
             memory; they are consumed (``new_watermark`` is past them).
         partial_tail: the read ended inside a line that has no ``\\n`` yet.
-        replaced: the file is shorter than ``offset`` or its inode is not ``expect_inode``; nothing
+        replaced: the file is shorter than ``watermark`` or its inode is not ``expect_inode``; nothing
             was read and the caller re-reads from 0.
         stat: ``fstat`` of the open file (store it with ``new_watermark``).
     """
@@ -176,10 +176,10 @@ def classify_change(prev: FileRecord | None, st: FileStat, head_hash: str | None
     - no record → ``new``;
     - device or inode differs → ``replaced``;
     - same size and mtime → ``unchanged`` (costs only the stat; ``head_hash`` is ignored);
-    - smaller than the stored size or offset → ``truncated`` (re-read from 0);
+    - smaller than the stored size or watermark → ``truncated`` (re-read from 0);
     - both hashes known (non-empty) and different → ``replaced`` (re-read from 0). A stored
       hash with a fresh ``""`` means the file shrank below 4 KiB: ``truncated`` already caught it;
-    - otherwise → ``grown`` (read from the stored offset; the size may be equal when only the
+    - otherwise → ``grown`` (read from the stored watermark; the size may be equal when only the
       mtime moved).
 
     Compressed archives (``*.jsonl.zst``) are immutable and their offsets count decompressed
@@ -210,9 +210,10 @@ def classify_change(prev: FileRecord | None, st: FileStat, head_hash: str | None
 
 @dataclass(slots=True)
 class _Progress:
-    """Counters a line splitter updates as it goes (offsets are absolute byte positions)."""
+    """Counters a line splitter updates as it goes (``watermark``: the absolute byte position just past the
+    last complete line consumed)."""
 
-    offset: int
+    watermark: int
     bytes_read: int = 0
     oversized_lines: int = 0
     partial_tail: bool = False
@@ -227,11 +228,11 @@ def _split_lines(
     progress: _Progress,
     max_read_bytes: int | None = None,
 ) -> Iterator[bytes]:
-    """Yield complete lines from the stream's current position (= ``progress.offset``).
+    """Yield complete lines from the stream's current position (= ``progress.watermark``).
 
     Reads ``chunk_bytes`` at a time, up to ``end`` (absolute) or EOF. A line longer than
     ``max_line_bytes`` is streamed past without being held: at most ``max_line_bytes +
-    chunk_bytes`` bytes are buffered. ``progress.offset`` is advanced past each complete line
+    chunk_bytes`` bytes are buffered. ``progress.watermark`` is advanced past each complete line
     (kept or oversized) before the line is yielded; a trailing line without ``\\n`` is left
     unconsumed and sets ``partial_tail``. Once ``progress.bytes_read`` reaches ``max_read_bytes``
     no further chunk is read, except to finish a line in progress that fits ``max_line_bytes``
@@ -240,7 +241,7 @@ def _split_lines(
     carry: list[bytes] = []  # pieces of the current incomplete line (empty while skipping)
     carry_len = 0  # length of the current incomplete line, held or skipped
     skipping = False  # inside an oversized line: count its bytes, keep none
-    pos = progress.offset
+    pos = progress.watermark
     while end is None or pos < end:
         if max_read_bytes is not None and progress.bytes_read >= max_read_bytes and (skipping or not carry_len):
             break
@@ -266,7 +267,7 @@ def _split_lines(
                 line = piece if line_len <= max_line_bytes else None
             if line is None:
                 progress.oversized_lines += 1
-            progress.offset += line_len + 1
+            progress.watermark += line_len + 1
             if line is not None:
                 yield line
         tail = pieces[-1]
@@ -336,7 +337,7 @@ def read_new_lines(
             lines=[], new_watermark=0, bytes_read=0, oversized_lines=0, partial_tail=False, replaced=True, stat=st
         )
 
-    progress = _Progress(offset=watermark)
+    progress = _Progress(watermark=watermark)
     try:
         with stream:
             if expect_inode is not None and st.inode != expect_inode:
@@ -366,7 +367,7 @@ def read_new_lines(
         )
     return TailRead(
         lines=lines,
-        new_watermark=progress.offset,
+        new_watermark=progress.watermark,
         bytes_read=progress.bytes_read,
         oversized_lines=progress.oversized_lines,
         partial_tail=progress.partial_tail,
@@ -424,7 +425,7 @@ class LineStream:
         if isinstance(opened, ReadFailure):
             raise RolloutReadError(self.path, opened.reason, opened.detail)
         stream, self.stat = opened
-        progress = _Progress(offset=self.start_watermark)
+        progress = _Progress(watermark=self.start_watermark)
         try:
             with stream:
                 self._check(self.stat)
@@ -475,7 +476,7 @@ class LineStream:
             raise RolloutReadError(self.path, FailureReason.REPLACED, reason)
 
     def _sync(self, progress: _Progress) -> None:
-        self.watermark = progress.offset
+        self.watermark = progress.watermark
         self.bytes_read = progress.bytes_read
         self.oversized_lines = progress.oversized_lines
         self.partial_tail = progress.partial_tail

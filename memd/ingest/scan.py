@@ -1,8 +1,9 @@
 """Scanning the rollout roots: a recursive ``stat`` walk that reads no content (SPEC §3.3).
 
 :func:`scan_roots` finds every rollout under the roots (the start-up scan and the periodic reconcile);
-:func:`restat_paths` stats the paths a watcher batch named; :func:`stat_path` stats one file. Problems (a
-missing root, an unreadable directory, a symlink loop) are logged once each and never stop the scan.
+:func:`restat_paths` stats the paths a watcher batch (:func:`memd.ingest.watch.watch_roots`) named;
+:func:`stat_path` stats one file. Problems (a missing root, an unreadable directory, a symlink loop) are
+logged once each and never stop the scan.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def scan_roots(roots: Sequence[Path | str]) -> ScanResult:
 
 
 def restat_paths(paths: Iterable[str]) -> ScanResult:
-    """Stat the paths a watcher batch named (see :func:`watch_roots`).
+    """Stat the paths a watcher batch named (see :func:`memd.ingest.watch.watch_roots`).
 
     A rollout file is stat-ed; a directory (created, moved in, or a root to rescan) is scanned
     like a root; a rollout path that no longer exists is listed in ``vanished`` (not logged: a

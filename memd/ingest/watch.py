@@ -104,7 +104,7 @@ async def watch_roots(
 
     Wraps :func:`watchfiles.awatch` (recursive inotify, or polling) over the roots that exist.
     Event kinds are coalesced and unreliable, so a batch is just a set of paths: pass it to
-    :func:`restat_paths`. A path in a batch is one of
+    :func:`memd.ingest.scan.restat_paths`. A path in a batch is one of
 
     - a rollout file (``*.jsonl`` / ``*.jsonl.zst``) that was created, written, moved or deleted;
     - a directory that appeared (e.g. a new ``YYYY/MM/DD``): scan it, files may have been written

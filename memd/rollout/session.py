@@ -1,6 +1,9 @@
-"""Aggregates over parsed Codex rollout lines (SPEC §3.2, §4). Pure: no I/O.
+"""Aggregates over parsed transcript lines, Codex rollouts and Claude Code sessions (SPEC §3.2, §3.4, §4).
+Pure: no I/O.
 
-* :class:`RolloutParser` — incremental: feed complete lines, read :class:`ParsedRollout`.
+* :class:`RolloutParser` — the Codex parser, incremental: feed complete lines, read :class:`ParsedRollout`;
+  :func:`new_parser` gives the parser of a transcript's agent (Codex, or
+  :class:`memd.rollout.claude.ClaudeParser`).
 * :func:`parse_rollout_bytes` — the same over a byte buffer of complete lines.
 * :func:`real_user_messages`, :func:`commands`, :func:`patched_files` — views over items.
 * :class:`ThreadStats` — a small, JSON-serialisable running aggregate for the indexer, which

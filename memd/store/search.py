@@ -67,7 +67,8 @@ TRACE_DIR = "trace_summaries"
 SKILLS_DIR = "skills"
 SKILL_FILE = "SKILL.md"
 
-#: SQL of the tables (applied by migration 2, and by :func:`ensure_schema` on a scratch database).
+#: SQL of the tables (applied by migrations 3 and 5, which adds ``clean``, and by :func:`ensure_schema` on a scratch
+#: database).
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS search_files (
     project   TEXT NOT NULL,
@@ -492,7 +493,7 @@ def has_search_tables(conn: sqlite3.Connection) -> bool:
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the search and usage tables on a scratch connection (a real database gets migration 2)."""
+    """Create the search and usage tables on a scratch connection (a real database gets migrations 3 and 5)."""
     conn.executescript(SCHEMA_SQL)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
+from memd.rollout.project import FORGOTTEN, Ineligible
 from memd.store.db import Database
 from memd.store.records import (
     FileRecord,
@@ -223,7 +224,7 @@ class ThreadRepository:
             rows = await tx.rows("SELECT * FROM threads ORDER BY updated_at DESC, id")
         return [ThreadRecord.from_row(row) for row in rows]
 
-    async def mark_forgotten(self, thread_id: str, reason: str = "forgotten") -> bool:
+    async def mark_forgotten(self, thread_id: str, reason: Ineligible = FORGOTTEN) -> bool:
         """Make a thread ineligible for good (``memd forget``): ``eligible = 0`` and ``reason``.
 
         In the same transaction its extract job ends: ``dead`` (``last_error`` ``forgotten``), its
@@ -235,7 +236,7 @@ class ThreadRepository:
         """
         async with self._db.write("mark_forgotten") as tx:
             rows = await tx.rows(
-                "UPDATE threads SET eligible = 0, reason = ? WHERE id = ? RETURNING 1", (reason, thread_id)
+                "UPDATE threads SET eligible = 0, reason = ? WHERE id = ? RETURNING 1", (str(reason), thread_id)
             )
             await tx.execute(_END_FORGOTTEN_JOB, {"kind": JobKind.EXTRACT, "key": thread_id})
         return bool(rows)
