@@ -500,3 +500,27 @@ def test_head_lines_stop_at_max_bytes_when_every_line_is_oversized(tmp_path: Pat
     small = tmp_path / "small-lines.jsonl"
     small.write_bytes(b'{"type": "user", "n": 1}\n' + b'{"type": "user", "pad": "' + b"y" * 200_000 + b'"}\n')
     assert len(read_head_lines(small, max_lines=50, max_line_bytes=4 << 20, max_bytes=100_000)) == 2
+
+
+async def test_memd_once_extracts_the_good_session_beside_a_hostile_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from memd.cli import main
+
+    sessions = tmp_path / "sessions"
+    monkeypatch.setenv("MEMD_SESSIONS", str(sessions))
+    monkeypatch.setenv("MEMD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MEMD_MEMORY_DIR", str(tmp_path / "memory"))
+    monkeypatch.setenv("MEMD_MIN_IDLE_S", "0")
+    monkeypatch.setenv("MEMD_MAX_AGE_DAYS", "0")
+    monkeypatch.setenv("MEMD_CONSOLIDATION__COMMAND", json.dumps(["true"]))
+    (tmp_path / "proj").mkdir()
+    write_rollout(sessions, thread_id(1), tmp_path / "proj", simple_turns("hostile"))
+    (sessions / "weird.jsonl").write_bytes(b'{"type": ["user"]}\n')
+    assert await asyncio.to_thread(main, ["once"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    traces = list((tmp_path / "memory").rglob("trace_summaries/*.md"))
+    assert len(traces) == 1 and thread_id(1) in traces[0].name
