@@ -225,3 +225,57 @@ def test_files_keep_their_mode(inst: Installation, home_env: dict[str, str]) -> 
     os.chmod(path, 0o640)
     install_hook(Agent.CLAUDE, inst, home_env)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_symlinked_settings_file_stays_a_link_and_its_target_is_updated(
+    inst: Installation, home_env: dict[str, str], tmp_path: Path
+) -> None:
+    dotfiles = tmp_path / "dotfiles" / "claude"
+    dotfiles.mkdir(parents=True)
+    target = dotfiles / "settings.json"
+    target.write_text(json.dumps({"model": "opus"}))
+    os.chmod(target, 0o640)
+    link = Path(home_env["HOME"]) / ".claude" / "settings.json"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    [change] = install_hook(Agent.CLAUDE, inst, home_env)
+    assert link.is_symlink() and link.readlink() == target
+    data = json.loads(target.read_text())
+    assert data["model"] == "opus" and is_memd_hook(data["hooks"]["SessionStart"][0]["hooks"][0])
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert change.backup is not None and json.loads(change.backup.read_text()) == {"model": "opus"}
+    assert sorted(p.name for p in dotfiles.iterdir()) == ["settings.json"]  # no temporary file left
+    uninstall_hook(Agent.CLAUDE, home_env)
+    assert link.is_symlink() and json.loads(target.read_text()) == {"model": "opus"}
+
+
+def test_a_symlinked_codex_config_stays_a_link(inst: Installation, home_env: dict[str, str], tmp_path: Path) -> None:
+    target = tmp_path / "dotfiles" / "config.toml"
+    target.parent.mkdir()
+    target.write_text(CODEX_CONFIG)
+    codex = Path(home_env["CODEX_HOME"])
+    codex.mkdir()
+    (codex / "config.toml").symlink_to(target)
+    install_hook(Agent.CODEX, inst, home_env)
+    install_codex_mcp(inst, home_env)
+    assert (codex / "config.toml").is_symlink()
+    doc = tomllib.loads(target.read_text())
+    assert doc["features"]["hooks"] is True and doc["mcp_servers"]["memd"]["args"] == ["mcp"]
+
+
+def test_a_file_that_cannot_be_written_is_a_hook_file_error_and_nothing_changes(
+    inst: Installation, home_env: dict[str, str]
+) -> None:
+    codex = Path(home_env["CODEX_HOME"])
+    codex.mkdir()
+    (codex / "config.toml").write_text(CODEX_CONFIG)
+    (codex / "hooks.json").mkdir()  # cannot be read as a file, nor replaced
+    before = snapshot(codex)
+    with pytest.raises(HookFileError, match="hooks.json"):
+        install_hook(Agent.CODEX, inst, home_env)
+    assert snapshot(codex) == before
+    env = {**home_env, "CLAUDE_CONFIG_DIR": "/proc/self"}
+    with pytest.raises(
+        HookFileError, match=r"^/proc/self/settings.json cannot be written \(.+\); nothing was changed$"
+    ):
+        install_hook(Agent.CLAUDE, inst, env)

@@ -200,3 +200,37 @@ async def test_memd_mcp_over_stdio_finds_the_daemons_memory(read_env: Settings) 
     async with Client(params) as client:
         result = await client.call_tool("memory_search", {"query": "make test"})
     assert result.is_error is False and result.structured_content["hits"]  # type: ignore[index]
+
+
+def test_hooks_install_into_an_unwritable_folder_is_one_line_and_exit_1(read_env: Settings, tmp_path: Path) -> None:
+    env = {**os.environ, "CLAUDE_CONFIG_DIR": "/proc/self", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "memd", "hooks", "install", "claude"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "memd hooks: /proc/self/settings.json cannot be written (" in done.stderr
+    assert not Path("/proc/self/settings.json").exists()
+
+
+async def test_claude_mcp_add_that_hangs_is_one_line_and_exit_1(
+    read_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "claude").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def hang(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(argv, float(kwargs["timeout"]))  # type: ignore[arg-type]
+
+    monkeypatch.setattr("memd.read.hooks.subprocess.run", hang)
+    assert await asyncio.to_thread(main, ["mcp", "install", "claude"]) == 1
+    err = capsys.readouterr().err
+    assert "memd mcp: " in err and "mcp remove -s user memd did not finish within 60 s" in err
+    assert not (Path(os.environ["HOME"]) / ".claude.json").exists()

@@ -22,7 +22,8 @@ Editing rules: installing twice leaves one hook; every other key, hook and comme
 through tomlkit, which preserves formatting); the previous file is copied to
 ``<name>.memd-backup-<UTC time>`` before a change; a file that does not parse, or whose shape is not
 the documented one, is refused with :class:`HookFileError` and left untouched; ``uninstall`` removes
-only memd's entries. Writes are atomic (temporary file + rename) and keep the file's mode.
+only memd's entries. Writes are atomic (temporary file + rename) and keep the file's mode; a symlinked
+file stays a link (its target is rewritten). A file that cannot be written is a :class:`HookFileError`.
 """
 
 from __future__ import annotations
@@ -93,10 +94,9 @@ class Installation:
 
 
 def find_memd() -> Path:
-    """The absolute path of this installation's ``memd`` script (beside the running interpreter).
-
-    Falls back to ``memd`` on PATH, then to ``<python> -m memd`` is not possible in one path, so a
-    missing script raises.
+    """The absolute path of this installation's ``memd`` script: the one beside the running
+    interpreter, else ``memd`` on PATH. There is no ``<python> -m memd`` fallback (an installed
+    command needs one executable path), so no script at all raises.
 
     Raises:
         HookFileError: no ``memd`` executable can be found.
@@ -170,20 +170,51 @@ def _read_text(path: Path) -> str | None:
 
 
 def _write(path: Path, text: str, old: str | None) -> Path | None:
-    """Atomically replace ``path`` with ``text``, keeping its mode; back up ``old`` first. Returns the backup."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically replace the file at ``path`` with ``text``; back up ``old`` first. Returns the backup.
+
+    A symlinked ``path`` (a settings file kept in a dotfiles repository) stays a link: the resolved
+    target is replaced, with the temporary file beside the target and the target's mode kept. The
+    backup is made beside ``path``, the name the user knows.
+
+    Raises:
+        HookFileError: the file cannot be written (read-only or missing folder, disk full, ...); the
+            file is untouched and no backup is left behind.
+    """
+    target = Path(os.path.realpath(path))
     backup = None
-    mode = 0o600
-    if old is not None:
-        mode = path.stat().st_mode & 0o777
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        backup = path.with_name(f"{path.name}.memd-backup-{stamp}")
-        counter = 1
-        while backup.exists():
-            backup = path.with_name(f"{path.name}.memd-backup-{stamp}-{counter}")
-            counter += 1
-        shutil.copy2(path, backup)
-    temp = path.with_name(f".{path.name}.memd-tmp-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = target.stat().st_mode & 0o777 if old is not None else 0o600
+        if old is not None:
+            backup = _backup_name(path)
+            shutil.copy2(target, backup)
+        _replace(target, text, mode)
+    except OSError as exc:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+        reason = exc.strerror or type(exc).__name__
+        raise HookFileError(f"{path} cannot be written ({reason}); nothing was changed") from None
+    return backup
+
+
+def _backup_name(path: Path) -> Path:
+    """``<name>.memd-backup-<UTC time>`` beside ``path`` (with a counter when taken)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = path.with_name(f"{path.name}.memd-backup-{stamp}")
+    counter = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.name}.memd-backup-{stamp}-{counter}")
+        counter += 1
+    return backup
+
+
+def _replace(target: Path, text: str, mode: int) -> None:
+    """Write ``text`` to a temporary file beside ``target`` (mode ``mode``), fsync, rename over it.
+
+    Raises:
+        OSError: from any step; the temporary file is removed.
+    """
+    temp = target.with_name(f".{target.name}.memd-tmp-{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -191,14 +222,13 @@ def _write(path: Path, text: str, old: str | None) -> Path | None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp, mode)
-        os.replace(temp, path)
+        os.replace(temp, target)
     except BaseException:
         try:
             os.unlink(temp)
         except OSError:
             pass
         raise
-    return backup
 
 
 def _load_json(path: Path) -> tuple[dict[str, Any], str | None]:
@@ -438,30 +468,49 @@ def install_claude_mcp(installation: Installation, *, run: bool = True, timeout_
     """Register memd with Claude Code's CLI when ``claude`` is on PATH (else say what to run).
 
     An existing user-scope ``memd`` server is removed first, so installing twice leaves one.
+
+    Raises:
+        HookFileError: ``claude`` failed, could not be started, or did not finish within ``timeout_s``.
     """
     claude = shutil.which("claude") if run else None
     argv = claude_mcp_argv(installation, claude or "claude")
     printable = shlex.join(argv)
     if claude is None:
         return Change(claude_user_config(os.environ), False, None, f"run this to register the MCP server: {printable}")
-    subprocess.run(
-        [claude, "mcp", "remove", "-s", "user", SERVER_NAME], capture_output=True, timeout=timeout_s, check=False
-    )
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    _run_claude([claude, "mcp", "remove", "-s", "user", SERVER_NAME], timeout_s)
+    done = _run_claude(argv, timeout_s)
     if done.returncode != 0:
         raise HookFileError(f"{printable} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
     return Change(claude_user_config(os.environ), True, None, f"ran: {printable}")
 
 
+def _run_claude(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run Claude Code's CLI (output captured as text).
+
+    Raises:
+        HookFileError: it could not be started or did not finish within ``timeout_s``.
+    """
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise HookFileError(f"{shlex.join(argv)} did not finish within {timeout_s:g} s; stopped it") from None
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HookFileError(f"{shlex.join(argv)} could not be run ({exc})") from None
+
+
 def uninstall_claude_mcp(*, run: bool = True, timeout_s: float = 60.0) -> Change:
-    """``claude mcp remove -s user memd`` when ``claude`` is on PATH (else say what to run)."""
+    """``claude mcp remove -s user memd`` when ``claude`` is on PATH (else say what to run).
+
+    Raises:
+        HookFileError: ``claude`` could not be started or did not finish within ``timeout_s``.
+    """
     claude = shutil.which("claude") if run else None
     argv = [claude or "claude", "mcp", "remove", "-s", "user", SERVER_NAME]
     if claude is None:
         return Change(
             claude_user_config(os.environ), False, None, f"run this to remove the MCP server: {shlex.join(argv)}"
         )
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    done = _run_claude(argv, timeout_s)
     detail = (
         f"ran: {shlex.join(argv)}"
         if done.returncode == 0
