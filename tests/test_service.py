@@ -689,3 +689,32 @@ def test_user_config_home(tmp_path: Path) -> None:
     assert user_config_home({"XDG_CONFIG_HOME": "relative", "HOME": "/h"}) == Path("/h/.config")
     assert user_config_home({"HOME": "/h"}) == Path("/h/.config")
     assert user_config_home() == Path(os.environ["XDG_CONFIG_HOME"])
+
+
+def test_install_unit_that_cannot_write_is_a_service_install_error(tmp_path: Path) -> None:
+    (tmp_path / "systemd").write_text("a file where the folder belongs")
+    with pytest.raises(unit.ServiceInstallError, match="Not a directory"):
+        install_unit(config_home=tmp_path, exec_start=["/x/memd", "run"], hardening=False, force=False)
+    assert (tmp_path / "systemd").read_text() == "a file where the folder belongs"
+    with pytest.raises(unit.ServiceInstallError, match="cannot be run by systemd: .*quotes"):
+        install_unit(config_home=tmp_path / "c", exec_start=["/x/me'md", "run"], hardening=False, force=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_memd_service_install_failure_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    config_home.mkdir()
+    (config_home / "systemd").write_text("a file where the folder belongs")
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(config_home),
+        "MEMD_STATE_DIR": str(tmp_path / "state"),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "memd", "service", "install"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "memd service: cannot read the installed unit (Not a directory: " in done.stderr
+    assert (config_home / "systemd").read_text() == "a file where the folder belongs"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from memd.errors import UsageError
+from memd.errors import MemdError, UsageError
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +24,12 @@ DROPIN_NAME = "hardening.conf"
 EXIT_CONFIG = 78
 
 _EXEC_START_MARK = "@EXEC_START@"
+
+
+class ServiceInstallError(MemdError):
+    """``memd service install`` cannot write the unit (exit 1): a file or folder cannot be read or
+    written, or this installation's path cannot be an ``ExecStart=`` command."""
+
 
 UNIT_TEMPLATE = f"""\
 # memd: per-project memory from coding-agent sessions, as a systemd user service (SPEC §12).
@@ -254,6 +260,13 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    """One line for an OS error: its text and the file it names."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def install_unit(*, config_home: Path, exec_start: list[str], hardening: bool, force: bool) -> InstallResult:
     """Write the user unit (and optionally the hardening drop-in) for this installation.
 
@@ -275,17 +288,21 @@ def install_unit(*, config_home: Path, exec_start: list[str], hardening: bool, f
     Raises:
         UsageError: an existing file differs (or an unwanted drop-in exists) and ``force`` is
             false; the message names the files.
-        ValueError: ``exec_start`` is not a valid command (see :func:`exec_start_line`).
-        OSError: the files cannot be written.
+        ServiceInstallError: ``exec_start`` is not a valid command (see :func:`exec_start_line`), or
+            a file cannot be read or written (files written before the failing one stay written).
     """
     unit_dir = config_home / "systemd" / "user"
     unit_path = unit_dir / UNIT_NAME
     dropin_path = unit_dir / f"{UNIT_NAME}.d" / DROPIN_NAME
-    wanted: dict[Path, str | None] = {
-        unit_path: render_unit(exec_start),
-        dropin_path: HARDENING_DROPIN if hardening else None,
-    }
-    changes = {path: text for path, text in wanted.items() if _read_text(path) != text}
+    try:
+        unit_text = render_unit(exec_start)
+    except ValueError as exc:
+        raise ServiceInstallError(f"this installation cannot be run by systemd: {exc}; nothing was changed") from None
+    wanted: dict[Path, str | None] = {unit_path: unit_text, dropin_path: HARDENING_DROPIN if hardening else None}
+    try:
+        changes = {path: text for path, text in wanted.items() if _read_text(path) != text}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServiceInstallError(f"cannot read the installed unit ({_reason(exc)}); nothing was changed") from None
     conflicts = [path for path in changes if path.exists()]
     if conflicts and not force:
         names = ", ".join(str(path) for path in conflicts)
@@ -295,12 +312,14 @@ def install_unit(*, config_home: Path, exec_start: list[str], hardening: bool, f
             "Re-run with --force to replace it."
         )
     for path, text in changes.items():
-        if text is None:
-            path.unlink()
-            log.info("service_dropin_removed", path=str(path))
-        else:
-            _write_atomic(path, text)
-            log.info("service_file_written", path=str(path))
+        try:
+            if text is None:
+                path.unlink()
+            else:
+                _write_atomic(path, text)
+        except OSError as exc:
+            raise ServiceInstallError(f"{path} cannot be written ({_reason(exc)})") from None
+        log.info("service_dropin_removed" if text is None else "service_file_written", path=str(path))
     return InstallResult(
         unit_path=unit_path,
         dropin_path=dropin_path if hardening else None,
