@@ -184,7 +184,7 @@ async def build_components(
     except BaseException:
         await store.close()
         raise
-    faults = FaultLog()
+    faults = FaultLog(clean=lambda text: redact(text)[0])
     owner = make_owner()
     name, reason = settings.resolved_extractor()
     requests = RequestBuilder(

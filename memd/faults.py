@@ -10,6 +10,7 @@ of them in the store's meta ``last_fault`` as :meth:`Fault.to_json`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,14 +38,22 @@ class Fault:
 
 
 class FaultLog:
-    """Remembers the newest fault noted (one per component; no I/O)."""
+    """Remembers the newest fault noted (one per component; no I/O).
 
-    def __init__(self) -> None:
+    Args:
+        clean: applied to every error text before it is kept (the daemon passes the secret
+            redactor, SPEC §14: the fault is stored in the database); the identity by default.
+    """
+
+    def __init__(self, clean: Callable[[str], str] | None = None) -> None:
         self.newest: Fault | None = None
+        self._clean = clean
 
     def note(self, event: str, error: BaseException | str, *, now_s: float) -> Fault:
         """Record a fault that happened at ``now_s`` (epoch seconds) and return it."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if self._clean is not None:
+            text = self._clean(text)
         at = datetime.fromtimestamp(now_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.newest = Fault(at=at, event=event, error=text[:ERROR_MAX_CHARS])
         return self.newest

@@ -83,3 +83,9 @@ def test_the_fault_log_keeps_the_newest_fault() -> None:
     assert latest is other.newest and latest is not None and len(latest.error) == 500
     assert newest(None, None) is None
     assert '"event": "claim_failed"' in older.to_json()
+
+
+def test_a_fault_log_cleans_the_error_text_it_keeps() -> None:
+    log = FaultLog(clean=lambda text: text.replace("hunter2", "[REDACTED_SECRET]"))
+    fault = log.note("claim_failed", RuntimeError("password hunter2 rejected"), now_s=0)
+    assert fault.error == "RuntimeError: password [REDACTED_SECRET] rejected" and log.newest == fault

@@ -459,3 +459,19 @@ async def test_a_trace_without_a_row_counts_among_the_newest_traces(
     assert (await runner.run(PROJECT)).ok
     assert newer.is_file() and not older.exists()  # r-new, t1, t0 are the newest 3
     assert len(list((root / "trace_summaries").iterdir())) == 3
+
+
+async def test_a_secret_in_the_failing_commands_output_is_stored_redacted(
+    store: Store, clock: FakeClock, memory_dir: Path, db_path: Path
+) -> None:
+    import sqlite3
+
+    token = "ghp_Zq8mX0pLw4Tn2Vb6Yc1Rd5Sf9Gh3Jk7Lm0Np"  # a generated shape, not a real token
+    await _add_memory(store, memory_dir, "t1", clock.now(), "s")
+    code = f"import sys; print('push failed: https://x:{token}@github.com/o/r.git', file=sys.stderr); sys.exit(2)"
+    outcome = await _runner(store, clock, memory_dir, _py(code)).run(PROJECT, 1)
+    assert outcome.error == "exit_code 2: push failed: https://[REDACTED_SECRET]@github.com/o/r.git"
+    project = await store.projects.get(PROJECT)
+    assert project is not None and project.last_error == outcome.error
+    with sqlite3.connect(db_path) as conn:
+        assert token not in "\n".join(conn.iterdump())

@@ -426,3 +426,40 @@ async def test_a_models_trace_is_named_after_its_first_task(tmp_path, manual_sto
     await make_pool(manual_store, manual_clock, tmp_path, GatedExtractor(gated=False)).run(asyncio.Event(), burst=True)
     [trace] = [p for p in trace_files(tmp_path) if p.parent.name == "trace_summaries"]
     assert trace.name.endswith("_fix_the_build.md")  # "## Task: fix the build", not the thread's "task 1"
+
+
+# --------------------------------------------------------------------------- secrets in error texts (SPEC §14)
+
+PLANTED_TOKEN = "ghp_Zq8mX0pLw4Tn2Vb6Yc1Rd5Sf9Gh3Jk7Lm0Np"  # a generated shape, not a real token
+
+
+async def test_an_error_text_with_a_secret_is_stored_redacted(tmp_path, manual_store, manual_clock, db_path):
+    import sqlite3
+
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
+
+    class Leaks(GatedExtractor):
+        async def extract(self, request):  # type: ignore[no-untyped-def]
+            raise ExtractorError(f"server said: Authorization: Bearer {PLANTED_TOKEN} is not allowed")
+
+    pool = make_pool(manual_store, manual_clock, tmp_path, Leaks(gated=False))
+    await pool.run(asyncio.Event(), burst=True)
+    job = await manual_store.jobs.get("extract", thread_id(1))
+    assert job.status == "error" and "[REDACTED_SECRET]" in job.last_error
+    assert all(PLANTED_TOKEN not in message for _, message in pool.stats.failures)
+    with sqlite3.connect(db_path) as conn:
+        assert PLANTED_TOKEN not in "\n".join(conn.iterdump())
+
+
+async def test_the_daemons_fault_log_redacts_what_it_keeps(tmp_path, monkeypatch):
+    from memd.config import load_settings
+    from memd.daemon import build_components
+
+    monkeypatch.setenv("MEMD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MEMD_MEMORY_DIR", str(tmp_path / "memory"))
+    components = await build_components(load_settings(None, {}))
+    try:
+        fault = components.faults.note("claim_failed", RuntimeError(f"token {PLANTED_TOKEN}"), now_s=0)
+    finally:
+        await components.aclose()
+    assert PLANTED_TOKEN not in fault.error and "[REDACTED_SECRET]" in fault.error

@@ -43,6 +43,7 @@ from memd.clock import Clock, iso_utc
 from memd.consolidate.builtin import RESULT_PREFIX, RootOutcome
 from memd.consolidate.env import consolidation_env, is_own_consolidator
 from memd.errors import LeaseLost, MemdError
+from memd.extract.redact import redact
 from memd.memory.files import (
     TRACE_DIR,
     ensure_project_root,
@@ -839,7 +840,7 @@ class ConsolidationRunner:
 
     async def _record_failure(self, project: str, error: str, bound: Any) -> None:
         try:
-            await self.store.projects.mark_failed(project, error)
+            await self.store.projects.mark_failed(project, redact(error)[0])  # stored: redacted (SPEC §14)
         except MemdError as exc:
             bound.warning("consolidate_record_failed", error=str(exc))
 
@@ -921,7 +922,7 @@ def _exit_error(exit_code: int | None, tail: str) -> str:
             name = str(-exit_code)
         return f"killed_by_signal: {name}"
     lines = (line.strip() for line in reversed(tail.splitlines()))
-    last = next((line for line in lines if line and not line.startswith(RESULT_PREFIX)), "")
+    last = redact(next((line for line in lines if line and not line.startswith(RESULT_PREFIX)), ""))[0]
     if len(last) > 300:
         last = last[:300] + "…"
     return f"exit_code {exit_code}: {last}" if last else f"exit_code {exit_code}"

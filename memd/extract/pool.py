@@ -29,6 +29,7 @@ import structlog
 
 from memd.clock import Clock, iso_utc, wait_any
 from memd.errors import BudgetExhausted, ExtractorError, LeaseLost, MemoryWriteError, ModelAuthError, StoreError
+from memd.extract.redact import redact
 from memd.faults import FaultLog
 from memd.schedule.retry import RetryPolicy
 from memd.store.records import JobKind, JobRecord
@@ -154,7 +155,7 @@ class JobPool:
         self._recorded_pause: object = _UNKNOWN  # what the store meta ``model_pause`` holds
         self.stats = PoolStats()
         #: The newest infrastructure fault the pool survived (store unavailable, ...).
-        self.faults = faults or FaultLog()
+        self.faults = faults or FaultLog(clean=lambda text: redact(text)[0])
 
     def _note_fault(self, event: str, error: BaseException | str) -> None:
         self.faults.note(event, error, now_s=self._clock.now())
@@ -400,7 +401,7 @@ class JobPool:
 
     def _pause(self, duration_s: float, reason: str) -> None:
         self._paused_until = self._clock.now() + max(1.0, duration_s)
-        self._pause_reason = reason
+        self._pause_reason = redact(reason)[0]  # stored in meta model_pause (SPEC §14)
 
     async def _record_pause(self) -> None:
         """Mirror the pause reason into the store meta ``model_pause`` (``memd status`` shows
@@ -446,7 +447,7 @@ class JobPool:
     async def _fail(self, job: JobRecord, exc: BaseException, bound: Any) -> None:
         """Record a failed attempt: ``error`` with a backoff ``retry_at``, or ``dead``. Never raises."""
         self.stats.failed += 1
-        message = f"{type(exc).__name__}: {exc}"[:500]
+        message = redact(f"{type(exc).__name__}: {exc}")[0][:500]  # stored and shown (SPEC §14)
         self.stats.failures = [*self.stats.failures, (job.key, message)][-FAILURES_KEPT:]
         dead = self._retry.is_dead(job.attempts)
         retry_at = None if dead else self._clock.now() + self._retry.delay_s(job.attempts)
