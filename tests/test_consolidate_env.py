@@ -77,3 +77,20 @@ def test_own_consolidator_is_recognised() -> None:
     assert is_own_consolidator(["/home/me/.venv/bin/memd", "consolidate", "--root", "x"])
     assert not is_own_consolidator(CODEX)
     assert not is_own_consolidator([])
+
+
+def test_the_key_under_any_spelling_pydantic_settings_reads_stays_out() -> None:
+    # pydantic-settings reads MEMD_* names case-insensitively, and MEMD_LLM as the whole [llm] table in JSON.
+    spellings = {
+        "MEMD_llm__api_key": "sk-lower",
+        "memd_LLM__API_KEY": "sk-prefix",
+        "MEMD_LLM": '{"api_key": "sk-table"}',
+        "memd_min_idle_s": "0",
+    }
+    source = {**DAEMON_ENV, **spellings}
+    for argv, uses_model in ((CODEX, True), (CODEX, False), (OWN, False)):
+        env = consolidation_env(argv, uses_model=uses_model, source=source)
+        assert not {"MEMD_llm__api_key", "memd_LLM__API_KEY", "MEMD_LLM"} & set(env), (argv[0], uses_model)
+        assert env["memd_min_idle_s"] == "0"
+    own = consolidation_env(OWN, uses_model=True, source=source)
+    assert {name: own[name] for name in spellings} == spellings  # memd's own consolidator reads its key

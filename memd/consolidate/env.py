@@ -2,7 +2,8 @@
 
 The command gets PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, ``LC_*``, TZ, TMPDIR, every
 ``XDG_*``, CODEX_HOME, CLAUDE_CONFIG_DIR, VIRTUAL_ENV and PYTHONPATH (so ``python -m memd`` finds
-the same installation), memd's non-secret settings (``MEMD_*`` except the API key, and for memd's
+the same installation), memd's non-secret settings (``MEMD_*`` in any case, except the API key and the
+``MEMD_LLM`` table that can hold it, and for memd's
 own consolidator ``OPENAI_BASE_URL``), the model key only when the command is memd's own
 consolidator and the model extractor is configured, and the
 names the user lists in ``[consolidation] env``. Nothing else of the daemon's environment reaches
@@ -24,10 +25,13 @@ ALLOWED_NAMES = frozenset(
 )  # fmt: skip
 #: Prefixes of variables always passed through.
 ALLOWED_PREFIXES = ("LC_", "XDG_")
-#: memd's own settings are passed (the child reads the same configuration), except these.
-SECRET_MEMD_NAMES = frozenset({"MEMD_LLM__API_KEY"})
-#: The model key names, passed only to memd's own consolidator when it uses the model.
-MODEL_KEY_NAMES = ("OPENAI_API_KEY", "MEMD_LLM__API_KEY")
+#: memd's own settings are passed (the child reads the same configuration), except these, which can
+#: carry the model key: ``MEMD_LLM`` is the whole ``[llm]`` table as JSON (pydantic-settings parses it).
+#: Compared upper-cased: pydantic-settings reads ``MEMD_*`` names in any case (``MEMD_llm__api_key``).
+SECRET_MEMD_NAMES = frozenset({"MEMD_LLM__API_KEY", "MEMD_LLM"})
+#: The model key names, passed only to memd's own consolidator when it uses the model (``MEMD_*``
+#: ones in any case).
+MODEL_KEY_NAMES = ("OPENAI_API_KEY", "MEMD_LLM__API_KEY", "MEMD_LLM")
 #: Settings memd reads under other names (SPEC §9), passed to memd's own consolidator.
 OWN_SETTING_NAMES = frozenset({"OPENAI_BASE_URL", "MEMD_CONFIG"})
 
@@ -64,12 +68,14 @@ def consolidation_env(
         key_names |= OWN_SETTING_NAMES
     env: dict[str, str] = {}
     for name, value in source.items():
+        memd_name = name.upper() if name.upper().startswith("MEMD_") else None  # read in any case
         if (
             name in ALLOWED_NAMES
             or name.startswith(ALLOWED_PREFIXES)
-            or (name.startswith("MEMD_") and name not in SECRET_MEMD_NAMES)
+            or (memd_name is not None and memd_name not in SECRET_MEMD_NAMES)
             or name in extra
             or name in key_names
+            or memd_name in key_names
         ):
             env[name] = value
     return env
