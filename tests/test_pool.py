@@ -463,3 +463,55 @@ async def test_the_daemons_fault_log_redacts_what_it_keeps(tmp_path, monkeypatch
     finally:
         await components.aclose()
     assert PLANTED_TOKEN not in fault.error and "[REDACTED_SECRET]" in fault.error
+
+
+async def test_a_commit_that_ends_in_lease_lost_after_the_claim_was_lost_is_retrieved(
+    tmp_path, manual_store, manual_clock
+):
+    import contextlib
+    import gc
+
+    from memd.errors import LeaseLost
+    from memd.extract.pool import JobResult
+    from memd.store.records import JobKind
+
+    await add_thread(manual_store, 1, updated_at=manual_clock.now() - 100)
+    started, finish_commit = asyncio.Event(), asyncio.Event()
+
+    async def commit() -> JobResult:
+        await finish_commit.wait()
+        raise LeaseLost("the claim was taken over")
+
+    async def handler(job, bound):  # type: ignore[no-untyped-def]
+        # Like ExtractJob: the commit step is shielded, so a cancellation waits for it.
+        started.set()
+        step = asyncio.ensure_future(commit())
+        while not step.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(step)
+        return step.result()
+
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        pool = JobPool(
+            manual_store, manual_clock, kind=JobKind.EXTRACT, handler=handler, owner="host:1:a", lease_s=3, poll_s=0.05
+        )
+        run = asyncio.create_task(pool.run(asyncio.Event(), burst=True))
+        await started.wait()
+
+        async def taken_over(job, lease_s):  # type: ignore[no-untyped-def]
+            return False
+
+        manual_store.jobs.renew = taken_over  # type: ignore[method-assign]
+        manual_clock.advance(1)  # the heartbeat finds the claim gone and cancels the work
+        await until(lambda: manual_clock.sleepers == 0, "the heartbeat saw the lost claim")
+        finish_commit.set()
+        await run
+        assert pool.stats.fenced_out == 1
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c.get("message") for c in unretrieved] == []

@@ -346,6 +346,8 @@ class JobPool:
             if not work.done():  # the claim was taken over: stop, write nothing
                 work.cancel()
                 await asyncio.wait({work})
+                if not work.cancelled():  # its shielded commit ended (LeaseLost, ...): retrieve it
+                    work.exception()
                 self.stats.fenced_out += 1
                 return
             await self._settle(job, work, bound)
