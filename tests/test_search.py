@@ -242,3 +242,74 @@ def test_merge_markers_and_placeholders_are_not_content() -> None:
     assert [(c.heading, c.body) for c in chunk_memory_md(text)] == [
         ("Recent tasks", "- add a pause button — partial [019a085e 2025-10-21]")
     ]
+
+
+async def test_a_failed_refresh_keeps_its_projects_marked(
+    tmp_path: Path, db_path: Path, clock, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from memd.memory.files import project_root
+    from memd.read.upkeep import SearchRefresher
+    from memd.store.store import Store
+
+    store = await Store.open(db_path, clock=clock)
+    await store.close()
+    memory_dir = tmp_path / "projects"
+    project = "/home/me/app"
+    root = make_root(tmp_path)
+    project_root(memory_dir, project).parent.mkdir(parents=True)
+    root.rename(project_root(memory_dir, project))
+    refresher = SearchRefresher(db_path, memory_dir)
+    refresher.mark(project)
+    real_refresh = SearchIndex.refresh
+
+    def locked(self: SearchIndex, *args: object, **kwargs: object) -> object:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(SearchIndex, "refresh", locked)
+    await refresher.refresh()
+    index = SearchIndex.open(db_path)
+    assert index is not None and index.search(project, "jest") == []
+    monkeypatch.setattr(SearchIndex, "refresh", real_refresh)
+    await refresher.refresh()  # not marked again: the failed pass kept it
+    assert index.search(project, "jest")
+    index.close()
+
+
+async def test_a_cancelled_refresh_keeps_its_projects_marked(
+    tmp_path: Path, db_path: Path, clock, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import threading
+
+    from memd.memory.files import project_root
+    from memd.read.upkeep import SearchRefresher
+    from memd.store.store import Store
+
+    store = await Store.open(db_path, clock=clock)
+    await store.close()
+    memory_dir = tmp_path / "projects"
+    project = "/home/me/app"
+    project_root(memory_dir, project).parent.mkdir(parents=True)
+    make_root(tmp_path).rename(project_root(memory_dir, project))
+    refresher = SearchRefresher(db_path, memory_dir)
+    refresher.mark(project)
+    entered, release = threading.Event(), threading.Event()
+    real_open = SearchIndex.open
+
+    def slow_open(db: Path, **kwargs: object) -> SearchIndex | None:
+        entered.set()
+        release.wait(30)
+        return None  # as if the pass never got to the project
+
+    monkeypatch.setattr(SearchIndex, "open", staticmethod(slow_open))
+    task = asyncio.create_task(refresher.refresh())
+    await asyncio.to_thread(entered.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    monkeypatch.setattr(SearchIndex, "open", real_open)
+    await refresher.refresh()
+    index = SearchIndex.open(db_path)
+    assert index is not None and index.search(project, "jest")
+    index.close()

@@ -97,23 +97,37 @@ class SearchRefresher:
         self._dirty.update([projects] if isinstance(projects, str) else projects)
 
     async def refresh(self) -> None:
-        """Bring the index in line with the marked projects' files (a few ``stat`` calls each)."""
-        projects, self._dirty = self._dirty, set()
-        if projects:
-            await asyncio.to_thread(self._refresh, projects)
+        """Bring the index in line with the marked projects' files (a few ``stat`` calls each).
 
-    def _refresh(self, projects: set[str]) -> None:
+        A project whose refresh failed, or was cancelled, stays marked for the next call. Raises only
+        ``CancelledError``.
+        """
+        projects, self._dirty = self._dirty, set()
+        if not projects:
+            return
+        try:
+            left = await asyncio.to_thread(self._refresh, frozenset(projects))
+        except BaseException:  # cancelled: the worker may not have finished; refresh them all again
+            self._dirty |= projects
+            raise
+        self._dirty |= left
+
+    def _refresh(self, projects: frozenset[str]) -> set[str]:
+        """Refresh ``projects`` in order; return those not refreshed (an error stops the pass)."""
+        left = set(projects)
         try:
             # Each new file version is checked against the redactor once, so `memd context` need not load it.
             index = SearchIndex.open(self._db_path, is_clean=_nothing_to_redact)
             if index is None:
-                return
+                return set()  # no database or an older schema: the daemon migrates it, then marks again
             try:
                 for project in sorted(projects):
                     report = index.refresh(project, project_root(self._memory_dir, project), full=True)
+                    left.discard(project)
                     if report.indexed or report.removed:
                         log.debug("search_indexed", project=project, indexed=report.indexed, removed=report.removed)
             finally:
                 index.close()
         except Exception as exc:  # a stale index is served until the next refresh; MCP refreshes on demand
-            log.warning("search_index_failed", error=str(exc))
+            log.warning("search_index_failed", error=str(exc), retried=len(left))
+        return left
