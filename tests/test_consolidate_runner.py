@@ -346,7 +346,9 @@ async def test_lease_lost_mid_run_terminates_command(store: Store, clock: FakeCl
     assert await _eventually_gone(int((root / "pid").read_text()))
     lease = await store.leases.get(LEASE)
     assert lease.owner == "other:2:x" and lease.fencing_token == other, "the new holder keeps the lease"
-    assert (await store.projects.get(PROJECT)).consolidated_seq == 0
+    project = await store.projects.get(PROJECT)
+    assert project.consolidated_seq == 0
+    assert (project.failures, project.last_error) == (0, None), "a lost lease is not the project's failure"
 
 
 async def test_cancellation_terminates_child_and_releases_lease(

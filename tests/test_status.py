@@ -106,8 +106,9 @@ async def _known_state(db_path: Path, owner: str) -> dict[str, str]:
         assert token is not None
         assert await store.projects.mark_consolidated(p1, 2, f"consolidate:{p1}", owner, token)
         assert await store.leases.release(f"consolidate:{p1}", owner, token)
-        await store.projects.mark_failed(p2, "exit_code 3: boom")
-        assert await store.leases.acquire(f"consolidate:{p2}", owner, 600) is not None
+        token2 = await store.leases.acquire(f"consolidate:{p2}", owner, 600)
+        assert token2 is not None
+        assert await store.projects.mark_failed(p2, "exit_code 3: boom", f"consolidate:{p2}", owner, token2)
         fault = {"at": "2026-01-02T03:04:05Z", "event": "claim_failed", "error": "database is locked: ..."}
         await store.meta.set("last_fault", json.dumps(fault))
         await store.usage.record_usage("extract", "gpt-5", 1000, 200, 0)

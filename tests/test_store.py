@@ -538,7 +538,7 @@ async def test_projects_due_follows_delay_interval_and_failures(
     clock.advance(600)
     assert [p.project for p in await store.projects.due(120, 600)] == ["/p"]
 
-    await store.projects.mark_failed("/p", "consolidation command exited 1")
+    assert await store.projects.mark_failed("/p", "consolidation command exited 1", "consolidate:/p", owner, token)
     p = await store.projects.get("/p")
     assert p is not None
     assert (p.failures, p.last_error, p.last_consolidated_at) == (
@@ -549,6 +549,23 @@ async def test_projects_due_follows_delay_interval_and_failures(
     # ensure_project again keeps the counters.
     again = await store.projects.ensure("/p", "/mem/p2")
     assert (again.memory_root, again.memory_seq, again.failures) == ("/mem/p2", 2, 1)
+
+
+async def test_a_failure_under_a_lost_lease_is_not_recorded(store: Store, clock: FakeClock) -> None:
+    await finish(store, "t1")
+    old = await store.leases.acquire("consolidate:/p", "A", 60)
+    assert old is not None
+    clock.advance(61)  # A's lease expired; B takes over and succeeds
+    new = await store.leases.acquire("consolidate:/p", "B", 60)
+    assert new is not None and new > old
+    assert await store.projects.mark_consolidated("/p", 1, "consolidate:/p", "B", new)
+    before = await store.projects.get("/p")
+    assert not await store.projects.mark_failed("/p", "exit_code 1", "consolidate:/p", "A", old)
+    assert not await store.projects.mark_failed("/p", "exit_code 1", "consolidate:/p", "B", old)
+    assert await store.projects.get("/p") == before
+    assert await store.projects.mark_failed("/p", "exit_code 1", "consolidate:/p", "B", new)
+    after = await store.projects.get("/p")
+    assert after is not None and (after.failures, after.last_error) == (1, "exit_code 1")
 
 
 async def test_memory_written_during_consolidation_keeps_project_due(

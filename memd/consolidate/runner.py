@@ -466,7 +466,7 @@ class ConsolidationRunner:
         except MemdError as exc:
             error = f"prepare_failed: {exc}"
             item.bound.error("consolidate_failed", error=error)
-            await self._record_failure(item.project, error, item.bound)
+            await self._record_failure(item, error)
             item.status, item.error = ConsolidationStatus.FAILED, error
             await self._finish(item)
 
@@ -495,7 +495,7 @@ class ConsolidationRunner:
             item.bound.info("consolidate_done", exit_code=item.exit_code, seq=item.seq)
         else:
             item.bound.warning("consolidate_failed", error=error, exit_code=item.exit_code)
-            await self._record_failure(item.project, error, item.bound)
+            await self._record_failure(item, error)
         await self._finish(item)
 
     async def _finish(self, item: _Item) -> None:
@@ -838,11 +838,17 @@ class ConsolidationRunner:
                 output_bytes=tail.total_bytes,
             )
 
-    async def _record_failure(self, project: str, error: str, bound: Any) -> None:
+    async def _record_failure(self, item: _Item, error: str) -> None:
+        """Record the failure on the project, fenced by the item's lease (a lost lease is not the
+        project's failure: the new holder's result stands). Never raises."""
+        if error == LEASE_LOST or item.fencing_token is None:
+            return
         try:
-            await self.store.projects.mark_failed(project, redact(error)[0])  # stored: redacted (SPEC §14)
+            await self.store.projects.mark_failed(
+                item.project, redact(error)[0], item.lease_name, self.owner, item.fencing_token
+            )  # stored: redacted (SPEC §14)
         except MemdError as exc:
-            bound.warning("consolidate_record_failed", error=str(exc))
+            item.bound.warning("consolidate_record_failed", error=str(exc))
 
     async def _release(self, lease_name: str, fencing_token: int, bound: Any) -> None:
         try:

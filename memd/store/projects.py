@@ -149,17 +149,42 @@ class ProjectRepository(Repository):
             )
         return bool(rows)
 
-    async def mark_failed(self, project: str, error: str) -> None:
-        """Record a failed consolidation: ``last_error``, ``failures + 1``, ``last_attempt_at``.
+    async def mark_failed(self, project: str, error: str, lease_name: str, owner: str, fencing_token: int) -> bool:
+        """Record a failed consolidation, fenced by the lease ``lease_name`` (SPEC §5): in one
+        transaction, if the lease is held by ``(owner, fencing_token)``, set ``last_error``,
+        ``failures + 1`` and ``last_attempt_at``.
 
         The project stays due and is retried after ``min_interval_s`` (:meth:`due`).
+
+        Args:
+            project: the project key.
+            error: one line, already redacted by the caller (cut to :data:`ERROR_MAX_CHARS`).
+            lease_name, owner, fencing_token: the lease the failed run held.
+
+        Returns:
+            ``False``, writing nothing, when the lease was lost (event ``lease_fence_refused``: a
+            newer holder's result must not be overwritten) or the project is unknown.
         """
         now = self._clock.now()
         async with self._db.write("mark_consolidation_failed") as tx:
-            await tx.execute(
-                "UPDATE projects SET last_error = ?, failures = failures + 1, last_attempt_at = ? WHERE project = ?",
+            if not await holds(tx, lease_name, owner, fencing_token):
+                log.warning(
+                    "lease_fence_refused",
+                    op="mark_failed",
+                    lease=lease_name,
+                    owner=owner,
+                    fencing_token=fencing_token,
+                    project=project,
+                )
+                return False
+            rows = await tx.rows(
+                """
+                UPDATE projects SET last_error = ?, failures = failures + 1, last_attempt_at = ?
+                WHERE project = ? RETURNING 1
+                """,
                 (short_error(error), now, project),
             )
+        return bool(rows)
 
     async def status_page(self, *, after: str | None = None, limit: int = 500) -> list[ProjectStatus]:
         """One page of projects with their trace counts, by project key after ``after``."""
