@@ -313,3 +313,31 @@ async def test_a_cancelled_refresh_keeps_its_projects_marked(
     index = SearchIndex.open(db_path)
     assert index is not None and index.search(project, "jest")
     index.close()
+
+
+async def test_two_refreshers_racing_over_a_new_project_both_succeed(tmp_path: Path, db_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    from memd.store.store import Store
+
+    store = await Store.open(db_path, clock=clock)
+    await store.close()
+    root = make_root(tmp_path)
+    daemon, mcp = SearchIndex.open(db_path), SearchIndex.open(db_path)  # two connections, as in two processes
+    assert daemon is not None and mcp is not None
+    real_read = SearchIndex._read
+    raced: list[object] = []
+
+    def read_while_the_other_refreshes(path: Path) -> str | None:
+        if not raced:  # the daemon has read what it knows and not yet written: `memd mcp` refreshes now
+            raced.append(mcp.refresh("p", root, full=True))
+        return real_read(path)
+
+    daemon._read = read_while_the_other_refreshes  # type: ignore[method-assign]
+    report = daemon.refresh("p", root, full=True)
+    assert raced and report.indexed == 4
+    fresh = SearchIndex.scratch()
+    fresh.refresh("p", root, full=True)
+    rows = "SELECT path, heading, body FROM search_chunks WHERE project = 'p' ORDER BY 1, 2, 3"
+    assert daemon._conn.execute(rows).fetchall() == fresh._conn.execute(rows).fetchall()  # no chunk twice
+    assert daemon.refresh("p", root, full=True).indexed == 0
+    daemon.close()
+    mcp.close()

@@ -27,6 +27,7 @@ transcript (an ``mcp__memd__*`` tool call, a Codex ``<oai-mem-citation>``); ``us
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -624,9 +625,20 @@ class SearchIndex:
                     "INSERT INTO search_files (project, path, mtime_ns, size) VALUES (?, ?, ?, ?)",
                     (project, _FOLDER_KEY, *folder),
                 )
-            for path in [*gone, *(p for p in changed if p in known)]:  # a new file has no rows to delete
-                conn.execute("DELETE FROM search_chunks WHERE project = ? AND path = ?", (project, path))
-                conn.execute("DELETE FROM search_files WHERE project = ? AND path = ?", (project, path))
+            # ``known`` was read before this transaction: another refresher (the daemon, `memd mcp`) may
+            # have indexed or removed some of these paths since. Which have rows is read again here;
+            # a path without rows has none to delete (a DELETE on the FTS table scans it).
+            indexed_now = {
+                path
+                for (path,) in conn.execute(
+                    "SELECT path FROM search_files WHERE project = ? AND path IN (SELECT value FROM json_each(?))",
+                    (project, json.dumps([*gone, *changed])),
+                )
+            }
+            for path in [*gone, *changed]:
+                if path in indexed_now:
+                    conn.execute("DELETE FROM search_chunks WHERE project = ? AND path = ?", (project, path))
+                    conn.execute("DELETE FROM search_files WHERE project = ? AND path = ?", (project, path))
             for path, st in changed.items():
                 text = texts[path]
                 if text is None:
