@@ -51,6 +51,7 @@ from memd.schedule.retry import RetryPolicy
 from memd.schedule.scheduler import PlanSummary, Scheduler
 from memd.service.notify import Notifier, daemon_status_line, watchdog_interval_s, watchdog_loop
 from memd.service.signals import ShutdownSignals
+from memd.service.unit import STOP_TIMEOUT_S
 from memd.store.backup import backup_if_due, is_damage
 from memd.store.daemons import process_start_id
 from memd.store.records import JobKind
@@ -71,6 +72,9 @@ POOL_POLL_S = 30.0
 WATCH_RESTART_CAP_S = 60.0
 #: How often the daemon's registration is refreshed and its newest fault saved, seconds.
 HEARTBEAT_S = 30.0
+#: Seconds of systemd's stop timeout kept for releasing leases and closing the database after the
+#: consolidation was terminated.
+STOP_MARGIN_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +487,9 @@ class Daemon:
         """Give running jobs the grace period (cut short by ``force``), then cancel the rest."""
         c = self.components
         grace_s = c.settings.shutdown_grace_s
+        # Whatever the grace period, a consolidation that ignores SIGTERM is killed in time to
+        # release its lease and close the database before systemd's SIGKILL.
+        c.runner.stop_by(asyncio.get_running_loop().time() + STOP_TIMEOUT_S - STOP_MARGIN_S)
         log.info("daemon_stopping", running=c.pool.running, grace_s=grace_s)
         finished = asyncio.Event()
 

@@ -477,3 +477,25 @@ async def test_a_secret_in_the_failing_commands_output_is_stored_redacted(
     assert project is not None and project.last_error == outcome.error
     with sqlite3.connect(db_path) as conn:
         assert token not in "\n".join(conn.iterdump())
+
+
+async def test_during_a_shutdown_a_command_ignoring_sigterm_is_killed_by_the_deadline(
+    store: Store, clock: FakeClock, memory_dir: Path
+) -> None:
+    await _add_memory(store, memory_dir, "t1", clock.now(), "s")
+    root = memory_files.project_root(memory_dir, PROJECT)
+    code = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        " open('pid', 'w').write(str(os.getpid())); time.sleep(300)"
+    )
+    runner = _runner(store, clock, memory_dir, _py(code), kill_grace_s=600)  # far beyond systemd's stop timeout
+    task = asyncio.create_task(runner.run(PROJECT, 1))
+    await _wait_for(root / "pid")
+    runner.stop_by(asyncio.get_running_loop().time() + 2)
+    task.cancel()
+    with capture_logs() as logs:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 60)  # with the 600 s grace this would time out
+    assert [e["signal"] for e in logs if e["event"] == "consolidate_killed"] == ["SIGKILL"]
+    assert await _eventually_gone(int((root / "pid").read_text()))
+    await _assert_released(store)

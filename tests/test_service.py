@@ -718,3 +718,27 @@ def test_memd_service_install_failure_is_one_line_and_exit_1(tmp_path: Path) -> 
     assert "Traceback" not in done.stderr
     assert "memd service: cannot read the installed unit (Not a directory: " in done.stderr
     assert (config_home / "systemd").read_text() == "a file where the folder belongs"
+
+
+async def test_the_daemons_shutdown_fits_in_systemds_stop_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memd.config import load_settings
+    from memd.daemon import STOP_MARGIN_S, Daemon
+
+    assert f"\nTimeoutStopSec={unit.STOP_TIMEOUT_S}\n" in shipped_unit_text()
+    monkeypatch.setenv("MEMD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MEMD_MEMORY_DIR", str(tmp_path / "memory"))
+    monkeypatch.setenv("MEMD_SESSIONS", str(tmp_path / "sessions"))
+    (tmp_path / "sessions").mkdir()
+    daemon = await Daemon.open(load_settings(None, {}))
+    deadlines: list[float] = []
+    monkeypatch.setattr(daemon.components.runner, "stop_by", deadlines.append)
+    try:
+        daemon.stop()
+        before = asyncio.get_running_loop().time()
+        assert await daemon.serve() == 0
+        after = asyncio.get_running_loop().time()
+    finally:
+        await daemon.close()
+    [deadline] = deadlines  # set when stopping began, between `before` and `after`
+    budget_s = unit.STOP_TIMEOUT_S - STOP_MARGIN_S
+    assert before + budget_s <= deadline <= after + budget_s

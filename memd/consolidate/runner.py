@@ -306,6 +306,7 @@ class ConsolidationRunner:
         self.lease_s = float(lease_s)
         self.timeout_s = float(timeout_s)
         self.kill_grace_s = float(kill_grace_s)
+        self._stop_by: float | None = None  # event-loop time a shutdown must be done by
         self.max_traces_per_project = int(max_traces_per_project)
         self.owner = owner
         self.env = dict(env) if env is not None else consolidation_env(self.command, uses_model=False)
@@ -764,15 +765,33 @@ class ConsolidationRunner:
                 bound.warning("consolidate_output_abandoned", pid=proc.pid)
                 pump.cancel()
 
+    def stop_by(self, deadline_s: float) -> None:
+        """Shutdown: commands terminated from now on are done by ``deadline_s`` (event-loop time,
+        ``loop.time()``), so that the daemon releases its leases before systemd's
+        ``TimeoutStopSec`` ends (SPEC §12): the SIGTERM → SIGKILL grace is cut to half the time
+        left (at least :data:`MIN_KILL_GRACE_S`), the wait for the killed leader to the rest."""
+        self._stop_by = deadline_s
+
+    def _grace_s(self, loop: asyncio.AbstractEventLoop) -> tuple[float, float]:
+        """Seconds from SIGTERM to SIGKILL, and the longest wait for the leader after SIGKILL."""
+        term_s, reap_s = self.kill_grace_s, max(self.kill_grace_s, 5.0)
+        if self._stop_by is None:
+            return term_s, reap_s
+        left_s = self._stop_by - loop.time()
+        term_s = min(term_s, max(MIN_KILL_GRACE_S, left_s / 2))
+        return term_s, min(reap_s, max(MIN_KILL_GRACE_S, left_s - term_s))
+
     async def _terminate(self, proc: Any, bound: Any) -> None:
-        """SIGTERM the process group, SIGKILL it after ``kill_grace_s``; wait for the leader.
+        """SIGTERM the process group, SIGKILL it after ``kill_grace_s`` (less during a shutdown,
+        see :meth:`stop_by`); wait for the leader.
 
         Polls (every 50 ms) the leader's exit status and whether any group member is left.
         """
         loop = asyncio.get_running_loop()
         pgid = proc.pid
+        term_s, reap_s = self._grace_s(loop)
         _killpg(pgid, signal.SIGTERM)
-        deadline = loop.time() + self.kill_grace_s
+        deadline = loop.time() + term_s
         while loop.time() < deadline:
             if proc.returncode is not None and not _group_alive(pgid):
                 break
@@ -781,7 +800,7 @@ class ConsolidationRunner:
             bound.warning("consolidate_killed", pgid=pgid, signal="SIGKILL")
             _killpg(pgid, signal.SIGKILL)
             # SIGKILL cannot be ignored: the leader's exit is reported within moments.
-            deadline = loop.time() + max(self.kill_grace_s, 5.0)
+            deadline = loop.time() + reap_s
             while proc.returncode is None and loop.time() < deadline:
                 await asyncio.sleep(_GROUP_POLL_S)
         bound.info("consolidate_terminated", pgid=pgid, exit_code=proc.returncode)
@@ -858,6 +877,9 @@ class ConsolidationRunner:
             return
         bound.info("consolidate_lease_released", lease=lease_name, held=released is not False)
 
+
+#: Shortest SIGTERM → SIGKILL grace (and wait after SIGKILL) during a shutdown, seconds.
+MIN_KILL_GRACE_S = 0.5
 
 #: ``memory_summary.md`` stays under about this many bytes (≈ 1,800 tokens at 4 bytes a token).
 SUMMARY_MAX_BYTES = 7_000

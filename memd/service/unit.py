@@ -22,6 +22,9 @@ log = structlog.get_logger(__name__)
 UNIT_NAME = "memd.service"
 DROPIN_NAME = "hardening.conf"
 EXIT_CONFIG = 78
+#: ``TimeoutStopSec=``: systemd SIGKILLs memd this long after SIGTERM; the daemon's shutdown
+#: (grace period, then terminating the consolidation) is fitted inside it (SPEC §12).
+STOP_TIMEOUT_S = 30
 
 _EXEC_START_MARK = "@EXEC_START@"
 
@@ -59,7 +62,7 @@ WatchdogSec=60
 # SIGTERM goes to memd only; it finishes running jobs, stops its subprocesses and exits 0.
 # Processes still left when it exits, or after TimeoutStopSec, get SIGKILL.
 KillMode=mixed
-TimeoutStopSec=30
+TimeoutStopSec={STOP_TIMEOUT_S}
 Restart=on-failure
 RestartSec=10
 # Exit status 78 is a configuration error: restarting cannot fix it.
