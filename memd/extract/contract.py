@@ -1,4 +1,5 @@
-"""The extractor output contract (SPEC §6.3): schema, normalisation, lenient JSON parsing.
+"""The extractor output contract (SPEC §6.3): schema and normalisation (lenient JSON parsing of a
+model's answer lives in :mod:`memd.jsonish`).
 
 Every extractor returns ``{trace_memory, summary}``. Before anything is stored, the worker runs
 :func:`normalise`: trim, redact again, enforce the markdown skeleton (an output without it is

@@ -159,7 +159,7 @@ def _responses_usage(usage: Any) -> tuple[int, int, int] | None:
 
 def parse_answer(text: str) -> dict[str, Any] | None:
     """The JSON object in a model's answer: strict JSON first, then lenient (fenced JSON, an object
-    embedded in prose, via :func:`memd.extract.contract.parse_lenient_json`). ``None`` if none."""
+    embedded in prose, via :func:`memd.jsonish.parse_lenient_json`). ``None`` if none."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -170,6 +170,9 @@ def parse_answer(text: str) -> dict[str, Any] | None:
 
 
 def make_openai(config: LLMConfig, timeout_s: float) -> openai.AsyncOpenAI:
+    """The OpenAI SDK client for ``config``'s endpoint: one request at most ``timeout_s`` seconds,
+    no SDK retries (:class:`LLMClient` retries itself, observably). Without a key it sends a
+    placeholder (a local server needs none)."""
     return openai.AsyncOpenAI(
         api_key=config.api_key or NO_KEY,
         base_url=config.base_url,

@@ -162,6 +162,8 @@ def safe_url(url: str | None) -> str | None:
 
 
 def shorten(text: str, limit: int = 200) -> str:
+    """``text`` on one line (whitespace runs become one space), at most ``limit`` characters
+    (cut with ``...``): for an error body in a log event or a message."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
