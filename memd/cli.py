@@ -403,6 +403,8 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
+    from memd.extract.pool import PauseKind
+
     daemon = await _open_daemon(settings)
     try:
         if args.dry_run:
@@ -437,7 +439,7 @@ async def _cmd_once(args: argparse.Namespace, settings: Settings) -> int:
         paused = daemon.components.pool.paused_reason
         if paused:
             print(f"memd once: model work paused: {paused}; the remaining threads stay queued", file=sys.stderr)
-        auth_failed = paused is not None and paused.startswith("model authentication failed")
+        auth_failed = daemon.components.pool.pause_kind is PauseKind.MODEL_AUTH
         return 1 if summary.failed or summary.consolidation_failed or auth_failed else 0
     finally:
         await daemon.close()

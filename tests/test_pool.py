@@ -276,12 +276,15 @@ async def test_the_pause_reason_is_recorded_for_memd_status_and_cleared_when_it_
     await pool.run(asyncio.Event(), burst=True)
     reason = await manual_store.meta.get("model_pause")
     assert reason == pool.paused_reason and "daily token budget reached" in reason
+    from memd.extract.pool import PauseKind
+
+    assert pool.pause_kind is PauseKind.BUDGET
     assert {j.status for j in await manual_store.jobs.list_all("extract")} == {"pending"}
 
     manual_clock.advance(501)
     await pool.run(asyncio.Event(), burst=True)
     assert pool.stats.done == 2
-    assert await manual_store.meta.get("model_pause") is None
+    assert await manual_store.meta.get("model_pause") is None and pool.pause_kind is None
 
 
 # --------------------------------------------------------------------------- two processes

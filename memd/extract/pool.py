@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum, auto
+from enum import Enum, StrEnum, auto
 from typing import Any
 
 import structlog
@@ -63,6 +63,13 @@ class JobResult:
     noop: bool = False
     tokens_in: int = 0
     tokens_out: int = 0
+
+
+class PauseKind(StrEnum):
+    """Why model work is paused (:attr:`JobPool.pause_kind`)."""
+
+    MODEL_AUTH = "model_auth"  # the endpoint rejected the credentials (401/403)
+    BUDGET = "budget"  # the daily token budget is spent
 
 
 class _Next(Enum):
@@ -152,6 +159,7 @@ class JobPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused_until: float | None = None
         self._pause_reason: str | None = None
+        self._pause_kind: PauseKind | None = None
         self._recorded_pause: object = _UNKNOWN  # what the store meta ``model_pause`` holds
         self.stats = PoolStats()
         #: The newest infrastructure fault the pool survived (store unavailable, ...).
@@ -164,8 +172,13 @@ class JobPool:
     def paused_reason(self) -> str | None:
         """Why model work is paused (authentication failure, budget), or ``None``."""
         if self._paused_until is not None and self._clock.now() >= self._paused_until:
-            self._paused_until, self._pause_reason = None, None
+            self._paused_until, self._pause_reason, self._pause_kind = None, None, None
         return self._pause_reason
+
+    @property
+    def pause_kind(self) -> PauseKind | None:
+        """Why model work is paused, as a :class:`PauseKind` (``None``: not paused)."""
+        return self._pause_kind if self.paused_reason is not None else None
 
     def wake(self) -> None:
         """Ask idle workers to look for work now (new jobs were queued)."""
@@ -364,7 +377,7 @@ class JobPool:
             result = work.result()
         except ModelAuthError as exc:
             first = self.paused_reason is None  # jobs already in flight fail the same way
-            self._pause(AUTH_PAUSE_S, f"model authentication failed: {exc}")
+            self._pause(AUTH_PAUSE_S, PauseKind.MODEL_AUTH, f"model authentication failed: {exc}")
             await self._give_back(job, bound, "model_auth_failed")
             if first:
                 bound.error(
@@ -374,7 +387,11 @@ class JobPool:
         except BudgetExhausted as exc:
             first = self.paused_reason is None
             resume_at = exc.resume_at or self._clock.now() + AUTH_PAUSE_S
-            self._pause(resume_at - self._clock.now(), f"daily token budget reached; resumes at {iso_utc(resume_at)}")
+            self._pause(
+                resume_at - self._clock.now(),
+                PauseKind.BUDGET,
+                f"daily token budget reached; resumes at {iso_utc(resume_at)}",
+            )
             await self._give_back(job, bound, "budget_exhausted")
             if first:
                 bound.warning(
@@ -401,7 +418,8 @@ class JobPool:
         if self._on_done is not None:
             self._on_done(result)
 
-    def _pause(self, duration_s: float, reason: str) -> None:
+    def _pause(self, duration_s: float, kind: PauseKind, reason: str) -> None:
+        self._pause_kind = kind
         self._paused_until = self._clock.now() + max(1.0, duration_s)
         self._pause_reason = redact(reason)[0]  # stored in meta model_pause (SPEC §14)
 
