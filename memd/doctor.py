@@ -15,18 +15,27 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
 from memd.config import Settings
 
 
+class Verdict(StrEnum):
+    """How one check came out; any ``FAIL`` makes ``memd doctor`` exit 1."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One verdict: ``name``, ``verdict`` (ok|warn|fail) and a one-line ``detail``."""
+    """One verdict: ``name``, ``verdict`` and a one-line ``detail``."""
 
     name: str
-    verdict: str
+    verdict: Verdict
     detail: str
 
 
@@ -54,8 +63,8 @@ def check_config(config_path: Path | None) -> list[Check]:
     """The configuration loaded (it did, or ``memd`` would have exited 78): which file, and
     whether a file that holds ``llm.api_key`` is private (SPEC §14: a 0600 file)."""
     if config_path is None:
-        return [Check("configuration", "ok", "valid; no config file (defaults and environment)")]
-    checks = [Check("configuration", "ok", f"valid; {config_path}")]
+        return [Check("configuration", Verdict.OK, "valid; no config file (defaults and environment)")]
+    checks = [Check("configuration", Verdict.OK, f"valid; {config_path}")]
     try:
         with config_path.open("rb") as handle:
             holds_key = "api_key" in (tomllib.load(handle).get("llm") or {})
@@ -65,7 +74,9 @@ def check_config(config_path: Path | None) -> list[Check]:
     if holds_key and mode & 0o077:
         checks.append(
             Check(
-                "config secrets", "warn", f"{config_path} holds llm.api_key and is mode {mode:04o}; run chmod 600 on it"
+                "config secrets",
+                Verdict.WARN,
+                f"{config_path} holds llm.api_key and is mode {mode:04o}; run chmod 600 on it",
             )
         )
     return checks
@@ -78,17 +89,23 @@ def check_paths(settings: Settings) -> list[Check]:
         if root.is_dir():
             readable = os.access(root, os.R_OK | os.X_OK)
             checks.append(
-                Check(f"sessions {root}", "ok" if readable else "fail", "readable" if readable else "not readable")
+                Check(
+                    f"sessions {root}",
+                    Verdict.OK if readable else Verdict.FAIL,
+                    "readable" if readable else "not readable",
+                )
             )
         else:
-            checks.append(Check(f"sessions {root}", "warn", "does not exist yet (watched once it appears)"))
+            checks.append(Check(f"sessions {root}", Verdict.WARN, "does not exist yet (watched once it appears)"))
     for name, path in (("state_dir", settings.state_dir), ("memory_dir", settings.memory_dir)):
         probe = path
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         writable = os.access(probe, os.W_OK | os.X_OK)
         detail = f"{path} ({'exists' if path.exists() else 'will be created'})"
-        checks.append(Check(name, "ok" if writable else "fail", detail if writable else f"{path}: not writable"))
+        checks.append(
+            Check(name, Verdict.OK if writable else Verdict.FAIL, detail if writable else f"{path}: not writable")
+        )
     if settings.db_path.is_file():
         try:
             conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=5)
@@ -97,27 +114,27 @@ def check_paths(settings: Settings) -> list[Check]:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
             finally:
                 conn.close()
-            verdict = "ok" if result == "ok" else "fail"
+            verdict = Verdict.OK if result == "ok" else Verdict.FAIL
             checks.append(Check("database", verdict, f"{settings.db_path}: quick_check {result}, schema v{version}"))
         except sqlite3.Error as exc:
-            checks.append(Check("database", "fail", f"{settings.db_path}: {exc}"))
+            checks.append(Check("database", Verdict.FAIL, f"{settings.db_path}: {exc}"))
     else:
-        checks.append(Check("database", "ok", f"{settings.db_path} will be created on first run"))
+        checks.append(Check("database", Verdict.OK, f"{settings.db_path} will be created on first run"))
     return checks
 
 
 def check_inotify(settings: Settings) -> list[Check]:
     """Compare the inotify watch limit with the directories the roots hold."""
     if settings.force_polling:
-        return [Check("inotify", "ok", "force_polling = true: polling, no inotify watches needed")]
+        return [Check("inotify", Verdict.OK, "force_polling = true: polling, no inotify watches needed")]
     watches = _read_int("/proc/sys/fs/inotify/max_user_watches")
     instances = _read_int("/proc/sys/fs/inotify/max_user_instances")
     if watches is None:
-        return [Check("inotify", "warn", "cannot read /proc/sys/fs/inotify (not Linux?); scans still run")]
+        return [Check("inotify", Verdict.WARN, "cannot read /proc/sys/fs/inotify (not Linux?); scans still run")]
     needed = count_dirs(settings.sessions)
-    verdict = "ok" if needed * 2 < watches else ("warn" if needed < watches else "fail")
+    verdict = Verdict.OK if needed * 2 < watches else (Verdict.WARN if needed < watches else Verdict.FAIL)
     detail = f"{needed} directories to watch, max_user_watches = {watches}, max_user_instances = {instances}"
-    if verdict != "ok":
+    if verdict is not Verdict.OK:
         detail += "; raise fs.inotify.max_user_watches (sysctl) or set force_polling = true"
     return [Check("inotify", verdict, detail)]
 
@@ -129,28 +146,30 @@ def check_consolidation(settings: Settings) -> list[Check]:
     checks = [
         Check(
             "consolidation.command",
-            "ok" if found else "fail",
+            Verdict.OK if found else Verdict.FAIL,
             f"{argv0} found" if found else f"{argv0}: not found or not executable",
         )
     ]
     git = shutil.which("git")
-    checks.append(Check("git", "ok" if git else "warn", git or "not installed: memory history is not recorded"))
+    checks.append(
+        Check("git", Verdict.OK if git else Verdict.WARN, git or "not installed: memory history is not recorded")
+    )
     return checks
 
 
 async def check_model(settings: Settings) -> list[Check]:
     """Which extractor runs and why; for ``openai``, whether the endpoint answers."""
     name, reason = settings.resolved_extractor()
-    checks = [Check("extractor", "ok", f"{name} ({reason})")]
+    checks = [Check("extractor", Verdict.OK, f"{name} ({reason})")]
     if name != "openai":
         return checks
     from memd.daemon import llm_config
     from memd.llm.check import check_endpoint
 
     result = await check_endpoint(llm_config(settings))
-    verdict = "fail" if not result.ok else ("warn" if result.model_listed is False else "ok")
+    verdict = Verdict.FAIL if not result.ok else (Verdict.WARN if result.model_listed is False else Verdict.OK)
     detail = result.detail
-    if verdict == "warn":
+    if verdict is Verdict.WARN:
         detail += f"; check llm.model (requests for {settings.llm.model!r} may be refused)"
     checks.append(Check("model endpoint", verdict, detail))
     return checks
@@ -170,20 +189,20 @@ async def collect_checks(settings: Settings, *, config_path: Path | None = None)
 
 def check_connections(environ: Mapping[str, str]) -> list[Check]:
     """What of memd is installed in the agents' own files (hooks, MCP servers): read only (SPEC §18)."""
-    from memd.read.hooks import installed_report
+    from memd.read.hooks import Connection, installed_report
 
     checks = []
     hint = {
-        "claude hook": "memd hooks install claude",
-        "codex hook": "memd hooks install codex",
-        "claude mcp": "memd mcp install claude",
-        "codex mcp": "memd mcp install codex",
+        Connection.CLAUDE_HOOK: "memd hooks install claude",
+        Connection.CODEX_HOOK: "memd hooks install codex",
+        Connection.CLAUDE_MCP: "memd mcp install claude",
+        Connection.CODEX_MCP: "memd mcp install codex",
     }
     for item in installed_report(environ):
         if not item.installed:
-            checks.append(Check(item.what, "ok", f"not installed ({hint[item.what]} connects it)"))
+            checks.append(Check(item.what, Verdict.OK, f"not installed ({hint[item.what]} connects it)"))
         else:
-            verdict = "warn" if "will not run" in item.detail else "ok"
+            verdict = Verdict.OK if item.runs else Verdict.WARN
             checks.append(Check(item.what, verdict, f"{item.where}: {item.detail}"))
     return checks
 
@@ -195,8 +214,8 @@ def print_checks(checks: Sequence[Check], *, out: TextIO | None = None) -> int:
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{c.verdict.upper():<5} {c.name:<{width}}  {c.detail}", file=out)
-    failed = [c for c in checks if c.verdict == "fail"]
-    print(f"\n{len(failed)} failed, {sum(c.verdict == 'warn' for c in checks)} warnings", file=out)
+    failed = [c for c in checks if c.verdict is Verdict.FAIL]
+    print(f"\n{len(failed)} failed, {sum(c.verdict is Verdict.WARN for c in checks)} warnings", file=out)
     return 1 if failed else 0
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from memd.read.hooks import (
     Agent,
+    Connection,
     HookFileError,
     Installation,
     claude_mcp_argv,
@@ -201,10 +202,19 @@ def test_doctor_report_sees_hooks_and_a_missing_feature_flag(inst: Installation,
     install_hook(Agent.CODEX, inst, home_env)
     report = {r.what: r for r in installed_report(home_env)}
     assert report["claude hook"].installed and report["codex hook"].installed
-    assert "not true" not in report["codex hook"].detail
+    assert "not true" not in report["codex hook"].detail and report[Connection.CODEX_HOOK].runs
     (Path(home_env["CODEX_HOME"]) / "config.toml").write_text("[features]\nhooks = false\n")
     report = {r.what: r for r in installed_report(home_env)}
-    assert "Codex will not run it" in report["codex hook"].detail
+    assert "Codex will not run it" in report["codex hook"].detail and not report[Connection.CODEX_HOOK].runs
+    from memd.doctor import Verdict, check_connections
+
+    verdicts = {c.name: c.verdict for c in check_connections(home_env)}
+    assert verdicts == {
+        Connection.CLAUDE_HOOK: Verdict.OK,
+        Connection.CODEX_HOOK: Verdict.WARN,
+        Connection.CODEX_MCP: Verdict.OK,
+        Connection.CLAUDE_MCP: Verdict.OK,
+    }
     assert not report["claude mcp"].installed
 
 

@@ -522,14 +522,33 @@ def uninstall_claude_mcp(*, run: bool = True, timeout_s: float = 60.0) -> Change
 # --------------------------------------------------------------------------- doctor
 
 
+class Connection(StrEnum):
+    """The connections between memd and the agents that ``memd doctor`` reports."""
+
+    CLAUDE_HOOK = "claude hook"
+    CODEX_HOOK = "codex hook"
+    CODEX_MCP = "codex mcp"
+    CLAUDE_MCP = "claude mcp"
+
+
 @dataclass(frozen=True, slots=True)
 class Installed:
-    """What ``memd doctor`` reports about one connection: ``what`` is installed at ``where`` or not."""
+    """What ``memd doctor`` reports about one connection: ``what`` is installed at ``where`` or not.
 
-    what: str
+    Attributes:
+        what: the connection.
+        where: the file that holds it.
+        installed: memd's entry is there.
+        detail: one line for the user (the installed command, or why it will not run).
+        runs: ``False`` when it is installed but the agent will not run it (Codex without
+            ``[features] hooks = true``).
+    """
+
+    what: Connection
     where: Path
     installed: bool
     detail: str
+    runs: bool = True
 
 
 def _hooks_in(path: Path) -> list[str]:
@@ -546,7 +565,9 @@ def installed_report(environ: Mapping[str, str], project: Path | None = None) ->
     report = []
     claude = claude_settings_path(environ, project)
     commands = _hooks_in(claude)
-    report.append(Installed("claude hook", claude, bool(commands), commands[0] if commands else "not installed"))
+    report.append(
+        Installed(Connection.CLAUDE_HOOK, claude, bool(commands), commands[0] if commands else "not installed")
+    )
     cdir = codex_dir(environ, project)
     commands = _hooks_in(cdir / "hooks.json")
     features = mcp = None
@@ -560,12 +581,13 @@ def installed_report(environ: Mapping[str, str], project: Path | None = None) ->
     except (OSError, ValueError, AttributeError):
         pass
     detail = commands[0] if commands else "not installed"
-    if commands and features is not True:
+    runs = not commands or features is True
+    if not runs:
         detail += "; [features] hooks is not true in config.toml: Codex will not run it"
-    report.append(Installed("codex hook", cdir / "hooks.json", bool(commands), detail))
+    report.append(Installed(Connection.CODEX_HOOK, cdir / "hooks.json", bool(commands), detail, runs))
     report.append(
         Installed(
-            "codex mcp",
+            Connection.CODEX_MCP,
             cdir / "config.toml",
             isinstance(mcp, dict),
             f"{mcp.get('command')} {' '.join(mcp.get('args', []))}" if isinstance(mcp, dict) else "not installed",
@@ -579,7 +601,7 @@ def installed_report(environ: Mapping[str, str], project: Path | None = None) ->
         pass
     report.append(
         Installed(
-            "claude mcp",
+            Connection.CLAUDE_MCP,
             claude_json,
             isinstance(server, dict),
             f"{server.get('command')} {' '.join(server.get('args', []))}"
