@@ -81,8 +81,6 @@ class ConsolidationStatus(StrEnum):
     FAILED = "failed"  # preparation failed, the command failed to start or exited non-zero, ...
 
 
-_STATUS_OF_ERROR = {TIMEOUT: ConsolidationStatus.TIMEOUT, LEASE_LOST: ConsolidationStatus.LEASE_LOST}
-
 _RESULT_PREFIX_B = RESULT_PREFIX.encode()
 _READ_CHUNK_BYTES = 64 * 1024
 _LOG_LINE_MAX_CHARS = 1_000
@@ -471,9 +469,12 @@ class ConsolidationRunner:
             item.status, item.error = ConsolidationStatus.FAILED, error
             await self._finish(item)
 
-    async def _settle(self, item: _Item, error: str | None) -> None:
+    async def _settle(
+        self, item: _Item, error: str | None, status: ConsolidationStatus = ConsolidationStatus.FAILED
+    ) -> None:
         """Record the item's result under its lease (a success is fenced by the lease's token),
-        log it and release the lease. Never raises except ``CancelledError``."""
+        log it and release the lease. ``status`` is how a failure (``error``) ended. Never raises
+        except ``CancelledError``."""
         if error is None:
             assert item.fencing_token is not None
             try:
@@ -486,15 +487,13 @@ class ConsolidationRunner:
                 recorded = True
                 error = f"record_failed: {exc}"
             if not recorded:
-                error = LEASE_LOST
+                error, status = LEASE_LOST, ConsolidationStatus.LEASE_LOST
         item.error = error
         if error is None:
             item.status = ConsolidationStatus.DONE if item.root is not None else ConsolidationStatus.NOTHING_TO_DO
-        else:
-            item.status = _STATUS_OF_ERROR.get(error, ConsolidationStatus.FAILED)
-        if error is None:
             item.bound.info("consolidate_done", exit_code=item.exit_code, seq=item.seq)
         else:
+            item.status = status
             item.bound.warning("consolidate_failed", error=error, exit_code=item.exit_code)
             await self._record_failure(item, error)
         await self._finish(item)
@@ -632,13 +631,14 @@ class ConsolidationRunner:
         for root, item in list(pending.items()):
             del pending[root]
             error: str | None
+            status = ConsolidationStatus.FAILED
             if root in stopped:
-                error = stopped[root]
+                status, error = stopped[root]
             elif len(items) == 1:
                 error = None if proc.returncode == 0 else _exit_error(proc.returncode, text)
             else:
                 error = _exit_error(proc.returncode, text) if proc.returncode else "no_result"
-            await self._settle(item, error)
+            await self._settle(item, error, status)
 
     async def _spawn(self, argv: Sequence[str], cwd: Path | None) -> Any:
         """Start the command in its own process group: the process, or why it could not start
@@ -670,14 +670,15 @@ class ConsolidationRunner:
 
     async def _supervise(
         self, proc: Any, pending: dict[str, _Item], results: asyncio.Queue[RootOutcome], bound: Any
-    ) -> dict[str, str]:
+    ) -> dict[str, tuple[ConsolidationStatus, str]]:
         """Wait for the command, settling results as they arrive and renewing the leases of the
         projects still pending; terminate it on a timeout or a lost lease.
 
         Returns:
-            ``{root: error}`` for the projects still pending when the command was stopped
-            (``timeout``; ``lease_lost`` for the project whose lease was lost and
-            :data:`INTERRUPTED` for the others); ``{}`` when it exited by itself.
+            ``{root: (status, error)}`` for the projects still pending when the command was stopped
+            (``TIMEOUT``/:data:`TIMEOUT`; ``LEASE_LOST``/:data:`LEASE_LOST` for the project whose
+            lease was lost and ``FAILED``/:data:`INTERRUPTED` for the others); ``{}`` when it
+            exited by itself.
         """
         loop = asyncio.get_running_loop()
         interval_s = self.lease_s / 3
@@ -703,7 +704,7 @@ class ConsolidationRunner:
                 if now >= deadline:
                     bound.warning("consolidate_timeout", timeout_s=self.timeout_s, pid=proc.pid)
                     await self._terminate(proc, bound)
-                    return dict.fromkeys(pending, TIMEOUT)
+                    return dict.fromkeys(pending, (ConsolidationStatus.TIMEOUT, TIMEOUT))
                 if now < next_renew:
                     continue  # woken only to look at the exit status
                 renewed, lost = await self._renew(pending)
@@ -716,7 +717,12 @@ class ConsolidationRunner:
                     lost = lost if lost is not None else next(iter(pending))
                     pending[lost].bound.warning("consolidate_lease_lost", pid=proc.pid)
                     await self._terminate(proc, bound)
-                    return {root: LEASE_LOST if root == lost else INTERRUPTED for root in pending}
+                    return {
+                        root: (ConsolidationStatus.LEASE_LOST, LEASE_LOST)
+                        if root == lost
+                        else (ConsolidationStatus.FAILED, INTERRUPTED)
+                        for root in pending
+                    }
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -860,7 +866,7 @@ class ConsolidationRunner:
     async def _record_failure(self, item: _Item, error: str) -> None:
         """Record the failure on the project, fenced by the item's lease (a lost lease is not the
         project's failure: the new holder's result stands). Never raises."""
-        if error == LEASE_LOST or item.fencing_token is None:
+        if item.status is ConsolidationStatus.LEASE_LOST or item.fencing_token is None:
             return
         try:
             await self.store.projects.mark_failed(
