@@ -204,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("command_failed", command=args.command, error=str(exc))
         print(f"memd {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug: logged with its traceback, then one clear line and exit 1
+        error = redact(f"{type(exc).__name__}: {exc}")[0]
+        log.error("command_crashed", command=args.command, error=error, exc_info=exc)
+        print(f"memd {args.command}: internal error ({error}); the log above has the traceback", file=sys.stderr)
+        return 1
 
 
 def _usage_error(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:

@@ -264,3 +264,19 @@ def test_the_console_entry_point_exits_with_mains_code(tmp_path):
                             cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
                                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+# --------------------------------------------------------------------------- a bug
+
+
+async def test_an_unexpected_error_is_one_clear_line_and_exit_1_with_the_secret_redacted(env, capsys, monkeypatch):
+    import memd.cli as cli
+
+    async def broken(args, settings):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom with token ghp_abcdefghijklmnopqrstuvwxyz0123456789")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    assert await memd("status") == 1
+    err = capsys.readouterr().err
+    assert "memd status: internal error (RuntimeError: boom with token" in err
+    assert "ghp_abcdefghijklmnopqrstuvwxyz0123456789" not in err
