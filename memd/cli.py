@@ -826,14 +826,20 @@ _FORGET_POLL_S = 0.5
 
 
 async def _forget_lease(store: Store, name: str, owner: str, ttl_s: float, wait_s: float) -> int | None:
-    """Take the lease ``name``, trying every half second for up to ``wait_s`` seconds.
+    """Take the lease ``name``, trying every half second for up to ``wait_s`` seconds; a holder that
+    is a daemon of this host killed without stopping is taken back at once (as the daemon does).
 
     Returns:
         The fencing token, or ``None`` when another holder kept it.
     """
+    from memd.schedule.peers import PeerReaper
+
+    reaper = PeerReaper(store, SystemClock(), owner=owner)
     deadline = time.monotonic() + max(0.0, wait_s)
     while True:
         token = await store.leases.acquire(name, owner, ttl_s)
+        if token is None and await reaper.take_back():
+            token = await store.leases.acquire(name, owner, ttl_s)
         if token is not None or time.monotonic() >= deadline:
             return token
         await asyncio.sleep(_FORGET_POLL_S)

@@ -69,13 +69,20 @@ def test_a_queued_extraction_of_a_forgotten_session_never_runs(tmp_path: Path) -
         conn.close()
 
 
-async def _hold_lease(db_path: Path, project: str, owner: str, *, release_token: int | None = None) -> int | None:
-    """Take (or, with ``release_token``, release) ``consolidate:<project>`` as ``owner`` (another daemon)."""
+async def _hold_lease(
+    db_path: Path, project: str, owner: str, *, release_token: int | None = None, dead_pid: int | None = None
+) -> int | None:
+    """Take (or, with ``release_token``, release) ``consolidate:<project>`` as ``owner`` (another daemon;
+    with ``dead_pid``, one of this host registered under that pid, which is no longer running)."""
+    import socket
+
     from memd.clock import SystemClock
     from memd.store.store import Store
 
     store = await Store.open(db_path, clock=SystemClock())
     try:
+        if dead_pid is not None:
+            await store.daemons.register(owner, dead_pid, socket.gethostname())
         if release_token is not None:
             await store.leases.release(f"consolidate:{project}", owner, release_token)
             return None
@@ -110,6 +117,26 @@ def test_forget_waits_for_a_consolidation_holding_the_lease_and_changes_nothing_
         conn.close()
 
     asyncio.run(_hold_lease(db_path, key, "elsewhere:1:abc", release_token=token))
+    done = run_memd(home, "forget", thread_id(2), "--wait", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [name for name, text in _memory_files(home).items() if FORGOTTEN in text] == []
+
+
+@pytest.mark.timeout(300)
+def test_forget_takes_back_the_lease_of_a_daemon_killed_mid_consolidation(tmp_path: Path) -> None:
+    import asyncio
+
+    home, sessions, project, _ = _two_sessions(tmp_path)
+    db_path = home / "state" / "memd" / "memd.sqlite3"
+    conn = sqlite3.connect(db_path)
+    try:
+        [(key,)] = conn.execute("SELECT DISTINCT project FROM memories").fetchall()
+    finally:
+        conn.close()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert asyncio.run(_hold_lease(db_path, key, "host:1:killed", dead_pid=gone.pid)) is not None
+
     done = run_memd(home, "forget", thread_id(2), "--wait", "0")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [name for name, text in _memory_files(home).items() if FORGOTTEN in text] == []
