@@ -792,8 +792,7 @@ async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     try:
         memory = await store.memories.get(args.thread)
         if memory is None:
-            print(f"memd forget: no memory for thread {args.thread}", file=sys.stderr)
-            return 1
+            return await _forget_unextracted(store, settings, args.thread)
         lease_name, owner = f"consolidate:{memory.project}", make_owner()
         token = await _forget_lease(store, lease_name, owner, settings.consolidation.lease_s, args.wait)
         if token is None:
@@ -817,6 +816,25 @@ async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
         f"memd forget: removed the memory of {args.thread} (files, search index{history if dropped else ''}); "
         f"it will not be extracted again; {memory.project} will be reconsolidated"
     )
+    return 0
+
+
+async def _forget_unextracted(store: Store, settings: Settings, thread_id: str) -> int:
+    """``memd forget`` of a session that has no memory yet (its first extraction may be queued or
+    running): the tombstone and the thread made ineligible, its extract job ended; no file to edit.
+
+    Returns:
+        0, or 1 when the session is unknown or already forgotten.
+    """
+    from memd.memory import files as memory_files
+
+    thread = await store.threads.get(thread_id)
+    if thread is None or thread_id in memory_files.read_tombstones(settings.memory_dir):
+        print(f"memd forget: no memory for thread {thread_id}", file=sys.stderr)
+        return 1
+    memory_files.add_tombstone(settings.memory_dir, thread_id)
+    await store.threads.mark_forgotten(thread_id)
+    print(f"memd forget: {thread_id} had no memory yet; it will not be extracted")
     return 0
 
 

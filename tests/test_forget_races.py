@@ -140,3 +140,20 @@ def test_forget_takes_back_the_lease_of_a_daemon_killed_mid_consolidation(tmp_pa
     done = run_memd(home, "forget", thread_id(2), "--wait", "0")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [name for name, text in _memory_files(home).items() if FORGOTTEN in text] == []
+
+
+@pytest.mark.timeout(300)
+def test_forgetting_a_session_before_its_first_extraction_keeps_it_out(tmp_path: Path) -> None:
+    home, sessions, project = tmp_path / "home", tmp_path / "sessions", tmp_path / "proj"
+    project.mkdir()
+    write_rollout(sessions, thread_id(5), project, simple_turns(FORGOTTEN))
+    queued = _once(home, sessions, "--dry-run")
+    assert re.search(r"\b1 threads? would be extracted", queued.stdout), queued.stdout
+
+    forget = run_memd(home, "forget", thread_id(5))
+    assert forget.returncode == 0, forget.stderr[-2000:]
+    assert "had no memory yet" in forget.stdout
+    assert "0 extracted" in _once(home, sessions).stdout
+    assert [name for name, text in _memory_files(home).items() if FORGOTTEN in text] == []
+    again = run_memd(home, "forget", thread_id(5))
+    assert again.returncode == 1 and "no memory for thread" in again.stderr
