@@ -15,6 +15,7 @@ from memd.errors import MemoryWriteError
 from memd.memory import files as memory_files
 from memd.memory import recover as memory_recover
 from memd.memory.files import TraceHeader
+from memd.rollout.records import Agent
 
 
 def _mode(path: Path) -> int:
@@ -28,7 +29,7 @@ def _header(thread_id: str = "019a0000-aaaa-bbbb-cccc-000000000001") -> TraceHea
         cwd="/home/u/proj/sub",
         rollout_path="/home/u/.codex/sessions/2026/01/02/rollout-x.jsonl",
         updated_at=1_767_373_200.0,
-        agent="claude",
+        agent=Agent.CLAUDE,
         started_at=1_767_369_600.0,
         source_watermark=4096,
     )
@@ -292,3 +293,9 @@ def test_recover_min_age_spares_fresh_files(tmp_path: Path) -> None:
 
 def test_recover_missing_root(tmp_path: Path) -> None:
     assert memory_recover.recover(tmp_path / "nope", set()) == memory_recover.RecoveryReport()
+
+
+def test_a_trace_header_with_an_unknown_or_missing_agent_reads_as_codex() -> None:
+    unknown, _ = memory_files.parse_trace_file("thread_id: t1\nagent: gemini\n\n# body\n")
+    missing, body = memory_files.parse_trace_file("thread_id: t1\n\n# body\n")
+    assert unknown.agent is Agent.CODEX and missing.agent is Agent.CODEX and body == "# body"

@@ -25,6 +25,7 @@ from memd.extract.pool import JobResult
 from memd.extract.prepare import RequestBuilder
 from memd.faults import FaultLog
 from memd.memory import files as memory_files
+from memd.rollout.records import Agent
 from memd.store.records import JobRecord, MemoryRecord, ThreadRecord
 from memd.store.store import Store
 
@@ -138,7 +139,7 @@ class ExtractJob:
         )
         content = None
         if relpath is not None:
-            header = trace_header(thread, str(thread.agent), thread.watermark)
+            header = trace_header(thread, thread.agent, thread.watermark)
             content = memory_files.render_trace_file(header, output.trace_memory)
         return memory, content
 
@@ -216,7 +217,7 @@ class ExtractJob:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def trace_header(thread: ThreadRecord, agent: str, source_watermark: int) -> memory_files.TraceHeader:
+def trace_header(thread: ThreadRecord, agent: Agent, source_watermark: int) -> memory_files.TraceHeader:
     """The trace file header of a thread's memory (SPEC §8)."""
     return memory_files.TraceHeader(
         thread_id=thread.id,

@@ -50,6 +50,7 @@ import structlog
 from memd.clock import iso_utc, parse_iso
 from memd.errors import MemoryWriteError
 from memd.extract.redact import redact
+from memd.rollout.records import Agent
 
 log = structlog.get_logger(__name__)
 
@@ -240,7 +241,7 @@ class TraceHeader:
         cwd: the session's working directory as recorded.
         rollout_path: the rollout file the trace was built from.
         updated_at: the thread's last activity, epoch seconds (0.0 when unknown).
-        agent: the agent that wrote the session (``codex``, ``claude``).
+        agent: the agent that wrote the session.
         started_at: when the session started (its session date), epoch seconds (0.0 when unknown).
         source_watermark: the bytes of the rollout the trace was built from.
     """
@@ -250,7 +251,7 @@ class TraceHeader:
     cwd: str
     rollout_path: str
     updated_at: float
-    agent: str = "codex"
+    agent: Agent = Agent.CODEX
     started_at: float = 0.0
     source_watermark: int = 0
 
@@ -269,7 +270,7 @@ def render_trace_file(header: TraceHeader, trace_memory: str) -> str:
     """
     lines = [
         f"thread_id: {_one_line(header.thread_id)}",
-        f"agent: {_one_line(header.agent)}",
+        f"agent: {header.agent.value}",
         f"project: {_one_line(header.project)}",
         f"cwd: {_one_line(header.cwd)}",
         f"rollout_path: {_one_line(header.rollout_path)}",
@@ -279,6 +280,14 @@ def render_trace_file(header: TraceHeader, trace_memory: str) -> str:
     ]
     body = trace_memory.rstrip("\n")
     return "\n".join(lines) + "\n\n" + body + "\n"
+
+
+def _agent(value: str) -> Agent:
+    """The header's agent; Codex when missing or unknown (files written before the key existed)."""
+    try:
+        return Agent(value)
+    except ValueError:
+        return Agent.CODEX
 
 
 def parse_trace_file(text: str) -> tuple[TraceHeader, str]:
@@ -313,7 +322,7 @@ def parse_trace_file(text: str) -> tuple[TraceHeader, str]:
         cwd=values.get("cwd", ""),
         rollout_path=values.get("rollout_path", ""),
         updated_at=parse_iso(values.get("updated_at")) or 0.0,
-        agent=values.get("agent") or "codex",
+        agent=_agent(values.get("agent", "")),
         started_at=parse_iso(values.get("session_date")) or 0.0,
         source_watermark=int(watermark) if watermark.isdigit() else 0,
     )

@@ -32,6 +32,7 @@ from memd.memory.files import (
     parse_trace_file,
     remove_stale_staging,
 )
+from memd.rollout.records import Agent
 from memd.store.records import MemoryRecord, ProjectRecord, ThreadRecord
 from memd.store.store import Store
 
@@ -147,7 +148,7 @@ def trace_header(thread: ThreadRecord | None, memory: MemoryRecord) -> memory_fi
         cwd=thread.cwd if thread else "",
         rollout_path=thread.path if thread else "",
         updated_at=thread.updated_at if thread else memory.generated_at,
-        agent=str(thread.agent) if thread else "codex",
+        agent=thread.agent if thread else Agent.CODEX,
         started_at=thread.created_at if thread else 0.0,
         source_watermark=memory.source_watermark,
     )
