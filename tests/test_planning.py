@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from memd.clock import ManualClock
+from memd.ingest.files import FileStat
 from memd.ingest.indexer import Indexer
 from memd.schedule.scheduler import Scheduler
 from memd.store import threads as threads_module
@@ -196,3 +197,41 @@ async def test_planning_queries_do_the_same_work_over_100_or_20000_planned_threa
         assert [c.thread.id for c in candidates] == ["ready"]
         assert (backlog.waiting, backlog.too_old) == (1, 1)
     assert steps[0] == steps[1], steps
+
+
+async def test_a_reconcile_scan_of_an_unchanged_history_is_a_stat_walk(
+    tmp_path: Path, manual_store: Store, manual_clock: ManualClock, monkeypatch
+) -> None:
+    paths = [rollout(tmp_path, n, manual_clock, idle_s=600 + n) for n in range(20)]
+    indexer = indexer_for(manual_store, manual_clock, tmp_path)
+    assert (await indexer.scan()).indexed == 20
+    planned = await Scheduler(manual_store, indexer, manual_clock, min_idle_s=0, max_age_days=0).plan()
+    assert planned.looked_at == 20
+    built: list[str] = []
+    asked: list[list[str]] = []
+    real_from_os, real_get_files = FileStat.from_os, manual_store.threads.get_files
+
+    def counting_from_os(path: str, st: os.stat_result) -> FileStat:
+        built.append(path)
+        return real_from_os(path, st)
+
+    async def counting_get_files(wanted):  # type: ignore[no-untyped-def]
+        wanted = list(wanted)
+        asked.append(wanted)
+        return await real_get_files(wanted)
+
+    monkeypatch.setattr(FileStat, "from_os", staticmethod(counting_from_os))
+    monkeypatch.setattr(manual_store.threads, "get_files", counting_get_files)
+
+    # Nothing changed: every file is compared with its stamp in the walk; no record is built or read.
+    summary = await indexer.scan()
+    assert (summary.files_seen, summary.unchanged, summary.indexed) == (20, 20, 0)
+    assert (built, asked) == ([], [])
+
+    # One file grew: only that one is built, read back and indexed (and marked for planning).
+    append_turn(paths[3], "and the docs")
+    summary = await indexer.scan()
+    assert (summary.files_seen, summary.unchanged, summary.indexed) == (20, 19, 1)
+    assert set(built) == {str(paths[3])} and asked == [[str(paths[3])]]  # (the head read fstat-s it too)
+    candidates = await manual_store.threads.plan_candidates(ready_before=1e12, active_after=0)
+    assert [c.thread.id for c in candidates] == [thread_id(3)]

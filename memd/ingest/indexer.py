@@ -38,6 +38,7 @@ from memd.clock import Clock
 from memd.ingest import files as rollout_files
 from memd.ingest import reader, scan
 from memd.ingest.files import FailureReason
+from memd.ingest.scan import Stamp
 from memd.rollout import claude
 from memd.rollout.codex import parse_session_meta
 from memd.rollout.project import FORGOTTEN, NO_USER_MESSAGES, NOT_READ_YET, Ineligible, eligibility, project_key
@@ -252,30 +253,20 @@ class Indexer:
         Returns:
             The counters of this scan. Never raises for a single bad file or root.
         """
-        result = await asyncio.to_thread(scan.scan_roots, self.roots)
+        stamps = await self._store.threads.file_stamps()
+        result = await asyncio.to_thread(scan.scan_roots, self.roots, stamps)
         summary = IndexSummary(problems=[f"{p.kind}:{p.path}" for p in result.problems])
         async with self._lock:
-            known = await self._store.threads.all_files()
-            by_inode = {(f.dev, f.inode): f for f in known.values()}
-            seen = {st.path for st in result.files}
-            changed: list[tuple[rollout_files.FileStat, FileRecord | None]] = []
-            for st in result.files:
-                prev = known.get(st.path)
-                if prev is None:
-                    moved = by_inode.get((st.dev, st.inode))
-                    if moved is not None and moved.path not in seen and not os.path.exists(moved.path):
-                        prev = moved  # archived: same inode moved to a new path
-                summary.files_seen += 1
-                if _unchanged(prev, st):
-                    summary.unchanged += 1
-                else:
-                    changed.append((st, prev))
+            seen = {*result.unchanged, *(st.path for st in result.files)}
+            summary.files_seen = len(seen)
+            changed = await self._previous_records(result.files, stamps, seen)
+            summary.unchanged = len(result.unchanged) + len(result.files) - len(changed)
             new_threads = await self._index(changed, summary, log_each=log.debug)
             # Files under a root or directory the walk could not read were not seen, not gone:
             # forgetting them would make memd read every one again from 0 when the root returns.
             roots = _prefixes(self.roots)
             blind = _prefixes(p.path for p in result.problems if p.kind in _BLIND_SPOTS)
-            unseen = [p for p in known if p not in seen and p.startswith(roots) and not p.startswith(blind)]
+            unseen = [p for p in stamps if p not in seen and p.startswith(roots) and not p.startswith(blind)]
             gone = await asyncio.to_thread(_absent, unseen) if unseen else []
             if gone:
                 summary.removed += await self._store.threads.forget_files(gone)
@@ -290,6 +281,26 @@ class Indexer:
             problems=len(summary.problems),
         )
         return summary
+
+    async def _previous_records(
+        self, differ: Sequence[rollout_files.FileStat], stamps: dict[str, Stamp], seen: set[str]
+    ) -> list[tuple[rollout_files.FileStat, FileRecord | None]]:
+        """Pair each file the walk found different from its stamp with its stored record (the
+        one at its path, or, for a new path, the record of the same inode at a path that is gone:
+        archived, moved), read now under the lock; a file whose record meanwhile describes it
+        (a watcher batch indexed it) is left out."""
+        if not differ:
+            return []
+        moved_from: dict[str, str] = {}
+        if any(st.path not in stamps for st in differ):
+            by_inode = {(stamp[0], stamp[1]): path for path, stamp in stamps.items()}
+            for st in differ:
+                old = by_inode.get((st.dev, st.inode)) if st.path not in stamps else None
+                if old is not None and old not in seen and not os.path.exists(old):
+                    moved_from[st.path] = old
+        known = await self._store.threads.get_files([st.path for st in differ] + list(moved_from.values()))
+        pairs = [(st, known.get(moved_from.get(st.path, st.path))) for st in differ]
+        return [(st, prev) for st, prev in pairs if not _unchanged(prev, st)]
 
     async def refresh_paths(self, paths: Iterable[str]) -> IndexSummary:
         """Re-stat the paths of a watch batch (files, or directories to scan) and index changes.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,11 +66,18 @@ class ScanResult:
             several paths, e.g. via a symlinked directory, is listed under the first path seen).
         problems: what could not be scanned; each was logged once as an event named ``kind``.
         vanished: rollout paths that were asked about (``restat_paths``) but no longer exist.
+        unchanged: paths whose stat equals the stamp ``scan_roots`` was given for them (not in
+            ``files``; unsorted).
     """
 
     files: tuple[FileStat, ...]
     problems: tuple[ScanProblem, ...] = ()
     vanished: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+
+#: A file's last known ``(st_dev, st_ino, st_size, st_mtime)``, as the reconcile compares it.
+Stamp = tuple[int, int, int, float]
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,8 +93,10 @@ def _scandir(path: str) -> Any:
 class _Scanner:
     """Accumulates files and problems over one scan; walks directories without recursion."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Mapping[str, Stamp] | None = None) -> None:
         self.files: list[FileStat] = []
+        self.unchanged: list[str] = []
+        self._known: Mapping[str, Stamp] = known or {}
         self.problems: list[ScanProblem] = []
         self.vanished: list[str] = []
         self._visited_dirs: set[tuple[int, int]] = set()
@@ -113,7 +122,10 @@ class _Scanner:
         if key in self._seen_files:
             return
         self._seen_files.add(key)
-        self.files.append(FileStat.from_os(path, st))
+        if self._known.get(path) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime):
+            self.unchanged.append(path)  # the common case of a reconcile: no record is built
+        else:
+            self.files.append(FileStat.from_os(path, st))
 
     def walk(self, top: str, top_st: os.stat_result) -> None:
         """Add every rollout under directory ``top`` (following directory symlinks safely)."""
@@ -183,10 +195,15 @@ class _Scanner:
 
     def result(self) -> ScanResult:
         self.files.sort(key=lambda f: f.path)
-        return ScanResult(files=tuple(self.files), problems=tuple(self.problems), vanished=tuple(sorted(self.vanished)))
+        return ScanResult(
+            files=tuple(self.files),
+            problems=tuple(self.problems),
+            vanished=tuple(sorted(self.vanished)),
+            unchanged=tuple(self.unchanged),
+        )
 
 
-def scan_roots(roots: Sequence[Path | str]) -> ScanResult:
+def scan_roots(roots: Sequence[Path | str], known: Mapping[str, Stamp] | None = None) -> ScanResult:
     """Find every rollout file under the roots (recursive, stat only, no content read).
 
     Directory symlinks are followed; a loop (a symlink to an ancestor) is reported once as
@@ -198,13 +215,16 @@ def scan_roots(roots: Sequence[Path | str]) -> ScanResult:
 
     Args:
         roots: directories to scan, e.g. ``~/.codex/sessions`` and ``~/.codex/archived_sessions``.
+        known: the last stamp of the files already known (the reconcile scan): a file whose stat
+            equals its stamp is only listed in ``unchanged``, so an unchanged history costs its
+            ``stat`` calls and little else.
 
     Returns:
         A :class:`ScanResult`. Problems (``root_missing``, ``root_not_dir``, ``dir_unreadable``,
         ``file_unreadable``, ``symlink_loop``) are logged once each as an event of that name and
         never stop the scan of other paths.
     """
-    scanner = _Scanner()
+    scanner = _Scanner(known)
     for root in roots:
         root_path = os.fspath(root)
         try:

@@ -130,6 +130,17 @@ class ThreadRepository:
             rows = await tx.rows("SELECT * FROM files ORDER BY path")
         return {row["path"]: FileRecord.from_row(row) for row in rows}
 
+    async def file_stamps(self) -> dict[str, tuple[int, int, int, float]]:
+        """Return ``{path: (dev, inode, size, mtime)}`` of every known file: what the periodic
+        reconcile compares with a fresh ``stat`` (plain tuples: at 20,000 files a record each
+        would cost as much as the query). A file whose last read failed (``error`` starts with
+        ``unreadable``) has size -1, so it never compares equal and is read again."""
+        async with self._db.read("file_stamps") as tx:
+            rows = await tx.rows(
+                "SELECT path, dev, inode, CASE WHEN error LIKE 'unreadable%' THEN -1 ELSE size END, mtime FROM files"
+            )
+        return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
     async def record_file(self, file: FileRecord) -> None:
         """Insert or replace the record of one file (keyed by ``file.path``)."""
         async with self._db.write("record_file") as tx:
