@@ -30,6 +30,10 @@ TINY = BenchSizes(
     idle_settle_s=0.3,
     idle_window_s=2.0,
     large_rollout_bytes=3_000_000,
+    scale_small=30,
+    scale_large=60,
+    scale_settle_s=1.0,
+    scale_window_s=2.0,
 )
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -103,6 +107,14 @@ def test_run_bench_writes_every_key(tmp_path: Path) -> None:
     assert _is_number(doc["index_cold_s_per_10k"]) and _is_number(doc["index_warm_s_per_10k"])
     assert _is_number(doc["peak_rss_large_mb"]) and _is_number(doc["baseline_peak_rss_large_mb"])
     assert doc["peak_rss_large_mb"] > 0 and "3 MB rollout" in doc["notes"]["peak_rss_large_mb"]
+    # The scale figures are named after the history sizes really measured (30 and 60 sessions);
+    # the SPEC's 20k keys stay empty and say why.
+    for key in ("extract_ms_per_session_30", "extract_ms_per_session_60", "extract_ms_ratio_60_30"):
+        assert _is_number(doc[key]) and doc[key] > 0, (key, doc["notes"].get(key))
+    assert _is_number(doc["idle_cpu_s_per_10min_60"]) and doc["idle_cpu_s_per_10min_60"] >= 0
+    assert _is_number(doc["status_json_peak_rss_mb_60"]) and doc["status_json_peak_rss_mb_60"] > 0
+    assert _is_number(doc["consolidate_ms_per_project"]) and "60 sessions" in doc["notes"]["consolidate_ms_per_project"]
+    assert doc["idle_cpu_s_per_10min_20k"] is None and "not measured" in doc["notes"]["idle_cpu_s_per_10min_20k"]
 
     table = "\n".join(lines)
     for key in FIGURE_KEYS:
@@ -184,7 +196,11 @@ def test_a_failing_figure_does_not_stop_the_run(tmp_path: Path) -> None:
     failed = [e for e in logs if e["event"] == "bench_figure_failed"]
     assert len(failed) == 1 and "pool exploded" in failed[0]["error"]
     assert result["idle_cpu_s_per_10min"] is None
-    assert set(result) == set(FIGURE_KEYS) | {f"baseline_{k}" for k in FIGURE_KEYS}
+    # Every SPEC key, plus the scale figures named after the sizes this run measured.
+    sized = ["extract_ms_per_session_30", "extract_ms_per_session_60", "extract_ms_ratio_60_30"]
+    sized += ["idle_cpu_s_per_10min_60", "status_json_peak_rss_mb_60"]
+    keys = [*FIGURE_KEYS, *sized]
+    assert set(result) == set(keys) | {f"baseline_{k}" for k in keys}
 
 
 def test_table_marks_pass_and_miss() -> None:
