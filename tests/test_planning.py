@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from memd.clock import ManualClock
+from memd.errors import StoreError
 from memd.ingest.files import FileStat
 from memd.ingest.indexer import Indexer
 from memd.schedule.scheduler import Scheduler
@@ -143,7 +144,7 @@ async def test_threads_inside_the_idle_gate_are_counted_from_the_index_and_the_s
     assert summary.next_due_s == 40  # thread 2 leaves the gate first
 
 
-def vm_steps(db_path: Path, sql: str, params: dict[str, float]) -> int:
+def vm_steps(db_path: Path, sql: str, params: dict[str, float | None]) -> int:
     """SQLite VM instructions a query runs (a progress handler counts them)."""
     conn = sqlite3.connect(db_path)
     steps = 0
@@ -163,7 +164,7 @@ async def test_planning_queries_do_the_same_work_over_100_or_20000_planned_threa
     tmp_path: Path, manual_clock: ManualClock
 ) -> None:
     now = time.time()
-    steps: list[tuple[int, int, int]] = []
+    steps: list[tuple[int, int, int, int]] = []
     for n in (100, 20_000):
         db_path = tmp_path / f"{n}" / "memd.sqlite3"
         await (await Store.open(db_path, clock=manual_clock)).close()
@@ -182,10 +183,12 @@ async def test_planning_queries_do_the_same_work_over_100_or_20000_planned_threa
                 ],  # fmt: skip
             )
         conn.close()
-        params = {"before": now - 3600, "after": now - 30 * 86_400.0}
+        params = {"before": now - 3600, "after": now - 30 * 86_400.0, "limit": 500}
+        params |= {"cursor_updated_at": None, "cursor_id": None}
         steps.append(
             (
                 vm_steps(db_path, threads_module._PLAN_CANDIDATES, params),
+                vm_steps(db_path, threads_module._PLAN_CANDIDATES_AFTER, params | {"cursor_updated_at": now, "cursor_id": "~"}),
                 vm_steps(db_path, threads_module._PLAN_WAITING, params),
                 vm_steps(db_path, threads_module._PLAN_TOO_OLD, params),
             )
@@ -235,3 +238,44 @@ async def test_a_reconcile_scan_of_an_unchanged_history_is_a_stat_walk(
     assert set(built) == {str(paths[3])} and asked == [[str(paths[3])]]  # (the head read fstat-s it too)
     candidates = await manual_store.threads.plan_candidates(ready_before=1e12, active_after=0)
     assert [c.thread.id for c in candidates] == [thread_id(3)]
+
+
+async def test_a_pass_reads_changed_threads_a_page_at_a_time_and_keeps_the_pages_it_finished(
+    tmp_path: Path, manual_store: Store, manual_clock: ManualClock
+) -> None:
+    for n in range(7):
+        rollout(tmp_path, n, manual_clock, idle_s=600 + n)
+    indexer = CountingIndexer(
+        manual_store, manual_clock, roots=[tmp_path / "sessions"], max_line_bytes=1 << 20,
+        include_sources=["cli"], project_rule="cwd",
+    )  # fmt: skip
+    scheduler = Scheduler(manual_store, indexer, manual_clock, min_idle_s=60, max_age_days=30)
+    scheduler.page_size = 3
+    await indexer.scan()
+
+    # The database fails while the third page is decided: the two finished pages stay planned.
+    real_upsert = manual_store.jobs.upsert_extract
+    calls = 0
+
+    async def failing_upsert(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 7:
+            raise StoreError("database is locked")
+        return await real_upsert(*args, **kwargs)
+
+    manual_store.jobs.upsert_extract = failing_upsert  # type: ignore[method-assign]
+    try:
+        await scheduler.plan()
+    except StoreError:
+        pass
+    else:
+        raise AssertionError("the pass should have failed")
+    left = await manual_store.threads.plan_candidates(ready_before=manual_clock.now(), active_after=0)
+    assert [c.thread.id for c in left] == [thread_id(6)]  # the oldest, on the third page
+
+    manual_store.jobs.upsert_extract = real_upsert  # type: ignore[method-assign]
+    indexer.caught_up.clear()
+    summary = await scheduler.plan()
+    assert (summary.looked_at, summary.queued_ids) == (1, [thread_id(6)])
+    assert indexer.caught_up == [thread_id(6)]

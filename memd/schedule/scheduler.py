@@ -24,7 +24,7 @@ import structlog
 from memd.clock import Clock
 from memd.errors import StoreError
 from memd.ingest.indexer import Indexer, ReadOutcome
-from memd.store.records import JobStatus, ThreadRecord
+from memd.store.records import JobStatus, PlanCandidate, ThreadRecord
 from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,10 @@ class PlanSummary:
     looked_at: int = 0
 
 
+#: Changed threads a planning pass reads per page (the first pass after an upgrade marks every thread).
+PLAN_PAGE_SIZE = 500
+
+
 class Scheduler:
     """Turns indexed threads into extract jobs.
 
@@ -81,6 +85,8 @@ class Scheduler:
         self._clock = clock
         self.min_idle_s = min_idle_s
         self.max_age_days = max_age_days
+        #: Changed threads read and decided per page; a pass that fails keeps the pages it finished.
+        self.page_size = PLAN_PAGE_SIZE
 
     async def plan(self) -> PlanSummary:
         """Plan the threads whose rollout changed since they were last planned.
@@ -100,14 +106,15 @@ class Scheduler:
         summary = PlanSummary()
         ready_before = now - self.min_idle_s
         active_after = now - self.max_age_days * DAY_S if self.max_age_days > 0 else 0.0
-        candidates = await self._store.threads.plan_candidates(ready_before=ready_before, active_after=active_after)
-        memories = await self._store.memories.watermarks_of(c.thread.id for c in candidates)
-        planned: list[tuple[str, int]] = []
-        for candidate in candidates:
-            if await self._decide(candidate.thread, memories, now, summary):
-                planned.append((candidate.thread.id, candidate.plan_pending))
-        summary.looked_at = len(candidates)
-        await self._store.threads.mark_planned(planned)
+        last: PlanCandidate | None = None
+        while True:  # a page at a time, each page's marks cleared before the next is read
+            page = await self._store.threads.plan_candidates(
+                ready_before=ready_before, active_after=active_after, limit=self.page_size, after=last
+            )
+            await self._plan_page(page, now, summary)
+            if len(page) < self.page_size:
+                break
+            last = page[-1]
         backlog = await self._store.threads.plan_backlog(ready_before=ready_before, active_after=active_after)
         summary.idle_wait = backlog.waiting
         summary.too_old = backlog.too_old
@@ -125,6 +132,16 @@ class Scheduler:
                 dead=summary.dead,
             )
         return summary
+
+    async def _plan_page(self, page: list[PlanCandidate], now: float, summary: PlanSummary) -> None:
+        """Decide one page of changed threads and clear the marks of those decided."""
+        memories = await self._store.memories.watermarks_of(c.thread.id for c in page)
+        planned: list[tuple[str, int]] = []
+        for candidate in page:
+            if await self._decide(candidate.thread, memories, now, summary):
+                planned.append((candidate.thread.id, candidate.plan_pending))
+        summary.looked_at += len(page)
+        await self._store.threads.mark_planned(planned)
 
     async def _decide(self, thread: ThreadRecord, memories: dict[str, int], now: float, summary: PlanSummary) -> bool:
         """Read one changed thread forward and queue its extraction when it is a candidate.

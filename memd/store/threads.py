@@ -71,9 +71,18 @@ _THREAD_STATUS = """
 #: Planning reads only changed threads, through the partial index ``threads_plan`` (schema
 #: version 8): those past the idle gate and within the age limit, ...
 _PLAN_CANDIDATES = """
-    SELECT * FROM threads
+    SELECT * FROM threads INDEXED BY threads_plan
     WHERE plan_pending > 0 AND updated_at BETWEEN :after AND :before
-    ORDER BY updated_at DESC, id
+    ORDER BY updated_at DESC, id DESC
+    LIMIT :limit
+"""
+#: ... the next page: those after the previous page's last (keyset on last activity, then id).
+_PLAN_CANDIDATES_AFTER = """
+    SELECT * FROM threads INDEXED BY threads_plan
+    WHERE plan_pending > 0 AND updated_at BETWEEN :after AND :before
+      AND (updated_at < :cursor_updated_at OR (updated_at = :cursor_updated_at AND id < :cursor_id))
+    ORDER BY updated_at DESC, id DESC
+    LIMIT :limit
 """
 #: ... those still inside the idle gate (how many, and the earliest last activity) ...
 _PLAN_WAITING = (
@@ -307,7 +316,14 @@ class ThreadRepository:
 
     # ------------------------------------------------------------------ planning (SPEC §15)
 
-    async def plan_candidates(self, *, ready_before: float, active_after: float) -> list[PlanCandidate]:
+    async def plan_candidates(
+        self,
+        *,
+        ready_before: float,
+        active_after: float,
+        limit: int = -1,
+        after: PlanCandidate | None = None,
+    ) -> list[PlanCandidate]:
         """The threads whose rollout changed since they were last planned and whose last activity
         lies in ``[active_after, ready_before]`` (past the idle gate, within the age limit), newest
         first — read through the ``threads_plan`` index, never by walking every thread.
@@ -315,9 +331,18 @@ class ThreadRepository:
         Args:
             ready_before: the idle gate's cut-off (now − ``min_idle_s``), epoch s.
             active_after: the age limit's cut-off (now − ``max_age_days``; 0 for no limit).
+            limit: at most this many (a page; negative: all).
+            after: the last candidate of the previous page (keyset paging on last activity, id).
         """
+        params = {
+            "after": active_after,
+            "before": ready_before,
+            "limit": limit,
+            "cursor_updated_at": after.thread.updated_at if after else None,
+            "cursor_id": after.thread.id if after else None,
+        }
         async with self._db.read("plan_candidates") as tx:
-            rows = await tx.rows(_PLAN_CANDIDATES, {"after": active_after, "before": ready_before})
+            rows = await tx.rows(_PLAN_CANDIDATES if after is None else _PLAN_CANDIDATES_AFTER, params)
         return [PlanCandidate.from_row(row) for row in rows]
 
     async def plan_backlog(self, *, ready_before: float, active_after: float) -> PlanBacklog:
