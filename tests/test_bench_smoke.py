@@ -228,3 +228,20 @@ def test_real_pool_runs_every_job(tmp_path: Path) -> None:
     assert len(states) == 3
     for state in states:
         assert len(list((state / "memory").rglob("trace_summaries/*.md"))) == 6
+
+
+def test_a_childs_peak_rss_is_its_own_not_its_parents(tmp_path: Path) -> None:
+    """wait4's ru_maxrss would report this process's ~300 MB; the child reports its own VmHWM."""
+    import subprocess
+    import sys
+
+    from memd.bench.procfs import reported_peak_mb, self_reporting_memd_argv
+
+    ballast = bytearray(300 << 20)
+    ballast[:: 1 << 12] = b"\x01" * len(range(0, len(ballast), 1 << 12))  # touch every page
+    report = tmp_path / "child.vmhwm"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
+    subprocess.run(self_reporting_memd_argv(report, "--version"), cwd=tmp_path, env=env, check=True, capture_output=True)
+    peak = reported_peak_mb(report)
+    assert peak is not None and 5 < peak < 200, peak
+    del ballast

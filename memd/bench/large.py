@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from memd.bench.corpus import generate_rollout
+from memd.bench.procfs import reported_peak_mb, self_reporting_memd_argv
 
 #: key -> (comparison, threshold).
 LARGE_TARGETS: dict[str, tuple[str, float]] = {"peak_rss_large_mb": ("<=", 200.0)}
@@ -64,7 +64,7 @@ def _peak_rss_mb(root: Path, rollout_bytes: int, seed: int) -> tuple[float | Non
     rollout = sessions / "2026" / "03" / "01" / f"rollout-2026-03-01T10-00-00-{_THREAD_ID}.jsonl"
     generate_rollout(rollout, target_bytes=rollout_bytes, variant="0.125", seed=seed, thread_id=_THREAD_ID)
     hwm_path = root / "once.vmhwm"
-    argv = [sys.executable, "-c", _REPORTING_CHILD, str(hwm_path), "once", "--sessions", str(sessions)]
+    argv = self_reporting_memd_argv(hwm_path, "once", "--sessions", str(sessions))
     argv += ["--min-idle", "0", "--max-age-days", "0"]
     err_path = root / "once.stderr"
     try:
@@ -78,31 +78,10 @@ def _peak_rss_mb(root: Path, rollout_bytes: int, seed: int) -> tuple[float | Non
     if code != 0:
         tail = err_path.read_text(errors="replace").strip().splitlines()[-3:]
         return None, f"memd once exited with code {code}: {' | '.join(tail)}"
-    try:
-        return int(hwm_path.read_text()) / 1024, ""  # kB
-    except (OSError, ValueError):
+    peak = reported_peak_mb(hwm_path)
+    if peak is None:
         return None, "the child did not report its VmHWM (no /proc/self/status?)"
-
-
-#: ``python -c`` program: ``memd`` with ``argv[2:]``, then the process's own ``VmHWM`` (kB) written
-#: to ``argv[1]`` as it exits, whatever the exit code.
-_REPORTING_CHILD = """
-import sys
-report = sys.argv.pop(1)
-def vm_hwm_kb():
-    try:
-        with open("/proc/self/status") as f:
-            return next((line.split()[1] for line in f if line.startswith("VmHWM:")), "")
-    except OSError:
-        return ""
-try:
-    from memd.cli import main
-    code = main(sys.argv[1:])
-finally:
-    with open(report, "w") as f:
-        f.write(vm_hwm_kb())
-sys.exit(code)
-"""
+    return peak, ""
 
 
 def _isolated_env(home: Path) -> dict[str, str]:

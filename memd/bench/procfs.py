@@ -2,11 +2,17 @@
 
 Linux ``/proc`` (``proc(5)``): ``/proc/<pid>/stat`` fields 4 (ppid) and 14–17 (utime, stime,
 cutime, cstime, in clock ticks), and ``VmHWM`` of ``/proc/<pid>/status`` (peak resident set, kB).
+
+A child's peak RSS is read by the child itself as it exits (:func:`self_reporting_memd_argv`), not
+from ``wait4``'s ``ru_maxrss``: on Linux that figure keeps the resident set the child had at the
+fork, a copy of its parent's (inside ``memd bench`` every figure would read the harness's ~230 MB).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 #: Clock ticks per second of the ``stat`` CPU fields.
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -57,3 +63,43 @@ def vm_hwm_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+#: ``python -c`` program: ``memd`` with ``argv[2:]``, then the process's own ``VmHWM`` (kB) written
+#: to ``argv[1]`` as it exits, whatever the exit code.
+_REPORTING_CHILD = """
+import sys
+report = sys.argv.pop(1)
+def vm_hwm_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next((line.split()[1] for line in f if line.startswith("VmHWM:")), "")
+    except OSError:
+        return ""
+try:
+    from memd.cli import main
+    code = main(sys.argv[1:])
+finally:
+    with open(report, "w") as f:
+        f.write(vm_hwm_kb())
+sys.exit(code)
+"""
+
+
+def self_reporting_memd_argv(report: Path, *args: str) -> list[str]:
+    """``python -c … memd ARGS`` with this interpreter: the child writes its own peak RSS
+    (``VmHWM``, kB) to ``report`` as it exits; read it with :func:`reported_peak_mb`.
+
+    ``-c`` puts the working directory first on ``sys.path``: run the child elsewhere than a
+    checkout that is not the one under test.
+    """
+    return [sys.executable, "-c", _REPORTING_CHILD, str(report), *args]
+
+
+def reported_peak_mb(report: Path) -> float | None:
+    """The peak RSS in MB (MiB) a :func:`self_reporting_memd_argv` child wrote, or ``None`` when
+    it wrote none (no ``/proc/self/status``, or it was killed)."""
+    try:
+        return int(report.read_text()) / 1024
+    except (OSError, ValueError):
+        return None

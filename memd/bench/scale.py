@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.bench import corpus
-from memd.bench.procfs import tree_cpu_s, vm_hwm_mb
+from memd.bench.procfs import reported_peak_mb, self_reporting_memd_argv, tree_cpu_s, vm_hwm_mb
 
 #: SPEC §15 targets of the scale figures: key -> (comparison, threshold).
 SCALE_TARGETS: dict[str, tuple[str, float]] = {
@@ -382,15 +382,17 @@ def measure_claim(home: Path, code: Path | None, *, n: int = 200) -> dict[str, f
     return result
 
 
-def _run_measured(argv: Sequence[str], env: dict[str, str], cwd: Path, stdout: Path) -> tuple[int, float, float]:
-    """Run a command to its end with its output in ``stdout``: ``(exit code, peak RSS MB, wall s)``
-    (peak RSS from ``wait4``'s resource usage)."""
+def _run_measured(args: Sequence[str], env: dict[str, str], cwd: Path, stdout: Path) -> tuple[int, float, float]:
+    """Run ``memd ARGS`` (niced) to its end with its output in ``stdout``: ``(exit code, peak RSS
+    MB, wall s)``; the peak RSS is the child's own ``VmHWM`` as it exits (``nan`` when it reported
+    none), see :mod:`memd.bench.procfs`."""
+    report = stdout.with_suffix(".vmhwm")
+    argv = ["nice", "-n", str(NICE), *self_reporting_memd_argv(report, *args)]
     t0 = time.perf_counter()
     with open(stdout, "wb") as out:
-        proc = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - t0
+        code = subprocess.run(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.DEVNULL).returncode
+    peak = reported_peak_mb(report)
+    return code, math.nan if peak is None else peak, time.perf_counter() - t0
 
 
 def measure_status(home: Path, code: Path | None) -> dict[str, float]:
@@ -402,11 +404,11 @@ def measure_status(home: Path, code: Path | None) -> dict[str, float]:
     """
     env = isolated_env(home, code)
     json_path, text_path = home / "status.json", home / "status.txt"
-    code_, rss_mb, wall_s = _run_measured(memd_argv("status", "--json"), env, home, json_path)
+    code_, rss_mb, wall_s = _run_measured(("status", "--json"), env, home, json_path)
     if code_ != 0:
         raise RuntimeError(f"memd status --json exited {code_}")
     json.loads(json_path.read_bytes())
-    code_, _, _ = _run_measured(memd_argv("status"), env, home, text_path)
+    code_, _, _ = _run_measured(("status",), env, home, text_path)
     if code_ != 0:
         raise RuntimeError(f"memd status exited {code_}")
     return {
