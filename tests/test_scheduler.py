@@ -2,7 +2,7 @@
 age limit, watermark staleness, newest first, exponential backoff to ``dead``, a growing thread
 resetting its attempts, and ``retry`` re-queueing.
 
-Rollouts are real files in a temporary root, indexed by the real :class:`~memd.indexer.Indexer`;
+Rollouts are real files in a temporary root, indexed by the real :class:`~memd.ingest.indexer.Indexer`;
 a thread's last activity is its file's mtime, set relative to the fake clock.
 """
 
