@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from memd.daemon import Components
 
 from memd.bench import corpus
+from memd.bench.child import isolated_env
 from memd.bench.large import LARGE_TARGETS, bench_large_rollout
 from memd.bench.procfs import tree_cpu_s, vm_hwm_mb
 from memd.bench.quality import QUALITY_TARGETS, bench_quality
@@ -673,20 +674,7 @@ def bench_idle(daemon_argv: Sequence[str] | None, workdir: Path, *, settle_s: fl
     home = workdir / "idle-home"
     sessions = home / ".codex" / "sessions"
     sessions.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMD_", "OPENAI_"))}
-    env.pop("NOTIFY_SOCKET", None)
-    # The daemon must import this very memd, whether or not it is installed in the interpreter.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env.update(
-        HOME=str(home),
-        CODEX_HOME=str(home / ".codex"),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local" / "share"),
-        XDG_STATE_HOME=str(home / ".local" / "state"),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        XDG_RUNTIME_DIR=str(home / "run"),
-    )
+    env = isolated_env(home)  # the daemon imports this very memd, installed or not
     err_path = workdir / "idle-daemon.stderr"
     with open(workdir / "idle-daemon.stdout", "wb") as out, open(err_path, "wb") as err:
         try:

@@ -15,10 +15,10 @@ bounded by the output means the two stay close.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
+from memd.bench.child import isolated_env
 from memd.bench.corpus import generate_rollout
 from memd.bench.procfs import reported_peak_mb, self_reporting_memd_argv
 
@@ -70,7 +70,7 @@ def _peak_rss_mb(root: Path, rollout_bytes: int, seed: int) -> tuple[float | Non
     try:
         with open(root / "once.stdout", "wb") as out, open(err_path, "wb") as err:
             try:
-                code = subprocess.run(argv, env=_isolated_env(home), cwd=root, stdout=out, stderr=err).returncode
+                code = subprocess.run(argv, env=isolated_env(home), cwd=root, stdout=out, stderr=err).returncode
             except OSError as exc:
                 return None, f"memd once could not start: {exc}"
     finally:
@@ -82,22 +82,3 @@ def _peak_rss_mb(root: Path, rollout_bytes: int, seed: int) -> tuple[float | Non
     if peak is None:
         return None, "the child did not report its VmHWM (no /proc/self/status?)"
     return peak, ""
-
-
-def _isolated_env(home: Path) -> dict[str, str]:
-    """The environment of the child: this memd, a private HOME and XDG tree, no memd or model settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMD_", "OPENAI_"))}
-    env.pop("NOTIFY_SOCKET", None)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env.update(
-        HOME=str(home),
-        CODEX_HOME=str(home / ".codex"),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local" / "share"),
-        XDG_STATE_HOME=str(home / ".local" / "state"),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        XDG_RUNTIME_DIR=str(home / "run"),
-        MEMD_EXTRACTOR="offline",
-    )
-    return env

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.bench import corpus
+from memd.bench.child import isolated_env
 from memd.bench.procfs import reported_peak_mb, self_reporting_memd_argv, tree_cpu_s, vm_hwm_mb
 
 #: SPEC §15 targets of the scale figures: key -> (comparison, threshold).
@@ -170,28 +171,6 @@ def generate_scale_corpus(
 
 
 # --- child processes -----------------------------------------------------------------------------
-
-
-def isolated_env(home: Path, code: Path | None) -> dict[str, str]:
-    """The environment of a measured child: ``HOME``/``XDG_*`` under ``home``, no memd or model
-    settings from this shell, ``PYTHONPATH`` = ``code`` (the checkout under test) when given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMD_", "OPENAI_", "CLAUDE_", "CODEX_"))}
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("JOURNAL_STREAM", None)
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH")) if p)
-    env.update(
-        HOME=str(home),
-        CODEX_HOME=str(home / ".codex"),
-        CLAUDE_CONFIG_DIR=str(home / ".claude"),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local" / "share"),
-        XDG_STATE_HOME=str(home / ".local" / "state"),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        XDG_RUNTIME_DIR=str(home / "run"),
-        MEMD_EXTRACTOR="offline",
-    )
-    return env
 
 
 def memd_argv(*args: str, nice: int = NICE) -> list[str]:
