@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from memd.config import Settings
     from memd.consolidate.builtin import BuiltinResult
     from memd.daemon import Daemon
-    from memd.store.records import MemoryRecord
-    from memd.store.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -103,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait",
         type=float,
-        default=FORGET_WAIT_S,
+        default=None,
         metavar="SECONDS",
-        help=f"how long to wait for a running consolidation of the project (default {FORGET_WAIT_S:g})",
+        help="how long to wait for a running consolidation of the project, seconds (default 30)",
     )
     p = sub.add_parser("backfill", help="process threads older than max_age_days, back to DATE")
     p.add_argument("--since", required=True, metavar="DATE", help="YYYY-MM-DD")
@@ -783,118 +780,29 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    """``memd forget THREAD``: under the project's consolidation lease (so that a consolidation
-    cannot swap back a ``MEMORY.md`` that still holds the session), remove the session everywhere."""
-    from memd.memory import files as memory_files
-    from memd.store.store import Store, make_owner
+    """``memd forget THREAD``: see :func:`memd.forget.forget`."""
+    from memd.forget import FORGET_WAIT_S, ForgetStatus, forget
 
-    store = await Store.open(settings.db_path, clock=SystemClock())
-    try:
-        memory = await store.memories.get(args.thread)
-        if memory is None:
-            return await _forget_unextracted(store, settings, args.thread)
-        lease_name, owner = f"consolidate:{memory.project}", make_owner()
-        token = await _forget_lease(store, lease_name, owner, settings.consolidation.lease_s, args.wait)
-        if token is None:
-            holder = await store.leases.get(lease_name)
-            print(
-                f"memd forget: a consolidation of {memory.project} holds its lease"
-                f" ({holder.owner if holder else 'another daemon'}); nothing was changed;"
-                " try again once it has ended",
-                file=sys.stderr,
-            )
-            return 1
-        try:
-            root = memory_files.project_root(settings.memory_dir, memory.project)
-            dropped = await _forget_session(store, settings, memory, root)
-        finally:
-            await store.leases.release(lease_name, owner, token)
-    finally:
-        await store.close()
+    outcome = await forget(settings, args.thread, wait_s=FORGET_WAIT_S if args.wait is None else args.wait)
+    if outcome.status is ForgetStatus.UNKNOWN:
+        print(f"memd forget: no memory for thread {args.thread}", file=sys.stderr)
+        return 1
+    if outcome.status is ForgetStatus.LEASE_HELD:
+        print(
+            f"memd forget: a consolidation of {outcome.project} holds its lease"
+            f" ({outcome.holder or 'another daemon'}); nothing was changed; try again once it has ended",
+            file=sys.stderr,
+        )
+        return 1
+    if outcome.status is ForgetStatus.NOT_EXTRACTED:
+        print(f"memd forget: {args.thread} had no memory yet; it will not be extracted")
+        return 0
     history = "; git history re-rooted (earlier commits deleted, a new one at the next consolidation)"
     print(
-        f"memd forget: removed the memory of {args.thread} (files, search index{history if dropped else ''}); "
-        f"it will not be extracted again; {memory.project} will be reconsolidated"
+        f"memd forget: removed the memory of {args.thread} (files, search index{history if outcome.rerooted else ''}); "
+        f"it will not be extracted again; {outcome.project} will be reconsolidated"
     )
     return 0
-
-
-async def _forget_unextracted(store: Store, settings: Settings, thread_id: str) -> int:
-    """``memd forget`` of a session that has no memory yet (its first extraction may be queued or
-    running): the tombstone and the thread made ineligible, its extract job ended; no file to edit.
-
-    Returns:
-        0, or 1 when the session is unknown or already forgotten.
-    """
-    from memd.memory import files as memory_files
-
-    thread = await store.threads.get(thread_id)
-    if thread is None or thread_id in memory_files.read_tombstones(settings.memory_dir):
-        print(f"memd forget: no memory for thread {thread_id}", file=sys.stderr)
-        return 1
-    memory_files.add_tombstone(settings.memory_dir, thread_id)
-    await store.threads.mark_forgotten(thread_id)
-    print(f"memd forget: {thread_id} had no memory yet; it will not be extracted")
-    return 0
-
-
-#: How long ``memd forget`` waits by default for a consolidation holding the project's lease, seconds.
-FORGET_WAIT_S = 30.0
-_FORGET_POLL_S = 0.5
-
-
-async def _forget_lease(store: Store, name: str, owner: str, ttl_s: float, wait_s: float) -> int | None:
-    """Take the lease ``name``, trying every half second for up to ``wait_s`` seconds; a holder that
-    is a daemon of this host killed without stopping is taken back at once (as the daemon does).
-
-    Returns:
-        The fencing token, or ``None`` when another holder kept it.
-    """
-    from memd.schedule.peers import PeerReaper
-
-    reaper = PeerReaper(store, SystemClock(), owner=owner)
-    deadline = time.monotonic() + max(0.0, wait_s)
-    while True:
-        token = await store.leases.acquire(name, owner, ttl_s)
-        if token is None and await reaper.take_back():
-            token = await store.leases.acquire(name, owner, ttl_s)
-        if token is not None or time.monotonic() >= deadline:
-            return token
-        await asyncio.sleep(_FORGET_POLL_S)
-
-
-async def _forget_session(store: Store, settings: Settings, memory: MemoryRecord, root: Path) -> bool:
-    """Remove a session's memory (its project's consolidation lease held): the tombstone, the thread
-    made ineligible and its extract job ended, the row, the trace file, its entries in ``MEMORY.md``,
-    its line in ``memory_summary.md``, its search chunks and the git history.
-
-    Returns:
-        Whether the memory root's git history was re-rooted.
-    """
-    from memd.consolidate.builtin import forget_thread
-    from memd.consolidate.gitlog import drop_history
-    from memd.consolidate.runner import render_memory_summary
-    from memd.memory import files as memory_files
-    from memd.store.search import SearchIndex
-
-    # The tombstone first: whatever fails later, the session is never extracted again, even by a
-    # rebuilt or recovered database (it lives with the memories, not in the database).
-    memory_files.add_tombstone(settings.memory_dir, memory.thread_id)
-    await store.threads.mark_forgotten(memory.thread_id)  # its extract job ends (fenced out if running)
-    await store.memories.delete(memory.thread_id)
-    memory_files.remove_trace(root, memory.thread_id)
-    forget_thread(root, memory.thread_id)  # MEMORY.md is incremental: the session leaves it too
-    if root.is_dir():  # the routing map `memd context` injects, from the rows left
-        rows = [m for m in await store.memories.list_for_project(memory.project) if m.path]
-        kept = rows[: settings.consolidation.max_traces_per_project]
-        memory_files.write_file_atomic(root, "memory_summary.md", render_memory_summary(memory.project, kept))
-    index = SearchIndex.open(settings.db_path)
-    if index is not None:
-        try:
-            index.refresh(memory.project, root, full=True)  # its chunks leave the search index
-        finally:
-            index.close()
-    return drop_history(root)
 
 
 async def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:

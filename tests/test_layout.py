@@ -26,13 +26,13 @@ LAYERS = (
     "service",
     "bench",
     "daemon",
-    "top",  # cli, doctor, status, __main__
+    "top",  # cli, doctor, status, forget, __main__
 )
 LEAVES = {"clock", "errors", "logging", "config", "faults", "jsonish", "__init__", "__version__"}
 #: Imports allowed against the order: the redactor is a pure function of text with no memd import,
 #: and the memory layer runs every file it writes through it (SPEC §14).
 ALLOWED_UPWARD = {("memory", "memd.extract.redact")}
-TOP = {"cli", "doctor", "status", "__main__"}
+TOP = {"cli", "doctor", "status", "forget", "__main__"}
 
 
 def _layer(module: str) -> str:
